@@ -1,0 +1,214 @@
+"""White-box attacks on image classifiers, as pure functions of (model, x, y).
+
+Inputs and outputs are pixels in [0, 1] (NCHW); any normalization belongs inside the model. The
+attacks compute gradients with respect to the input only: the model's parameters are frozen for
+the attack and restored afterwards, so no parameter gradient is computed or accumulated, and the
+model's train/eval mode is set as asked and restored, also when the attack raises.
+
+This module imports torch only, so other projects can use it without timm.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["pgd", "fgsm", "NORMS", "frozen_model", "project", "default_step_size"]
+
+NORMS = ("linf", "l2")
+ModelMode = Literal["eval", "train", "keep"]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Keeps the L2 direction finite where a gradient is exactly zero.
+_TINY = 1e-12
+
+
+def _cross_entropy_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # Summed rather than averaged so each example's gradient does not shrink with batch size
+    # (the sign / L2 direction is the same either way, but small floats stay representable).
+    return F.cross_entropy(logits.float(), y, reduction="sum")
+
+
+def default_step_size(eps: float, steps: int) -> float:
+    """The thesis's rule: 1.5 * eps / steps, so one step can cross the ball from the centre."""
+    return 1.5 * eps / steps
+
+
+def _validate(x: torch.Tensor, eps: float, steps: int, norm: str, step_size: Optional[float],
+              model_mode: str, check_range: bool) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0) or eps != eps:
+        raise ValueError(f"eps must be a number >= 0 (e.g. 4/255 for Linf), got {eps!r}")
+    if step_size is not None and not step_size > 0:
+        raise ValueError(f"step_size must be > 0 or None for 1.5 * eps / steps, got {step_size!r}")
+    if model_mode not in ("eval", "train", "keep"):
+        raise ValueError(f"model_mode must be 'eval', 'train' or 'keep', got {model_mode!r}")
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise ValueError("x must be a floating-point tensor of pixels in [0, 1]")
+    if check_range and x.device.type != "xla":
+        # One reduction; skipped on XLA, where reading a value back would cut the graph.
+        lo, hi = torch.aminmax(x.detach())
+        if lo.item() < 0.0 or hi.item() > 1.0:
+            raise ValueError(
+                f"x must hold pixels in [0, 1] (found [{lo.item():.4g}, {hi.item():.4g}]); "
+                "normalize inside the model (advvit.models.NormalizedModel), not in the data")
+
+
+@contextlib.contextmanager
+def frozen_model(model: nn.Module, mode: ModelMode = "eval") -> Iterator[nn.Module]:
+    """Freeze parameters and set train/eval mode for an attack; restore both on exit.
+
+    Args:
+        model: the model to attack.
+        mode: "eval" (BatchNorm statistics do not move, dropout off), "train", or "keep".
+
+    Yields:
+        The same model.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    training = [(m, m.training) for m in model.modules()] if mode != "keep" else []
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        if mode != "keep":
+            model.train(mode == "train")
+        yield model
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        for m, was_training in training:
+            m.training = was_training
+
+
+def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Project a perturbation onto the eps-ball of the given norm (per example)."""
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    scale = (eps / _per_example_norm(delta).clamp_min(_TINY)).clamp(max=1.0)
+    return delta * scale
+
+
+def _random_init(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        delta = torch.empty_like(x).uniform_(-eps, eps)
+    else:
+        # Uniform in the L2 ball: a normal direction and a radius with density ~ r^(d-1).
+        direction = torch.randn_like(x)
+        direction = direction / _per_example_norm(direction).clamp_min(_TINY)
+        d = x[0].numel()
+        radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype).pow(1.0 / d)
+        delta = direction * (eps * radius).view(-1, *([1] * (x.dim() - 1)))
+    return (x + delta).clamp(0.0, 1.0) - x
+
+
+def _ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return grad.sign()
+    return grad / _per_example_norm(grad).clamp_min(_TINY)
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: Optional[float] = None,
+    steps: int = 1,
+    norm: str = "linf",
+    random_init: bool = True,
+    targeted: bool = False,
+    loss_fn: Optional[LossFn] = None,
+    on_step: Optional[Callable[[], None]] = None,
+    model_mode: ModelMode = "eval",
+    x_init: Optional[torch.Tensor] = None,
+    check_range: bool = True,
+) -> torch.Tensor:
+    """Projected gradient descent (Madry et al.) in the Linf or L2 ball.
+
+    Args:
+        model: maps pixels in [0, 1] to logits.
+        x: clean inputs in [0, 1], NCHW.
+        y: labels (class indices or soft targets) passed to ``loss_fn``.
+        eps: radius of the ball; 0 returns ``x`` unchanged without running the model.
+        step_size: step length; None takes ``1.5 * eps / steps``.
+        steps: number of gradient steps (1 is FGSM, with ``random_init`` FGSM-RS).
+        norm: "linf" or "l2".
+        random_init: start from a uniform point in the ball instead of ``x``.
+        targeted: minimise the loss towards ``y`` instead of maximising it.
+        loss_fn: ``loss_fn(logits, y) -> scalar`` to ascend; default summed cross-entropy.
+        on_step: called once after every iteration (the XLA step barrier, for example).
+        model_mode: "eval" (default), "train" or "keep" the model's current mode.
+        x_init: explicit starting point (overrides ``random_init``); projected into the ball.
+        check_range: verify that ``x`` lies in [0, 1] (one device-to-host read).
+
+    Returns:
+        Detached adversarial inputs within the eps-ball around ``x`` and within [0, 1].
+
+    Raises:
+        ValueError: on a negative eps, steps < 1, an unknown norm or x outside [0, 1].
+    """
+    _validate(x, eps, steps, norm, step_size, model_mode, check_range)
+    x = x.detach()
+    if eps == 0:
+        return x.clone()
+    alpha = default_step_size(eps, steps) if step_size is None else step_size
+    loss_fn = loss_fn or _cross_entropy_sum
+
+    if x_init is not None:
+        delta = project(x_init.detach() - x, eps, norm)
+        delta = (x + delta).clamp(0.0, 1.0) - x
+    elif random_init:
+        delta = _random_init(x, eps, norm)
+    else:
+        delta = torch.zeros_like(x)
+
+    with frozen_model(model, model_mode), torch.enable_grad():
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            loss = loss_fn(model(x + delta), y)
+            (grad,) = torch.autograd.grad(loss, delta)
+            if targeted:
+                grad = -grad
+            with torch.no_grad():
+                delta = delta + alpha * _ascent_direction(grad, norm)
+                delta = project(delta, eps, norm)
+                delta = (x + delta).clamp(0.0, 1.0) - x
+            if on_step is not None:
+                on_step()
+    return (x + delta).detach()
+
+
+def fgsm(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: Optional[float] = None,
+    norm: str = "linf",
+    random_init: bool = True,
+    targeted: bool = False,
+    loss_fn: Optional[LossFn] = None,
+    on_step: Optional[Callable[[], None]] = None,
+    model_mode: ModelMode = "eval",
+    check_range: bool = True,
+) -> torch.Tensor:
+    """One step of :func:`pgd`: FGSM, or FGSM-RS (Wong et al.) with ``random_init``.
+
+    From the clean point the default 1.5 * eps step is projected back to the ball, so the result
+    equals classic FGSM's ``x + eps * sign(grad)`` (clipped to [0, 1]).
+    """
+    return pgd(model, x, y, eps=eps, step_size=step_size, steps=1, norm=norm,
+               random_init=random_init, targeted=targeted, loss_fn=loss_fn, on_step=on_step,
+               model_mode=model_mode, check_range=check_range)
