@@ -1,0 +1,116 @@
+"""Where a run reports: console lines, TensorBoard scalars and a CSV summary per epoch.
+
+Only the main process writes; the others call the same methods and nothing happens.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from typing import Dict, Optional
+
+__all__ = ["Monitor", "get_logger"]
+
+_LOGGER_NAME = "advvit"
+
+
+def get_logger() -> logging.Logger:
+    """The package logger, printing plain lines to stderr once configured by the CLIs."""
+    logger = logging.getLogger(_LOGGER_NAME)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def _fmt(metrics: Dict[str, float]) -> str:
+    parts = []
+    for key, value in metrics.items():
+        if key == "eps":
+            parts.append(f"eps {value * 255:.2f}/255")
+        elif key == "lr":
+            parts.append(f"lr {value:.3g}")
+        elif key.endswith("acc"):
+            parts.append(f"{key} {100 * value:.2f}%")
+        elif key == "images_per_s":
+            parts.append(f"{value:.0f} img/s")
+        else:
+            parts.append(f"{key} {value:.4g}")
+    return "  ".join(parts)
+
+
+class Monitor:
+    """Console progress, TensorBoard scalars and ``summary.csv`` for one run.
+
+    Args:
+        run_dir: the run folder.
+        is_main: whether this process writes.
+        tensorboard: also write TensorBoard event files under ``run_dir/tb``.
+    """
+
+    def __init__(self, run_dir: str, *, is_main: bool = True, tensorboard: bool = True) -> None:
+        self.run_dir = run_dir
+        self.is_main = is_main
+        self.log = get_logger()
+        self.writer = None
+        if is_main and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+        self.csv_path = os.path.join(run_dir, "summary.csv")
+
+    def info(self, message: str) -> None:
+        """A plain console line (main process only)."""
+        if self.is_main:
+            self.log.info(message)
+
+    def warning(self, message: str) -> None:
+        """A warning line (main process only)."""
+        if self.is_main:
+            self.log.warning("WARNING: %s", message)
+
+    def step(self, epoch: int, step: int, metrics: Dict[str, float]) -> None:
+        """A progress line and per-step scalars."""
+        if not self.is_main:
+            return
+        self.log.info("epoch %d step %d  %s", epoch, step, _fmt(metrics))
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+
+    def epoch(self, epoch: int, step: int, train: Dict[str, float], val: Dict[str, float],
+              extra: Optional[Dict[str, float]] = None) -> None:
+        """The end-of-epoch line, scalars, and one CSV row (columns fixed by the first row)."""
+        if not self.is_main:
+            return
+        row = {"epoch": epoch, "step": step}
+        row.update({f"train_{k}" if not k.startswith("train_") else k: v for k, v in train.items()})
+        row.update({f"val_{k}": v for k, v in val.items()})
+        row.update(extra or {})
+        self.log.info("epoch %d done  train: %s  |  val: %s", epoch, _fmt(train), _fmt(val))
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "step"):
+                    self.writer.add_scalar(f"epoch/{key}", value, epoch)
+            self.writer.flush()
+        write_header = not os.path.exists(self.csv_path)
+        fields = list(row) if write_header else _header(self.csv_path)
+        with open(self.csv_path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+            if write_header:
+                writer.writeheader()
+            writer.writerow(row)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _header(path: str) -> list:
+    with open(path, newline="") as fh:
+        return next(csv.reader(fh), [])

@@ -1,0 +1,406 @@
+"""Adversarial training CLI: ``python -m advvit.train --config configs/xcit_s12_adv.yaml``.
+
+The config is loaded and validated once (``advvit.config``); this module builds the parts with
+timm's factories (model, loaders, optimizer, scheduler, EMA, MixUp, AMP scaler), runs the epochs
+through ``advvit.engine``, and keeps ``last.pth`` and ``best.pth`` (by robust accuracy) in the run
+folder with ``args.yaml``, ``summary.csv`` and TensorBoard logs. Runs resume with ``--resume``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import accel, checkpoint, data, engine, models
+from .config import ConfigError, TrainConfig, config_to_dict, load_config, save_args_yaml
+from .losses import create_loss
+from .monitor import Monitor
+from .schedules import EpsSchedule, create_eps_schedule
+
+__all__ = ["main", "train", "Trainer"]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_dir_for(cfg: TrainConfig) -> str:
+    """The run folder: ``output/experiment`` (default name: model-dataset-loss)."""
+    name = cfg.run.experiment or "-".join(
+        [cfg.model.model, cfg.data.dataset.replace("/", "_"), cfg.attack.loss])
+    return os.path.join(cfg.run.output, name)
+
+
+def _resume_path(cfg: TrainConfig, run_dir: str) -> Optional[str]:
+    last = os.path.join(run_dir, "last.pth")
+    resume = cfg.run.resume
+    if resume == "auto":
+        return last if os.path.exists(last) else None
+    if resume is None:
+        if os.path.exists(last):
+            raise ConfigError("resume", f"{run_dir} already holds a checkpoint (last.pth) that a new "
+                              "run would overwrite", "pass --resume auto to continue it, or set "
+                              "another experiment / output")
+        return None
+    if not os.path.isfile(resume):
+        raise ConfigError("resume", f"no such checkpoint: {resume}", "give a last.pth or 'auto'")
+    return resume
+
+
+@dataclass
+class Parts:
+    """Everything a run needs, built and validated before the first step."""
+
+    cfg: TrainConfig
+    rt: accel.Runtime
+    run_dir: str
+    info: data.DataInfo
+    spec: checkpoint.ModelSpec
+    train_loader: Any
+    val_loader: Any
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    num_epochs: int
+    eps_schedule: EpsSchedule
+    scaler: Any
+    ema: Any
+    mixup_fn: Any
+    resume_state: Optional[Dict[str, Any]]
+
+
+def _model_spec(cfg: TrainConfig, info: data.DataInfo) -> checkpoint.ModelSpec:
+    in_chans = cfg.data.in_chans or info.in_chans
+    normalize = None
+    if cfg.model.normalize == "imagenet":
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        normalize = (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+    elif cfg.model.normalize == "dataset":
+        normalize = (tuple(info.mean), tuple(info.std))
+    if normalize is not None and len(normalize[0]) != in_chans:
+        # Grayscale statistics for a 3-channel input (or the reverse): repeat or average.
+        mean, std = normalize
+        if in_chans == 3 and len(mean) == 1:
+            normalize = (mean * 3, std * 3)
+        else:
+            normalize = ((float(np.mean(mean)),), (float(np.mean(std)),))
+    return checkpoint.ModelSpec(arch=cfg.model.model,
+                                num_classes=cfg.model.num_classes or info.num_classes,
+                                in_chans=in_chans, img_size=cfg.data.img_size or info.img_size,
+                                normalize=normalize)
+
+
+def _build_loaders(cfg: TrainConfig, rt: accel.Runtime, spec: checkpoint.ModelSpec):
+    d = cfg.data
+    common = dict(class_list=d.class_list, val_fraction=d.val_fraction, split_seed=d.split_seed)
+    train_set = data.create_dataset(d.dataset, d.data_dir, split="train", **common)
+    val_set = data.create_dataset(d.dataset, d.data_dir, split="val", **common)
+    device = rt.device if rt.kind == "cuda" else None
+    augment = dict(scale=tuple(d.scale), ratio=tuple(d.ratio), hflip=d.hflip,
+                   color_jitter=d.color_jitter or 0.0, auto_augment=d.auto_augment,
+                   re_prob=d.reprob, no_aug=d.no_aug)
+    train_loader = data.create_loader(
+        train_set, img_size=spec.img_size, in_chans=spec.in_chans, batch_size=d.batch_size,
+        is_training=True, num_workers=d.workers, distributed=rt.distributed and rt.kind != "xla",
+        device=device, **augment)
+    val_loader = data.create_loader(
+        val_set, img_size=spec.img_size, in_chans=spec.in_chans,
+        batch_size=d.val_batch_size or d.batch_size, is_training=False, num_workers=d.workers,
+        distributed=rt.distributed and rt.kind != "xla", device=device)
+    if rt.kind == "xla":
+        import torch_xla.distributed.parallel_loader as pl
+        train_loader = pl.MpDeviceLoader(train_loader, rt.device)
+        val_loader = pl.MpDeviceLoader(val_loader, rt.device)
+    return train_loader, val_loader
+
+
+def _criterion(cfg: TrainConfig):
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
+        return SoftTargetCrossEntropy()
+    if cfg.data.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.data.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def _build_loss(cfg: TrainConfig, rt: accel.Runtime) -> torch.nn.Module:
+    a = cfg.attack
+    on_step = (lambda: accel.barrier(rt)) if rt.kind == "xla" else None
+    common = dict(criterion=_criterion(cfg))
+    if a.loss == "clean":
+        return create_loss("clean", **common)
+    attack = dict(eps=a.eps, steps=a.attack_steps, step_size=a.attack_step_size,
+                  norm=a.attack_norm, on_step=on_step, check_range=False, **common)
+    if a.loss == "trades":
+        return create_loss("trades", beta=a.trades_beta, **attack)
+    return create_loss(a.loss, random_init=a.random_init, clean_logits=a.train_clean_logits,
+                       **attack)
+
+
+def _eval_attack(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
+    a = cfg.attack
+    eps = a.eval_eps if a.eval_eps is not None else a.eps
+    if a.eval_attack == "none":
+        return None
+    if a.eval_attack == "pgd":
+        return dict(eps=eps, steps=a.eval_steps, norm=a.attack_norm)
+    return dict(eps=eps, steps=a.attack_steps, step_size=a.attack_step_size, norm=a.attack_norm,
+                random_init=a.random_init)
+
+
+def build(cfg: TrainConfig) -> Parts:
+    """Validate everything that can be checked, then build every part of the run.
+
+    Raises:
+        ConfigError, data.DataNotFoundError, checkpoint.CheckpointError: before any training.
+    """
+    rt = accel.setup(cfg.run.device)
+    _seed_everything(cfg.run.seed + rt.rank)
+    run_dir = run_dir_for(cfg)
+    resume_path = _resume_path(cfg, run_dir)
+    info = data.dataset_info(cfg.data.dataset, cfg.data.data_dir, class_list=cfg.data.class_list)
+    spec = _model_spec(cfg, info)
+
+    resume_state = None
+    if resume_path is not None:
+        resume_state = checkpoint.load_checkpoint(resume_path)
+        saved = checkpoint.ModelSpec.from_dict(resume_state["spec"])
+        if saved != spec:
+            raise ConfigError("resume", f"{resume_path} holds {saved}, but the config builds {spec}",
+                              "resume with the config the run was started with (its args.yaml)")
+
+    train_loader, val_loader = _build_loaders(cfg, rt, spec)
+
+    model = models.create_model(spec.arch, num_classes=spec.num_classes, in_chans=spec.in_chans,
+                                img_size=spec.img_size, drop_path_rate=cfg.model.drop_path,
+                                normalize=spec.normalize)
+    if cfg.model.finetune and resume_state is None:
+        source = checkpoint.load_checkpoint(cfg.model.finetune)
+        dropped = models.load_finetune_weights(models.unwrap(model), source["model"])
+        if rt.is_main:
+            print(f"fine-tuning from {cfg.model.finetune}; re-initialised: {dropped}", file=sys.stderr)
+    if cfg.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(rt.device)
+
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    o = cfg.optim
+    global_batch = cfg.data.batch_size * rt.world_size
+    lr = o.lr if o.lr is not None else o.lr_base * global_batch / o.lr_base_size
+    optimizer = create_optimizer_v2(models.unwrap(model), opt=o.opt, lr=lr,
+                                    weight_decay=o.weight_decay, momentum=o.momentum)
+    updates_per_epoch = len(train_loader)
+    if cfg.run.max_steps_per_epoch:
+        updates_per_epoch = min(updates_per_epoch, cfg.run.max_steps_per_epoch)
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=o.sched, num_epochs=o.epochs, warmup_epochs=o.warmup_epochs,
+        warmup_lr=o.warmup_lr, min_lr=o.min_lr, cooldown_epochs=o.cooldown_epochs,
+        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+
+    a = cfg.attack
+    eps_schedule = create_eps_schedule(
+        a.eps_schedule if a.eps_warmup_epochs > 0 else "constant", eps=a.eps,
+        warmup_steps=int(round(a.eps_warmup_epochs * updates_per_epoch)),
+        zero_steps=int(round(a.zero_eps_epochs * updates_per_epoch)))
+
+    ema = None
+    if cfg.model.model_ema:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(models.unwrap(model), decay=cfg.model.model_ema_decay)
+    scaler = None
+    if cfg.run.amp == "fp16":
+        if rt.kind != "cuda":
+            raise ConfigError("amp", "fp16 loss scaling needs a CUDA device", "use amp: bf16")
+        from timm.utils import NativeScaler
+        scaler = NativeScaler()
+    mixup_fn = None
+    if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
+        from timm.data import Mixup
+        mixup_fn = Mixup(mixup_alpha=cfg.data.mixup, cutmix_alpha=cfg.data.cutmix,
+                         label_smoothing=cfg.data.smoothing, num_classes=spec.num_classes)
+
+    if cfg.run.compile:
+        model = torch.compile(model)
+    model = accel.wrap_model(model, rt)
+    return Parts(cfg=cfg, rt=rt, run_dir=run_dir, info=info, spec=spec,
+                 train_loader=train_loader, val_loader=val_loader, model=model,
+                 loss_fn=_build_loss(cfg, rt), optimizer=optimizer, lr_scheduler=lr_scheduler,
+                 num_epochs=num_epochs, eps_schedule=eps_schedule, scaler=scaler, ema=ema,
+                 mixup_fn=mixup_fn, resume_state=resume_state)
+
+
+class CatastrophicOverfittingGuard:
+    """Wong et al.'s check: PGD accuracy on a fixed training batch collapsing under FGSM training.
+
+    Args:
+        batch: a fixed (x, y) training batch on the device.
+        eps, steps, norm: the PGD check's attack.
+        drop: flag when accuracy falls below ``drop`` times the best seen.
+    """
+
+    def __init__(self, batch, *, eps: float, steps: int, norm: str, drop: float) -> None:
+        self.x, self.y = batch
+        self.eps, self.steps, self.norm, self.drop = eps, steps, norm, drop
+        self.best = 0.0
+
+    def check(self, model: torch.nn.Module, rt: accel.Runtime) -> tuple:
+        """Returns (PGD accuracy on the batch, whether it collapsed)."""
+        net = accel.attack_model(model)
+        was_training = net.training
+        net.eval()
+        try:
+            correct = engine.robust_accuracy(net, self.x, self.y, eps=self.eps, steps=self.steps,
+                                             norm=self.norm, rt=rt)
+        finally:
+            net.train(was_training)
+        acc = float(accel.all_reduce_sum(correct.float(), rt).item()) / (
+            self.y.shape[0] * rt.world_size)
+        collapsed = self.best > 0 and acc < self.drop * self.best
+        self.best = max(self.best, acc)
+        return acc, collapsed
+
+
+class Trainer:
+    """Runs the epochs of a built run, saving and logging as it goes."""
+
+    def __init__(self, parts: Parts) -> None:
+        self.p = parts
+        self.monitor = Monitor(parts.run_dir, is_main=parts.rt.is_main,
+                               tensorboard=parts.cfg.run.tensorboard)
+        self.start_epoch, self.step, self.best = 0, 0, -math.inf
+        if parts.resume_state is not None:
+            self._restore(parts.resume_state)
+
+    def _restore(self, state: Dict[str, Any]) -> None:
+        p = self.p
+        models.unwrap(p.model).load_state_dict(state["model"])
+        p.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scheduler") is not None:
+            p.lr_scheduler.load_state_dict(state["scheduler"])
+        if p.scaler is not None and state.get("scaler") is not None:
+            p.scaler.load_state_dict(state["scaler"])
+        if p.ema is not None and state.get("ema") is not None:
+            p.ema.module.load_state_dict(state["ema"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.step = int(state["step"])
+        best = state.get("best_metric")
+        self.best = -math.inf if best is None else float(best)
+        if state.get("rng") is not None:
+            checkpoint.restore_rng_state(state["rng"])
+        self.monitor.info(f"resumed from epoch {state['epoch']} (step {self.step}, best {self.best:.4f})")
+
+    def _save(self, name: str, epoch: int) -> None:
+        p = self.p
+        if not p.rt.is_main:
+            return
+        state = checkpoint.make_checkpoint(
+            accel.attack_model(p.model), p.spec, config=config_to_dict(p.cfg), epoch=epoch,
+            step=self.step, best_metric=None if self.best == -math.inf else self.best,
+            optimizer=p.optimizer, scheduler=p.lr_scheduler, scaler=p.scaler,
+            ema=p.ema,
+            train_norm=p.cfg.attack.attack_norm, train_eps=p.cfg.attack.eps, rng=True)
+        if p.rt.kind == "xla":
+            import torch_xla.core.xla_model as xm
+            state = xm._maybe_convert_to_cpu(state)
+        checkpoint.save_checkpoint(os.path.join(p.run_dir, name), state)
+
+    def fit(self) -> Dict[str, float]:
+        """Train from ``start_epoch`` to the end; returns the last epoch's metrics."""
+        p, cfg = self.p, self.p.cfg
+        settings = engine.StepSettings(
+            amp=None if cfg.run.amp == "none" else cfg.run.amp, clip_grad=cfg.optim.clip_grad,
+            clip_mode=cfg.optim.clip_mode, channels_last=cfg.run.channels_last,
+            log_interval=cfg.run.log_interval, max_steps=cfg.run.max_steps_per_epoch)
+        eval_attack = _eval_attack(cfg)
+        guard = None
+        if cfg.attack.co_check != "off" and cfg.attack.loss != "clean":
+            x, y = next(iter(p.train_loader))
+            guard = CatastrophicOverfittingGuard(
+                (x.to(p.rt.device), y.to(p.rt.device)), eps=cfg.attack.eps,
+                steps=cfg.attack.co_pgd_steps, norm=cfg.attack.attack_norm, drop=cfg.attack.co_drop)
+        self.monitor.info(f"run folder {p.run_dir}: {p.spec.arch} on {cfg.data.dataset}, "
+                          f"{p.rt.kind} x{p.rt.world_size}, loss {cfg.attack.loss}, "
+                          f"eps {cfg.attack.eps * 255:.2f}/255, {p.num_epochs} epochs")
+        result: Dict[str, float] = {}
+        for epoch in range(self.start_epoch, p.num_epochs):
+            sampler = getattr(p.train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            train_metrics, self.step = engine.train_one_epoch(
+                model=p.model, loss_fn=p.loss_fn, loader=p.train_loader, optimizer=p.optimizer,
+                rt=p.rt, eps_schedule=p.eps_schedule, epoch=epoch, step=self.step,
+                settings=settings, lr_scheduler=p.lr_scheduler, scaler=p.scaler, ema=p.ema,
+                mixup_fn=p.mixup_fn, on_log=lambda s, m, e=epoch: self.monitor.step(e, s, m))
+            p.lr_scheduler.step(epoch + 1)
+            val = engine.evaluate(p.model, p.val_loader, rt=p.rt, attack=eval_attack,
+                                  amp=settings.amp, max_batches=cfg.attack.eval_batches,
+                                  channels_last=cfg.run.channels_last)
+            extra: Dict[str, float] = {}
+            stop = False
+            if guard is not None:
+                extra["co_pgd_acc"], collapsed = guard.check(p.model, p.rt)
+                if collapsed:
+                    self.monitor.warning(
+                        f"catastrophic overfitting: PGD-{cfg.attack.co_pgd_steps} accuracy on a "
+                        f"training batch fell to {extra['co_pgd_acc']:.1%} (best "
+                        f"{guard.best:.1%}); FGSM no longer finds the worst case"
+                        + (": stopping, best.pth holds the best model" if cfg.attack.co_check == "stop"
+                           else ""))
+                    stop = cfg.attack.co_check == "stop"
+            metric = val.get("robust_acc", val["clean_acc"])
+            improved = metric > self.best and not stop
+            if improved:
+                self.best = metric
+            self.monitor.epoch(epoch, self.step, train_metrics, val, extra)
+            if improved:
+                self._save("best.pth", epoch)
+            self._save("last.pth", epoch)
+            accel.wait_for_all(p.rt)
+            result = {**{f"train_{k}" if not k.startswith("train_") else k: v
+                         for k, v in train_metrics.items()},
+                      **{f"val_{k}": v for k, v in val.items()}, **extra, "best": self.best}
+            if stop:
+                break
+        self.monitor.close()
+        return result
+
+
+def train(cfg: TrainConfig) -> Dict[str, float]:
+    """Build and run a training job from a validated config (for use from Python)."""
+    parts = build(cfg)
+    try:
+        if parts.rt.is_main:
+            os.makedirs(parts.run_dir, exist_ok=True)
+            save_args_yaml(cfg, os.path.join(parts.run_dir, "args.yaml"))
+        accel.wait_for_all(parts.rt)
+        return Trainer(parts).fit()
+    finally:
+        accel.cleanup(parts.rt)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The CLI: returns 0 on success, 2 on a bad config / data / checkpoint, 1 on a failed run."""
+    try:
+        cfg = load_config(argv)
+        train(cfg)
+    except (ConfigError, data.DataNotFoundError, checkpoint.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except engine.NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
