@@ -1,0 +1,526 @@
+"""One checkpoint format for training output, read by evaluation, fine-tuning and users' code.
+
+A checkpoint is a ``torch.save``d dict of plain data (loadable with ``weights_only=True``)::
+
+    format: "advvit-checkpoint", format_version: 1
+    model:  the timm model's state dict (wrappers stripped: see ``advvit.models.unwrap``)
+    spec:   ModelSpec as a dict: arch, num_classes, in_chans, img_size, normalize
+    meta:   input_range [0, 1], normalize, train_norm, train_eps, versions (advvit, timm, torch),
+            created (UTC, ISO 8601)
+    config: the resolved run config, as plain data
+    epoch, step, best_metric
+    optional: optimizer, scheduler, scaler, ema (state dicts), rng (python, numpy, torch, cuda)
+
+The normalization is part of the model, not of the data: inputs are always [0, 1] pixels, and
+``spec.normalize`` says whether the model maps them with ``(x - mean) / std`` inside. A loader
+that guessed instead could apply a normalization the model never saw.
+
+Saving is atomic (temporary file in the same folder, flush + fsync, ``os.replace``, folder
+fsync): a kill mid-save leaves the previous checkpoint whole.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import enum
+import json
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "ModelSpec",
+    "save_checkpoint",
+    "make_checkpoint",
+    "load_checkpoint",
+    "create_model_from_checkpoint",
+    "restore_rng_state",
+    "export_timm",
+]
+
+FORMAT = "advvit-checkpoint"
+FORMAT_VERSION = 1
+_REQUIRED = ("format", "format_version", "model", "spec", "meta")
+_SPEC_FIELDS = ("arch", "num_classes", "in_chans", "img_size", "normalize")
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says what does not match and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What it takes to rebuild a checkpoint's model.
+
+    Attributes:
+        arch: timm model name (after ``import advvit.models`` for the thesis variants).
+        num_classes: classifier outputs.
+        in_chans: input channels.
+        img_size: input size (int or (H, W)), or None for the architecture's default.
+        normalize: None (the model takes [0, 1] pixels as they are) or ``(mean, std)`` applied
+            inside the model.
+    """
+
+    arch: str
+    num_classes: int
+    in_chans: int = 3
+    img_size: Optional[Union[int, Tuple[int, int]]] = None
+    normalize: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.arch, str) or not self.arch:
+            raise CheckpointError(f"ModelSpec.arch must be a timm model name, got {self.arch!r}")
+        if self.normalize is not None:
+            try:
+                mean, std = self.normalize
+                mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+            except (TypeError, ValueError):
+                raise CheckpointError(f"ModelSpec.normalize must be None or (mean, std), got {self.normalize!r}") from None
+            object.__setattr__(self, "normalize", (mean, std))
+        if isinstance(self.img_size, (list, tuple)):
+            object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "arch": self.arch, "num_classes": int(self.num_classes), "in_chans": int(self.in_chans),
+            "img_size": list(self.img_size) if isinstance(self.img_size, tuple) else self.img_size,
+            "normalize": None if self.normalize is None else [list(self.normalize[0]), list(self.normalize[1])],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelSpec":
+        missing = [k for k in _SPEC_FIELDS if k not in d]
+        if missing:
+            raise CheckpointError(f"checkpoint spec lacks {missing}; it was not written by make_checkpoint")
+        return cls(**{k: d[k] for k in _SPEC_FIELDS})
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a folder.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically.
+
+    The bytes go to a temporary file in the same folder (same file system, so the rename is
+    atomic), which is flushed and fsynced before ``os.replace`` puts it in place; the folder is
+    fsynced after. A failure or kill at any point leaves the previous file at ``path`` whole; on a
+    Python exception the temporary file is removed.
+
+    Args:
+        path: destination file; its folder is created if missing.
+        state: the dict to save (see ``make_checkpoint``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is a folder: give a file name, e.g. {path}/last.pth")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _plain(obj: Any, where: str = "config") -> Any:
+    """Plain data (dict/list/tuple/str/number/bool/None/tensor) for ``weights_only`` loading."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name), f"{where}.{f.name}") for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, enum.Enum):
+        return _plain(obj.value, where)
+    if isinstance(obj, (str, int, float, bool)) or obj is None or isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, (os.PathLike, torch.device, torch.dtype)):
+        return str(obj)
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return _plain(obj.to_dict(), where)
+    if hasattr(obj, "__dict__"):
+        return _plain(vars(obj), where)
+    return repr(obj)
+
+
+def _rng_state() -> Dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: Dict[str, Any] = {
+        "python": random.getstate(),
+        # numpy's state holds an ndarray; stored as a tensor so the file loads with weights_only.
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore python, numpy, torch (and CUDA, where saved and present) RNG states for exact resume."""
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        n = state["numpy"]
+        keys = n["keys"].numpy().astype(np.uint32) if isinstance(n["keys"], torch.Tensor) else np.asarray(n["keys"], np.uint32)
+        np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _versions() -> Dict[str, str]:
+    import timm
+
+    import advvit
+
+    return {"advvit": str(advvit.__version__), "timm": str(timm.__version__), "torch": str(torch.__version__)}
+
+
+def _model_normalization(model: nn.Module) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
+    """The (mean, std) of the ``NormalizedModel`` inside DDP / compile wrappers, or None."""
+    from .models import NormalizedModel
+
+    for _ in range(16):
+        if isinstance(model, NormalizedModel):
+            return model.normalization
+        inner = getattr(model, "module", None) if isinstance(
+            model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+    return None
+
+
+def make_checkpoint(model: nn.Module, spec: ModelSpec, *, config: Any, epoch: int, step: int,
+                    best_metric: Optional[float] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+                    scheduler: Any = None, scaler: Any = None, ema: Any = None,
+                    train_norm: Optional[str] = None, train_eps: Optional[float] = None,
+                    rng: bool = True, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Assemble a checkpoint dict for ``save_checkpoint``.
+
+    Args:
+        model: the trained model; DDP / compile / ``NormalizedModel`` wrappers are stripped, so the
+            weights are a plain timm state dict.
+        spec: how to rebuild it; ``spec.normalize`` must agree with a ``NormalizedModel`` wrapper.
+        config: the resolved run config (a dataclass, a mapping, or an object with ``to_dict``),
+            stored as plain data.
+        epoch: epochs completed.
+        step: optimizer steps taken.
+        best_metric: the model-selection metric so far (e.g. robust accuracy on the held-out set).
+        optimizer, scheduler, scaler: anything with ``state_dict()`` (timm schedulers and
+            ``NativeScaler`` included), saved for resume.
+        ema: an EMA model (timm ``ModelEmaV3`` or a plain module): its weights, wrappers stripped.
+        train_norm: the attack norm trained against ("linf", "l2").
+        train_eps: the attack radius trained against, in [0, 1] pixel units.
+        rng: store python / numpy / torch (/ CUDA) RNG states for exact resume.
+        extra: more plain data, stored under ``extra``.
+
+    Returns:
+        The checkpoint dict.
+    """
+    from .models import NormalizedModel, unwrap
+
+    if not isinstance(spec, ModelSpec):
+        raise CheckpointError(f"spec must be a ModelSpec, got {type(spec).__name__}")
+    norm = _model_normalization(model)
+    if norm is not None:
+        mean, std = norm
+        if spec.normalize is None or not (np.allclose(mean, spec.normalize[0]) and np.allclose(std, spec.normalize[1])):
+            raise CheckpointError(f"spec.normalize={spec.normalize} does not match the model's NormalizedModel "
+                                  f"(mean={mean}, std={std}): record the normalization the model applies")
+    elif spec.normalize is not None:
+        raise CheckpointError(f"spec.normalize={spec.normalize} but the model is not wrapped in NormalizedModel: "
+                              "set spec.normalize=None or wrap the model")
+    state_dict = {k: v.detach() for k, v in unwrap(model).state_dict().items()}
+    ckpt: Dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": state_dict,
+        "spec": spec.to_dict(),
+        "meta": {
+            "input_range": [0.0, 1.0],
+            "normalize": spec.to_dict()["normalize"],
+            "train_norm": train_norm,
+            "train_eps": None if train_eps is None else float(train_eps),
+            "versions": _versions(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "config": _plain(config),
+        "epoch": int(epoch),
+        "step": int(step),
+        "best_metric": None if best_metric is None else float(best_metric),
+    }
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        ckpt["scheduler"] = _plain(scheduler.state_dict(), "scheduler")
+    if scaler is not None:
+        ckpt["scaler"] = scaler.state_dict()
+    if ema is not None:
+        ema_module = getattr(ema, "module", ema)
+        ckpt["ema"] = {k: v.detach() for k, v in unwrap(ema_module).state_dict().items()}
+    if rng:
+        ckpt["rng"] = _rng_state()
+    if extra:
+        ckpt["extra"] = _plain(extra, "extra")
+    return ckpt
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def _validate(ckpt: Any, path: str) -> Dict[str, Any]:
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not an advvit checkpoint: it holds a {type(ckpt).__name__}, not a dict")
+    if ckpt.get("format") != FORMAT:
+        looks_like_sd = bool(ckpt) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+        hint = (" It looks like a bare state dict: load it with timm.create_model(arch, pretrained=True, "
+                "pretrained_cfg_overlay=dict(file=...)) or advvit.models.load_finetune_weights."
+                if looks_like_sd else "")
+        raise CheckpointError(f"{path} is not an advvit checkpoint (no format marker; top-level keys: "
+                              f"{sorted(map(str, ckpt))[:12]}).{hint}")
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format_version {version!r}; this advvit reads up to "
+                              f"{FORMAT_VERSION}: upgrade advvit")
+    missing = [k for k in _REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} lacks the checkpoint field(s) {missing}")
+    if not isinstance(ckpt["model"], dict) or not ckpt["model"]:
+        raise CheckpointError(f"{path}: 'model' must be a non-empty state dict")
+    ModelSpec.from_dict(ckpt["spec"])  # raises on a malformed spec
+    return ckpt
+
+
+def load_checkpoint(path: PathLike, *, expected_arch: Optional[str] = None,
+                    weights_only: bool = True) -> Dict[str, Any]:
+    """Read and validate a checkpoint (on the CPU).
+
+    Args:
+        path: the file written by ``save_checkpoint``.
+        expected_arch: raise if the checkpoint holds another architecture.
+        weights_only: load with torch's safe unpickler (plain data and tensors only). Pass False
+            only for a file you trust that stores arbitrary objects.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        CheckpointError: not a file, truncated or corrupt, not an advvit checkpoint, a newer
+            format, missing fields, or another architecture than ``expected_arch``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint path {p} is not a file (a folder?): give the .pth file")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        if weights_only and "weights_only" in str(e):
+            raise CheckpointError(f"{p} stores objects other than plain data and tensors; if you trust the file, "
+                                  f"call load_checkpoint(..., weights_only=False). ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{p} is truncated or corrupt (cannot unpickle: {e})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{p} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    ckpt = _validate(ckpt, str(p))
+    if expected_arch is not None and ckpt["spec"]["arch"] != expected_arch:
+        raise CheckpointError(f"{p} holds a {ckpt['spec']['arch']!r} model, expected {expected_arch!r}")
+    return ckpt
+
+
+def create_model_from_checkpoint(path_or_ckpt: Union[PathLike, Dict[str, Any]], *, use_ema: bool = True,
+                                 expected_arch: Optional[str] = None) -> Tuple[nn.Module, ModelSpec]:
+    """Rebuild a checkpoint's model with its weights and its normalization, in eval mode.
+
+    Args:
+        path_or_ckpt: a checkpoint file or a dict from ``load_checkpoint``.
+        use_ema: take the EMA weights when the checkpoint has them.
+        expected_arch: raise if the checkpoint holds another architecture.
+
+    Returns:
+        ``(model, spec)``: the model takes [0, 1] pixels (wrapped in ``NormalizedModel`` when
+        ``spec.normalize`` is set).
+
+    Raises:
+        CheckpointError: as ``load_checkpoint``, plus weights that do not fit the architecture
+            (missing / unexpected keys, shape mismatches, listed).
+    """
+    from .models import create_model, unwrap
+
+    if isinstance(path_or_ckpt, dict):
+        ckpt, where = _validate(path_or_ckpt, "checkpoint"), "checkpoint"
+        if expected_arch is not None and ckpt["spec"]["arch"] != expected_arch:
+            raise CheckpointError(f"checkpoint holds a {ckpt['spec']['arch']!r} model, expected {expected_arch!r}")
+    else:
+        ckpt, where = load_checkpoint(path_or_ckpt, expected_arch=expected_arch), str(path_or_ckpt)
+    spec = ModelSpec.from_dict(ckpt["spec"])
+    try:
+        model = create_model(spec.arch, num_classes=spec.num_classes, in_chans=spec.in_chans,
+                             img_size=spec.img_size, normalize=spec.normalize)
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{where}: cannot build {spec.arch!r}: {e}") from None
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
+    target = unwrap(model)
+    own = target.state_dict()
+    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+              for k, v in weights.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    if shapes or missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+        if shapes:
+            parts.append(f"shape mismatches {shapes[:5]}")
+        raise CheckpointError(f"{where}: weights do not fit {spec.arch!r} as specified ({'; '.join(parts)})")
+    target.load_state_dict(weights, strict=True)
+    model.eval()
+    return model, spec
+
+
+# --------------------------------------------------------------------------------------------
+# Export to plain timm
+# --------------------------------------------------------------------------------------------
+
+def export_timm(path: PathLike, out_dir: PathLike, *, use_ema: bool = True) -> Path:
+    """Export a checkpoint as a plain timm model folder: ``model.safetensors`` + ``config.json``.
+
+    The folder loads without advvit (for architectures timm ships)::
+
+        timm.create_model("local-dir:" + out_dir, pretrained=True)
+        timm.create_model(arch, pretrained=True, num_classes=N, in_chans=C, img_size=S,
+                          pretrained_cfg_overlay=dict(file=out_dir + "/model.safetensors",
+                                                      num_classes=N))
+
+    ``config.json`` is timm's own format (written by timm's ``save_config_for_hf``); its
+    ``pretrained_cfg`` mean/std are the normalization the model was trained behind (0 and 1 when
+    it took [0, 1] pixels as they are), so timm's ``resolve_data_config`` + ``create_transform``
+    reproduce the training inputs: pixels in [0, 1], then ``(x - mean) / std``. An ``advvit``
+    section records the same in words, with the training norm / eps and versions.
+
+    Args:
+        path: an advvit checkpoint.
+        out_dir: the folder to write (created).
+        use_ema: export the EMA weights when the checkpoint has them.
+
+    Returns:
+        The folder.
+    """
+    from safetensors.torch import save_file
+    from timm.models._hub import save_config_for_hf
+
+    model, spec = create_model_from_checkpoint(path, use_ema=use_ema)
+    from .models import unwrap
+
+    timm_model = unwrap(model)
+    ckpt = load_checkpoint(path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared or non-contiguous storage: give every tensor its own copy.
+    tensors = {k: v.detach().contiguous().clone() for k, v in timm_model.state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+    chans = spec.in_chans
+    if spec.normalize is None:
+        mean, std = (0.0,) * chans, (1.0,) * chans
+    else:
+        mean, std = tuple(spec.normalize[0]), tuple(spec.normalize[1])
+        if len(mean) == 1 and chans > 1:
+            mean, std = mean * chans, std * chans
+    size = spec.img_size
+    model_args: Dict[str, Any] = {"num_classes": spec.num_classes, "in_chans": chans}
+    if size is not None and "img_size" in getattr(timm_model, "_model_args", {}):
+        model_args["img_size"] = list(size) if isinstance(size, tuple) else size
+    hw = None
+    if size is not None:
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+    data_config: Dict[str, Any] = {"mean": mean, "std": std, "crop_pct": 1.0}
+    if hw is not None:
+        data_config["input_size"] = (chans, *hw)
+    advvit_note = {
+        "input_range": [0.0, 1.0],
+        "normalization": ("none: the model takes pixels in [0, 1] as they are" if spec.normalize is None else
+                          "pixels in [0, 1], then (x - mean) / std with the mean/std of pretrained_cfg"),
+        "normalize": ckpt["meta"].get("normalize"),
+        "train_norm": ckpt["meta"].get("train_norm"),
+        "train_eps": ckpt["meta"].get("train_eps"),
+        "versions": ckpt["meta"].get("versions"),
+        "epoch": ckpt.get("epoch"),
+        "best_metric": ckpt.get("best_metric"),
+        "weights": "ema" if use_ema and ckpt.get("ema") else "model",
+    }
+    registered_here = spec.arch in _advvit_registered()
+    if registered_here:
+        advvit_note["requires"] = "import advvit.models (registers this architecture in timm)"
+    save_config_for_hf(timm_model, str(out / "config.json"),
+                       model_config={
+                           "advvit": advvit_note,
+                           # the source cfg's tag / paper / hub id describe timm's weights, not these
+                           "pretrained_cfg": {"tag": "advvit", "hf_hub_id": None, "origin_url": None,
+                                              "paper_ids": None, "url": None}},, model_args=model_args, data_config=data_config)
+    return out
+
+
+def _advvit_registered() -> Sequence[str]:
+    from .models import iter_registered
+
+    return tuple(iter_registered())
+
+
+def describe(ckpt: Mapping[str, Any]) -> str:
+    """One line about a checkpoint, for logs."""
+    spec, meta = ckpt["spec"], ckpt["meta"]
+    return (f"{spec['arch']} ({spec['num_classes']} classes, {spec['in_chans']}x{spec['img_size']}, "
+            f"normalize={json.dumps(spec['normalize'])}), epoch {ckpt.get('epoch')}, step {ckpt.get('step')}, "
+            f"best {ckpt.get('best_metric')}, trained {meta.get('train_norm')} eps={meta.get('train_eps')}")
