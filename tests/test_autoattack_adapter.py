@@ -1,0 +1,234 @@
+"""The AutoAttack adapter on a small model trained here on real Fashion-MNIST (7x7 pixels)."""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import advvit  # noqa: F401  (before anything that imports timm)
+from advvit.autoattack_adapter import (AutoAttackAdapter, StateMismatchError,
+                                       capture_autoattack_warnings)
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+FAST = dict(version="custom", n_iter=10, n_restarts=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads' spinning
+    makes AutoAttack's many small forward passes an order of magnitude slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fashion_mnist(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (FMNIST / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST idx files not found in {FMNIST}")
+    with gzip.open(FMNIST / "t10k-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n]
+    with gzip.open(FMNIST / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:n]
+    x = F.avg_pool2d(torch.tensor(images, dtype=torch.float32) / 255, 4)  # 1x7x7, in [0, 1]
+    return x, torch.tensor(labels, dtype=torch.long)
+
+
+def train_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """An MLP trained for a fraction of a second: ~75% clean accuracy on held-out images."""
+    torch.manual_seed(0)
+    x, y = _fashion_mnist(3000)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(49, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(30):
+        perm = torch.randperm(2500)
+        for i in range(0, 2500, 250):
+            idx = perm[i:i + 250]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    xt, yt = x[2500:], y[2500:]
+    with torch.no_grad():
+        assert (model(xt).argmax(1) == yt).float().mean() > 0.6  # it did learn
+    return model, xt[:48], yt[:48]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return train_mlp()
+
+
+def test_eps_zero_gives_robust_equal_clean(trained):
+    model, x, y = trained
+    result = AutoAttackAdapter(model, eps=0.0, attacks=["apgd-ce", "apgd-t"], seed=0,
+                               **FAST).run(x, y, batch_size=16)
+    assert 0 < result.clean_accuracy < 1
+    assert torch.equal(result.robust, result.clean)
+    assert [a.name for a in result.attacks] == ["apgd-ce", "apgd-t"]
+
+
+def test_large_eps_breaks_everything_and_robust_never_exceeds_clean(trained):
+    model, x, y = trained
+    accs = []
+    for eps in (1 / 255, 4 / 255, 0.3):
+        r = AutoAttackAdapter(model, eps=eps, attacks=["apgd-ce"], seed=0, **FAST).run(
+            x, y, batch_size=48)
+        # an example robust under attack was correctly classified without it
+        assert not (r.robust & ~r.clean).any()
+        assert r.robust_accuracy <= r.clean_accuracy
+        accs.append(r.robust_accuracy)
+        assert r.x_adv is not None
+        assert (r.x_adv - x).abs().max() <= eps + 1e-6
+        assert r.x_adv.min() >= 0 and r.x_adv.max() <= 1
+    assert accs[0] >= accs[1] >= accs[2]
+    assert accs[0] > accs[2]
+    assert accs[2] <= 0.05
+
+
+def test_l2_norm_stays_in_the_ball(trained):
+    model, x, y = trained
+    r = AutoAttackAdapter(model, eps=0.5, norm="l2", attacks=["apgd-ce"], seed=0,
+                          **FAST).run(x, y, batch_size=48)
+    assert r.norm == "L2"
+    assert r.robust_accuracy < r.clean_accuracy
+    assert (r.x_adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-4
+
+
+def test_same_seed_same_result(trained):
+    model, x, y = trained
+    kw = dict(eps=3 / 255, attacks=["apgd-ce", "square"], seed=7, version="custom",
+              n_iter=10, n_restarts=1, n_queries=50)
+    a = AutoAttackAdapter(model, **kw).run(x, y, batch_size=16)
+    b = AutoAttackAdapter(model, **kw).run(x, y, batch_size=16)
+    assert torch.equal(a.robust, b.robust)
+    assert torch.equal(a.x_adv, b.x_adv)
+    assert a.broken_by == b.broken_by
+
+
+def test_resumed_evaluation_equals_uninterrupted(trained, tmp_path):
+    model, x, y = trained
+    kw = dict(eps=3 / 255, attacks=["apgd-ce", "apgd-t"], seed=1, **FAST)
+    full = AutoAttackAdapter(model, **kw).run(x, y, batch_size=8)
+
+    state = tmp_path / "state.json"
+    part = AutoAttackAdapter(model, **kw).run(x, y, batch_size=8, state_path=state,
+                                              stop_after_batches=2)
+    assert not part.complete and state.exists()
+    saved = json.loads(state.read_text())
+    assert saved["current"]["name"] == "apgd-ce" and saved["current"]["batches_done"] == 2
+
+    resumed = AutoAttackAdapter(model, **kw).run(x, y, batch_size=8, state_path=state)
+    assert resumed.complete
+    assert torch.equal(resumed.robust, full.robust)
+    assert resumed.broken_by == full.broken_by
+    assert [(a.name, a.robust_accuracy) for a in resumed.attacks] == \
+        [(a.name, a.robust_accuracy) for a in full.attacks]
+    assert full.robust_accuracy < full.clean_accuracy  # the attacks did something
+    assert not resumed.adv_complete  # examples broken before the stop are not in x_adv
+
+
+def test_state_of_another_evaluation_is_refused(trained, tmp_path):
+    model, x, y = trained
+    state = tmp_path / "state.json"
+    AutoAttackAdapter(model, eps=2 / 255, attacks=["apgd-ce"], seed=0, **FAST).run(
+        x, y, batch_size=16, state_path=state)
+    with pytest.raises(StateMismatchError, match="eps"):
+        AutoAttackAdapter(model, eps=4 / 255, attacks=["apgd-ce"], seed=0, **FAST).run(
+            x, y, batch_size=16, state_path=state)
+    with pytest.raises(StateMismatchError, match="data"):
+        AutoAttackAdapter(model, eps=2 / 255, attacks=["apgd-ce"], seed=0, **FAST).run(
+            x.flip(0), y.flip(0), batch_size=16, state_path=state)
+
+
+def test_standard_autoattack_equals_calling_autoattack_directly(trained):
+    """The real standard AutoAttack end to end, through the adapter and directly."""
+    from pyautoattack import AutoAttack
+
+    model, x, y = trained
+    x, y = x[:12], y[:12]
+    eps = 4 / 255
+    result = AutoAttackAdapter(model, eps=eps, version="standard", seed=0,
+                               backend="pyautoattack").run(x, y, batch_size=5)
+    assert [a.name for a in result.attacks] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert result.attack_settings["apgd-ce"] == {"n_iter": 100, "n_restarts": 1}
+    assert result.attack_settings["square"]["n_queries"] == 5000
+
+    direct = AutoAttack(model, eps=eps, norm="Linf", seed=0, version="standard")
+    x_adv, y_adv = direct.run_standard_evaluation(x, y, batch_size=5)
+    assert torch.equal(result.robust, y_adv == y)
+    assert torch.equal(result.x_adv, x_adv)
+    assert 0 < result.robust_accuracy < result.clean_accuracy  # a case with work for AA
+
+
+def test_model_is_attacked_in_eval_mode_and_mode_restored(trained):
+    model, x, y = trained
+    modes = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, t):
+            modes.append(self.training)
+            return self.inner(t)
+
+    spy = Spy().train()
+    AutoAttackAdapter(spy, eps=2 / 255, attacks=["apgd-ce"], seed=0, **FAST).run(
+        x[:8], y[:8], batch_size=8)
+    assert modes and not any(modes)
+    assert spy.training
+
+
+def test_autoattack_own_warnings_are_collected(trained):
+    model, x, y = trained
+    softmax_model = nn.Sequential(model, nn.Softmax(dim=1))
+    r = AutoAttackAdapter(softmax_model, eps=2 / 255, attacks=["apgd-ce"], seed=0,
+                          **FAST).run(x[:8], y[:8], batch_size=8)
+    assert any("probability distribution" in w for w in r.warnings)
+    # one message, even though AutoAttack's checks ran once per batch
+    assert len(r.warnings) == len(set(r.warnings))
+
+
+def test_capture_collects_logger_warnings():
+    with capture_autoattack_warnings() as found:
+        logging.getLogger("auto-attack").warning("it seems to be a randomized defense!")
+        logging.getLogger("auto-attack").warning("it seems to be a randomized defense!")
+    assert found == ["it seems to be a randomized defense!"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(eps=0.1, version="custom", attacks=["pgd"]), "unknown AutoAttack attack"),
+    (dict(eps=0.1, version="custom"), "needs attacks"),
+    (dict(eps=0.1, version="fast"), "version 'fast' is unknown"),
+    (dict(eps=0.1, norm="l1x"), "norm"),
+    (dict(eps=-0.1), "eps must be"),
+    (dict(eps=0.1, version="standard", n_iter=5), "version='custom'"),
+    (dict(eps=0.1, version="custom", attacks=["apgd-ce"], n_iter=0), "n_iter"),
+    (dict(eps=0.1, seed=None), "seed"),
+    (dict(eps=0.1, backend="torchattacks"), "backend"),
+])
+def test_bad_settings_get_one_clear_error(kwargs, match):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(49, 10))
+    with pytest.raises(ValueError, match=match):
+        AutoAttackAdapter(model, **kwargs)
+
+
+def test_bad_data_gets_one_clear_error():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(49, 10))
+    adapter = AutoAttackAdapter(model, eps=0.1, attacks=["apgd-ce"], **FAST)
+    with pytest.raises(ValueError, match="do not match"):
+        adapter.run(torch.rand(4, 1, 7, 7), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        adapter.run(torch.rand(4, 1, 7, 7) * 255, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch_size"):
+        adapter.run(torch.rand(4, 1, 7, 7), torch.zeros(4, dtype=torch.long), batch_size=0)
