@@ -42,7 +42,7 @@ def parse_eps(value: Any, key: str = "eps") -> float:
         return float(value)
     if isinstance(value, str):
         try:
-            return float(Fraction(value.strip()))
+            return float(Fraction(value.replace(" ", "")))
         except (ValueError, ZeroDivisionError):
             pass
     raise ConfigError(key, f"expected a number or a fraction like 4/255, got {value!r}")
@@ -109,7 +109,7 @@ class AttackConfig:
     eps: float = _opt("attack radius (a number or a fraction like 4/255)", 4 / 255, lo=0.0, hi=1.0)
     attack_norm: str = _opt("attack norm", "linf", choices=("linf", "l2"))
     attack_steps: int = _opt("attack iterations (fgsm: 1)", 1, lo=1)
-    attack_step_size: Optional[float] = _opt("attack step size (None: 1.5 * eps / steps)", lo=0.0)
+    attack_step_size: Optional[float] = _opt("attack step size (None: 1.5 * eps / steps)", gt=0.0)
     random_init: bool = _opt("random start in the eps-ball", True)
     trades_beta: float = _opt("TRADES robust-term weight", 6.0, lo=0.0)
     eps_schedule: str = _opt("eps warm-up shape", "linear",
@@ -135,8 +135,8 @@ class OptimConfig:
     """Optimizer and learning-rate schedule (timm's factories)."""
 
     opt: str = _opt("timm optimizer name", "adamw")
-    lr: Optional[float] = _opt("learning rate (None: lr_base * global batch / lr_base_size)", lo=0.0)
-    lr_base: float = _opt("learning rate at lr_base_size", 5e-4, lo=0.0)
+    lr: Optional[float] = _opt("learning rate (None: lr_base * global batch / lr_base_size)", gt=0.0)
+    lr_base: float = _opt("learning rate at lr_base_size", 5e-4, gt=0.0)
     lr_base_size: int = _opt("batch size that lr_base is given for", 512, lo=1)
     weight_decay: float = _opt("weight decay", 0.5, lo=0.0)
     momentum: float = _opt("SGD momentum", 0.9, lo=0.0, hi=1.0)
@@ -260,11 +260,13 @@ def _check_value(key: str, value: Any, meta: Dict[str, Any]) -> None:
     if choices is not None and value not in choices:
         shown = ", ".join(str(c) for c in choices if c is not None)
         raise ConfigError(key, f"{value!r} is not one of: {shown}")
-    lo, hi = meta.get("lo"), meta.get("hi")
+    lo, hi, gt = meta.get("lo"), meta.get("hi"), meta.get("gt")
     values = value if isinstance(value, list) else [value]
     for v in values:
         if isinstance(v, (int, float)) and lo is not None and v < lo:
             raise ConfigError(key, f"{v!r} is below the minimum {lo}", f"use a value >= {lo}")
+        if isinstance(v, (int, float)) and gt is not None and v <= gt:
+            raise ConfigError(key, f"{v!r} must be above {gt}", f"use a value > {gt}")
         if isinstance(v, (int, float)) and hi is not None and v > hi:
             raise ConfigError(key, f"{v!r} is above the maximum {hi}", f"use a value <= {hi}")
     if meta.get("path") and not os.path.exists(value):
