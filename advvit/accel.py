@@ -12,8 +12,8 @@ on all of them::
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         accel.optimizer_step(optimizer, rt)             # xm.optimizer_step on XLA
-        accel.barrier(rt)
         meter.add(loss=out.loss.detach() * len(y), count=len(y))  # stays on the device
+        accel.barrier(rt)
         if step % log_interval == 0:
             print(meter.read())                         # one reduction, one host transfer
     accel.cleanup(rt)
@@ -371,6 +371,12 @@ class DeviceMetrics:
     collective and copies them to the host in one transfer. Add sums (``loss * batch``,
     ``correct`` counts, ``count``), not means, so the ratios come out right across ranks and
     unequal batches. Every rank must add the same names (the collective pairs them by name).
+
+    On XLA the additions join the next graph that is cut (the step's, or the read's). The
+    first value after a reset is kept as it is (no zero tensor made for it, which would enter
+    the graph as a constant or as an extra input); every log interval then produces the same
+    sequence of graphs, so they are all compiled during the first interval. Plain numbers (a
+    batch size) are summed on the host and join the device sums at ``read``.
     """
 
     def __init__(self, rt: Runtime) -> None:
@@ -378,31 +384,44 @@ class DeviceMetrics:
         # float32: TPUs have no fast float64, and counts stay exact up to 2**24 per interval.
         self.dtype = torch.float32 if rt.kind == "xla" else torch.float64
         self._sums: Dict[str, torch.Tensor] = {}
+        self._host: Dict[str, float] = {}
 
     def add(self, **values: Union[torch.Tensor, float, int]) -> None:
-        """Adds each value (a scalar tensor on the device or a number) to its running sum."""
+        """Adds each value (a tensor on the device, summed, or a number) to its running sum."""
         for name, value in values.items():
             if torch.is_tensor(value):
-                v = value.detach().to(device=self.rt.device, dtype=self.dtype).sum()
+                if name in self._host:
+                    raise ValueError(f"metric {name!r} was added as a number before, now a tensor")
+                v = value.detach().to(self.dtype).sum()
+                prev = self._sums.get(name)
+                self._sums[name] = v if prev is None else prev + v
             else:
-                v = torch.tensor(float(value), dtype=self.dtype, device=self.rt.device)
-            prev = self._sums.get(name)
-            self._sums[name] = v if prev is None else prev + v
+                if name in self._sums:
+                    raise ValueError(f"metric {name!r} was added as a tensor before, now a number")
+                self._host[name] = self._host.get(name, 0.0) + float(value)
 
     def names(self) -> Sequence[str]:
         """The metric names added since the last reset, sorted."""
-        return sorted(self._sums)
+        return sorted([*self._sums, *self._host])
 
     def read(self, reset: bool = True) -> Dict[str, float]:
         """Sums over all processes and steps since the last reset, as Python floats.
 
-        Collective: every rank must call it at the same step.
+        Collective when distributed: every rank must call it at the same step.
         """
         names = self.names()
         if not names:
             return {}
-        stacked = torch.stack([self._sums[n] for n in names])
-        values = all_reduce_sum(stacked, self.rt).cpu().tolist()
+        host = torch.tensor([self._host.get(n, 0.0) for n in names], dtype=self.dtype)
+        if self._sums:
+            zero = torch.zeros((), dtype=self.dtype, device=self.rt.device)
+            # One vector: one collective and one device-to-host copy, however many metrics.
+            vector = torch.stack([self._sums.get(n, zero) for n in names]) + host.to(self.rt.device)
+        elif self.rt.distributed:
+            vector = host.to(self.rt.device)  # nccl and XLA collectives need device tensors
+        else:
+            vector = host  # numbers only, one process: nothing to run on the device
+        values = all_reduce_sum(vector, self.rt).cpu().tolist()
         if reset:
             self.reset()
         return dict(zip(names, values))
@@ -410,6 +429,7 @@ class DeviceMetrics:
     def reset(self) -> None:
         """Forgets the sums."""
         self._sums = {}
+        self._host = {}
 
 
 def wait_for_all(rt: Runtime, tag: str = "advvit") -> None:
