@@ -1,0 +1,860 @@
+"""The evaluation CLI: ``python -m advvit.eval`` (also ``advvit-eval``).
+
+checkpoint (or timm name + weights) -> examples -> attack(s) -> report: a console table and a
+JSON file with clean and robust accuracy, per-attack numbers and times, n, eps, norm, seed,
+versions, the model file's sha256, and the sanity-check flags (numbers they concern are marked).
+
+Examples::
+
+    python -m advvit.eval --checkpoint run/best.pth --dataset cifar10 --data-dir /data \\
+        --attack autoattack --eps 8/255 --n-examples 1000 --output aa.json
+    python -m advvit.eval --checkpoint best.pth --dataset imagefolder --data-dir /imagenet \\
+        --ids-file imagenet_test_image_ids.txt --attack apgd-ce --eps 4/255   # 5 x 100 APGD-CE
+    torchrun --nproc-per-node 4 -m advvit.eval ... --attack autoattack    # one shard per rank
+
+Everything is loaded and every argument validated before the first attack runs; a bad argument
+is one error line naming it and the fix (exit status 2).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from . import checks
+from .autoattack_adapter import AA_ATTACKS, AutoAttackAdapter, available_backends
+
+__all__ = [
+    "EvalError",
+    "AttackSpec",
+    "Outcome",
+    "parse_eps",
+    "parse_attack",
+    "select_indices",
+    "read_ids_file",
+    "run_attack",
+    "merge_outcomes",
+    "build_report",
+    "build_parser",
+    "main",
+]
+
+TORCH_ATTACKS = ("pgd", "fgsm")
+ENSEMBLES = {"autoattack": "standard", "autoattack-standard": "standard",
+             "autoattack-plus": "plus"}
+ATTACK_CHOICES = (*ENSEMBLES, *AA_ATTACKS, *TORCH_ATTACKS)
+
+
+class EvalError(ValueError):
+    """A bad argument or input; the message names it and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# arguments
+# --------------------------------------------------------------------------------------------
+
+def parse_eps(text: str | float, *, norm: str = "linf", name: str = "--eps") -> float:
+    """Read an eps given as a fraction of the pixel range ("0.0157") or in /255 ("4/255").
+
+    Raises:
+        EvalError: unparsable, negative, or (Linf) above 1, which no [0, 1] image allows.
+    """
+    try:
+        value = float(Fraction(str(text).strip()))
+    except (ValueError, ZeroDivisionError):
+        raise EvalError(f"{name} {text!r} is not a number: give e.g. 4/255 or 0.0157") from None
+    if not math.isfinite(value) or value < 0:
+        raise EvalError(f"{name} {text!r} must be >= 0")
+    if norm == "linf" and value > 1:
+        raise EvalError(f"{name} {text!r} is above 1 for Linf, larger than the [0, 1] pixel range: "
+                        f"did you mean {text}/255?")
+    return value
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack as the CLI runs it.
+
+    Attributes:
+        name: the ``--attack`` text.
+        kind: "autoattack" (the AutoAttack code, via the adapter) or "pgd" / "fgsm" (advvit.attacks).
+        version: AutoAttack version ("standard", "plus", "custom"); None for pgd/fgsm.
+        attacks: the AutoAttack attacks run, in order (custom version), or (kind,).
+        steps: iterations (APGD/FAB/PGD) or queries (Square); None for the default.
+        restarts: restarts; None for the default.
+        step_size: PGD/FGSM step size; None for advvit.attacks' default.
+    """
+
+    name: str
+    kind: str
+    version: str | None
+    attacks: tuple[str, ...]
+    steps: int | None = None
+    restarts: int | None = None
+    step_size: float | None = None
+
+
+def parse_attack(text: str, *, steps: int | None = None, restarts: int | None = None,
+                 step_size: float | None = None) -> AttackSpec:
+    """Turn ``--attack`` and its knobs into an :class:`AttackSpec`.
+
+    ``autoattack`` / ``autoattack-plus`` run AutoAttack as published (knobs refused);
+    a comma list of AutoAttack names (``apgd-ce,apgd-t``) runs a custom ensemble; one name alone
+    runs that attack (``apgd-ce`` defaults to the thesis's 5 restarts x 100 iterations:
+    ``--restarts 1`` is AutoAttack's standard setting); ``pgd`` / ``fgsm`` run advvit.attacks.
+
+    Raises:
+        EvalError: unknown names, or knobs that do not apply.
+    """
+    text = text.strip().lower()
+    for knob, value in (("--steps", steps), ("--restarts", restarts)):
+        if value is not None and value < 1:
+            raise EvalError(f"{knob} must be >= 1, got {value}")
+    if step_size is not None and not step_size > 0:
+        raise EvalError(f"--step-size must be > 0, got {step_size}")
+    if text in ENSEMBLES:
+        if any(v is not None for v in (steps, restarts, step_size)):
+            raise EvalError(f"--attack {text} runs AutoAttack as published: drop --steps/--restarts/"
+                            "--step-size, or name the attacks (e.g. --attack apgd-ce,apgd-t)")
+        return AttackSpec(text, "autoattack", ENSEMBLES[text], ())
+    if text in TORCH_ATTACKS:
+        if text == "fgsm" and (steps not in (None, 1) or restarts not in (None, 1)):
+            raise EvalError("--attack fgsm is one step without restarts: use --attack pgd for "
+                            "--steps/--restarts")
+        return AttackSpec(text, text, None, (text,), steps, restarts, step_size)
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in AA_ATTACKS]
+    if not names or unknown:
+        raise EvalError(f"--attack {text!r} is unknown: use one of {', '.join(ATTACK_CHOICES)}, "
+                        f"or a comma list of {', '.join(AA_ATTACKS)}")
+    if len(set(names)) != len(names):
+        raise EvalError(f"--attack {text!r} names an attack twice")
+    if step_size is not None:
+        raise EvalError("--step-size applies to pgd/fgsm only: the AutoAttack attacks choose "
+                        "their own step sizes")
+    return AttackSpec(text, "autoattack", "custom", names, steps, restarts)
+
+
+def read_ids_file(path: str | os.PathLike) -> list[str]:
+    """Read a file of example ids: one integer index or one relative image path per line.
+
+    Blank lines and lines starting with '#' are skipped (RobustBench's ImageNet subset files are
+    plain relative paths, e.g. ``n01440764/ILSVRC2012_val_00000293.JPEG``).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise EvalError(f"--ids-file {p} does not exist")
+    ids = [line.strip() for line in p.read_text().splitlines()]
+    ids = [i for i in ids if i and not i.startswith("#")]
+    if not ids:
+        raise EvalError(f"--ids-file {p} lists no ids")
+    return ids
+
+
+def _dataset_paths(dataset: Any) -> list[str] | None:
+    """Relative image paths of an image-folder data set in index order, or None if it has none."""
+    filenames = getattr(dataset, "filenames", None)
+    if filenames is None:
+        return None
+    try:
+        return [str(Path(f).as_posix()) for f in filenames(basename=False, absolute=False)]
+    except TypeError:
+        return None
+
+
+def select_indices(n_total: int, *, n_examples: int | None = None, sample: str = "first",
+                   seed: int = 0, ids: Sequence[str] | None = None,
+                   paths: Sequence[str] | None = None) -> list[int]:
+    """Which examples to evaluate: the first N, a seeded random N, or those of an ids file.
+
+    Args:
+        n_total: size of the data split.
+        n_examples: how many (None: all, or all ids); with ids, the first N ids.
+        sample: "first" or "random" (a seeded choice, sorted, so order does not depend on it).
+        seed: the seed of the random choice.
+        ids: integer indices or relative image paths (from :func:`read_ids_file`).
+        paths: the data set's relative image paths, for path ids.
+
+    Raises:
+        EvalError: an id that is out of range or not found, or more examples than there are.
+    """
+    if n_examples is not None and n_examples < 1:
+        raise EvalError(f"--n-examples must be >= 1, got {n_examples}")
+    if ids is not None:
+        if all(i.lstrip("-").isdigit() for i in ids):
+            chosen = [int(i) for i in ids]
+            bad = [i for i in chosen if not 0 <= i < n_total]
+            if bad:
+                raise EvalError(f"--ids-file has indices outside the split's 0..{n_total - 1}: "
+                                f"{bad[:5]}")
+        else:
+            if paths is None:
+                raise EvalError("--ids-file lists image paths, but this data set has no image "
+                                "files: give integer indices, or use --dataset imagefolder")
+            where = {p: k for k, p in enumerate(paths)}
+            chosen = []
+            for i in ids:
+                # The file's paths may carry a leading split folder ("val/n0144.../x.JPEG").
+                parts = Path(i).as_posix().split("/")
+                hit = next((where[s] for s in ("/".join(parts[j:]) for j in range(len(parts)))
+                            if s in where), None)
+                if hit is None:
+                    raise EvalError(f"--ids-file path {i!r} is not in the data split (paths look "
+                                    f"like {paths[0]!r}): check --data-dir and --split")
+                chosen.append(hit)
+        if n_examples is not None:
+            chosen = chosen[:n_examples]
+        return chosen
+    n = n_total if n_examples is None else n_examples
+    if n > n_total:
+        raise EvalError(f"--n-examples {n} is more than the {n_total} examples of the split")
+    if sample == "first":
+        return list(range(n))
+    if sample == "random":
+        g = np.random.default_rng(seed)
+        return sorted(int(i) for i in g.choice(n_total, size=n, replace=False))
+    raise EvalError(f"--sample must be 'first' or 'random', got {sample!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    """Per-example result of one attack at one eps (one shard, or merged).
+
+    Attributes:
+        positions: positions of the examples in the evaluated list (for merging shards).
+        clean: correctly classified without attack.
+        steps: (attack name, robust after it and all before it) in order.
+        seconds: per attack name, wall time.
+        broken_by: per example: the attack that broke it, "clean", or None.
+        x_adv: adversarial examples, or None.
+        warnings: AutoAttack's own warning messages.
+        settings: what each attack ran with.
+        backend: which AutoAttack package ran it ("" for pgd/fgsm).
+    """
+
+    positions: list[int]
+    clean: torch.Tensor
+    steps: list[tuple[str, torch.Tensor]]
+    seconds: dict[str, float]
+    broken_by: list[str | None]
+    x_adv: torch.Tensor | None = None
+    warnings: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    backend: str = ""
+
+    @property
+    def robust(self) -> torch.Tensor:
+        """Robust under the whole attack (all steps)."""
+        return self.steps[-1][1] if self.steps else self.clean
+
+
+def _torch_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, *,
+                  eps: float, norm: str, seed: int, batch_size: int, device: torch.device,
+                  keep_adv: bool) -> Outcome:
+    """PGD / FGSM from advvit.attacks; restarts attack only the examples still robust."""
+    from . import attacks  # torch only; imported here so the module loads without it
+
+    model.eval()
+    clean = torch.zeros(len(y), dtype=torch.bool)
+    with torch.no_grad():
+        for s in range(0, len(y), batch_size):
+            clean[s:s + batch_size] = model(x[s:s + batch_size].to(device)).argmax(1).cpu() == \
+                y[s:s + batch_size]
+    robust = clean.clone()
+    broken_by: list[str | None] = [None if c else "clean" for c in clean.tolist()]
+    x_adv = x.clone() if keep_adv else None
+    restarts = spec.restarts or 1
+    start = time.perf_counter()
+    for r in range(restarts):
+        # One seed per restart: a restart draws a new random start, repeats run to run.
+        torch.manual_seed(seed + r)
+        todo = torch.nonzero(robust).flatten()
+        for s in range(0, len(todo), batch_size):
+            idx = todo[s:s + batch_size]
+            xb, yb = x[idx].to(device), y[idx].to(device)
+            if spec.kind == "fgsm":
+                adv = attacks.fgsm(model, xb, yb, eps=eps, norm=norm, random_init=False,
+                                   step_size=spec.step_size)
+            else:
+                adv = attacks.pgd(model, xb, yb, eps=eps, norm=norm, steps=spec.steps or 10,
+                                  step_size=spec.step_size, random_init=True)
+            with torch.no_grad():
+                fooled = (model(adv).argmax(1) != yb).cpu()
+            for i in idx[fooled].tolist():
+                robust[i] = False
+                broken_by[i] = spec.kind
+            if x_adv is not None:
+                x_adv[idx[fooled]] = adv[fooled].cpu()
+    settings = {spec.kind: {"steps": 1 if spec.kind == "fgsm" else (spec.steps or 10),
+                            "restarts": restarts, "step_size": spec.step_size,
+                            "random_init": spec.kind == "pgd"}}
+    return Outcome(list(range(len(y))), clean, [(spec.kind, robust)],
+                   {spec.kind: time.perf_counter() - start}, broken_by, x_adv, [], settings)
+
+
+def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, *,
+               eps: float, norm: str = "linf", seed: int = 0, batch_size: int = 250,
+               device: str | torch.device = "cpu", state_path: str | os.PathLike | None = None,
+               keep_adv: bool = False, num_classes: int | None = None,
+               backend: str = "auto") -> Outcome:
+    """Run one attack at one eps on (x, y), all on this process.
+
+    Args:
+        model: classifier on ``device`` taking [0, 1] pixels, returning logits.
+        x, y: the examples (CPU tensors).
+        spec: from :func:`parse_attack`.
+        eps, norm, seed, batch_size, device: as the CLI options.
+        state_path: AutoAttack only: the adapter's resumable state file.
+        keep_adv: keep the adversarial examples.
+        num_classes: the model's classes (lets AutoAttack's targeted attacks fit < 10 classes).
+        backend: AutoAttack package: "auto", "pyautoattack" or "autoattack".
+    """
+    device = torch.device(device)
+    if spec.kind != "autoattack":
+        return _torch_attack(model, x, y, spec, eps=eps, norm=norm, seed=seed,
+                             batch_size=batch_size, device=device, keep_adv=keep_adv)
+    kwargs: dict[str, Any] = {}
+    if spec.version == "custom":
+        # --steps is Square's query budget when Square runs alone, the iterations of the
+        # gradient attacks otherwise (Square then keeps AutoAttack's 5000 queries).
+        kwargs["n_queries" if spec.attacks == ("square",) else "n_iter"] = spec.steps
+        # One APGD-CE alone without --restarts is the thesis's 5 x 100 setting (AutoAttack's own
+        # default for the custom version); Square alone keeps AutoAttack's single restart.
+        restarts = spec.restarts
+        if restarts is None and spec.attacks == ("square",):
+            restarts = 1
+        kwargs["n_restarts"] = restarts
+    adapter = AutoAttackAdapter(model, eps=eps, norm=norm, version=spec.version,
+                                attacks=list(spec.attacks) if spec.version == "custom" else None,
+                                seed=seed, device=device, num_classes=num_classes,
+                                backend=backend, **kwargs)
+    result = adapter.run(x, y, batch_size=batch_size, state_path=state_path, keep_adv=keep_adv)
+    return Outcome(list(range(len(y))), result.clean,
+                   [(a.name, a.robust) for a in result.attacks],
+                   {a.name: a.seconds for a in result.attacks}, result.broken_by,
+                   result.x_adv, result.warnings, result.attack_settings,
+                   f"{result.backend} {result.backend_version}")
+
+
+def merge_outcomes(parts: Sequence[Outcome]) -> Outcome:
+    """Merge shard outcomes (their ``positions`` index the full list) into one.
+
+    Times are the slowest shard's (the wall time of the whole evaluation); warnings are joined.
+    """
+    n = sum(len(p.positions) for p in parts)
+    clean = torch.zeros(n, dtype=torch.bool)
+    names = [name for name, _ in parts[0].steps]
+    steps = {name: torch.zeros(n, dtype=torch.bool) for name in names}
+    broken: list[str | None] = [None] * n
+    seen = torch.zeros(n, dtype=torch.bool)
+    for p in parts:
+        if [name for name, _ in p.steps] != names:
+            raise ValueError("shards ran different attacks: cannot merge")
+        pos = torch.tensor(p.positions, dtype=torch.long)
+        if pos.numel() and (pos.max() >= n or seen[pos].any()):
+            raise ValueError("shard positions overlap or leave gaps: cannot merge")
+        seen[pos] = True
+        clean[pos] = p.clean
+        for name, flags in p.steps:
+            steps[name][pos] = flags
+        for k, b in zip(p.positions, p.broken_by):
+            broken[k] = b
+    seconds = {name: max(p.seconds.get(name, 0.0) for p in parts) for name in names}
+    warnings = []
+    for p in parts:
+        warnings += [w for w in p.warnings if w not in warnings]
+    return Outcome(list(range(n)), clean, [(name, steps[name]) for name in names], seconds,
+                   broken, None, warnings, parts[0].settings, parts[0].backend)
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+# --------------------------------------------------------------------------------------------
+
+def _acc(flags: torch.Tensor) -> float:
+    return float(flags.float().mean()) if flags.numel() else float("nan")
+
+
+def _marked(value: float, flags: list[checks.Flag], key: str) -> dict[str, Any]:
+    codes = [f.code for f in flags if checks.ALL_ROBUST in f.affects or key in f.affects]
+    return {"value": value, "warnings": codes}
+
+
+def build_report(outcomes: dict[float, Outcome], *, spec: AttackSpec, norm: str, seed: int,
+                 model_flags: Sequence[checks.Flag], meta: dict[str, Any],
+                 indices: Sequence[int] | None = None, labels: torch.Tensor | None = None,
+                 per_example: bool = False) -> dict[str, Any]:
+    """The JSON report for outcomes at one or more eps (the first eps is the headline).
+
+    Runs the result checks (robust above clean, black-box beating white-box, robust accuracy
+    rising with eps), adds the model checks' and AutoAttack's flags, and marks every number a
+    flag concerns with the flag's code.
+    """
+    flags: list[checks.Flag] = list(model_flags)
+    results = []
+    for eps, out in outcomes.items():
+        clean_acc = _acc(out.clean)
+        step_accs = [(name, _acc(r)) for name, r in out.steps]
+        eps_flags = [f for f in (
+            checks.check_robust_above_clean(clean_acc, _acc(out.robust)),
+            checks.check_black_box_beats_white_box(step_accs)) if f is not None]
+        eps_flags += checks.check_autoattack_warnings(out.warnings)
+        for f in eps_flags:
+            if f not in flags:
+                flags.append(f)
+        here = list(model_flags) + eps_flags
+        attacked, before = [], out.clean
+        for _, flags_after in out.steps:
+            attacked.append(int(before.sum()))
+            before = flags_after
+        results.append({
+            "eps": eps, "eps_255": round(eps * 255, 4),
+            "clean_accuracy": clean_acc,
+            "robust_accuracy": _marked(_acc(out.robust), here, "robust"),
+            "attacks": [dict(name=name, robust_accuracy=_marked(acc, here, name),
+                             seconds=round(out.seconds.get(name, 0.0), 3),
+                             n_attacked=attacked[i],
+                             settings=out.settings.get(name, {}))
+                         for i, (name, acc) in enumerate(step_accs)],
+            "seconds": round(sum(out.seconds.values()), 3),
+        })
+    if len(outcomes) > 1:
+        sweep = checks.check_robust_rises_with_eps(
+            [(r["eps"], r["robust_accuracy"]["value"]) for r in results])
+        if sweep is not None:
+            flags.append(sweep)
+            for r in results:
+                if f"{r['eps']:.6g}" in sweep.affects:
+                    r["robust_accuracy"]["warnings"].append(sweep.code)
+    head = results[0]
+    first = next(iter(outcomes.values()))
+    report: dict[str, Any] = {
+        "format": "advvit-eval/1",
+        **meta,
+        "attack": {"name": spec.name, "kind": spec.kind, "version": spec.version,
+                   "attacks": [name for name, _ in first.steps], "norm": norm, "seed": seed,
+                   "backend": first.backend},
+        "n": int(first.clean.numel()),
+        "eps": head["eps"],
+        "clean_accuracy": head["clean_accuracy"],
+        "robust_accuracy": head["robust_accuracy"],
+        "results": results,
+        "warnings": [dict(code=f.code, message=f.message, detail=f.detail,
+                          affects=list(f.affects)) for f in flags],
+    }
+    if per_example:
+        report["per_example"] = [
+            {"index": int(indices[k]) if indices is not None else k,
+             "label": int(labels[k]) if labels is not None else None,
+             "clean": bool(first.clean[k]),
+             "robust": bool(first.robust[k]),
+             "broken_by": first.broken_by[k]}
+            for k in range(int(first.clean.numel()))]
+    return report
+
+
+def print_table(report: dict[str, Any], file: Any = None) -> None:
+    """Print the report's numbers as a table (a '!' marks a number a warning concerns)."""
+    out = file or sys.stdout
+    print(f"\nadvvit-eval  n={report['n']}  norm={report['attack']['norm']}  "
+          f"seed={report['attack']['seed']}  attack={report['attack']['name']}", file=out)
+    print(f"{'eps':>10} {'eps*255':>8} {'attack':>14} {'accuracy':>9} {'seconds':>9}", file=out)
+    for r in report["results"]:
+        print(f"{r['eps']:>10.5f} {r['eps_255']:>8.2f} {'clean':>14} "
+              f"{r['clean_accuracy']:>8.2%} {'':>9}", file=out)
+        for a in r["attacks"]:
+            mark = "!" if a["robust_accuracy"]["warnings"] else " "
+            print(f"{'':>10} {'':>8} {a['name']:>14} {a['robust_accuracy']['value']:>8.2%}{mark}"
+                  f"{a['seconds']:>9.1f}", file=out)
+        mark = "!" if r["robust_accuracy"]["warnings"] else " "
+        print(f"{'':>10} {'':>8} {'robust':>14} {r['robust_accuracy']['value']:>8.2%}{mark}",
+              file=out)
+    for w in report["warnings"]:
+        print(f"WARNING [{w['code']}] {w['message']}" + (f" ({w['detail']})" if w["detail"] else ""),
+              file=out)
+
+
+def save_sweep_plot(report: dict[str, Any], path: Path) -> Path | None:
+    """Plot robust accuracy against eps (PNG); returns None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    eps = [r["eps_255"] for r in report["results"]]
+    acc = [r["robust_accuracy"]["value"] * 100 for r in report["results"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(eps, acc, marker="o")
+    ax.set_xlabel("eps (x/255)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{report['attack']['name']} ({report['attack']['norm']}), n={report['n']}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# the CLI
+# --------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m advvit.eval``."""
+    p = argparse.ArgumentParser(prog="advvit-eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--checkpoint", help="advvit checkpoint (.pth): architecture, classes, input "
+                   "size and normalization come from it")
+    m.add_argument("--model", help="timm model name (with --weights) instead of a checkpoint")
+    m.add_argument("--weights", help="weights file for --model (.safetensors or a torch state dict)")
+    m.add_argument("--num-classes", type=int, help="--model only (default: the data set's)")
+    m.add_argument("--img-size", type=int, help="--model only (default: the data set's)")
+    m.add_argument("--in-chans", type=int, help="--model only (default: the data set's)")
+    m.add_argument("--mean", help="--model only: normalization inside the model, e.g. 0.485,0.456,0.406")
+    m.add_argument("--std", help="--model only: e.g. 0.229,0.224,0.225")
+    m.add_argument("--no-ema", action="store_true", help="use the raw weights even if the "
+                   "checkpoint holds EMA weights")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", required=True, help="advvit.data name: fashion_mnist, mnist, "
+                   "cifar10, cifar100, imagefolder, or a timm hfds/ tfds/ wds/ name")
+    d.add_argument("--data-dir", help="data root (default: the known places)")
+    d.add_argument("--split", default="val", choices=("val", "test", "train"))
+    d.add_argument("--n-examples", type=int, help="how many examples (default: all)")
+    d.add_argument("--sample", default="first", choices=("first", "random"))
+    d.add_argument("--ids-file", help="one integer index or relative image path per line "
+                   "(RobustBench's ImageNet subset format)")
+    a = p.add_argument_group("attack")
+    a.add_argument("--attack", default="autoattack",
+                   help="autoattack | autoattack-plus | apgd-ce | apgd-t | fab-t | square | "
+                        "a comma list of AutoAttack attacks | pgd | fgsm")
+    a.add_argument("--eps", default="4/255", help="radius: a fraction (0.0157) or x/255")
+    a.add_argument("--eps-sweep", help="comma list of eps (e.g. 0,1/255,2/255,4/255): robust "
+                   "accuracy over eps, with a plot")
+    a.add_argument("--norm", default="linf", choices=("linf", "l2"))
+    a.add_argument("--steps", type=int, help="iterations (APGD/FAB/PGD) or queries (Square)")
+    a.add_argument("--restarts", type=int, help="restarts (apgd-ce alone defaults to 5)")
+    a.add_argument("--step-size", help="PGD/FGSM step size (fraction or x/255)")
+    a.add_argument("--backend", default="auto", choices=("auto", "pyautoattack", "autoattack"),
+                   help="AutoAttack package")
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--batch-size", type=int, default=250)
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    r.add_argument("--state-path", help="AutoAttack state file: an interrupted run resumes from it")
+    r.add_argument("--output", help="JSON report path")
+    r.add_argument("--save-adv", help="save adversarial examples (.pt) here")
+    r.add_argument("--per-example", action="store_true",
+                   help="record each example's outcome in the JSON")
+    r.add_argument("--workers", type=int, default=0, help="data loader workers")
+    return p
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise EvalError(f"{name} {text!r} must be comma-separated numbers") from None
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise EvalError(f"--weights {path} holds no state dict")
+    return state
+
+
+def _resolve_device(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise EvalError(f"--device {text!r} is unknown: use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {text} asked for, but no GPU is visible: use --device cpu")
+    return device
+
+
+@dataclass
+class _Prepared:
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    indices: list[int]
+    spec: AttackSpec
+    eps_list: list[float]
+    device: torch.device
+    num_classes: int
+    meta: dict[str, Any]
+
+
+def _prepare(args: argparse.Namespace) -> _Prepared:
+    """Validate every argument and load the model and examples, before any attack runs."""
+    from . import data as advdata
+
+    # 1. arguments that need nothing loaded
+    if bool(args.checkpoint) == bool(args.model):
+        raise EvalError("give either --checkpoint FILE or --model NAME --weights FILE")
+    if args.model and not args.weights:
+        raise EvalError(f"--model {args.model} needs --weights FILE (no weights are downloaded)")
+    if args.checkpoint and any(getattr(args, k) is not None for k in
+                               ("weights", "num_classes", "img_size", "in_chans", "mean", "std")):
+        raise EvalError("--weights/--num-classes/--img-size/--in-chans/--mean/--std go with "
+                        "--model: a checkpoint records them itself")
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
+    step_size = parse_eps(args.step_size, norm=args.norm, name="--step-size") \
+        if args.step_size is not None else None
+    spec = parse_attack(args.attack, steps=args.steps, restarts=args.restarts,
+                        step_size=step_size)
+    if args.eps_sweep:
+        eps_list = [parse_eps(e, norm=args.norm, name="--eps-sweep")
+                    for e in args.eps_sweep.split(",") if e.strip()]
+        if len(eps_list) < 2 or len(set(eps_list)) != len(eps_list):
+            raise EvalError("--eps-sweep needs two or more different eps, e.g. 0,2/255,4/255")
+    else:
+        eps_list = [parse_eps(args.eps, norm=args.norm)]
+    if args.state_path and spec.kind != "autoattack":
+        raise EvalError(f"--state-path resumes AutoAttack runs; --attack {spec.name} is short "
+                        "enough to rerun: drop --state-path")
+    if spec.kind == "autoattack" and not available_backends():
+        raise EvalError("no AutoAttack package installed: pip install pyautoattack")
+    device = _resolve_device(args.device)
+    ids = read_ids_file(args.ids_file) if args.ids_file else None
+    if ids is not None and args.sample != "first":
+        raise EvalError("--sample random picks examples itself: drop it or --ids-file")
+    for flag in ("output", "save_adv"):
+        target = getattr(args, flag)
+        if target and not Path(target).resolve().parent.is_dir():
+            raise EvalError(f"--{flag.replace('_', '-')} {target}: its folder does not exist")
+
+    # 2. the model
+    meta: dict[str, Any] = {}
+    if args.checkpoint:
+        from .checkpoint import CheckpointError, create_model_from_checkpoint, load_checkpoint
+        path = Path(args.checkpoint)
+        if not path.is_file():
+            raise EvalError(f"--checkpoint {path} does not exist")
+        try:
+            ckpt = load_checkpoint(path)
+            model, mspec = create_model_from_checkpoint(ckpt, use_ema=not args.no_ema)
+        except CheckpointError as err:
+            raise EvalError(f"--checkpoint: {err}") from None
+        num_classes, in_chans, img_size = mspec.num_classes, mspec.in_chans, mspec.img_size
+        meta["model"] = {"source": "checkpoint", "path": str(path), "sha256": _sha256(path),
+                         "arch": mspec.arch, "num_classes": num_classes, "in_chans": in_chans,
+                         "img_size": img_size, "normalize": mspec.normalize,
+                         "ema": bool(ckpt.get("ema")) and not args.no_ema,
+                         "epoch": ckpt.get("epoch"),
+                         "train_eps": ckpt["meta"].get("train_eps"),
+                         "train_norm": ckpt["meta"].get("train_norm")}
+    else:
+        from .models import create_model, unwrap
+        path = Path(args.weights)
+        if not path.is_file():
+            raise EvalError(f"--weights {path} does not exist")
+        info = advdata.dataset_info(args.dataset, args.data_dir)
+        num_classes = args.num_classes or info.num_classes
+        in_chans = args.in_chans or info.in_chans
+        img_size = args.img_size or info.img_size
+        mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
+        if (mean is None) != (std is None):
+            raise EvalError("--mean and --std go together")
+        normalize = (mean, std) if mean is not None else None
+        try:
+            model = create_model(args.model, num_classes=num_classes, in_chans=in_chans,
+                                 img_size=img_size, normalize=normalize)
+            missing, unexpected = unwrap(model).load_state_dict(_load_weights(path), strict=False)
+        except (RuntimeError, ValueError) as err:
+            raise EvalError(f"--weights {path} do not fit --model {args.model}: "
+                            f"{str(err).splitlines()[0]}") from None
+        if missing or unexpected:
+            raise EvalError(f"--weights {path} do not fit --model {args.model}: missing "
+                            f"{missing[:5]}, unexpected {unexpected[:5]}")
+        meta["model"] = {"source": "timm", "arch": args.model, "path": str(path),
+                         "sha256": _sha256(path), "num_classes": num_classes,
+                         "in_chans": in_chans, "img_size": img_size, "normalize": normalize}
+    model = model.to(device).eval()
+
+    # 3. the examples
+    try:
+        ds = advdata.create_dataset(args.dataset, args.data_dir, split=args.split)
+    except (advdata.DataNotFoundError, ValueError) as err:
+        raise EvalError(f"--dataset {args.dataset}: {err}") from None
+    indices = select_indices(len(ds), n_examples=args.n_examples, sample=args.sample,
+                             seed=args.seed, ids=ids,
+                             paths=_dataset_paths(ds) if ids is not None else None)
+    subset = ds.subset(np.asarray(indices)) if isinstance(ds, advdata.ArrayDataset) else \
+        advdata.SubsetDataset(ds, indices)
+    loader = advdata.create_loader(subset, img_size=img_size or _native(ds), in_chans=in_chans,
+                                   batch_size=args.batch_size, is_training=False,
+                                   num_workers=args.workers)
+    xs, ys = zip(*[(xb.cpu(), yb.cpu()) for xb, yb in loader])
+    x, y = torch.cat(xs), torch.cat(ys).long()
+    if len(y) != len(indices):
+        raise EvalError(f"the loader gave {len(y)} examples for {len(indices)} ids")
+    if int(y.max()) >= num_classes:
+        raise EvalError(f"--dataset {args.dataset} has labels up to {int(y.max())} but the model "
+                        f"has {num_classes} classes: evaluate on the data set it was trained for")
+    with torch.no_grad():
+        out = model(x[:1].to(device))
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise EvalError(f"the model returns shape {tuple(out.shape)}, not (batch, {num_classes}) "
+                        "logits")
+    meta["data"] = {"dataset": args.dataset, "data_dir": args.data_dir, "split": args.split,
+                    "sample": "ids-file" if ids is not None else args.sample,
+                    "ids_file": args.ids_file, "n_examples": len(indices),
+                    "input_shape": list(x.shape[1:])}
+    return _Prepared(model, x, y, indices, spec, eps_list, device, num_classes, meta)
+
+
+def _native(ds: Any) -> int:
+    size = getattr(ds, "image_size", None)
+    return int(size[0]) if size else 224
+
+
+def _versions(backend: str) -> dict[str, str]:
+    import timm
+    return {"advvit": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "timm": timm.__version__, "autoattack": backend}
+
+
+def _dist_info() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, world
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the evaluation CLI; returns the exit status (2 for a bad argument)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        prep = _prepare(args)
+    except EvalError as err:
+        parser.error(str(err))  # exits 2 with the usage line and the message
+    rank, world = _dist_info()
+    rt = None
+    if world > 1:
+        from . import accel
+        rt = accel.setup("cuda" if prep.device.type == "cuda" else "cpu")
+        rank, world = rt.rank, rt.world_size
+        if rt.device.type == "cuda":
+            prep.model.to(rt.device)
+            prep.device = rt.device
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # Each rank takes every world-th example: shards stay balanced whatever the order.
+    positions = list(range(rank, len(prep.y), world))
+    xs, ys = prep.x[positions], prep.y[positions]
+    model_flags = checks.run_model_checks(prep.model, xs[:args.batch_size].to(prep.device),
+                                          ys[:args.batch_size].to(prep.device))
+    for f in model_flags:
+        print(f"WARNING {f}", file=sys.stderr)
+    started = time.perf_counter()
+    outcomes: dict[float, Outcome] = {}
+    for eps in prep.eps_list:
+        state = None
+        if args.state_path:
+            state = args.state_path
+            if len(prep.eps_list) > 1:
+                state += f".eps{eps:.6g}"
+            if world > 1:
+                state += f".rank{rank}of{world}"
+        out = run_attack(prep.model, xs, ys, prep.spec, eps=eps, norm=args.norm, seed=args.seed,
+                         batch_size=args.batch_size, device=prep.device, state_path=state,
+                         keep_adv=bool(args.save_adv) and eps == prep.eps_list[0],
+                         num_classes=prep.num_classes, backend=args.backend)
+        out.positions = positions
+        outcomes[eps] = out
+    if args.save_adv:
+        first = outcomes[prep.eps_list[0]]
+        adv_path = args.save_adv if world == 1 else f"{args.save_adv}.rank{rank}of{world}"
+        torch.save({"x_adv": first.x_adv, "y": ys, "robust": first.robust,
+                    "indices": [prep.indices[k] for k in positions],
+                    "eps": prep.eps_list[0], "norm": args.norm}, adv_path)
+    if world > 1:
+        import torch.distributed as dist
+        merged: dict[float, Outcome] = {}
+        for eps, out in outcomes.items():
+            out.x_adv = None  # adversarial examples stay in each rank's own file
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, out)
+            merged[eps] = merge_outcomes(gathered)
+        flags_gathered: list[Any] = [None] * world
+        dist.all_gather_object(flags_gathered, model_flags)
+        model_flags = list(dict.fromkeys(f for fl in flags_gathered for f in fl))
+        outcomes = merged
+        from . import accel
+        accel.cleanup(rt)
+    if rank != 0:
+        return 0
+    first = next(iter(outcomes.values()))
+    meta = dict(prep.meta)
+    meta.update({
+        "versions": _versions(first.backend),
+        "device": str(prep.device), "world_size": world,
+        "seconds_total": round(time.perf_counter() - started, 3),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": ["python", "-m", "advvit.eval", *(argv if argv is not None else sys.argv[1:])],
+    })
+    report = build_report(outcomes, spec=prep.spec, norm=args.norm, seed=args.seed,
+                          model_flags=model_flags, meta=meta, indices=prep.indices,
+                          labels=prep.y, per_example=args.per_example)
+    print_table(report)
+    if args.output:
+        out_path = Path(args.output)
+        if len(outcomes) > 1:
+            png = save_sweep_plot(report, out_path.with_suffix(".png"))
+            report["plot"] = str(png) if png else None
+            if png is None:
+                print("note: matplotlib is not installed, no eps-sweep plot", file=sys.stderr)
+        out_path.write_text(json.dumps(report, indent=2))
+        print(f"report: {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

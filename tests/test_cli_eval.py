@@ -1,0 +1,248 @@
+"""`python -m advvit.eval` end to end on a checkpoint written by advvit.checkpoint."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import advvit  # noqa: F401  (before timm)
+from advvit import checkpoint as C
+from advvit import data as D
+from advvit import eval as E
+from advvit.models import create_model
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+ROOT = Path(__file__).resolve().parents[1]
+MEAN_STD = ((0.2860,), (0.3530,))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: intra-op threads only spin on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _test_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = D.create_dataset("fashion_mnist", FMNIST, split="val")
+    loader = D.create_loader(ds.subset(list(range(n))), img_size=32, in_chans=1, batch_size=n,
+                             is_training=False)
+    return next(iter(loader))
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory) -> Path:
+    """A timm test ViT (normalization inside) trained for a few seconds, saved as a checkpoint."""
+    if not (FMNIST / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not found in {FMNIST}")
+    torch.manual_seed(0)
+    train = D.create_dataset("fashion_mnist", FMNIST, split="train")
+    loader = D.create_loader(train.subset(list(range(2048))), img_size=32, in_chans=1,
+                             batch_size=64, is_training=False)
+    model = create_model("test_vit", num_classes=10, in_chans=1, img_size=32, normalize=MEAN_STD)
+    opt = torch.optim.AdamW(model.parameters(), 2e-3)
+    model.train()
+    for _ in range(2):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    spec = C.ModelSpec("test_vit", 10, 1, 32, MEAN_STD)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
+    C.save_checkpoint(path, C.make_checkpoint(model, spec, config={"note": "test"}, epoch=2,
+                                              step=64, train_norm="linf", train_eps=0.0))
+    return path
+
+
+def _run(args: list[str]) -> dict:
+    assert E.main(args) == 0
+    out = args[args.index("--output") + 1]
+    return json.loads(Path(out).read_text())
+
+
+def _base(ckpt: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--checkpoint", str(ckpt), "--dataset", "fashion_mnist", "--data-dir", str(FMNIST),
+            "--n-examples", "24", "--batch-size", "12", "--device", "cpu",
+            "--output", str(tmp_path / "report.json"), *extra]
+
+
+def test_apgd_ce_report_end_to_end(ckpt_path, tmp_path, capsys):
+    report = _run(_base(ckpt_path, tmp_path, "--attack", "apgd-ce", "--steps", "10",
+                        "--restarts", "1", "--eps", "2/255", "--per-example",
+                        "--save-adv", str(tmp_path / "adv.pt")))
+    # the clean number is the model's real accuracy on those 24 test images
+    model, _ = C.create_model_from_checkpoint(ckpt_path)
+    x, y = _test_images(24)
+    with torch.no_grad():
+        clean = (model.eval()(x).argmax(1) == y).float().mean().item()
+    assert report["clean_accuracy"] == pytest.approx(clean)
+    assert 0.3 < clean  # it learned something in a few seconds
+    robust = report["robust_accuracy"]["value"]
+    assert robust <= clean
+    assert report["n"] == 24 and report["eps"] == pytest.approx(2 / 255)
+    assert report["attack"]["norm"] == "linf" and report["attack"]["seed"] == 0
+    assert report["results"][0]["attacks"][0]["settings"] == {"n_iter": 10, "n_restarts": 1}
+    assert report["model"]["sha256"] == hashlib.sha256(ckpt_path.read_bytes()).hexdigest()
+    assert report["model"]["normalize"] == [list(MEAN_STD[0]), list(MEAN_STD[1])] or \
+        report["model"]["normalize"] == [MEAN_STD[0], MEAN_STD[1]]
+    assert {"torch", "timm", "advvit", "autoattack"} <= set(report["versions"])
+    per = report["per_example"]
+    assert [p["index"] for p in per] == list(range(24))
+    assert sum(p["robust"] for p in per) / 24 == pytest.approx(robust)
+    assert all(p["clean"] or not p["robust"] for p in per)
+    adv = torch.load(tmp_path / "adv.pt")
+    assert (adv["x_adv"] - x).abs().max() <= 2 / 255 + 1e-6
+    with torch.no_grad():
+        assert torch.equal(model(adv["x_adv"]).argmax(1) == y, adv["robust"])
+    assert "robust" in capsys.readouterr().out  # the console table
+
+
+def test_same_seed_same_report(ckpt_path, tmp_path):
+    args = ("--attack", "apgd-ce,apgd-t", "--steps", "5", "--restarts", "1", "--eps", "4/255",
+            "--per-example")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = _run(_base(ckpt_path, tmp_path / "a", *args))
+    b = _run(_base(ckpt_path, tmp_path / "b", *args))
+    assert a["per_example"] == b["per_example"]
+    assert [s["name"] for s in a["results"][0]["attacks"]] == ["apgd-ce", "apgd-t"]
+    assert a["results"][0]["attacks"][1]["settings"]["n_target_classes"] == 9
+
+
+def test_pgd_eps_sweep_with_plot(ckpt_path, tmp_path):
+    report = _run(_base(ckpt_path, tmp_path, "--attack", "pgd", "--steps", "5",
+                        "--eps-sweep", "0,2/255,0.1"))
+    res = report["results"]
+    assert [r["eps"] for r in res] == pytest.approx([0, 2 / 255, 0.1])
+    assert res[0]["robust_accuracy"]["value"] == res[0]["clean_accuracy"]  # eps 0
+    accs = [r["robust_accuracy"]["value"] for r in res]
+    assert accs[0] >= accs[1] >= accs[2]
+    assert accs[2] <= 0.1  # a large eps breaks (nearly) everything
+    assert Path(report["plot"]).stat().st_size > 1000
+
+
+def test_ids_file_selects_examples(ckpt_path, tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# chosen\n5\n17\n3\n")
+    report = _run(_base(ckpt_path, tmp_path, "--attack", "fgsm", "--eps", "1/255",
+                        "--ids-file", str(ids), "--per-example"))
+    assert [p["index"] for p in report["per_example"]] == [5, 17, 3]
+    _, y = _test_images(18)
+    assert [p["label"] for p in report["per_example"]] == [int(y[5]), int(y[17]), int(y[3])]
+
+
+def test_select_indices_paths_and_random():
+    paths = ["n01/a.JPEG", "n01/b.JPEG", "n02/c.JPEG"]
+    assert E.select_indices(3, ids=["n02/c.JPEG", "val/n01/a.JPEG"], paths=paths) == [2, 0]
+    with pytest.raises(E.EvalError, match="not in the data split"):
+        E.select_indices(3, ids=["n03/x.JPEG"], paths=paths)
+    r1 = E.select_indices(1000, n_examples=10, sample="random", seed=3)
+    assert r1 == E.select_indices(1000, n_examples=10, sample="random", seed=3)
+    assert r1 != E.select_indices(1000, n_examples=10, sample="random", seed=4)
+    assert len(set(r1)) == 10 and r1 == sorted(r1)
+
+
+def test_parse_eps():
+    assert E.parse_eps("4/255") == pytest.approx(4 / 255)
+    assert E.parse_eps("0.0157") == pytest.approx(0.0157)
+    assert E.parse_eps("3.0", norm="l2") == 3.0
+    for bad in ("8", "-1/255", "four"):
+        with pytest.raises(E.EvalError, match="--eps"):
+            E.parse_eps(bad)
+
+
+def test_shards_merge_into_the_whole(ckpt_path):
+    model, _ = C.create_model_from_checkpoint(ckpt_path)
+    x, y = _test_images(20)
+    spec = E.parse_attack("fgsm")  # deterministic: each example's outcome ignores its batch
+    whole = E.run_attack(model, x, y, spec, eps=2 / 255, batch_size=8)
+    parts = []
+    for rank in range(3):
+        pos = list(range(rank, 20, 3))
+        part = E.run_attack(model, x[pos], y[pos], spec, eps=2 / 255, batch_size=8)
+        part.positions = pos
+        parts.append(part)
+    merged = E.merge_outcomes(parts)
+    assert torch.equal(merged.clean, whole.clean)
+    assert torch.equal(merged.robust, whole.robust)
+    assert merged.broken_by == whole.broken_by
+
+
+def test_torchrun_two_ranks_share_one_evaluation(ckpt_path, tmp_path):
+    """Two gloo processes, as torchrun starts them; rank 0 writes the merged report."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp.json"
+    args = [sys.executable, "-m", "advvit.eval", *_base(ckpt_path, tmp_path, "--attack", "fgsm",
+                                                          "--eps", "2/255", "--per-example")]
+    args[args.index("--output") + 1] = str(out)
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2 and report["n"] == 24
+    single = _run(_base(ckpt_path, tmp_path, "--attack", "fgsm", "--eps", "2/255",
+                        "--per-example"))
+    assert report["per_example"] == single["per_example"]
+    assert report["clean_accuracy"] == single["clean_accuracy"]
+
+
+@pytest.mark.parametrize("change, match", [
+    (("--checkpoint", "/no/such/model.pth"), "--checkpoint /no/such/model.pth does not exist"),
+    (("--attack", "cw"), "--attack 'cw' is unknown"),
+    (("--eps", "8"), "did you mean 8/255"),
+    (("--eps", "-0.1"), "--eps"),
+    (("--attack", "autoattack", "--steps", "10"), "as published"),
+    (("--attack", "pgd", "--state-path", "s.json"), "--state-path"),
+    (("--n-examples", "100000"), "more than the 10000 examples"),
+    (("--batch-size", "0"), "--batch-size"),
+])
+def test_bad_input_gets_one_clear_error(ckpt_path, tmp_path, capsys, change, match):
+    args = _base(ckpt_path, tmp_path)
+    for flag, value in zip(change[::2], change[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    with pytest.raises(SystemExit) as exit_info:
+        E.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_mismatched_data_is_refused(tmp_path, capsys):
+    """A 5-class model on a 10-class data set: refused before any attack."""
+    model = create_model("test_vit", num_classes=5, in_chans=1, img_size=32)
+    path = tmp_path / "five.pth"
+    C.save_checkpoint(path, C.make_checkpoint(model, C.ModelSpec("test_vit", 5, 1, 32, None),
+                                              config={}, epoch=0, step=0))
+    with pytest.raises(SystemExit):
+        E.main(_base(path, tmp_path, "--attack", "fgsm"))
+    assert "has 5 classes" in capsys.readouterr().err
+
+
+def test_missing_dataset_is_refused(ckpt_path, tmp_path, capsys):
+    args = _base(ckpt_path, tmp_path)
+    args[args.index("--data-dir") + 1] = str(tmp_path / "nothing-here")
+    with pytest.raises(SystemExit):
+        E.main(args)
+    assert "--dataset fashion_mnist" in capsys.readouterr().err
