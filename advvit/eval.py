@@ -38,7 +38,8 @@ from torch import nn
 
 from . import __version__
 from . import checks
-from .autoattack_adapter import AA_ATTACKS, AutoAttackAdapter, available_backends
+from .autoattack_adapter import (AA_ATTACKS, AutoAttackAdapter, StateMismatchError,
+                                 available_backends)
 
 __all__ = [
     "EvalError",
@@ -803,10 +804,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 state += f".eps{eps:.6g}"
             if world > 1:
                 state += f".rank{rank}of{world}"
-        out = run_attack(prep.model, xs, ys, prep.spec, eps=eps, norm=args.norm, seed=args.seed,
-                         batch_size=args.batch_size, device=prep.device, state_path=state,
-                         keep_adv=bool(args.save_adv) and eps == prep.eps_list[0],
-                         num_classes=prep.num_classes, backend=args.backend)
+        try:
+            out = run_attack(prep.model, xs, ys, prep.spec, eps=eps, norm=args.norm,
+                             seed=args.seed, batch_size=args.batch_size, device=prep.device,
+                             state_path=state,
+                             keep_adv=bool(args.save_adv) and eps == prep.eps_list[0],
+                             num_classes=prep.num_classes, backend=args.backend)
+        except StateMismatchError as err:  # raised before the attack starts
+            parser.error(f"--state-path: {err}")
         out.positions = positions
         outcomes[eps] = out
     if args.save_adv:

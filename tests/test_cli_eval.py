@@ -246,3 +246,37 @@ def test_missing_dataset_is_refused(ckpt_path, tmp_path, capsys):
     with pytest.raises(SystemExit):
         E.main(args)
     assert "--dataset fashion_mnist" in capsys.readouterr().err
+
+
+def test_timm_name_with_weights_file_equals_the_checkpoint(ckpt_path, tmp_path):
+    from safetensors.torch import save_file
+
+    from advvit.models import unwrap
+
+    model, _ = C.create_model_from_checkpoint(ckpt_path)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in unwrap(model).state_dict().items()}, str(weights))
+    from_ckpt = _run(_base(ckpt_path, tmp_path, "--attack", "fgsm", "--eps", "1/255"))
+    args = _base(ckpt_path, tmp_path, "--attack", "fgsm", "--eps", "1/255")
+    i = args.index("--checkpoint")
+    args[i:i + 2] = ["--model", "test_vit", "--weights", str(weights), "--img-size", "32",
+                     "--mean", "0.2860", "--std", "0.3530"]
+    from_timm = _run(args)
+    assert from_timm["model"]["source"] == "timm"
+    assert from_timm["clean_accuracy"] == from_ckpt["clean_accuracy"]
+    assert from_timm["robust_accuracy"] == from_ckpt["robust_accuracy"]
+
+
+def test_state_path_resumes_and_refuses_another_run(ckpt_path, tmp_path, capsys):
+    state = tmp_path / "aa_state.json"
+    args = _base(ckpt_path, tmp_path, "--attack", "apgd-ce", "--steps", "5", "--restarts", "1",
+                 "--eps", "2/255", "--state-path", str(state), "--per-example")
+    first = _run(args)
+    saved = json.loads(state.read_text())
+    assert [d["name"] for d in saved["done"]] == ["apgd-ce"]
+    again = _run(args)  # everything is in the state: nothing re-attacked, same outcome
+    assert again["per_example"] == first["per_example"]
+    args[args.index("--eps") + 1] = "3/255"
+    with pytest.raises(SystemExit):
+        E.main(args)
+    assert "belongs to another evaluation" in capsys.readouterr().err
