@@ -479,7 +479,7 @@ class AutoAttackAdapter:
                                    on_batch)
         finally:
             self.model.train(was_training)
-        result.warnings = list(aa_warnings) + self._reference_log_warnings()
+        result.warnings = list(dict.fromkeys(list(aa_warnings) + self._reference_log_warnings()))
         return result
 
     def _run(self, x, y, n, batch_size, path, keep_adv, stop_after_batches, on_batch

@@ -232,3 +232,57 @@ def test_bad_data_gets_one_clear_error():
         adapter.run(torch.rand(4, 1, 7, 7) * 255, torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="batch_size"):
         adapter.run(torch.rand(4, 1, 7, 7), torch.zeros(4, dtype=torch.long), batch_size=0)
+
+
+def _reference_api_module():
+    """A stand-in with the reference ``autoattack`` package's API (constructor keywords,
+    ``bs=``, x_adv-only return, warnings written as "Warning: ..." lines to ``log_path``),
+    running pyautoattack's attacks underneath."""
+    import types
+
+    import pyautoattack
+
+    class AutoAttack:
+        def __init__(self, model, norm="Linf", eps=.3, seed=None, verbose=True,
+                     attacks_to_run=(), version="standard", is_tf_model=False, device="cuda",
+                     log_path=None):
+            self.inner = pyautoattack.AutoAttack(model, attacks=list(attacks_to_run) or None,
+                                                 device=device, eps=eps, norm=norm, seed=seed,
+                                                 version=version)
+            self.log_path = log_path
+            for name in ("apgd", "apgd_targeted", "fab", "square"):
+                setattr(self, name, getattr(self.inner, name))
+
+        @property
+        def attacks_to_run(self):
+            return self.inner.attacks_to_run
+
+        @attacks_to_run.setter
+        def attacks_to_run(self, value):
+            self.inner.attacks_to_run = value
+
+        def run_standard_evaluation(self, x_orig, y_orig, bs=250, return_labels=False):
+            with capture_autoattack_warnings() as found:
+                x_adv, y_adv = self.inner.run_standard_evaluation(x_orig, y_orig, batch_size=bs)
+            with open(self.log_path, "a") as f:
+                f.writelines(f"Warning: {m}\n" for m in found)
+            return (x_adv, y_adv) if return_labels else x_adv
+
+    return types.SimpleNamespace(AutoAttack=AutoAttack, __version__="0.1-reference-api")
+
+
+def test_reference_package_api_gives_the_same_result(trained, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "autoattack", _reference_api_module())
+    model, x, y = trained
+    kw = dict(eps=3 / 255, attacks=["apgd-ce", "apgd-t"], seed=0, **FAST)
+    ref = AutoAttackAdapter(model, backend="auto", **kw)
+    assert ref.backend == "autoattack"  # preferred when installed
+    a = ref.run(x, y, batch_size=16)
+    b = AutoAttackAdapter(model, backend="pyautoattack", **kw).run(x, y, batch_size=16)
+    assert torch.equal(a.robust, b.robust) and torch.equal(a.x_adv, b.x_adv)
+    assert a.backend_version == "0.1-reference-api"
+    soft = AutoAttackAdapter(nn.Sequential(model, nn.Softmax(dim=1)), backend="autoattack",
+                             **kw).run(x[:8], y[:8], batch_size=8)
+    assert sum("probability distribution" in w for w in soft.warnings) == 1
