@@ -73,6 +73,8 @@ class ModelSpec:
         img_size: input size (int or (H, W)), or None for the architecture's default.
         normalize: None (the model takes [0, 1] pixels as they are) or ``(mean, std)`` applied
             inside the model.
+        model_args: further architecture arguments given to ``timm.create_model`` (e.g.
+            ``patch_size``, ``depth``), plain data; not drop rates, which do not change weights.
     """
 
     arch: str
@@ -80,6 +82,7 @@ class ModelSpec:
     in_chans: int = 3
     img_size: Optional[Union[int, Tuple[int, int]]] = None
     normalize: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
+    model_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.arch, str) or not self.arch:
@@ -91,6 +94,8 @@ class ModelSpec:
             except (TypeError, ValueError):
                 raise CheckpointError(f"ModelSpec.normalize must be None or (mean, std), got {self.normalize!r}") from None
             object.__setattr__(self, "normalize", (mean, std))
+        if not isinstance(self.model_args, Mapping):
+            raise CheckpointError(f"ModelSpec.model_args must be a dict, got {self.model_args!r}")
         if isinstance(self.img_size, (list, tuple)):
             object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
 
@@ -99,6 +104,7 @@ class ModelSpec:
             "arch": self.arch, "num_classes": int(self.num_classes), "in_chans": int(self.in_chans),
             "img_size": list(self.img_size) if isinstance(self.img_size, tuple) else self.img_size,
             "normalize": None if self.normalize is None else [list(self.normalize[0]), list(self.normalize[1])],
+            "model_args": _plain(dict(self.model_args), "spec.model_args"),
         }
 
     @classmethod
@@ -106,7 +112,7 @@ class ModelSpec:
         missing = [k for k in _SPEC_FIELDS if k not in d]
         if missing:
             raise CheckpointError(f"checkpoint spec lacks {missing}; it was not written by make_checkpoint")
-        return cls(**{k: d[k] for k in _SPEC_FIELDS})
+        return cls(**{k: d[k] for k in _SPEC_FIELDS}, model_args=dict(d.get("model_args") or {}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +371,9 @@ def load_checkpoint(path: PathLike, *, expected_arch: Optional[str] = None,
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as e:
-        if weights_only and "weights_only" in str(e):
+        # torch wraps every failure of its safe unpickler alike; only a refused global means
+        # the file is whole but holds objects beyond plain data.
+        if weights_only and "Unsupported global" in str(e):
             raise CheckpointError(f"{p} stores objects other than plain data and tensors; if you trust the file, "
                                   f"call load_checkpoint(..., weights_only=False). ({str(e).splitlines()[0]})") from None
         raise CheckpointError(f"{p} is truncated or corrupt (cannot unpickle: {e})") from None
@@ -405,7 +413,7 @@ def create_model_from_checkpoint(path_or_ckpt: Union[PathLike, Dict[str, Any]], 
     spec = ModelSpec.from_dict(ckpt["spec"])
     try:
         model = create_model(spec.arch, num_classes=spec.num_classes, in_chans=spec.in_chans,
-                             img_size=spec.img_size, normalize=spec.normalize)
+                             img_size=spec.img_size, normalize=spec.normalize, **spec.model_args)
     except (ValueError, RuntimeError) as e:
         raise CheckpointError(f"{where}: cannot build {spec.arch!r}: {e}") from None
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
@@ -508,7 +516,8 @@ def export_timm(path: PathLike, out_dir: PathLike, *, use_ema: bool = True) -> P
                            "advvit": advvit_note,
                            # the source cfg's tag / paper / hub id describe timm's weights, not these
                            "pretrained_cfg": {"tag": "advvit", "hf_hub_id": None, "origin_url": None,
-                                              "paper_ids": None, "url": None}},, model_args=model_args, data_config=data_config)
+                                              "paper_ids": None, "url": None}},
+                       model_args=model_args, data_config=data_config)
     return out
 
 

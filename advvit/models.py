@@ -168,6 +168,9 @@ def set_xcit_patch_size(model: nn.Module, patch_size: int, img_size: Optional[Im
     pe.num_patches = grid[0] * grid[1]
     for info in xcit.feature_info:
         info["reduction"] = patch_size
+    traits = getattr(xcit, "_traits", None)  # timm >= 1.0.30 reads the current size from here
+    if isinstance(traits, dict):
+        traits["img_size"] = size
     cfg = getattr(xcit, "pretrained_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:
         cfg["input_size"] = (cfg["input_size"][0], *size)
