@@ -1,0 +1,173 @@
+"""advvit.accel in one CPU process: device choice, errors, launcher environment, metric sums.
+
+The multi-process paths run for real in tests/test_ddp.py (torchrun, gloo) and tests/test_xla.py
+(torch-xla on PJRT CPU).
+"""
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from advvit import accel
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PJRT_DEVICE")
+
+
+@pytest.fixture(autouse=True)
+def _plain_env(monkeypatch):
+    for name in TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_setup_single_process_cpu():
+    rt = accel.setup("cpu")
+    assert rt == accel.Runtime(kind="cpu", device=torch.device("cpu"))
+    assert rt.is_main and not rt.distributed and not dist.is_initialized()
+    accel.barrier(rt)  # a no-op off XLA
+    accel.wait_for_all(rt)
+    accel.cleanup(rt)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_auto_without_gpu_or_pjrt_is_cpu():
+    assert accel.setup("auto").kind == "cpu"
+
+
+@pytest.mark.skipif(accel.xla_available(), reason="checks the fallback where torch_xla is absent")
+def test_auto_with_pjrt_but_no_torch_xla_warns_and_falls_back(monkeypatch):
+    monkeypatch.setenv("PJRT_DEVICE", "TPU")
+    with pytest.warns(RuntimeWarning, match="torch_xla cannot be imported"):
+        rt = accel.setup("auto")
+    assert rt.kind == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(accel.xla_available(), reason="checks the error where torch_xla is absent")
+def test_xla_without_torch_xla_says_how_to_install():
+    with pytest.raises(accel.AccelError) as info:
+        accel.setup("xla")
+    message = str(info.value)
+    assert "pip install advvit[xla]" in message and "torch==2.9.0" in message
+    assert torch.__version__ in message
+    assert not accel.xla_available()
+    with pytest.raises(accel.AccelError, match="torch-xla"):
+        accel.launch_xla(print)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(accel.AccelError, match="CUDA is not available.*device='cpu'"):
+        accel.setup("cuda")
+
+
+def test_unknown_device_is_rejected():
+    with pytest.raises(ValueError, match="one of"):
+        accel.setup("tpu")
+
+
+def test_distributed_env_without_rendezvous_address_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(accel.AccelError, match="MASTER_ADDR, MASTER_PORT.*torchrun"):
+        accel.setup("cpu")
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("rank, world", [("2", "2"), ("0", "0"), ("x", "2")])
+def test_inconsistent_torchrun_env_is_rejected(monkeypatch, rank, world):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(accel.AccelError):
+        accel.setup("cpu")
+
+
+@pytest.fixture
+def one_rank_group():
+    """A real gloo process group of one rank (what ``setup`` joins under torchrun)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_existing_group_is_used_and_left_to_its_owner(one_rank_group):
+    rt = accel.setup("cpu")
+    assert (rt.rank, rt.world_size, rt.owns_process_group) == (0, 1, False)
+    accel.cleanup(rt)
+    assert dist.is_initialized()  # not ours to destroy
+
+
+def test_attack_model_strips_ddp_only(one_rank_group):
+    inner = nn.Linear(3, 2)
+    ddp = nn.parallel.DistributedDataParallel(inner)
+    assert accel.attack_model(ddp) is inner
+    assert accel.attack_model(inner) is inner
+    wrapped = nn.Sequential(inner)  # e.g. a normalisation wrapper: the attack needs it
+    assert accel.attack_model(wrapped) is wrapped
+
+
+def test_wrap_model_single_process_moves_without_wrapping():
+    rt = accel.setup("cpu")
+    model = nn.Linear(3, 2)
+    assert accel.wrap_model(model, rt) is model
+
+
+def test_optimizer_step_clips_the_global_norm():
+    rt = accel.setup("cpu")
+    model = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model.weight.grad = torch.full_like(model.weight, 3.0)  # norm 6
+    accel.optimizer_step(optimizer, rt, clip_grad=1.0)
+    assert model.weight.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(model.weight.detach(), torch.full((1, 4), -0.5))
+    model.weight.grad = torch.full_like(model.weight, 3.0)
+    accel.optimizer_step(optimizer, rt)  # no clipping: a plain step
+    torch.testing.assert_close(model.weight.detach(), torch.full((1, 4), -3.5))
+
+
+def test_all_reduce_sum_single_process_is_identity():
+    rt = accel.setup("cpu")
+    t = torch.arange(3.0)
+    assert accel.all_reduce_sum(t, rt) is t
+
+
+def test_device_metrics_sum_tensors_and_numbers_until_read():
+    rt = accel.setup("cpu")
+    meter = accel.DeviceMetrics(rt)
+    assert meter.read() == {}
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
+    y = torch.tensor([0, 0, 0])
+    for _ in range(2):
+        meter.add(correct=(logits.argmax(1) == y).sum(), loss=torch.tensor([0.5, 0.25]),
+                  count=len(y))
+    assert meter.names() == ["correct", "count", "loss"]
+    assert meter.read(reset=False) == {"correct": 4.0, "count": 6.0, "loss": 1.5}
+    sums = meter.read()
+    assert sums == {"correct": 4.0, "count": 6.0, "loss": 1.5}
+    assert all(isinstance(v, float) for v in sums.values())
+    assert meter.read() == {}  # read() reset the sums
+    meter.add(count=2)
+    assert meter.read() == {"count": 2.0}
+
+
+def test_device_metrics_keep_sums_on_the_device_and_detached():
+    rt = accel.setup("cpu")
+    meter = accel.DeviceMetrics(rt)
+    w = torch.ones(2, requires_grad=True)
+    meter.add(loss=(w * 2).sum())
+    (stored,) = meter._sums.values()
+    assert not stored.requires_grad and stored.dtype == torch.float64
+    assert meter.read() == {"loss": 4.0}
+
+
+def test_device_metrics_reject_a_name_changing_kind():
+    meter = accel.DeviceMetrics(accel.setup("cpu"))
+    meter.add(count=1)
+    with pytest.raises(ValueError, match="count"):
+        meter.add(count=torch.tensor(1.0))
