@@ -278,8 +278,19 @@ class Trainer:
         self.monitor = Monitor(parts.run_dir, is_main=parts.rt.is_main,
                                tensorboard=parts.cfg.run.tensorboard)
         self.start_epoch, self.step, self.best = 0, 0, -math.inf
+        # Drawn before the RNG state is restored, so a resumed run's data order stays the same.
+        self.guard = self._make_guard()
         if parts.resume_state is not None:
             self._restore(parts.resume_state)
+
+    def _make_guard(self) -> Optional["CatastrophicOverfittingGuard"]:
+        p, a = self.p, self.p.cfg.attack
+        if a.co_check == "off" or a.loss == "clean":
+            return None
+        x, y = next(iter(p.train_loader))
+        return CatastrophicOverfittingGuard(
+            (x.to(p.rt.device), y.to(p.rt.device)), eps=a.eps, steps=a.co_pgd_steps,
+            norm=a.attack_norm, drop=a.co_drop)
 
     def _restore(self, state: Dict[str, Any]) -> None:
         p = self.p
@@ -295,6 +306,8 @@ class Trainer:
         self.step = int(state["step"])
         best = state.get("best_metric")
         self.best = -math.inf if best is None else float(best)
+        if self.guard is not None:
+            self.guard.best = float((state.get("extra") or {}).get("co_best", 0.0))
         if state.get("rng") is not None:
             checkpoint.restore_rng_state(state["rng"])
         self.monitor.info(f"resumed from epoch {state['epoch']} (step {self.step}, best {self.best:.4f})")
@@ -308,7 +321,8 @@ class Trainer:
             step=self.step, best_metric=None if self.best == -math.inf else self.best,
             optimizer=p.optimizer, scheduler=p.lr_scheduler, scaler=p.scaler,
             ema=p.ema,
-            train_norm=p.cfg.attack.attack_norm, train_eps=p.cfg.attack.eps, rng=True)
+            train_norm=p.cfg.attack.attack_norm, train_eps=p.cfg.attack.eps, rng=True,
+            extra={"co_best": self.guard.best} if self.guard is not None else None)
         if p.rt.kind == "xla":
             import torch_xla.core.xla_model as xm
             state = xm._maybe_convert_to_cpu(state)
@@ -322,12 +336,7 @@ class Trainer:
             clip_mode=cfg.optim.clip_mode, channels_last=cfg.run.channels_last,
             log_interval=cfg.run.log_interval, max_steps=cfg.run.max_steps_per_epoch)
         eval_attack = _eval_attack(cfg)
-        guard = None
-        if cfg.attack.co_check != "off" and cfg.attack.loss != "clean":
-            x, y = next(iter(p.train_loader))
-            guard = CatastrophicOverfittingGuard(
-                (x.to(p.rt.device), y.to(p.rt.device)), eps=cfg.attack.eps,
-                steps=cfg.attack.co_pgd_steps, norm=cfg.attack.attack_norm, drop=cfg.attack.co_drop)
+        guard = self.guard
         self.monitor.info(f"run folder {p.run_dir}: {p.spec.arch} on {cfg.data.dataset}, "
                           f"{p.rt.kind} x{p.rt.world_size}, loss {cfg.attack.loss}, "
                           f"eps {cfg.attack.eps * 255:.2f}/255, {p.num_epochs} epochs")
