@@ -73,6 +73,12 @@ def frozen_model(model: nn.Module, mode: ModelMode = "eval") -> Iterator[nn.Modu
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     training = [(m, m.training) for m in model.modules()] if mode != "keep" else []
+    # A train-mode attack (needed on XLA, whose eval-mode BatchNorm has no backward) must not
+    # move the running statistics either: keep a copy and put it back.
+    saved_stats = []
+    if mode == "train":
+        saved_stats = [(b, b.detach().clone()) for m in model.modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
     try:
         for p in trainable:
             p.requires_grad_(False)
@@ -84,6 +90,9 @@ def frozen_model(model: nn.Module, mode: ModelMode = "eval") -> Iterator[nn.Modu
             p.requires_grad_(True)
         for m, was_training in training:
             m.training = was_training
+        with torch.no_grad():
+            for buffer, value in saved_stats:
+                buffer.copy_(value)
 
 
 def _per_example_norm(t: torch.Tensor) -> torch.Tensor:

@@ -220,11 +220,16 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
                     steps: int, norm: str = "linf", step_size: Optional[float] = None,
                     random_init: bool = True, amp: Optional[str] = None,
                     rt: Optional[accel.Runtime] = None) -> torch.Tensor:
-    """Number of examples still classified correctly under a PGD attack (a device tensor)."""
+    """Number of examples still classified correctly under a PGD attack (a device tensor).
+
+    On XLA the attack runs in train mode (BatchNorm statistics kept), because torch-xla's
+    eval-mode BatchNorm has no backward; elsewhere in eval mode.
+    """
     ctx = autocast(rt, amp) if rt is not None else contextlib.nullcontext()
+    mode = "train" if rt is not None and rt.kind == "xla" else "eval"
     with ctx:
         x_adv = pgd(model, x, y, eps=eps, steps=steps, norm=norm, step_size=step_size,
-                    random_init=random_init, check_range=False,
+                    random_init=random_init, check_range=False, model_mode=mode,
                     on_step=(lambda: accel.barrier(rt)) if rt is not None else None)
         with torch.no_grad():
             return (model(x_adv).argmax(1) == y).sum()

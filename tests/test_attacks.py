@@ -195,6 +195,16 @@ def test_train_mode_attack_is_honoured():
     assert seen == [True, True] and not model.training
 
 
+def test_train_mode_attack_leaves_batchnorm_statistics_alone():
+    model = BN().eval()
+    x, y = _inputs()
+    before = {k: v.clone() for k, v in model.bn.state_dict().items()}
+    pgd(model, x, y, eps=0.1, steps=3, model_mode="train")
+    for k, v in model.bn.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert not model.training
+
+
 def test_on_step_called_once_per_iteration_and_eps_zero_is_identity():
     model, (x, y) = Linear(), _inputs()
     calls = []
