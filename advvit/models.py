@@ -277,7 +277,7 @@ def resnet50_gelu(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet-50 with GELU activations, the robust CNN baseline of Bai et al. (2021)."""
     kwargs.setdefault("act_layer", "gelu")  # timm's GELU takes inplace=, as ResNet passes
     return build_model_with_cfg(ResNet, "resnet50_gelu", pretrained,
-                                **dict(block=Bottleneck, layers=(3, 4, 6, 3), **kwargs))
+                                **dict(dict(block=Bottleneck, layers=(3, 4, 6, 3)), **kwargs))
 
 
 @register_model
@@ -285,7 +285,7 @@ def resnet18_gelu(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet-18 with GELU activations, for small runs."""
     kwargs.setdefault("act_layer", "gelu")  # timm's GELU takes inplace=, as ResNet passes
     return build_model_with_cfg(ResNet, "resnet18_gelu", pretrained,
-                                **dict(block=BasicBlock, layers=(2, 2, 2, 2), **kwargs))
+                                **dict(dict(block=BasicBlock, layers=(2, 2, 2, 2)), **kwargs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,8 +528,9 @@ def load_finetune_weights(model: nn.Module, state_dict: dict, *, keep_classifier
     for conv in _first_convs(target):
         key = conv + ".weight"
         if key in sd and key in own and sd[key].shape[1] != own[key].shape[1]:
+            source_chans = sd[key].shape[1]
             sd[key] = adapt_input_conv(own[key].shape[1], sd[key])
-            _logger.info("adapted %s from %d to %d input channels", key, state_dict[key].shape[1], own[key].shape[1])
+            _logger.info("adapted %s from %d to %d input channels", key, source_chans, own[key].shape[1])
 
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in sd.items() if k in own and v.shape != own[k].shape]

@@ -198,6 +198,11 @@ def test_finetune_keeps_classifier_when_asked_and_rejects_other_archs():
     dst = M.create_model("resnet18_gelu", num_classes=10)
     assert M.load_finetune_weights(dst, src.state_dict(), keep_classifier=True) == []
     torch.testing.assert_close(dst.fc.weight, src.fc.weight)
+    # a DDP-saved state dict ("module." prefixes) into a grayscale model
+    gray = M.create_model("resnet18_gelu", num_classes=3, in_chans=1)
+    ddp_sd = {"module." + k: v for k, v in src.state_dict().items()}
+    assert M.load_finetune_weights(gray, ddp_sd) == ["fc.weight", "fc.bias"]
+    torch.testing.assert_close(gray.conv1.weight, src.conv1.weight.sum(1, keepdim=True))
     with pytest.raises(ValueError, match="cannot be adapted"):
         M.load_finetune_weights(M.create_model("resnet50_gelu", num_classes=10), src.state_dict())
     partial = {k: v for k, v in src.state_dict().items() if not k.startswith("layer4.")}
