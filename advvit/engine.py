@@ -190,7 +190,9 @@ def train_one_epoch(
         if out.adv_logits is not None:
             values["adv_correct"] = (out.adv_logits.argmax(1) == labels).sum()
         if out.clean_logits is not None:
+            # Counted apart: clean logits may exist on some steps only (free at eps 0).
             values["clean_correct"] = (out.clean_logits.argmax(1) == labels).sum()
+            values["clean_count"] = n
         meter.add(**values)
         interval_images += n
         epoch_images += n
@@ -211,8 +213,8 @@ def _summarise(sums: Dict[str, float]) -> Dict[str, float]:
     out = {"loss": sums.get("loss_sum", math.nan) / count}
     if "adv_correct" in sums:
         out["train_adv_acc"] = sums["adv_correct"] / count
-    if "clean_correct" in sums:
-        out["train_clean_acc"] = sums["clean_correct"] / count
+    if sums.get("clean_count", 0) > 0:
+        out["train_clean_acc"] = sums["clean_correct"] / sums["clean_count"]
     return out
 
 
