@@ -28,7 +28,6 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from . import checks
+from . import checks, config
 from .autoattack_adapter import (AA_ATTACKS, AutoAttackAdapter, StateMismatchError,
                                  available_backends)
 
@@ -77,8 +76,8 @@ def parse_eps(text: str | float, *, norm: str = "linf", name: str = "--eps") -> 
         EvalError: unparsable, negative, or (Linf) above 1, which no [0, 1] image allows.
     """
     try:
-        value = float(Fraction(str(text).strip()))
-    except (ValueError, ZeroDivisionError):
+        value = config.parse_eps(text, name)
+    except config.ConfigError:
         raise EvalError(f"{name} {text!r} is not a number: give e.g. 4/255 or 0.0157") from None
     if not math.isfinite(value) or value < 0:
         raise EvalError(f"{name} {text!r} must be >= 0")
@@ -539,9 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-ema", action="store_true", help="use the raw weights even if the "
                    "checkpoint holds EMA weights")
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", required=True, help="advvit.data name: fashion_mnist, mnist, "
-                   "cifar10, cifar100, imagefolder, or a timm hfds/ tfds/ wds/ name")
-    d.add_argument("--data-dir", help="data root (default: the known places)")
+    d.add_argument("--dataset", help="advvit.data name: fashion_mnist, mnist, cifar10, "
+                   "cifar100, imagefolder, or a timm hfds/ tfds/ wds/ name (default: the "
+                   "checkpoint's training data set)")
+    d.add_argument("--data-dir", help="data root (default: the checkpoint's, else the known "
+                   "places)")
     d.add_argument("--split", default="val", choices=("val", "test", "train"))
     d.add_argument("--n-examples", type=int, help="how many examples (default: all)")
     d.add_argument("--sample", default="first", choices=("first", "random"))
@@ -682,6 +683,12 @@ def _prepare(args: argparse.Namespace) -> _Prepared:
         except CheckpointError as err:
             raise EvalError(f"--checkpoint: {err}") from None
         num_classes, in_chans, img_size = mspec.num_classes, mspec.in_chans, mspec.img_size
+        trained_on = ckpt.get("config") or {}
+        if args.dataset is None:
+            args.dataset = trained_on.get("dataset")
+            args.data_dir = args.data_dir or trained_on.get("data_dir")
+        if args.dataset is None:
+            raise EvalError("--dataset: the checkpoint does not record its data set; name one")
         meta["model"] = {"source": "checkpoint", "path": str(path), "sha256": _sha256(path),
                          "arch": mspec.arch, "num_classes": num_classes, "in_chans": in_chans,
                          "img_size": img_size, "normalize": mspec.normalize,
@@ -694,6 +701,8 @@ def _prepare(args: argparse.Namespace) -> _Prepared:
         path = Path(args.weights)
         if not path.is_file():
             raise EvalError(f"--weights {path} does not exist")
+        if args.dataset is None:
+            raise EvalError("--dataset is needed with --model/--weights")
         info = advdata.dataset_info(args.dataset, args.data_dir)
         num_classes = args.num_classes or info.num_classes
         in_chans = args.in_chans or info.in_chans

@@ -60,7 +60,7 @@ def ckpt_path(tmp_path_factory) -> Path:
             opt.step()
     spec = C.ModelSpec("test_vit", 10, 1, 32, MEAN_STD)
     path = tmp_path_factory.mktemp("ckpt") / "model.pth"
-    C.save_checkpoint(path, C.make_checkpoint(model, spec, config={"note": "test"}, epoch=2,
+    C.save_checkpoint(path, C.make_checkpoint(model, spec, config={"dataset": "fashion_mnist", "data_dir": str(FMNIST)}, epoch=2,
                                               step=64, train_norm="linf", train_eps=0.0))
     return path
 
@@ -280,3 +280,13 @@ def test_state_path_resumes_and_refuses_another_run(ckpt_path, tmp_path, capsys)
     with pytest.raises(SystemExit):
         E.main(args)
     assert "belongs to another evaluation" in capsys.readouterr().err
+
+
+def test_data_set_defaults_to_the_checkpoints_training_data(ckpt_path, tmp_path):
+    args = _base(ckpt_path, tmp_path, "--attack", "pgd", "--steps", "2", "--eps", "4/255")
+    for flag in ("--dataset", "--data-dir"):
+        i = args.index(flag)
+        del args[i:i + 2]
+    report = _run(args)
+    assert report["data"]["dataset"] == "fashion_mnist"
+    assert report["data"]["data_dir"] == str(FMNIST)
