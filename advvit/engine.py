@@ -202,9 +202,10 @@ def train_one_epoch(
     if meter.names():
         report(final=True)
     totals = _summarise(epoch_meter.read())
+    seconds = max(time.perf_counter() - start, 1e-9)
     totals.update(eps=last_eps, lr=optimizer.param_groups[0]["lr"],
-                  images_per_s=epoch_images * rt.world_size / max(time.perf_counter() - start, 1e-9),
-                  steps=steps_done)
+                  images_per_s=epoch_images * rt.world_size / seconds, steps=steps_done,
+                  seconds=seconds)
     return totals, step
 
 

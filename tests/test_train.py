@@ -34,6 +34,9 @@ def _tiny_args(tmp_path, *extra):
 
 def _data_for(cfg_path, tmp_path):
     text = open(cfg_path).read()
+    if "dataset: fashion_mnist" in text:
+        make_idx_folder(tmp_path / "fmnist", n_train=8, n_test=4)
+        return str(tmp_path / "fmnist")
     if "dataset: cifar10" in text:
         make_cifar_folder(tmp_path / "cifar", n_per_batch=2)
         return str(tmp_path / "cifar")
