@@ -242,18 +242,8 @@ def _fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
 
 
 def _atomic_write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from .checkpoint import atomic_write
+    atomic_write(path, lambda f: json.dump(payload, f), binary=False)
 
 
 class AutoAttackAdapter:

@@ -31,7 +31,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -133,26 +133,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically.
+def atomic_write(path: PathLike, write: Callable[[IO], None], *, binary: bool = True) -> None:
+    """Write a file atomically: ``write(fh)`` fills a temporary file that then replaces ``path``.
 
-    The bytes go to a temporary file in the same folder (same file system, so the rename is
-    atomic), which is flushed and fsynced before ``os.replace`` puts it in place; the folder is
-    fsynced after. A failure or kill at any point leaves the previous file at ``path`` whole; on a
-    Python exception the temporary file is removed.
-
-    Args:
-        path: destination file; its folder is created if missing.
-        state: the dict to save (see ``make_checkpoint``).
+    The temporary file sits in the same folder (same file system, so the rename is atomic) and is
+    flushed and fsynced before ``os.replace``; the folder is fsynced after. A failure or kill at
+    any point leaves the previous file at ``path`` whole; on a Python exception the temporary
+    file is removed.
     """
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint path {path} is a folder: give a file name, e.g. {path}/last.pth")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -163,6 +157,19 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (see ``atomic_write``).
+
+    Args:
+        path: destination file; its folder is created if missing.
+        state: the dict to save (see ``make_checkpoint``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is a folder: give a file name, e.g. {path}/last.pth")
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def _plain(obj: Any, where: str = "config") -> Any:

@@ -45,6 +45,13 @@ def _check_eps(eps: float) -> float:
     return float(eps)
 
 
+def _check_attack(norm: str, steps: int) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+
+
 class CleanLoss(nn.Module):
     """Standard training: ``criterion(model(x), y)``.
 
@@ -89,10 +96,7 @@ class AdversarialLoss(nn.Module):
                  attack_mode: str = "eval", on_step: Optional[Callable[[], None]] = None,
                  check_range: bool = True) -> None:
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        _check_attack(norm, steps)
         self.eps = _check_eps(eps)
         self.steps = steps
         self.step_size = step_size
@@ -163,10 +167,7 @@ class TRADESLoss(nn.Module):
                  criterion: Optional[Criterion] = None, attack_mode: str = "eval",
                  on_step: Optional[Callable[[], None]] = None, check_range: bool = True) -> None:
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        _check_attack(norm, steps)
         if not isinstance(beta, (int, float)) or not beta >= 0:
             raise ValueError(f"beta must be a number >= 0, got {beta!r}")
         self.eps = _check_eps(eps)
