@@ -7,5 +7,6 @@ bash scripts/setup.sh
 VENV=${VENV:-.venv}
 "$VENV/bin/python" -m pytest -q "$@"
 if [ "${SKIP_XLA:-0}" != 1 ]; then
-  bash scripts/run_xla_tests.sh
+  bash scripts/setup_xla_env.sh
+  bash scripts/run_xla_tests.sh -q
 fi
