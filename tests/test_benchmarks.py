@@ -1,0 +1,85 @@
+"""Smoke tests of the benchmark scripts: each runs for a step or two on a tiny model and writes
+well-formed results. No timing is asserted."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import bench_gpu_throughput  # noqa: E402
+import bench_train_step  # noqa: E402
+
+TINY = ["--img-size", "32", "--num-classes", "10", "--threads", "2"]
+
+
+def _positive(v):
+    return isinstance(v, float) and math.isfinite(v) and v > 0
+
+
+def test_train_step_benchmark_writes_timings_ratios_and_tables(tmp_path):
+    out, md = tmp_path / "train.json", tmp_path / "train.md"
+    bench_train_step.main(["--models", "xcit_nano_12_p16_224", "--batch", "4", "--rounds", "1",
+                           "--warmup", "0", "--cases", "clean,fgsm-rs,pgd-2", "--no-memory",
+                           "--output", str(out), "--markdown", str(md), *TINY])
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "train_step"
+    for key in ("date_utc", "cpu", "torch", "timm", "python", "command"):
+        assert payload["env"][key]
+    rows = {(r["case"], r["variant"]): r for r in payload["timing"]}
+    expected = {("clean", "advvit"), ("clean", "floor")}
+    for case in ("fgsm-rs", "pgd-2"):
+        expected |= {(case, "advvit"), (case, "floor"), (case, "thesis")}
+        if payload["env"]["torchattacks"]:
+            expected.add((case, "torchattacks"))
+    assert set(rows) == expected
+    for r in rows.values():
+        assert _positive(r["median_s"]) and _positive(r["images_per_s"])
+        assert _positive(r["ratio_to_floor"]) and len(r["samples_s"]) == 1
+    assert rows[("fgsm-rs", "floor")]["ratio_to_floor"] == 1.0
+    if not payload["env"]["torchattacks"]:
+        assert any("torchattacks" in n for n in payload["notes"])
+    text = md.read_text()
+    assert "advvit / floor" in text and "| fgsm-rs |" in text
+
+
+def test_train_step_benchmark_memory_runs_in_a_fresh_process(tmp_path):
+    out = tmp_path / "mem.json"
+    bench_train_step.main(["--models", "xcit_nano_12_p16_224", "--batch", "4", "--no-timing",
+                           "--cases", "fgsm-rs", "--variants", "advvit", "--output", str(out),
+                           *TINY])
+    payload = json.loads(out.read_text())
+    assert payload["timing"] == []
+    (rec,) = payload["memory"]
+    assert rec["model"] == "xcit_nano_12_p16_224" and rec["variant"] == "advvit"
+    assert "error" not in rec, rec
+    assert math.isfinite(rec["peak_mib"]) and rec["peak_mib"] >= 0
+    assert "RSS" in rec["method"]
+
+
+def test_throughput_benchmark_runs_on_cpu_with_tiny_settings(tmp_path):
+    out, md = tmp_path / "tp.json", tmp_path / "tp.md"
+    variants = "attack:eager,fgsm-rs:eager+fused+cl"
+    bench_gpu_throughput.main(["--device", "cpu", "--model", "xcit_nano_12_p16_224",
+                               "--img-size", "32", "--batch", "8", "--steps", "1", "--rounds", "1",
+                               "--warmup", "1", "--num-classes", "10", "--variants", variants,
+                               "--output", str(out), "--markdown", str(md)])
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "gpu_throughput"
+    assert payload["settings"]["amp"] == "bf16"
+    assert [r["variant"] for r in payload["results"]] == variants.split(",")
+    for r in payload["results"]:
+        assert _positive(r["images_per_s"]) and _positive(r["median_s"])
+        assert len(r["samples_s"]) == 1
+    assert payload["compile_stats"]["graphs_added_while_timing"] == 0
+    assert "images/s" in md.read_text()
+
+
+def test_bad_variant_names_are_refused():
+    with pytest.raises(SystemExit):
+        bench_gpu_throughput.parse_variant("fgsm-rs:turbo")
+    with pytest.raises(SystemExit):
+        bench_train_step.main(["--cases", "pgd-3", "--no-memory"])
