@@ -165,6 +165,8 @@ class RunConfig:
     log_interval: int = _opt("steps between progress lines", 50, lo=1)
     max_steps_per_epoch: Optional[int] = _opt("cut each epoch after this many steps", lo=1)
     tensorboard: bool = _opt("write TensorBoard scalars", True)
+    xla_spawn: bool = _opt("with device xla: one process per local XLA device "
+                           "(torch_xla.launch); off runs this process on one device", True)
 
 
 @dataclass

@@ -400,12 +400,26 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
         accel.cleanup(parts.rt)
 
 
+def _xla_process(index: int, argv: Sequence[str]) -> None:
+    # Runs in each process torch_xla.launch starts; the config was validated before the launch.
+    train(load_config([*argv, "--no-xla-spawn"]))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The CLI: returns 0 on success, 2 on a bad config / data / checkpoint, 1 on a failed run."""
+    """The CLI: returns 0 on success, 2 on a bad config / data / checkpoint, 1 on a failed run.
+
+    With ``device: xla`` (and ``xla_spawn``) one process per local TPU device is started through
+    ``accel.launch_xla``; each builds its own parts and takes its share of the data.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(argv)
+        if cfg.run.device == "xla" and cfg.run.xla_spawn:
+            accel.launch_xla(_xla_process, args=(argv,))
+            return 0
         train(cfg)
-    except (ConfigError, data.DataNotFoundError, checkpoint.CheckpointError) as err:
+    except (ConfigError, data.DataNotFoundError, checkpoint.CheckpointError,
+            accel.AccelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except engine.NonFiniteLossError as err:

@@ -190,3 +190,25 @@ if __name__ == "__main__" and sys.argv[1:2] == ["launch"]:
     with open(sys.argv[2] + ".launcher", "w") as f:
         f.write(str(os.getpid()))
     accel.launch_xla(_launched, args=(sys.argv[2],))
+
+
+def test_train_cli_runs_on_xla_and_writes_a_loadable_checkpoint(tmp_path):
+    """`python -m advvit.train --device xla` end to end: launch, train-mode attacks, save."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_data import make_idx_folder
+
+    from advvit import checkpoint
+
+    make_idx_folder(tmp_path / "data", n_train=24, n_test=8)
+    argv = ["--device", "xla", "--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "data"),
+            "--model", "xcit_nano_12_p16_224", "--img-size", "32", "--batch-size", "8",
+            "--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0", "--workers", "0",
+            "--max-steps-per-epoch", "2", "--eval-batches", "1", "--no-tensorboard",
+            "--loss", "pgd", "--attack-steps", "2", "--eps", "8/255",
+            "--output", str(tmp_path / "runs"), "--experiment", "x"]
+    proc = subprocess.run([sys.executable, "-m", "advvit.train", *argv], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = checkpoint.load_checkpoint(tmp_path / "runs" / "x" / "last.pth")
+    assert state["step"] == 2 and state["spec"]["arch"] == "xcit_nano_12_p16_224"
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
