@@ -83,3 +83,19 @@ def test_bad_variant_names_are_refused():
         bench_gpu_throughput.parse_variant("fgsm-rs:turbo")
     with pytest.raises(SystemExit):
         bench_train_step.main(["--cases", "pgd-3", "--no-memory"])
+
+
+def test_time_to_robustness_writes_rows_table_and_plot(tmp_path):
+    import bench_time_to_robustness
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
+        pytest.skip("needs the real Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+    prefix = tmp_path / "ttr"
+    assert bench_time_to_robustness.main(["--models", "resnet18_gelu", "--minutes", "0.001",
+                                          "--chunk", "2", "--eval-batches", "1",
+                                          "--output", str(prefix)]) == 0
+    payload = json.loads(prefix.with_suffix(".json").read_text())
+    rows = payload["rows"]
+    assert rows and all(_positive(r["train_seconds"]) for r in rows)
+    assert all(0.0 <= r["pgd_acc"] <= 1.0 and 0.0 <= r["clean_acc"] <= 1.0 for r in rows)
+    assert prefix.with_suffix(".png").stat().st_size > 1000
+    assert "| resnet18_gelu |" in prefix.with_suffix(".md").read_text()
