@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import tempfile
+import types
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -246,6 +247,30 @@ def _atomic_write_json(path: Path, payload: dict) -> None:
     atomic_write(path, lambda f: json.dump(payload, f), binary=False)
 
 
+_MODEL_CHECKS = ("check_randomized", "check_range_output", "check_dynamic", "check_n_classes")
+
+
+@contextlib.contextmanager
+def _model_checks_skipped(skip: bool):
+    """pyautoattack runs its model checks (several forwards, one under ``sys.settrace``) at
+    every ``run_standard_evaluation`` call; the adapter calls it once per batch and attack, so
+    after the first call the checks would only repeat themselves at a measured 2-4% of an
+    APGD-CE evaluation. Their results do not feed the attacks."""
+    if not skip:
+        yield
+        return
+    aa_module = importlib.import_module("pyautoattack.autoattack")
+    real = aa_module.checks
+    stub = types.SimpleNamespace(**{n: getattr(real, n) for n in dir(real) if not n.startswith("_")})
+    for name in _MODEL_CHECKS:
+        setattr(stub, name, lambda *args, **kwargs: None)
+    aa_module.checks = stub
+    try:
+        yield
+    finally:
+        aa_module.checks = real
+
+
 class AutoAttackAdapter:
     """Run AutoAttack (standard, plus, or a custom list of its attacks) on a model.
 
@@ -385,13 +410,18 @@ class AutoAttackAdapter:
         return {name: dict(table[name]) for name in self.attacks}
 
     # ----------------------------------------------------------------------------- running
-    def _run_one_batch(self, attack: str, x: torch.Tensor, y: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """AutoAttack's own loop on one batch with one attack enabled -> (x_adv, y_pred)."""
+    def _run_one_batch(self, attack: str, x: torch.Tensor, y: torch.Tensor, *,
+                       checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """AutoAttack's own loop on one batch with one attack enabled -> (x_adv, y_pred).
+
+        ``checked``: AutoAttack's model checks already ran on an earlier batch of this
+        evaluation; they are skipped here, as one direct AutoAttack call runs them once.
+        """
         aa = self._aa
         aa.attacks_to_run = [attack]
         if self.backend == "pyautoattack":
-            out = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
+            with _model_checks_skipped(checked):
+                out = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
         else:
             out = aa.run_standard_evaluation(x, y, bs=x.shape[0])
         if isinstance(out, tuple):
@@ -509,7 +539,8 @@ class AutoAttackAdapter:
                     break
                 idx = torch.tensor(todo[b * batch_size:(b + 1) * batch_size], dtype=torch.long)
                 start = time.perf_counter()
-                xb_adv, yb_adv = self._run_one_batch(attack, x[idx], y[idx])
+                xb_adv, yb_adv = self._run_one_batch(attack, x[idx], y[idx],
+                                                     checked=batches_run > 0)
                 current["seconds"] += time.perf_counter() - start
                 fooled = yb_adv != y[idx]
                 for i in idx[fooled].tolist():

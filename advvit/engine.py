@@ -214,8 +214,9 @@ def _summarise(sums: Dict[str, float]) -> Dict[str, float]:
     out = {"loss": sums.get("loss_sum", math.nan) / count}
     if "adv_correct" in sums:
         out["train_adv_acc"] = sums["adv_correct"] / count
-    if sums.get("clean_count", 0) > 0:
-        out["train_clean_acc"] = sums["clean_correct"] / sums["clean_count"]
+    # Only where every step had clean logits: a figure from the eps-0 steps alone would mislead.
+    if sums.get("clean_count", 0) == count:
+        out["train_clean_acc"] = sums["clean_correct"] / count
     return out
 
 

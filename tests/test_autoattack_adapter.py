@@ -286,3 +286,21 @@ def test_reference_package_api_gives_the_same_result(trained, monkeypatch):
     soft = AutoAttackAdapter(nn.Sequential(model, nn.Softmax(dim=1)), backend="autoattack",
                              **kw).run(x[:8], y[:8], batch_size=8)
     assert sum("probability distribution" in w for w in soft.warnings) == 1
+
+
+def test_autoattack_model_checks_run_once_per_evaluation(trained, monkeypatch):
+    import pyautoattack.checks as aa_checks
+    model, x, y = trained
+    calls = []
+    real = aa_checks.check_dynamic
+    monkeypatch.setattr(aa_checks, "check_dynamic",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = AutoAttackAdapter(model, eps=4 / 255, attacks=["apgd-ce", "apgd-t"], seed=0,
+                               **FAST).run(x[:32], y[:32], batch_size=8)
+    assert len(calls) == 1
+    # The skipped repeats change nothing: the same flags as with checks on every batch.
+    monkeypatch.setattr("advvit.autoattack_adapter._MODEL_CHECKS", ())
+    again = AutoAttackAdapter(model, eps=4 / 255, attacks=["apgd-ce", "apgd-t"], seed=0,
+                              **FAST).run(x[:32], y[:32], batch_size=8)
+    assert torch.equal(result.robust, again.robust)
+    assert len(calls) > 2
