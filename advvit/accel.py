@@ -161,12 +161,19 @@ def _setup_xla() -> Runtime:
     import torch_xla
     import torch_xla.runtime as xr
     # Under PJRT every process owns one device and torch-xla knows the topology itself (no
-    # torchrun variables, no process group): gradients and metrics are reduced with XLA
-    # collectives (xm.optimizer_step, xm.all_reduce) inside the compiled graph.
+    # torchrun variables): gradients and metrics are reduced with XLA collectives
+    # (xm.optimizer_step, xm.all_reduce) inside the compiled graph. The "xla" process group is
+    # only there so that torch's DistributedSampler can shard the data by rank.
     device = torch_xla.device() if hasattr(torch_xla, "device") else _legacy_xla_device()
     world = int(xr.world_size())
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        import torch_xla.distributed.xla_backend  # noqa: F401  (registers the backend)
+        dist.init_process_group("xla", init_method="xla://")
+        owns = True
     return Runtime(kind="xla", device=device, rank=int(xr.global_ordinal()), world_size=world,
-                   local_rank=int(xr.local_ordinal()), distributed=world > 1)
+                   local_rank=int(xr.local_ordinal()), distributed=world > 1,
+                   owns_process_group=owns)
 
 
 def _legacy_xla_device() -> torch.device:
@@ -242,7 +249,6 @@ def cleanup(rt: Runtime) -> None:
     """Leaves the process group ``setup`` created; flushes pending XLA work. Safe to call twice."""
     if rt.kind == "xla":
         _xla_sync()
-        return
     if rt.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
 

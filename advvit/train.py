@@ -110,12 +110,12 @@ def _build_loaders(cfg: TrainConfig, rt: accel.Runtime, spec: checkpoint.ModelSp
                    re_prob=d.reprob, no_aug=d.no_aug)
     train_loader = data.create_loader(
         train_set, img_size=spec.img_size, in_chans=spec.in_chans, batch_size=d.batch_size,
-        is_training=True, num_workers=d.workers, distributed=rt.distributed and rt.kind != "xla",
+        is_training=True, num_workers=d.workers, distributed=rt.distributed,
         device=device, **augment)
     val_loader = data.create_loader(
         val_set, img_size=spec.img_size, in_chans=spec.in_chans,
         batch_size=d.val_batch_size or d.batch_size, is_training=False, num_workers=d.workers,
-        distributed=rt.distributed and rt.kind != "xla", device=device)
+        distributed=rt.distributed, device=device)
     if rt.kind == "xla":
         import torch_xla.distributed.parallel_loader as pl
         train_loader = pl.MpDeviceLoader(train_loader, rt.device)
