@@ -18,6 +18,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import cpu_model, write_text  # noqa: E402
 from typing import Callable, Dict, List, Optional, Sequence
 
 # advvit must be imported before timm (it installs the torchvision guard on CPU-only installs).
@@ -35,16 +38,6 @@ from torch import nn  # noqa: E402
 # ------------------------------------------------------------------------------------------------
 # Environment
 # ------------------------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def git_commit() -> Optional[str]:
     try:

@@ -41,6 +41,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import cpu_model, write_text  # noqa: E402
 from typing import Callable, Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,16 +103,6 @@ def parse_args(argv=None):
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:
@@ -387,13 +380,6 @@ def markdown(payload: dict) -> str:
     return "\n".join(out)
 
 
-def write(path, text) -> None:
-    if path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -442,9 +428,9 @@ def main(argv=None) -> dict:
                                        **cli_part(args, ckpt_path, batch_size)}
     finally:
         tmp.cleanup()
-    write(args.output, json.dumps(payload, indent=2) + "\n")
+    write_text(args.output, json.dumps(payload, indent=2) + "\n")
     md = markdown(payload)
-    write(args.markdown, md)
+    write_text(args.markdown, md)
     print(md)
     return payload
 

@@ -25,6 +25,9 @@ import torch
 from advvit.config import load_config
 from advvit.train import train
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_env import cpu_model  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart_fashion_mnist.yaml")
 
@@ -85,7 +88,8 @@ def main(argv=None) -> int:
             results += run_one(model, minutes=args.minutes, chunk=args.chunk,
                                eval_batches=args.eval_batches, workdir=workdir)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": _cpu(), "threads": args.threads, "torch": torch.__version__,
+            "machine": f"{cpu_model()} x{os.cpu_count()}", "threads": args.threads,
+            "torch": torch.__version__,
             "python": platform.python_version(), "command": " ".join(sys.argv)}
     with open(args.output + ".json", "w") as fh:
         json.dump({"meta": meta, "rows": results}, fh, indent=1)
@@ -116,16 +120,6 @@ def main(argv=None) -> int:
     fig.savefig(args.output + ".png", dpi=120)
     return 0
 
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import cpu_model, write_text  # noqa: E402
+
 # torch-xla reads these when its runtime starts, so before it is imported. A low LLVM
 # optimisation level makes each CPU compile much faster (the graphs run slower).
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -172,16 +175,6 @@ def run_case(args, case: str) -> dict:
 # Driver
 # ------------------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def markdown(payload: dict) -> str:
     env = payload["env"]
     out = [f"Machine: {env['cpu']}, {env['cpu_count']} cores; {env['date_utc']}; "
@@ -226,13 +219,6 @@ def markdown(payload: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def write(path, text) -> None:
-    if path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -249,7 +235,7 @@ def main(argv=None) -> int:
         reason = (f"torch_xla is not importable by {sys.executable}; run this with the XLA "
                   "environment (scripts/setup_xla_env.sh, then .venv-xla/bin/python)")
         print(reason, file=sys.stderr)
-        write(args.output, json.dumps({"benchmark": "xla_steps", "skipped": reason}, indent=2) + "\n")
+        write_text(args.output, json.dumps({"benchmark": "xla_steps", "skipped": reason}, indent=2) + "\n")
         return SKIP_EXIT
     results = []
     base = [a for a in (argv if argv is not None else sys.argv[1:])]
@@ -279,9 +265,9 @@ def main(argv=None) -> int:
                      "warmup_steps": args.warmup_steps, "log_interval": args.log_interval},
         "cases": results,
     }
-    write(args.output, json.dumps(payload, indent=2) + "\n")
+    write_text(args.output, json.dumps(payload, indent=2) + "\n")
     md = markdown(payload)
-    write(args.markdown, md)
+    write_text(args.markdown, md)
     print(md)
     return 0
 
