@@ -278,7 +278,7 @@ def make_checkpoint(model: nn.Module, spec: ModelSpec, *, config: Any, epoch: in
     Returns:
         The checkpoint dict.
     """
-    from .models import NormalizedModel, unwrap
+    from .models import unwrap
 
     if not isinstance(spec, ModelSpec):
         raise CheckpointError(f"spec must be a ModelSpec, got {type(spec).__name__}")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import cpu_model, write_text  # noqa: E402
+from bench_env import cpu_model  # noqa: E402
 from typing import Callable, Dict, List, Optional, Sequence
 
 # advvit must be imported before timm (it installs the torchvision guard on CPU-only installs).
