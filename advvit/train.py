@@ -7,6 +7,7 @@ folder with ``args.yaml``, ``summary.csv`` and TensorBoard logs. Runs resume wit
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -219,7 +220,8 @@ def build(cfg: TrainConfig) -> Parts:
     ema = None
     if cfg.model.model_ema:
         from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(models.unwrap(model), decay=cfg.model.model_ema_decay)
+        # The whole model (normalization wrapper included), so the EMA can be evaluated as is.
+        ema = ModelEmaV3(model, decay=cfg.model.model_ema_decay)
     scaler = None
     if cfg.run.amp == "fp16":
         if rt.kind != "cuda":
@@ -304,7 +306,7 @@ class Trainer:
         if p.scaler is not None and state.get("scaler") is not None:
             p.scaler.load_state_dict(state["scaler"])
         if p.ema is not None and state.get("ema") is not None:
-            p.ema.module.load_state_dict(state["ema"])
+            models.unwrap(p.ema.module).load_state_dict(state["ema"])
         self.start_epoch = int(state["epoch"]) + 1
         self.step = int(state["step"])
         best = state.get("best_metric")
@@ -354,10 +356,17 @@ class Trainer:
                 settings=settings, lr_scheduler=p.lr_scheduler, scaler=p.scaler, ema=p.ema,
                 mixup_fn=p.mixup_fn, on_log=lambda s, m, e=epoch: self.monitor.step(e, s, m))
             p.lr_scheduler.step(epoch + 1)
-            val = engine.evaluate(p.model, p.val_loader, rt=p.rt, attack=eval_attack,
-                                  amp=settings.amp, max_batches=cfg.attack.eval_batches,
-                                  channels_last=cfg.run.channels_last)
+            evaluate = functools.partial(
+                engine.evaluate, loader=p.val_loader, rt=p.rt, attack=eval_attack,
+                amp=settings.amp, max_batches=cfg.attack.eval_batches,
+                channels_last=cfg.run.channels_last)
+            val = evaluate(p.model)
             extra: Dict[str, float] = {}
+            if p.ema is not None:
+                # advvit.eval reads the EMA weights of a checkpoint that has them, so the best
+                # checkpoint is chosen by the EMA's accuracy; the raw weights' is logged beside.
+                extra.update({f"raw_{k}": v for k, v in val.items() if k != "n"})
+                val = evaluate(p.ema.module)
             stop = False
             if guard is not None:
                 extra["co_pgd_acc"], collapsed = guard.check(p.model, p.rt)

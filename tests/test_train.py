@@ -154,3 +154,16 @@ def test_non_finite_loss_stops_the_epoch_with_a_message():
                                optimizer=torch.optim.SGD(model.parameters(), 0.1), rt=rt,
                                eps_schedule=create_eps_schedule("constant", eps=0.0), epoch=0,
                                step=0, settings=engine.StepSettings(log_interval=100))
+
+
+def test_with_ema_the_best_checkpoint_is_chosen_by_the_ema_weights(tmp_path):
+    args = _tiny_args(tmp_path, "--model-ema", "--model-ema-decay", "0.5", "--normalize",
+                      "dataset")
+    assert main(args) == 0
+    run = tmp_path / "runs" / "run"
+    header = (run / "summary.csv").read_text().splitlines()[0].split(",")
+    assert "val_robust_acc" in header and "raw_robust_acc" in header
+    best = checkpoint.load_checkpoint(run / "best.pth")
+    assert best.get("ema") is not None and best["spec"]["normalize"] is not None
+    # The EMA restores on resume too (its weights are stored without the wrapper).
+    assert main(args + ["--epochs", "2", "--resume", "auto"]) == 0
