@@ -20,14 +20,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FAST = dict(version="custom", n_iter=10, n_restarts=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads' spinning
-    makes AutoAttack's many small forward passes an order of magnitude slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fashion_mnist(n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,13 +11,7 @@ from advvit import checks
 from advvit.autoattack_adapter import AutoAttackAdapter
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only spin on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _separable(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

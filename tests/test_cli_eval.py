@@ -24,13 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MEAN_STD = ((0.2860,), (0.3530,))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only spin on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _test_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
