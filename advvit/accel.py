@@ -321,7 +321,7 @@ def attack_model(model: nn.Module) -> nn.Module:
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, rt: Runtime, *,
-                   clip_grad: Optional[float] = None,
+                   clip_grad: Optional[float] = None, clip_mode: str = "norm",
                    parameters: Optional[Iterable[torch.Tensor]] = None) -> None:
     """Takes the optimizer step the back-end's way, with the gradient reduction it needs.
 
@@ -333,7 +333,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, rt: Runtime, *,
     Args:
         optimizer: the optimizer.
         rt: from ``setup``.
-        clip_grad: max global L2 norm of the gradients, or None for no clipping.
+        clip_grad: clipping threshold, or None for no clipping.
+        clip_mode: "norm" (global L2 norm), or timm's "value" / "agc".
         parameters: what to clip; default all parameters of the optimizer.
     """
     if rt.kind == "xla":
@@ -345,7 +346,11 @@ def optimizer_step(optimizer: torch.optim.Optimizer, rt: Runtime, *,
     if clip_grad is not None:
         params = list(parameters) if parameters is not None else [
             p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        if clip_mode == "norm":
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        else:
+            from timm.utils import dispatch_clip_grad
+            dispatch_clip_grad(params, clip_grad, mode=clip_mode)
     optimizer.step()
 
 

@@ -69,19 +69,6 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, rt: accel.Runtime,
     return x, y
 
 
-def _clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, rt: accel.Runtime,
-                   settings: StepSettings) -> None:
-    if settings.clip_grad is not None and settings.clip_mode != "norm":
-        from timm.utils import dispatch_clip_grad
-        if rt.kind == "xla":
-            import torch_xla.core.xla_model as xm
-            xm.reduce_gradients(optimizer)
-        dispatch_clip_grad(model.parameters(), settings.clip_grad, mode=settings.clip_mode)
-        optimizer.step()
-        return
-    accel.optimizer_step(optimizer, rt, clip_grad=settings.clip_grad)
-
-
 def train_one_epoch(
     *,
     model: nn.Module,
@@ -173,7 +160,8 @@ def train_one_epoch(
                    parameters=model.parameters())
         else:
             loss.backward()
-            _clip_and_step(model, optimizer, rt, settings)
+            accel.optimizer_step(optimizer, rt, clip_grad=settings.clip_grad,
+                                 clip_mode=settings.clip_mode)
         step += 1
         steps_done += 1
         if lr_scheduler is not None:

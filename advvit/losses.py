@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import NORMS, pgd
+from .attacks import NORMS, frozen_model, pgd
 
 __all__ = ["LossOutput", "CleanLoss", "AdversarialLoss", "TRADESLoss", "create_loss", "LOSSES"]
 
@@ -130,14 +130,8 @@ class AdversarialLoss(nn.Module):
 
 def _eval_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """No-grad logits in eval mode, leaving the model's mode (and BatchNorm statistics) alone."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for m, was_training in modes:
-            m.training = was_training
+    with frozen_model(model, "eval"), torch.no_grad():
+        return model(x)
 
 
 def _kl_batchmean(adv_logits: torch.Tensor, clean_prob: torch.Tensor) -> torch.Tensor:

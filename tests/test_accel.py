@@ -171,3 +171,12 @@ def test_device_metrics_reject_a_name_changing_kind():
     meter.add(count=1)
     with pytest.raises(ValueError, match="count"):
         meter.add(count=torch.tensor(1.0))
+
+
+def test_optimizer_step_clips_by_value_through_timm():
+    rt = accel.setup("cpu")
+    w = torch.nn.Parameter(torch.zeros(3))
+    w.grad = torch.tensor([5.0, -0.1, -7.0])
+    opt = torch.optim.SGD([w], lr=1.0)
+    accel.optimizer_step(opt, rt, clip_grad=0.5, clip_mode="value")
+    torch.testing.assert_close(w.detach(), torch.tensor([-0.5, 0.1, 0.5]))
