@@ -199,7 +199,7 @@ def render_markdown(payload):
              f"{s['rounds']} rounds x {s['steps']} steps", ""]
     rows = []
     for r in payload["results"]:
-        rel = f"{base['median_s'] / r['median_s']:.2f}x" if base and r["what"] == "fgsm-rs" else ""
+        rel = f"{base['median_s'] / r['median_s']:.2f}x" if base and r["what"] == "fgsm-rs" else "-"
         rows.append([r["variant"], f"{r['median_s'] * 1000:.1f}", f"{r['images_per_s']:,.0f}", rel])
     lines.append(bc.fmt_table(["variant", "ms / step", "images/s", "vs fgsm-rs:eager"], rows,
                               "lrrr"))
