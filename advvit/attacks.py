@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["pgd", "fgsm", "NORMS", "frozen_model", "project", "default_step_size"]
+__all__ = ["pgd", "fgsm", "NORMS", "frozen_model", "project", "default_step_size",
+           "check_attack_args"]
 
 NORMS = ("linf", "l2")
 ModelMode = Literal["eval", "train", "keep"]
@@ -37,18 +38,35 @@ def default_step_size(eps: float, steps: int) -> float:
     return 1.5 * eps / steps
 
 
-def _validate(x: torch.Tensor, eps: float, steps: int, norm: str, step_size: Optional[float],
-              model_mode: str, check_range: bool) -> None:
+def check_attack_args(eps: float, steps: int = 1, norm: str = "linf",
+                      step_size: Optional[float] = None, model_mode: str = "eval",
+                      mode_name: str = "model_mode") -> float:
+    """Check an attack's settings before any work; the losses call it when they are built.
+
+    Args:
+        mode_name: what the caller calls ``model_mode`` (the losses' ``attack_mode``), for the
+            error message.
+
+    Returns:
+        ``eps`` as a float.
+
+    Raises:
+        ValueError: naming the first bad argument and what it accepts.
+    """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if not (isinstance(eps, (int, float)) and eps >= 0) or eps != eps:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0 (e.g. 4/255 for Linf), got {eps!r}")
     if step_size is not None and not step_size > 0:
         raise ValueError(f"step_size must be > 0 or None for 1.5 * eps / steps, got {step_size!r}")
     if model_mode not in ("eval", "train", "keep"):
-        raise ValueError(f"model_mode must be 'eval', 'train' or 'keep', got {model_mode!r}")
+        raise ValueError(f"{mode_name} must be 'eval', 'train' or 'keep', got {model_mode!r}")
+    return float(eps)
+
+
+def _check_input(x: torch.Tensor, check_range: bool) -> None:
     if not torch.is_tensor(x) or not x.is_floating_point():
         raise ValueError("x must be a floating-point tensor of pixels in [0, 1]")
     if check_range and x.device.type != "xla":
@@ -167,7 +185,8 @@ def pgd(
     Raises:
         ValueError: on a negative eps, steps < 1, an unknown norm or x outside [0, 1].
     """
-    _validate(x, eps, steps, norm, step_size, model_mode, check_range)
+    check_attack_args(eps, steps, norm, step_size, model_mode)
+    _check_input(x, check_range)
     x = x.detach()
     if eps == 0:
         return x.clone()

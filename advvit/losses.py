@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import NORMS, frozen_model, pgd
+from .attacks import check_attack_args, frozen_model, pgd
 
 __all__ = ["LossOutput", "CleanLoss", "AdversarialLoss", "TRADESLoss", "create_loss", "LOSSES"]
 
@@ -37,19 +37,6 @@ class LossOutput(NamedTuple):
 def _default_criterion(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # F.cross_entropy takes class indices or soft targets (MixUp / CutMix) alike.
     return F.cross_entropy(logits, y)
-
-
-def _check_eps(eps: float) -> float:
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    return float(eps)
-
-
-def _check_attack(norm: str, steps: int) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
 
 
 class CleanLoss(nn.Module):
@@ -96,8 +83,7 @@ class AdversarialLoss(nn.Module):
                  attack_mode: str = "eval", on_step: Optional[Callable[[], None]] = None,
                  check_range: bool = True) -> None:
         super().__init__()
-        _check_attack(norm, steps)
-        self.eps = _check_eps(eps)
+        self.eps = check_attack_args(eps, steps, norm, step_size, attack_mode, "attack_mode")
         self.steps = steps
         self.step_size = step_size
         self.norm = norm
@@ -161,10 +147,9 @@ class TRADESLoss(nn.Module):
                  criterion: Optional[Criterion] = None, attack_mode: str = "eval",
                  on_step: Optional[Callable[[], None]] = None, check_range: bool = True) -> None:
         super().__init__()
-        _check_attack(norm, steps)
+        self.eps = check_attack_args(eps, steps, norm, step_size, attack_mode, "attack_mode")
         if not isinstance(beta, (int, float)) or not beta >= 0:
             raise ValueError(f"beta must be a number >= 0, got {beta!r}")
-        self.eps = _check_eps(eps)
         self.beta = float(beta)
         self.steps = steps
         self.step_size = step_size

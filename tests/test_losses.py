@@ -144,7 +144,10 @@ def test_create_loss_by_name():
 
 @pytest.mark.parametrize("cls, kwargs, name", [
     (AdversarialLoss, dict(eps=-1.0), "eps"), (AdversarialLoss, dict(eps=0.1, steps=0), "steps"),
-    (AdversarialLoss, dict(eps=0.1, norm="l0"), "norm"), (TRADESLoss, dict(eps=0.1, beta=-1), "beta")])
+    (AdversarialLoss, dict(eps=0.1, norm="l0"), "norm"), (TRADESLoss, dict(eps=0.1, beta=-1), "beta"),
+    (AdversarialLoss, dict(eps=0.1, steps=True), "steps"),
+    (AdversarialLoss, dict(eps=0.1, step_size=0.0), "step_size"),
+    (TRADESLoss, dict(eps=0.1, attack_mode="test"), "attack_mode")])
 def test_bad_arguments_name_the_argument(cls, kwargs, name):
     with pytest.raises(ValueError, match=name):
         cls(**kwargs)
