@@ -317,7 +317,8 @@ class Trainer:
             checkpoint.restore_rng_state(state["rng"])
         self.monitor.info(f"resumed from epoch {state['epoch']} (step {self.step}, best {self.best:.4f})")
 
-    def _save(self, name: str, epoch: int) -> None:
+    def _save(self, names: Sequence[str], epoch: int) -> None:
+        """Write this epoch's checkpoint under each of ``names`` (built and moved to CPU once)."""
         p = self.p
         if not p.rt.is_main:
             return
@@ -331,7 +332,8 @@ class Trainer:
         if p.rt.kind == "xla":
             import torch_xla.core.xla_model as xm
             state = xm._maybe_convert_to_cpu(state)
-        checkpoint.save_checkpoint(os.path.join(p.run_dir, name), state)
+        for name in names:
+            checkpoint.save_checkpoint(os.path.join(p.run_dir, name), state)
 
     def fit(self) -> Dict[str, float]:
         """Train from ``start_epoch`` to the end; returns the last epoch's metrics."""
@@ -383,9 +385,7 @@ class Trainer:
             if improved:
                 self.best = metric
             self.monitor.epoch(epoch, self.step, train_metrics, val, extra)
-            if improved:
-                self._save("best.pth", epoch)
-            self._save("last.pth", epoch)
+            self._save(["best.pth", "last.pth"] if improved else ["last.pth"], epoch)
             accel.wait_for_all(p.rt)
             result = {**{f"train_{k}" if not k.startswith("train_") else k: v
                          for k, v in train_metrics.items()},
