@@ -10,14 +10,15 @@ This module imports torch only, so other projects can use it without timm.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Literal, Optional
+import math
+from typing import Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["pgd", "fgsm", "NORMS", "frozen_model", "project", "default_step_size",
-           "check_attack_args"]
+           "check_attack_args", "check_eps", "max_eps"]
 
 NORMS = ("linf", "l2")
 ModelMode = Literal["eval", "train", "keep"]
@@ -36,6 +37,48 @@ def _cross_entropy_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def default_step_size(eps: float, steps: int) -> float:
     """The thesis's rule: 1.5 * eps / steps, so one step can cross the ball from the centre."""
     return 1.5 * eps / steps
+
+
+def max_eps(norm: str, input_shape: Optional[Sequence[int]] = None) -> float:
+    """The largest radius that means anything on [0, 1] pixels: the eps policy of advvit.
+
+    Linf: 1 (the whole pixel range). L2: the diagonal of the input box, sqrt(C * H * W) for one
+    example of ``input_shape`` (C, H, W); unbounded when the shape is not known yet.
+    """
+    if norm == "linf":
+        return 1.0
+    if norm == "l2":
+        return math.sqrt(math.prod(int(d) for d in input_shape)) if input_shape else math.inf
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def check_eps(eps: float, norm: str = "linf", *, input_shape: Optional[Sequence[int]] = None,
+              name: str = "eps") -> float:
+    """Check a radius against :func:`max_eps`; config, losses, attacks and eval all call this.
+
+    Args:
+        input_shape: one example's (C, H, W), when known (bounds the L2 radius).
+        name: what the caller calls the radius, for the message.
+
+    Returns:
+        ``eps`` as a float.
+
+    Raises:
+        ValueError: eps not a finite number >= 0, or above the norm's maximum.
+    """
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) \
+            or eps < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (e.g. 4/255 for Linf, 3.0 for L2 "
+                         f"on ImageNet), got {eps!r}")
+    bound = max_eps(norm, input_shape)
+    if eps > bound:
+        if norm == "linf":
+            raise ValueError(f"{name} {eps:g} is above 1, the whole [0, 1] pixel range, for Linf: "
+                             f"did you mean {eps:g}/255?")
+        raise ValueError(f"{name} {eps:g} is above {bound:.4g}, the L2 diagonal of a "
+                         f"{'x'.join(str(d) for d in input_shape)} input in [0, 1]: no image is "
+                         "that far from another")
+    return float(eps)
 
 
 def check_attack_args(eps: float, steps: int = 1, norm: str = "linf",
@@ -57,9 +100,9 @@ def check_attack_args(eps: float, steps: int = 1, norm: str = "linf",
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0 (e.g. 4/255 for Linf), got {eps!r}")
-    if step_size is not None and not step_size > 0:
+    eps = check_eps(eps, norm)
+    if step_size is not None and not (isinstance(step_size, (int, float))
+                                      and math.isfinite(step_size) and step_size > 0):
         raise ValueError(f"step_size must be > 0 or None for 1.5 * eps / steps, got {step_size!r}")
     if model_mode not in ("eval", "train", "keep"):
         raise ValueError(f"{mode_name} must be 'eval', 'train' or 'keep', got {model_mode!r}")
@@ -187,6 +230,7 @@ def pgd(
     """
     check_attack_args(eps, steps, norm, step_size, model_mode)
     _check_input(x, check_range)
+    check_eps(eps, norm, input_shape=tuple(x.shape[1:]))
     x = x.detach()
     if eps == 0:
         return x.clone()

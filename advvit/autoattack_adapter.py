@@ -34,6 +34,8 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 from torch import nn
 
+from .io import atomic_write_json
+
 __all__ = [
     "AA_ATTACKS",
     "BLACK_BOX_ATTACKS",
@@ -240,11 +242,6 @@ def _fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
     digest.update(x.detach().cpu().contiguous().numpy().tobytes())
     digest.update(y.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def _atomic_write_json(path: Path, payload: dict) -> None:
-    from .checkpoint import atomic_write
-    atomic_write(path, lambda f: json.dump(payload, f), binary=False)
 
 
 _MODEL_CHECKS = ("check_randomized", "check_range_output", "check_dynamic", "check_n_classes")
@@ -595,7 +592,7 @@ class AutoAttackAdapter:
     @staticmethod
     def _save_state(path: Path | None, state: dict) -> None:
         if path is not None:
-            _atomic_write_json(path, state)
+            atomic_write_json(path, state)
 
     def _reference_log_warnings(self) -> list[str]:
         log_path = getattr(self, "_log_path", None)

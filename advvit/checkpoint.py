@@ -27,14 +27,15 @@ import json
 import os
 import pickle
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .io import atomic_write
 
 __all__ = [
     "FORMAT",
@@ -117,46 +118,6 @@ class ModelSpec:
 # --------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a folder.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: PathLike, write: Callable[[IO], None], *, binary: bool = True) -> None:
-    """Write a file atomically: ``write(fh)`` fills a temporary file that then replaces ``path``.
-
-    The temporary file sits in the same folder (same file system, so the rename is atomic) and is
-    flushed and fsynced before ``os.replace``; the folder is fsynced after. A failure or kill at
-    any point leaves the previous file at ``path`` whole; on a Python exception the temporary
-    file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
 
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically (see ``atomic_write``).

@@ -17,6 +17,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from .attacks import check_eps
+from .io import atomic_write_text
+
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "AttackConfig", "OptimConfig", "RunConfig",
     "TrainConfig", "load_config", "build_parser", "parse_eps", "config_to_dict", "save_args_yaml",
@@ -106,7 +109,8 @@ class AttackConfig:
 
     loss: str = _opt("training loss: clean, fgsm, pgd or trades", "fgsm",
                      choices=("clean", "fgsm", "pgd", "trades", "adversarial"))
-    eps: float = _opt("attack radius (a number or a fraction like 4/255)", 4 / 255, lo=0.0, hi=1.0)
+    eps: float = _opt("attack radius (a number or a fraction like 4/255; Linf <= 1, L2 <= the "
+                      "input box's diagonal)", 4 / 255, lo=0.0)
     attack_norm: str = _opt("attack norm", "linf", choices=("linf", "l2"))
     attack_steps: int = _opt("attack iterations (fgsm: 1)", 1, lo=1)
     attack_step_size: Optional[float] = _opt("attack step size (None: 1.5 * eps / steps)", gt=0.0)
@@ -120,7 +124,7 @@ class AttackConfig:
                                     "per step)", False)
     eval_attack: str = _opt("per-epoch robust evaluation: train (the training attack), pgd, "
                             "or none", "train", choices=("train", "pgd", "none"))
-    eval_eps: Optional[float] = _opt("eps of the per-epoch evaluation (None: eps)", lo=0.0, hi=1.0)
+    eval_eps: Optional[float] = _opt("eps of the per-epoch evaluation (None: eps)", lo=0.0)
     eval_steps: int = _opt("PGD steps when eval_attack is pgd", 10, lo=1)
     eval_batches: Optional[int] = _opt("evaluate on at most this many held-out batches", lo=1)
     co_check: str = _opt("catastrophic-overfitting guard: off, warn or stop", "off",
@@ -289,9 +293,14 @@ def _check_combinations(cfg: TrainConfig) -> None:
             raise ConfigError(key, f"expected two increasing numbers, got {pair}")
     if o.min_lr > o.lr_base and o.lr is None:
         raise ConfigError("min_lr", f"{o.min_lr} is above lr_base {o.lr_base}")
-    if a.attack_norm == "linf" and a.eps > 0.5:
-        raise ConfigError("eps", f"{a.eps} is larger than any useful Linf radius on [0, 1] pixels",
-                          "write it as a fraction, e.g. 4/255")
+    for key in ("eps", "eval_eps"):
+        value = getattr(a, key)
+        if value is not None:
+            try:
+                check_eps(value, a.attack_norm, name=key)
+            except ValueError as err:
+                raise ConfigError(key, str(err), "write Linf radii as fractions, e.g. 4/255") \
+                    from None
     if (d.mixup > 0 or d.cutmix > 0) and a.loss == "trades":
         raise ConfigError("mixup", "TRADES needs hard labels for its natural loss",
                           "set mixup: 0 and cutmix: 0 with loss: trades")
@@ -394,7 +403,4 @@ def config_from_dict(values: Dict[str, Any]) -> TrainConfig:
 
 def save_args_yaml(cfg: TrainConfig, path: str) -> None:
     """Write the resolved config beside the run (timm's ``args.yaml``), atomically."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

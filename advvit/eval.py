@@ -37,6 +37,7 @@ from torch import nn
 
 from . import __version__
 from . import checks, config
+from .attacks import check_eps
 from .autoattack_adapter import (AA_ATTACKS, AutoAttackAdapter, StateMismatchError,
                                  available_backends)
 
@@ -79,12 +80,10 @@ def parse_eps(text: str | float, *, norm: str = "linf", name: str = "--eps") -> 
         value = config.parse_eps(text, name)
     except config.ConfigError:
         raise EvalError(f"{name} {text!r} is not a number: give e.g. 4/255 or 0.0157") from None
-    if not math.isfinite(value) or value < 0:
-        raise EvalError(f"{name} {text!r} must be >= 0")
-    if norm == "linf" and value > 1:
-        raise EvalError(f"{name} {text!r} is above 1 for Linf, larger than the [0, 1] pixel range: "
-                        f"did you mean {text}/255?")
-    return value
+    try:
+        return check_eps(value, norm, name=name)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
 
 
 @dataclass(frozen=True)
