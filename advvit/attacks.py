@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["pgd", "fgsm", "NORMS", "frozen_model", "project", "default_step_size",
-           "check_attack_args", "check_eps", "max_eps"]
+           "check_attack_args", "check_eps", "max_eps", "model_mode"]
 
 NORMS = ("linf", "l2")
 ModelMode = Literal["eval", "train", "keep"]
@@ -122,6 +122,27 @@ def _check_input(x: torch.Tensor, check_range: bool) -> None:
 
 
 @contextlib.contextmanager
+def model_mode(model: nn.Module, mode: ModelMode = "eval") -> Iterator[nn.Module]:
+    """Put ``model`` in eval or train mode ("keep": leave it); restore every submodule's own
+    mode on exit, also when the body raises (a submodule may have been in another mode than
+    its parent).
+
+    Yields:
+        The same model.
+    """
+    if mode not in ("eval", "train", "keep"):
+        raise ValueError(f"mode must be 'eval', 'train' or 'keep', got {mode!r}")
+    training = [(m, m.training) for m in model.modules()] if mode != "keep" else []
+    try:
+        if mode != "keep":
+            model.train(mode == "train")
+        yield model
+    finally:
+        for m, was_training in training:
+            m.training = was_training
+
+
+@contextlib.contextmanager
 def frozen_model(model: nn.Module, mode: ModelMode = "eval") -> Iterator[nn.Module]:
     """Freeze parameters and set train/eval mode for an attack; restore both on exit.
 
@@ -133,7 +154,6 @@ def frozen_model(model: nn.Module, mode: ModelMode = "eval") -> Iterator[nn.Modu
         The same model.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
-    training = [(m, m.training) for m in model.modules()] if mode != "keep" else []
     # A train-mode attack (needed on XLA, whose eval-mode BatchNorm has no backward) must not
     # move the running statistics either: keep a copy and put it back.
     saved_stats = []
@@ -143,14 +163,11 @@ def frozen_model(model: nn.Module, mode: ModelMode = "eval") -> Iterator[nn.Modu
     try:
         for p in trainable:
             p.requires_grad_(False)
-        if mode != "keep":
-            model.train(mode == "train")
-        yield model
+        with model_mode(model, mode):
+            yield model
     finally:
         for p in trainable:
             p.requires_grad_(True)
-        for m, was_training in training:
-            m.training = was_training
         with torch.no_grad():
             for buffer, value in saved_stats:
                 buffer.copy_(value)
