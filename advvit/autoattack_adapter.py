@@ -7,34 +7,35 @@ and prints. :class:`AutoAttackAdapter` hides the difference and adds what an eva
 needs and neither front class returns: robust accuracy and time after every attack, the attack
 that broke each example, AutoAttack's own warnings, and a resumable state file.
 
-How it runs: the ensemble loop is AutoAttack's. For each attack, the examples still robust are
-cut into the same batches AutoAttack cuts them into, and each batch goes through the package's
-own ``run_standard_evaluation`` with only that attack enabled. Every attack re-seeds itself at
-the start of each batch, so the outcome equals one call of ``run_standard_evaluation`` on the
-whole set (a test checks it). Recording progress per batch is what makes a resumed evaluation
-equal an uninterrupted one: pyautoattack's own ``state_path`` re-batches an interrupted attack,
-which changes its random starts.
+How it runs: each AutoAttack attack is a :class:`advvit.robustness.BatchAttack` that sends one
+batch through the package's own ``run_standard_evaluation`` with only that attack enabled, and
+:func:`advvit.robustness.run_attacks` (the runner PGD and FGSM use too) runs them as AutoAttack's
+ensemble loop does: for each attack, the examples still robust are cut into the same batches
+AutoAttack cuts them into. Every attack re-seeds itself at the start of each batch, so the
+outcome equals one call of ``run_standard_evaluation`` on the whole set (a test checks it).
+Recording progress per batch is what makes a resumed evaluation equal an uninterrupted one:
+pyautoattack's own ``state_path`` re-batches an interrupted attack, which changes its random
+starts.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
 import importlib
-import json
 import logging
 import os
 import tempfile
 import types
-import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 
-from .io import atomic_write_json
+from .attacks import check_eps
+from .robustness import (AttackOutcome, AttackSuite, BatchAttack, EnsembleResult,
+                         StateMismatchError, run_attacks)
 
 __all__ = [
     "AA_ATTACKS",
@@ -54,14 +55,11 @@ AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 BLACK_BOX_ATTACKS = frozenset({"square"})
 """Attacks that use no gradients: when they beat the others, gradients are likely masked."""
 
-VERSIONS = ("standard", "plus", "custom")
+VERSIONS = ("standard", "plus", "rand", "custom")
+"""AutoAttack's versions; "rand" (APGD-CE and APGD-DLR with 20-sample EOT) is for randomized
+models."""
 Backend = Literal["auto", "pyautoattack", "autoattack"]
-_STATE_FORMAT = "advvit-autoattack-state/1"
 _AA_LOGGER = "auto-attack"
-
-
-class StateMismatchError(ValueError):
-    """A state file belongs to another evaluation (other model inputs, attacks, eps or seed)."""
 
 
 def canonical_norm(norm: str) -> str:
@@ -121,81 +119,6 @@ def _resolve_backend(backend: Backend) -> str:
     return backend
 
 
-@dataclass
-class AttackOutcome:
-    """Robust accuracy after one attack of an ensemble.
-
-    Attributes:
-        name: AutoAttack's name of the attack.
-        robust: per example, still correctly classified after this attack and all before it.
-        seconds: wall time this attack took (summed over resumed runs).
-        n_attacked: how many examples this attack was run on (those robust before it).
-    """
-
-    name: str
-    robust: torch.Tensor
-    seconds: float
-    n_attacked: int
-
-    @property
-    def robust_accuracy(self) -> float:
-        """Fraction of all examples still robust after this attack."""
-        return float(self.robust.float().mean().item()) if self.robust.numel() else float("nan")
-
-
-@dataclass
-class EnsembleResult:
-    """What one AutoAttack evaluation found.
-
-    Attributes:
-        clean: per example, correctly classified without attack.
-        robust: per example, correctly classified under every attack of the ensemble.
-        attacks: one :class:`AttackOutcome` per attack run, in order (cumulative).
-        broken_by: per example, the attack that first broke it, "clean" when misclassified
-            without attack, None when robust.
-        x_adv: adversarial examples (x itself where no attack succeeded), or None when not kept.
-            After a resume, examples broken before the interruption hold x (see ``adv_complete``).
-        adv_complete: False when ``x_adv`` lacks examples broken before a resume.
-        complete: False when the run stopped early (``stop_after_batches``); the state file
-            then holds the rest of the work.
-        warnings: AutoAttack's own warnings, deduplicated, in the order raised.
-        backend, backend_version, version, norm, eps, seed, batch_size: how it was run.
-        attack_settings: iterations / restarts / targets / queries each attack used.
-    """
-
-    clean: torch.Tensor
-    robust: torch.Tensor
-    attacks: list[AttackOutcome]
-    broken_by: list[str | None]
-    x_adv: torch.Tensor | None
-    adv_complete: bool
-    warnings: list[str]
-    backend: str
-    backend_version: str
-    version: str
-    norm: str
-    eps: float
-    seed: int
-    batch_size: int
-    attack_settings: dict[str, dict[str, int]] = field(default_factory=dict)
-    complete: bool = True
-
-    @property
-    def n(self) -> int:
-        """Number of examples evaluated."""
-        return int(self.clean.numel())
-
-    @property
-    def clean_accuracy(self) -> float:
-        """Fraction of examples classified correctly without attack."""
-        return float(self.clean.float().mean().item()) if self.n else float("nan")
-
-    @property
-    def robust_accuracy(self) -> float:
-        """Fraction of examples that survived the whole ensemble."""
-        return float(self.robust.float().mean().item()) if self.n else float("nan")
-
-
 class _WarningCollector(logging.Handler):
     """Collects warnings from the ``auto-attack`` logger (pyautoattack's checks)."""
 
@@ -235,15 +158,6 @@ def capture_autoattack_warnings() -> Iterator[list[str]]:
                 messages.append(message)
 
 
-def _fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
-    """sha256 of the inputs and labels, so a state file cannot be resumed on other data."""
-    digest = hashlib.sha256()
-    digest.update(str((tuple(x.shape), str(x.dtype))).encode())
-    digest.update(x.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(y.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 _MODEL_CHECKS = ("check_randomized", "check_range_output", "check_dynamic", "check_n_classes")
 
 
@@ -269,7 +183,7 @@ def _model_checks_skipped(skip: bool):
 
 
 class AutoAttackAdapter:
-    """Run AutoAttack (standard, plus, or a custom list of its attacks) on a model.
+    """Run AutoAttack (standard, plus, rand, or a custom list of its attacks) on a model.
 
     The model must map [0, 1] NCHW pixels to logits; any normalization belongs inside it. It is
     put in eval mode for the run (AutoAttack's standard version never does) and its mode is
@@ -279,8 +193,9 @@ class AutoAttackAdapter:
         model: the classifier.
         eps: perturbation budget in pixel units (e.g. 4/255).
         norm: "linf" or "l2" (any case).
-        version: "standard" (APGD-CE, APGD-T, FAB-T, Square as published), "plus", or "custom"
-            (then ``attacks`` names the attacks, in order).
+        version: "standard" (APGD-CE, APGD-T, FAB-T, Square as published), "plus", "rand"
+            (APGD-CE and APGD-DLR averaging 20 gradients per step (EOT), for randomized
+            models), or "custom" (then ``attacks`` names the attacks, in order).
         attacks: for ``version="custom"``: names from :data:`AA_ATTACKS`.
         seed: seed every attack re-seeds itself with; never None, so runs repeat.
         device: where AutoAttack moves each batch; the model must already be there.
@@ -294,7 +209,7 @@ class AutoAttackAdapter:
             "pyautoattack" or "autoattack".
 
     Raises:
-        ValueError: on an unknown version, attack, norm, or a non-positive knob.
+        ValueError: on an unknown version, attack, norm, a bad eps or a non-positive knob.
         ImportError: when the requested AutoAttack package is not installed.
     """
 
@@ -315,8 +230,7 @@ class AutoAttackAdapter:
         backend: Backend = "auto",
     ) -> None:
         self.norm = canonical_norm(norm)
-        if not (isinstance(eps, (int, float)) and eps >= 0):
-            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        check_eps(eps, self.norm.lower())
         if version not in VERSIONS:
             raise ValueError(f"version {version!r} is unknown: use one of {', '.join(VERSIONS)}")
         if version == "custom":
@@ -352,6 +266,7 @@ class AutoAttackAdapter:
         self.backend_version = backend_version(self.backend)
         self._aa = self._build(attacks, n_iter, n_restarts, n_queries)
         self.attacks: list[str] = list(self._aa.attacks_to_run)
+        self._checked = False
 
     # ----------------------------------------------------------------------------- building
     def _build(self, attacks: Sequence[str] | None, n_iter: int | None,
@@ -392,9 +307,12 @@ class AutoAttackAdapter:
     def attack_settings(self) -> dict[str, dict[str, int]]:
         """Iterations, restarts, targets and queries each attack of the ensemble runs with."""
         aa = self._aa
+        apgd = {"n_iter": aa.apgd.n_iter, "n_restarts": aa.apgd.n_restarts}
+        if aa.apgd.eot_iter != 1:  # the rand version's EOT; 1 (none) elsewhere
+            apgd["eot_iter"] = aa.apgd.eot_iter
         table = {
-            "apgd-ce": {"n_iter": aa.apgd.n_iter, "n_restarts": aa.apgd.n_restarts},
-            "apgd-dlr": {"n_iter": aa.apgd.n_iter, "n_restarts": aa.apgd.n_restarts},
+            "apgd-ce": apgd,
+            "apgd-dlr": apgd,
             "apgd-t": {"n_iter": aa.apgd_targeted.n_iter,
                        "n_restarts": aa.apgd_targeted.n_restarts,
                        "n_target_classes": aa.apgd_targeted.n_target_classes},
@@ -407,20 +325,21 @@ class AutoAttackAdapter:
         return {name: dict(table[name]) for name in self.attacks}
 
     # ----------------------------------------------------------------------------- running
-    def _run_one_batch(self, attack: str, x: torch.Tensor, y: torch.Tensor, *,
-                       checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_one_batch(self, attack: str, x: torch.Tensor, y: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """AutoAttack's own loop on one batch with one attack enabled -> (x_adv, y_pred).
 
-        ``checked``: AutoAttack's model checks already ran on an earlier batch of this
-        evaluation; they are skipped here, as one direct AutoAttack call runs them once.
+        AutoAttack's model checks run on the first batch of an evaluation only, as one direct
+        AutoAttack call runs them once.
         """
         aa = self._aa
         aa.attacks_to_run = [attack]
         if self.backend == "pyautoattack":
-            with _model_checks_skipped(checked):
+            with _model_checks_skipped(self._checked):
                 out = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
         else:
             out = aa.run_standard_evaluation(x, y, bs=x.shape[0])
+        self._checked = True
         if isinstance(out, tuple):
             x_adv, y_adv = out[0], out[1]
         else:  # the reference package returns labels only when asked (return_labels=True)
@@ -429,18 +348,14 @@ class AutoAttackAdapter:
                 y_adv = self.model(x_adv.to(self.device)).argmax(1)
         return x_adv.detach().cpu(), y_adv.detach().cpu()
 
-    def _clean_predictions(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-        preds = []
-        with torch.no_grad():
-            for start in range(0, x.shape[0], batch_size):
-                xb = x[start:start + batch_size].to(self.device)
-                preds.append(self.model(xb).argmax(1).cpu())
-        return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
-
-    def _state_config(self, fingerprint: str, n: int, batch_size: int) -> dict:
-        return {"backend": self.backend, "version": self.version, "attacks": self.attacks,
-                "settings": self.attack_settings, "eps": self.eps, "norm": self.norm,
-                "seed": self.seed, "batch_size": batch_size, "n": n, "data": fingerprint}
+    @property
+    def suite(self) -> AttackSuite:
+        """The ensemble as :func:`advvit.robustness.run_attacks` runs it."""
+        settings = self.attack_settings
+        attacks = tuple(BatchAttack(name, functools.partial(self._run_one_batch, name),
+                                    settings[name]) for name in self.attacks)
+        return AttackSuite(attacks, self.eps, self.norm, self.seed, self.version,
+                           self.backend, self.backend_version)
 
     def run(
         self,
@@ -453,7 +368,7 @@ class AutoAttackAdapter:
         stop_after_batches: int | None = None,
         on_batch: Callable[[str, int, int], None] | None = None,
     ) -> EnsembleResult:
-        """Evaluate the ensemble on (x, y).
+        """Evaluate the ensemble on (x, y) with :func:`advvit.robustness.run_attacks`.
 
         Args:
             x: inputs, NCHW in [0, 1] (kept on the CPU; batches move to ``device``).
@@ -469,130 +384,19 @@ class AutoAttackAdapter:
             on_batch: called as ``on_batch(attack, batch_index, n_batches)`` after each batch.
 
         Returns:
-            An :class:`EnsembleResult`.
+            An :class:`EnsembleResult` whose ``warnings`` are AutoAttack's own.
 
         Raises:
             ValueError: on mismatched shapes, values outside [0, 1] or a bad batch size.
             StateMismatchError: when ``state_path`` belongs to another evaluation.
         """
-        if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-            raise ValueError(f"x and y do not match: x has shape {tuple(x.shape)}, y has shape "
-                             f"{tuple(y.shape)}; need x (N, ...) and integer labels y (N,)")
-        if x.numel() and (x.min() < 0 or x.max() > 1):
-            raise ValueError("inputs must be pixels in [0, 1] (normalization goes inside the "
-                             f"model); got values in [{x.min().item():.3g}, "
-                             f"{x.max().item():.3g}]")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        x = x.detach().cpu()
-        y = y.detach().cpu().long()
-        n = x.shape[0]
-        path = Path(state_path) if state_path is not None else None
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with capture_autoattack_warnings() as aa_warnings:
-                result = self._run(x, y, n, batch_size, path, keep_adv, stop_after_batches,
-                                   on_batch)
-        finally:
-            self.model.train(was_training)
+        self._checked = False
+        with capture_autoattack_warnings() as aa_warnings:
+            result = run_attacks(self.model, x, y, self.suite, batch_size=batch_size,
+                                 device=self.device, state_path=state_path, keep_adv=keep_adv,
+                                 stop_after_batches=stop_after_batches, on_batch=on_batch)
         result.warnings = list(dict.fromkeys(list(aa_warnings) + self._reference_log_warnings()))
         return result
-
-    def _run(self, x, y, n, batch_size, path, keep_adv, stop_after_batches, on_batch
-             ) -> EnsembleResult:
-        config = self._state_config(_fingerprint(x, y), n, batch_size)
-        state = self._load_state(path, config)
-        # Adversarial examples are not kept in the state file (for ImageNet they would be
-        # gigabytes): those found before an interruption are missing from x_adv.
-        adv_complete = state is None or all(b in (None, "clean") for b in state["broken_by"])
-        if state is None:
-            clean = (self._clean_predictions(x, batch_size) == y)
-            state = {"format": _STATE_FORMAT, "config": config,
-                     "clean": clean.tolist(), "robust": clean.tolist(),
-                     "broken_by": [None if c else "clean" for c in clean.tolist()],
-                     "done": [], "current": None}
-            self._save_state(path, state)
-        robust = torch.tensor(state["robust"], dtype=torch.bool)
-        broken_by: list[str | None] = list(state["broken_by"])
-        x_adv = x.clone() if keep_adv else None
-        batches_run = 0
-        stopped = False
-        for attack in self.attacks:
-            if any(d["name"] == attack for d in state["done"]):
-                continue
-            current = state["current"]
-            if current is None or current["name"] != attack:
-                # The examples robust now are this attack's work list, cut into fixed batches:
-                # recorded so a resume attacks exactly the batches an uninterrupted run would.
-                todo = torch.nonzero(robust).flatten().tolist()
-                current = {"name": attack, "todo": todo, "batches_done": 0, "seconds": 0.0}
-                state["current"] = current
-            todo = current["todo"]
-            n_batches = (len(todo) + batch_size - 1) // batch_size
-            for b in range(current["batches_done"], n_batches):
-                if stop_after_batches is not None and batches_run >= stop_after_batches:
-                    stopped = True
-                    break
-                idx = torch.tensor(todo[b * batch_size:(b + 1) * batch_size], dtype=torch.long)
-                start = time.perf_counter()
-                xb_adv, yb_adv = self._run_one_batch(attack, x[idx], y[idx],
-                                                     checked=batches_run > 0)
-                current["seconds"] += time.perf_counter() - start
-                fooled = yb_adv != y[idx]
-                for i in idx[fooled].tolist():
-                    robust[i] = False
-                    broken_by[i] = attack
-                if x_adv is not None:
-                    x_adv[idx[fooled]] = xb_adv[fooled].to(x_adv.dtype)
-                current["batches_done"] = b + 1
-                state["robust"], state["broken_by"] = robust.tolist(), broken_by
-                self._save_state(path, state)
-                batches_run += 1
-                if on_batch is not None:
-                    on_batch(attack, b, n_batches)
-            if stopped:
-                break
-            state["done"].append({"name": attack, "robust": robust.tolist(),
-                                  "seconds": current["seconds"], "n_attacked": len(todo)})
-            state["current"] = None
-            self._save_state(path, state)
-        outcomes = [AttackOutcome(d["name"], torch.tensor(d["robust"], dtype=torch.bool),
-                                  float(d["seconds"]), int(d["n_attacked"]))
-                    for d in state["done"]]
-        return EnsembleResult(
-            clean=torch.tensor(state["clean"], dtype=torch.bool), robust=robust,
-            attacks=outcomes, broken_by=broken_by, x_adv=x_adv,
-            adv_complete=adv_complete, warnings=[], backend=self.backend,
-            backend_version=self.backend_version, version=self.version, norm=self.norm,
-            eps=self.eps, seed=self.seed, batch_size=batch_size,
-            attack_settings=self.attack_settings, complete=not stopped)
-
-    # ----------------------------------------------------------------------------- state
-    @staticmethod
-    def _load_state(path: Path | None, config: dict) -> dict | None:
-        if path is None or not path.exists():
-            return None
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise StateMismatchError(f"state file {path} cannot be read ({err}): delete it to "
-                                     "start the evaluation afresh") from err
-        if state.get("format") != _STATE_FORMAT:
-            raise StateMismatchError(f"{path} is not an advvit AutoAttack state file: give "
-                                     "another --state-path")
-        saved = state.get("config", {})
-        differs = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-        if differs:
-            raise StateMismatchError(
-                f"state file {path} belongs to another evaluation (differs in "
-                f"{', '.join(differs)}): give another state path or delete it")
-        return state
-
-    @staticmethod
-    def _save_state(path: Path | None, state: dict) -> None:
-        if path is not None:
-            atomic_write_json(path, state)
 
     def _reference_log_warnings(self) -> list[str]:
         log_path = getattr(self, "_log_path", None)

@@ -15,10 +15,14 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .attacks import model_mode
+
 __all__ = [
     "Flag",
     "ALL_ROBUST",
+    "GRADIENT_MASKING",
     "input_margin_gradient",
+    "missing_input_gradient",
     "check_zero_gradients",
     "check_nonfinite_gradients",
     "check_randomized",
@@ -27,11 +31,19 @@ __all__ = [
     "check_black_box_beats_white_box",
     "check_robust_above_clean",
     "check_autoattack_warnings",
+    "check_failed_attacks",
     "run_model_checks",
 ]
 
 ALL_ROBUST = "*"
 """``Flag.affects`` value meaning: every robust-accuracy number of the report."""
+
+GRADIENT_MASKING = frozenset({
+    "zero_gradients", "nonfinite_gradients", "attack_failed", "black_box_beats_white_box",
+    "aa_zero_gradients", "aa_square_beats_white_box",
+})
+"""Flag codes meaning the gradients are masked or missing: gradient attacks then overstate
+robustness, and a report leads with that (robust accuracy marked untrustworthy)."""
 
 
 @dataclass(frozen=True)
@@ -56,13 +68,8 @@ class Flag:
 
 
 def _eval_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        model.train(was_training)
+    with model_mode(model, "eval"), torch.no_grad():
+        return model(x)
 
 
 def input_margin_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -80,20 +87,39 @@ def input_margin_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     Returns:
         The gradient, same shape as ``x``; parameter gradients are left untouched.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        x = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            logits = model(x)
-            true = logits.gather(1, y.view(-1, 1)).squeeze(1)
-            other = logits.clone()
-            other.scatter_(1, y.view(-1, 1), float("-inf"))
-            margin = true - other.max(1).values
-            (grad,) = torch.autograd.grad(margin.sum(), x, allow_unused=True)
-    finally:
-        model.train(was_training)
+    x = x.detach().clone().requires_grad_(True)
+    with model_mode(model, "eval"), torch.enable_grad():
+        logits = model(x)
+        if not logits.requires_grad:  # input and weights both cut from the graph
+            return torch.zeros_like(x)
+        true = logits.gather(1, y.view(-1, 1)).squeeze(1)
+        other = logits.clone()
+        other.scatter_(1, y.view(-1, 1), float("-inf"))
+        margin = true - other.max(1).values
+        (grad,) = torch.autograd.grad(margin.sum(), x, allow_unused=True)
     return torch.zeros_like(x) if grad is None else grad.detach()
+
+
+def missing_input_gradient(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why no gradient of the model's output reaches its input, or None when one does.
+
+    A forward that detaches its input (``x.detach()``, a numpy round trip, ``torch.no_grad``)
+    leaves gradient attacks nothing to follow: autograd then raises inside them.
+
+    Args:
+        model: classifier; evaluated in eval mode, every submodule's mode restored afterwards.
+        x: a batch of inputs in [0, 1].
+    """
+    x = x.detach().clone().requires_grad_(True)
+    with model_mode(model, "eval"), torch.enable_grad():
+        out = model(x)
+        connected = out.requires_grad and torch.autograd.grad(
+            out.float().sum(), x, allow_unused=True)[0] is not None
+    if connected:
+        return None
+    return ("the model's output has no gradient with respect to its input (its forward cuts "
+            "the input from the autograd graph, e.g. with x.detach()): gradient attacks cannot "
+            "run on it")
 
 
 def check_zero_gradients(grad: torch.Tensor, *, min_fraction: float = 0.0) -> Flag | None:
@@ -223,6 +249,21 @@ def check_robust_above_clean(clean_accuracy: float, robust_accuracy: float, *,
                 "robust accuracy is above clean accuracy, which a correct evaluation never "
                 "gives: the model or the attack is broken (randomness, wrong labels, eval mode)",
                 f"robust {robust_accuracy:.2%} > clean {clean_accuracy:.2%}", (attack,))
+
+
+def check_failed_attacks(failed: Sequence[tuple[str, str]]) -> Flag | None:
+    """Flag attacks that could not run for lack of a gradient.
+
+    Args:
+        failed: (attack, reason) for each attack the runner recorded as failed.
+    """
+    if not failed:
+        return None
+    return Flag("attack_failed",
+                "gradient attacks could not run (the model gives no input gradient): the "
+                "examples they could not attack count as not broken, so robust accuracy is "
+                "overstated (gradient masking)",
+                "; ".join(f"{name}: {reason}" for name, reason in failed), (ALL_ROBUST,))
 
 
 # AutoAttack's own flags (its checks.py), keyed by a phrase of their message.

@@ -3,6 +3,9 @@
 checkpoint (or timm name + weights) -> examples -> attack(s) -> report: a console table and a
 JSON file with clean and robust accuracy, per-attack numbers and times, n, eps, norm, seed,
 versions, the model file's sha256, and the sanity-check flags (numbers they concern are marked).
+This module parses and validates the arguments, loads model and data, and hands the rest on:
+the attacks run in :mod:`advvit.robustness`, the report is made and written by
+:mod:`advvit.report`.
 
 Examples::
 
@@ -18,16 +21,11 @@ is one error line naming it and the fix (exit status 2).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import hashlib
-import json
-import math
 import os
-import platform
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,30 +33,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
 from . import checks, config
 from .attacks import check_eps
-from .autoattack_adapter import (AA_ATTACKS, AutoAttackAdapter, StateMismatchError,
-                                 available_backends)
+from .autoattack_adapter import AA_ATTACKS, AutoAttackAdapter, available_backends
+from .report import (EVAL_FORMAT, build_report, envelope, print_table, save_sweep_plot,
+                     save_tensors, sha256_file, write_report)
+from .robustness import (EnsembleResult, StateMismatchError, merge_outcomes, run_attacks,
+                         torch_attack_suite)
 
 __all__ = [
     "EvalError",
     "AttackSpec",
-    "Outcome",
     "parse_eps",
     "parse_attack",
     "select_indices",
     "read_ids_file",
     "run_attack",
-    "merge_outcomes",
-    "build_report",
     "build_parser",
     "main",
 ]
 
 TORCH_ATTACKS = ("pgd", "fgsm")
 ENSEMBLES = {"autoattack": "standard", "autoattack-standard": "standard",
-             "autoattack-plus": "plus"}
+             "autoattack-plus": "plus", "autoattack-rand": "rand"}
 ATTACK_CHOICES = (*ENSEMBLES, *AA_ATTACKS, *TORCH_ATTACKS)
 
 
@@ -93,7 +90,7 @@ class AttackSpec:
     Attributes:
         name: the ``--attack`` text.
         kind: "autoattack" (the AutoAttack code, via the adapter) or "pgd" / "fgsm" (advvit.attacks).
-        version: AutoAttack version ("standard", "plus", "custom"); None for pgd/fgsm.
+        version: AutoAttack version ("standard", "plus", "rand", "custom"); None for pgd/fgsm.
         attacks: the AutoAttack attacks run, in order (custom version), or (kind,).
         steps: iterations (APGD/FAB/PGD) or queries (Square); None for the default.
         restarts: restarts; None for the default.
@@ -113,7 +110,8 @@ def parse_attack(text: str, *, steps: int | None = None, restarts: int | None = 
                  step_size: float | None = None) -> AttackSpec:
     """Turn ``--attack`` and its knobs into an :class:`AttackSpec`.
 
-    ``autoattack`` / ``autoattack-plus`` run AutoAttack as published (knobs refused);
+    ``autoattack`` / ``autoattack-plus`` run AutoAttack as published, ``autoattack-rand`` its
+    version for randomized models (APGD-CE and APGD-DLR with 20-sample EOT; knobs refused);
     a comma list of AutoAttack names (``apgd-ce,apgd-t``) runs a custom ensemble; one name alone
     runs that attack (``apgd-ce`` defaults to the thesis's 5 restarts x 100 iterations:
     ``--restarts 1`` is AutoAttack's standard setting); ``pgd`` / ``fgsm`` run advvit.attacks.
@@ -235,103 +233,9 @@ def select_indices(n_total: int, *, n_examples: int | None = None, sample: str =
 # running
 # --------------------------------------------------------------------------------------------
 
-@dataclass
-class Outcome:
-    """Per-example result of one attack at one eps (one shard, or merged).
-
-    Attributes:
-        positions: positions of the examples in the evaluated list (for merging shards).
-        clean: correctly classified without attack.
-        steps: (attack name, robust after it and all before it) in order.
-        seconds: per attack name, wall time.
-        broken_by: per example: the attack that broke it, "clean", or None.
-        x_adv: adversarial examples, or None.
-        warnings: AutoAttack's own warning messages.
-        settings: what each attack ran with.
-        backend: which AutoAttack package ran it ("" for pgd/fgsm).
-    """
-
-    positions: list[int]
-    clean: torch.Tensor
-    steps: list[tuple[str, torch.Tensor]]
-    seconds: dict[str, float]
-    broken_by: list[str | None]
-    x_adv: torch.Tensor | None = None
-    warnings: list[str] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
-    backend: str = ""
-
-    @property
-    def robust(self) -> torch.Tensor:
-        """Robust under the whole attack (all steps)."""
-        return self.steps[-1][1] if self.steps else self.clean
-
-
-def _torch_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, *,
-                  eps: float, norm: str, seed: int, batch_size: int, device: torch.device,
-                  keep_adv: bool) -> Outcome:
-    """PGD / FGSM from advvit.attacks; restarts attack only the examples still robust."""
-    from . import attacks  # torch only; imported here so the module loads without it
-
-    model.eval()
-    clean = torch.zeros(len(y), dtype=torch.bool)
-    with torch.no_grad():
-        for s in range(0, len(y), batch_size):
-            clean[s:s + batch_size] = model(x[s:s + batch_size].to(device)).argmax(1).cpu() == \
-                y[s:s + batch_size]
-    robust = clean.clone()
-    broken_by: list[str | None] = [None if c else "clean" for c in clean.tolist()]
-    x_adv = x.clone() if keep_adv else None
-    restarts = spec.restarts or 1
-    start = time.perf_counter()
-    for r in range(restarts):
-        # One seed per restart: a restart draws a new random start, repeats run to run.
-        torch.manual_seed(seed + r)
-        todo = torch.nonzero(robust).flatten()
-        for s in range(0, len(todo), batch_size):
-            idx = todo[s:s + batch_size]
-            xb, yb = x[idx].to(device), y[idx].to(device)
-            if spec.kind == "fgsm":
-                adv = attacks.fgsm(model, xb, yb, eps=eps, norm=norm, random_init=False,
-                                   step_size=spec.step_size)
-            else:
-                adv = attacks.pgd(model, xb, yb, eps=eps, norm=norm, steps=spec.steps or 10,
-                                  step_size=spec.step_size, random_init=True)
-            with torch.no_grad():
-                fooled = (model(adv).argmax(1) != yb).cpu()
-            for i in idx[fooled].tolist():
-                robust[i] = False
-                broken_by[i] = spec.kind
-            if x_adv is not None:
-                x_adv[idx[fooled]] = adv[fooled].cpu()
-    settings = {spec.kind: {"steps": 1 if spec.kind == "fgsm" else (spec.steps or 10),
-                            "restarts": restarts, "step_size": spec.step_size,
-                            "random_init": spec.kind == "pgd"}}
-    return Outcome(list(range(len(y))), clean, [(spec.kind, robust)],
-                   {spec.kind: time.perf_counter() - start}, broken_by, x_adv, [], settings)
-
-
-def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, *,
-               eps: float, norm: str = "linf", seed: int = 0, batch_size: int = 250,
-               device: str | torch.device = "cpu", state_path: str | os.PathLike | None = None,
-               keep_adv: bool = False, num_classes: int | None = None,
-               backend: str = "auto") -> Outcome:
-    """Run one attack at one eps on (x, y), all on this process.
-
-    Args:
-        model: classifier on ``device`` taking [0, 1] pixels, returning logits.
-        x, y: the examples (CPU tensors).
-        spec: from :func:`parse_attack`.
-        eps, norm, seed, batch_size, device: as the CLI options.
-        state_path: AutoAttack only: the adapter's resumable state file.
-        keep_adv: keep the adversarial examples.
-        num_classes: the model's classes (lets AutoAttack's targeted attacks fit < 10 classes).
-        backend: AutoAttack package: "auto", "pyautoattack" or "autoattack".
-    """
-    device = torch.device(device)
-    if spec.kind != "autoattack":
-        return _torch_attack(model, x, y, spec, eps=eps, norm=norm, seed=seed,
-                             batch_size=batch_size, device=device, keep_adv=keep_adv)
+def _autoattack_adapter(model: nn.Module, spec: AttackSpec, *, eps: float, norm: str,
+                       seed: int, device: torch.device, num_classes: int | None,
+                       backend: str) -> AutoAttackAdapter:
     kwargs: dict[str, Any] = {}
     if spec.version == "custom":
         # --steps is Square's query budget when Square runs alone, the iterations of the
@@ -343,177 +247,40 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackS
         if restarts is None and spec.attacks == ("square",):
             restarts = 1
         kwargs["n_restarts"] = restarts
-    adapter = AutoAttackAdapter(model, eps=eps, norm=norm, version=spec.version,
-                                attacks=list(spec.attacks) if spec.version == "custom" else None,
-                                seed=seed, device=device, num_classes=num_classes,
-                                backend=backend, **kwargs)
-    result = adapter.run(x, y, batch_size=batch_size, state_path=state_path, keep_adv=keep_adv)
-    return Outcome(list(range(len(y))), result.clean,
-                   [(a.name, a.robust) for a in result.attacks],
-                   {a.name: a.seconds for a in result.attacks}, result.broken_by,
-                   result.x_adv, result.warnings, result.attack_settings,
-                   f"{result.backend} {result.backend_version}")
+    return AutoAttackAdapter(model, eps=eps, norm=norm, version=spec.version,
+                             attacks=list(spec.attacks) if spec.version == "custom" else None,
+                             seed=seed, device=device, num_classes=num_classes,
+                             backend=backend, **kwargs)
 
 
-def merge_outcomes(parts: Sequence[Outcome]) -> Outcome:
-    """Merge shard outcomes (their ``positions`` index the full list) into one.
+def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, *,
+               eps: float, norm: str = "linf", seed: int = 0, batch_size: int = 250,
+               device: str | torch.device = "cpu", state_path: str | os.PathLike | None = None,
+               keep_adv: bool = False, num_classes: int | None = None,
+               backend: str = "auto") -> EnsembleResult:
+    """Run one attack at one eps on (x, y), all on this process, through the one runner
+    (:func:`advvit.robustness.run_attacks`).
 
-    Times are the slowest shard's (the wall time of the whole evaluation); warnings are joined.
+    Args:
+        model: classifier on ``device`` taking [0, 1] pixels, returning logits.
+        x, y: the examples (CPU tensors).
+        spec: from :func:`parse_attack`.
+        eps, norm, seed, batch_size, device: as the CLI options.
+        state_path: the runner's resumable state file.
+        keep_adv: keep the adversarial examples.
+        num_classes: the model's classes (lets AutoAttack's targeted attacks fit < 10 classes).
+        backend: AutoAttack package: "auto", "pyautoattack" or "autoattack".
     """
-    n = sum(len(p.positions) for p in parts)
-    clean = torch.zeros(n, dtype=torch.bool)
-    names = [name for name, _ in parts[0].steps]
-    steps = {name: torch.zeros(n, dtype=torch.bool) for name in names}
-    broken: list[str | None] = [None] * n
-    seen = torch.zeros(n, dtype=torch.bool)
-    for p in parts:
-        if [name for name, _ in p.steps] != names:
-            raise ValueError("shards ran different attacks: cannot merge")
-        pos = torch.tensor(p.positions, dtype=torch.long)
-        if pos.numel() and (pos.max() >= n or seen[pos].any()):
-            raise ValueError("shard positions overlap or leave gaps: cannot merge")
-        seen[pos] = True
-        clean[pos] = p.clean
-        for name, flags in p.steps:
-            steps[name][pos] = flags
-        for k, b in zip(p.positions, p.broken_by):
-            broken[k] = b
-    seconds = {name: max(p.seconds.get(name, 0.0) for p in parts) for name in names}
-    warnings = []
-    for p in parts:
-        warnings += [w for w in p.warnings if w not in warnings]
-    return Outcome(list(range(n)), clean, [(name, steps[name]) for name in names], seconds,
-                   broken, None, warnings, parts[0].settings, parts[0].backend)
-
-
-# --------------------------------------------------------------------------------------------
-# the report
-# --------------------------------------------------------------------------------------------
-
-def _acc(flags: torch.Tensor) -> float:
-    return float(flags.float().mean()) if flags.numel() else float("nan")
-
-
-def _marked(value: float, flags: list[checks.Flag], key: str) -> dict[str, Any]:
-    codes = [f.code for f in flags if checks.ALL_ROBUST in f.affects or key in f.affects]
-    return {"value": value, "warnings": codes}
-
-
-def build_report(outcomes: dict[float, Outcome], *, spec: AttackSpec, norm: str, seed: int,
-                 model_flags: Sequence[checks.Flag], meta: dict[str, Any],
-                 indices: Sequence[int] | None = None, labels: torch.Tensor | None = None,
-                 per_example: bool = False) -> dict[str, Any]:
-    """The JSON report for outcomes at one or more eps (the first eps is the headline).
-
-    Runs the result checks (robust above clean, black-box beating white-box, robust accuracy
-    rising with eps), adds the model checks' and AutoAttack's flags, and marks every number a
-    flag concerns with the flag's code.
-    """
-    flags: list[checks.Flag] = list(model_flags)
-    results = []
-    for eps, out in outcomes.items():
-        clean_acc = _acc(out.clean)
-        step_accs = [(name, _acc(r)) for name, r in out.steps]
-        eps_flags = [f for f in (
-            checks.check_robust_above_clean(clean_acc, _acc(out.robust)),
-            checks.check_black_box_beats_white_box(step_accs)) if f is not None]
-        eps_flags += checks.check_autoattack_warnings(out.warnings)
-        for f in eps_flags:
-            if f not in flags:
-                flags.append(f)
-        here = list(model_flags) + eps_flags
-        attacked, before = [], out.clean
-        for _, flags_after in out.steps:
-            attacked.append(int(before.sum()))
-            before = flags_after
-        results.append({
-            "eps": eps, "eps_255": round(eps * 255, 4),
-            "clean_accuracy": clean_acc,
-            "robust_accuracy": _marked(_acc(out.robust), here, "robust"),
-            "attacks": [dict(name=name, robust_accuracy=_marked(acc, here, name),
-                             seconds=round(out.seconds.get(name, 0.0), 3),
-                             n_attacked=attacked[i],
-                             settings=out.settings.get(name, {}))
-                         for i, (name, acc) in enumerate(step_accs)],
-            "seconds": round(sum(out.seconds.values()), 3),
-        })
-    if len(outcomes) > 1:
-        sweep = checks.check_robust_rises_with_eps(
-            [(r["eps"], r["robust_accuracy"]["value"]) for r in results])
-        if sweep is not None:
-            flags.append(sweep)
-            for r in results:
-                if f"{r['eps']:.6g}" in sweep.affects:
-                    r["robust_accuracy"]["warnings"].append(sweep.code)
-    head = results[0]
-    first = next(iter(outcomes.values()))
-    report: dict[str, Any] = {
-        "format": "advvit-eval/1",
-        **meta,
-        "attack": {"name": spec.name, "kind": spec.kind, "version": spec.version,
-                   "attacks": [name for name, _ in first.steps], "norm": norm, "seed": seed,
-                   "backend": first.backend},
-        "n": int(first.clean.numel()),
-        "eps": head["eps"],
-        "clean_accuracy": head["clean_accuracy"],
-        "robust_accuracy": head["robust_accuracy"],
-        "results": results,
-        "warnings": [dict(code=f.code, message=f.message, detail=f.detail,
-                          affects=list(f.affects)) for f in flags],
-    }
-    if per_example:
-        report["per_example"] = [
-            {"index": int(indices[k]) if indices is not None else k,
-             "label": int(labels[k]) if labels is not None else None,
-             "clean": bool(first.clean[k]),
-             "robust": bool(first.robust[k]),
-             "broken_by": first.broken_by[k]}
-            for k in range(int(first.clean.numel()))]
-    return report
-
-
-def print_table(report: dict[str, Any], file: Any = None) -> None:
-    """Print the report's numbers as a table (a '!' marks a number a warning concerns)."""
-    out = file or sys.stdout
-    print(f"\nadvvit-eval  n={report['n']}  norm={report['attack']['norm']}  "
-          f"seed={report['attack']['seed']}  attack={report['attack']['name']}", file=out)
-    print(f"{'eps':>10} {'eps*255':>8} {'attack':>14} {'accuracy':>9} {'seconds':>9}", file=out)
-    for r in report["results"]:
-        print(f"{r['eps']:>10.5f} {r['eps_255']:>8.2f} {'clean':>14} "
-              f"{r['clean_accuracy']:>8.2%} {'':>9}", file=out)
-        for a in r["attacks"]:
-            mark = "!" if a["robust_accuracy"]["warnings"] else " "
-            print(f"{'':>10} {'':>8} {a['name']:>14} {a['robust_accuracy']['value']:>8.2%}{mark}"
-                  f"{a['seconds']:>9.1f}", file=out)
-        mark = "!" if r["robust_accuracy"]["warnings"] else " "
-        print(f"{'':>10} {'':>8} {'robust':>14} {r['robust_accuracy']['value']:>8.2%}{mark}",
-              file=out)
-    for w in report["warnings"]:
-        print(f"WARNING [{w['code']}] {w['message']}" + (f" ({w['detail']})" if w["detail"] else ""),
-              file=out)
-
-
-def save_sweep_plot(report: dict[str, Any], path: Path) -> Path | None:
-    """Plot robust accuracy against eps (PNG); returns None when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    eps = [r["eps_255"] for r in report["results"]]
-    acc = [r["robust_accuracy"]["value"] * 100 for r in report["results"]]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(eps, acc, marker="o")
-    ax.set_xlabel("eps (x/255)")
-    ax.set_ylabel("robust accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"{report['attack']['name']} ({report['attack']['norm']}), n={report['n']}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    device = torch.device(device)
+    if spec.kind == "autoattack":
+        adapter = _autoattack_adapter(model, spec, eps=eps, norm=norm, seed=seed, device=device,
+                                      num_classes=num_classes, backend=backend)
+        return adapter.run(x, y, batch_size=batch_size, state_path=state_path,
+                           keep_adv=keep_adv)
+    suite = torch_attack_suite(model, spec.kind, eps=eps, norm=norm, steps=spec.steps,
+                               restarts=spec.restarts, step_size=spec.step_size, seed=seed)
+    return run_attacks(model, x, y, suite, batch_size=batch_size, device=device,
+                       state_path=state_path, keep_adv=keep_adv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,14 +340,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
     if text is None:
         return None
@@ -629,11 +388,45 @@ class _Prepared:
     meta: dict[str, Any]
 
 
-def _prepare(args: argparse.Namespace) -> _Prepared:
-    """Validate every argument and load the model and examples, before any attack runs."""
-    from . import data as advdata
+def _check_writable(target: str | None, option: str) -> None:
+    """The file can be written: its nearest existing folder is a writable folder (the missing
+    ones are created when the file is written) and the path is not a folder itself."""
+    if not target:
+        return
+    path = Path(target).resolve()
+    if path.is_dir():
+        raise EvalError(f"{option} {target} is a folder: give a file name in it")
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        raise EvalError(f"{option} {target}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise EvalError(f"{option} {target}: {existing} is not writable")
 
-    # 1. arguments that need nothing loaded
+
+def _parse_eps_list(args: argparse.Namespace) -> list[float]:
+    if not args.eps_sweep:
+        return [parse_eps(args.eps, norm=args.norm)]
+    eps_list = [parse_eps(e, norm=args.norm, name="--eps-sweep")
+                for e in args.eps_sweep.split(",") if e.strip()]
+    if len(eps_list) < 2 or len(set(eps_list)) != len(eps_list):
+        raise EvalError("--eps-sweep needs two or more different eps, e.g. 0,2/255,4/255")
+    return eps_list
+
+
+def _check_eps_fits(eps_list: Sequence[float], args: argparse.Namespace,
+                    input_shape: Sequence[int]) -> None:
+    """The L2 bound depends on the input size, known once the data is loaded."""
+    name = "--eps-sweep" if args.eps_sweep else "--eps"
+    for eps in eps_list:
+        try:
+            check_eps(eps, args.norm, input_shape=tuple(input_shape), name=name)
+        except ValueError as err:
+            raise EvalError(str(err)) from None
+
+
+def _check_args(args: argparse.Namespace) -> tuple[AttackSpec, list[float], torch.device,
+                                                   list[str] | None]:
+    """The arguments that need nothing loaded -> (attack, eps list, device, ids)."""
     if bool(args.checkpoint) == bool(args.model):
         raise EvalError("give either --checkpoint FILE or --model NAME --weights FILE")
     if args.model and not args.weights:
@@ -648,13 +441,7 @@ def _prepare(args: argparse.Namespace) -> _Prepared:
         if args.step_size is not None else None
     spec = parse_attack(args.attack, steps=args.steps, restarts=args.restarts,
                         step_size=step_size)
-    if args.eps_sweep:
-        eps_list = [parse_eps(e, norm=args.norm, name="--eps-sweep")
-                    for e in args.eps_sweep.split(",") if e.strip()]
-        if len(eps_list) < 2 or len(set(eps_list)) != len(eps_list):
-            raise EvalError("--eps-sweep needs two or more different eps, e.g. 0,2/255,4/255")
-    else:
-        eps_list = [parse_eps(args.eps, norm=args.norm)]
+    eps_list = _parse_eps_list(args)
     if args.state_path and spec.kind != "autoattack":
         raise EvalError(f"--state-path resumes AutoAttack runs; --attack {spec.name} is short "
                         "enough to rerun: drop --state-path")
@@ -664,13 +451,20 @@ def _prepare(args: argparse.Namespace) -> _Prepared:
     ids = read_ids_file(args.ids_file) if args.ids_file else None
     if ids is not None and args.sample != "first":
         raise EvalError("--sample random picks examples itself: drop it or --ids-file")
-    for flag in ("output", "save_adv"):
-        target = getattr(args, flag)
-        if target and not Path(target).resolve().parent.is_dir():
-            raise EvalError(f"--{flag.replace('_', '-')} {target}: its folder does not exist")
+    for option, target in (("--output", args.output), ("--save-adv", args.save_adv),
+                           ("--state-path", args.state_path)):
+        _check_writable(target, option)
+    return spec, eps_list, device, ids
 
-    # 2. the model
-    meta: dict[str, Any] = {}
+
+def _load_model(args: argparse.Namespace) -> tuple[nn.Module, int, int, int | None,
+                                                   dict[str, Any]]:
+    """The model (eval mode, on the CPU) -> (model, classes, in_chans, img_size, its record).
+
+    A checkpoint that records its training data sets ``args.dataset`` / ``args.data_dir``
+    when they were not given.
+    """
+    from . import data as advdata
     if args.checkpoint:
         from .checkpoint import CheckpointError, create_model_from_checkpoint, load_checkpoint
         path = Path(args.checkpoint)
@@ -681,51 +475,55 @@ def _prepare(args: argparse.Namespace) -> _Prepared:
             model, mspec = create_model_from_checkpoint(ckpt, use_ema=not args.no_ema)
         except CheckpointError as err:
             raise EvalError(f"--checkpoint: {err}") from None
-        num_classes, in_chans, img_size = mspec.num_classes, mspec.in_chans, mspec.img_size
         trained_on = ckpt.get("config") or {}
         if args.dataset is None:
             args.dataset = trained_on.get("dataset")
             args.data_dir = args.data_dir or trained_on.get("data_dir")
         if args.dataset is None:
             raise EvalError("--dataset: the checkpoint does not record its data set; name one")
-        meta["model"] = {"source": "checkpoint", "path": str(path), "sha256": _sha256(path),
-                         "arch": mspec.arch, "num_classes": num_classes, "in_chans": in_chans,
-                         "img_size": img_size, "normalize": mspec.normalize,
-                         "ema": bool(ckpt.get("ema")) and not args.no_ema,
-                         "epoch": ckpt.get("epoch"),
-                         "train_eps": ckpt["meta"].get("train_eps"),
-                         "train_norm": ckpt["meta"].get("train_norm")}
-    else:
-        from .models import create_model, unwrap
-        path = Path(args.weights)
-        if not path.is_file():
-            raise EvalError(f"--weights {path} does not exist")
-        if args.dataset is None:
-            raise EvalError("--dataset is needed with --model/--weights")
-        info = advdata.dataset_info(args.dataset, args.data_dir)
-        num_classes = args.num_classes or info.num_classes
-        in_chans = args.in_chans or info.in_chans
-        img_size = args.img_size or info.img_size
-        mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
-        if (mean is None) != (std is None):
-            raise EvalError("--mean and --std go together")
-        normalize = (mean, std) if mean is not None else None
-        try:
-            model = create_model(args.model, num_classes=num_classes, in_chans=in_chans,
-                                 img_size=img_size, normalize=normalize)
-            missing, unexpected = unwrap(model).load_state_dict(_load_weights(path), strict=False)
-        except (RuntimeError, ValueError) as err:
-            raise EvalError(f"--weights {path} do not fit --model {args.model}: "
-                            f"{str(err).splitlines()[0]}") from None
-        if missing or unexpected:
-            raise EvalError(f"--weights {path} do not fit --model {args.model}: missing "
-                            f"{missing[:5]}, unexpected {unexpected[:5]}")
-        meta["model"] = {"source": "timm", "arch": args.model, "path": str(path),
-                         "sha256": _sha256(path), "num_classes": num_classes,
-                         "in_chans": in_chans, "img_size": img_size, "normalize": normalize}
-    model = model.to(device).eval()
+        record = {"source": "checkpoint", "path": str(path), "sha256": sha256_file(path),
+                  "arch": mspec.arch, "num_classes": mspec.num_classes,
+                  "in_chans": mspec.in_chans, "img_size": mspec.img_size,
+                  "normalize": mspec.normalize,
+                  "ema": bool(ckpt.get("ema")) and not args.no_ema,
+                  "epoch": ckpt.get("epoch"),
+                  "train_eps": ckpt["meta"].get("train_eps"),
+                  "train_norm": ckpt["meta"].get("train_norm")}
+        return model.eval(), mspec.num_classes, mspec.in_chans, mspec.img_size, record
+    from .models import create_model, unwrap
+    path = Path(args.weights)
+    if not path.is_file():
+        raise EvalError(f"--weights {path} does not exist")
+    if args.dataset is None:
+        raise EvalError("--dataset is needed with --model/--weights")
+    info = advdata.dataset_info(args.dataset, args.data_dir)
+    num_classes = args.num_classes or info.num_classes
+    in_chans = args.in_chans or info.in_chans
+    img_size = args.img_size or info.img_size
+    mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
+    if (mean is None) != (std is None):
+        raise EvalError("--mean and --std go together")
+    normalize = (mean, std) if mean is not None else None
+    try:
+        model = create_model(args.model, num_classes=num_classes, in_chans=in_chans,
+                             img_size=img_size, normalize=normalize)
+        missing, unexpected = unwrap(model).load_state_dict(_load_weights(path), strict=False)
+    except (RuntimeError, ValueError) as err:
+        raise EvalError(f"--weights {path} do not fit --model {args.model}: "
+                        f"{str(err).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise EvalError(f"--weights {path} do not fit --model {args.model}: missing "
+                        f"{missing[:5]}, unexpected {unexpected[:5]}")
+    record = {"source": "timm", "arch": args.model, "path": str(path),
+              "sha256": sha256_file(path), "num_classes": num_classes,
+              "in_chans": in_chans, "img_size": img_size, "normalize": normalize}
+    return model.eval(), num_classes, in_chans, img_size, record
 
-    # 3. the examples
+
+def _load_examples(args: argparse.Namespace, ids: list[str] | None, in_chans: int,
+                   img_size: int | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The chosen examples as [0, 1] tensors -> (x, y, their indices in the split)."""
+    from . import data as advdata
     try:
         ds = advdata.create_dataset(args.dataset, args.data_dir, split=args.split)
     except (advdata.DataNotFoundError, ValueError) as err:
@@ -742,6 +540,16 @@ def _prepare(args: argparse.Namespace) -> _Prepared:
     x, y = torch.cat(xs), torch.cat(ys).long()
     if len(y) != len(indices):
         raise EvalError(f"the loader gave {len(y)} examples for {len(indices)} ids")
+    return x, y, indices
+
+
+def _prepare(args: argparse.Namespace) -> _Prepared:
+    """Validate every argument and load the model and examples, before any attack runs."""
+    spec, eps_list, device, ids = _check_args(args)
+    model, num_classes, in_chans, img_size, model_record = _load_model(args)
+    model = model.to(device)
+    x, y, indices = _load_examples(args, ids, in_chans, img_size)
+    _check_eps_fits(eps_list, args, x.shape[1:])
     if int(y.max()) >= num_classes:
         raise EvalError(f"--dataset {args.dataset} has labels up to {int(y.max())} but the model "
                         f"has {num_classes} classes: evaluate on the data set it was trained for")
@@ -750,10 +558,11 @@ def _prepare(args: argparse.Namespace) -> _Prepared:
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise EvalError(f"the model returns shape {tuple(out.shape)}, not (batch, {num_classes}) "
                         "logits")
-    meta["data"] = {"dataset": args.dataset, "data_dir": args.data_dir, "split": args.split,
-                    "sample": "ids-file" if ids is not None else args.sample,
-                    "ids_file": args.ids_file, "n_examples": len(indices),
-                    "input_shape": list(x.shape[1:])}
+    meta = {"model": model_record,
+            "data": {"dataset": args.dataset, "data_dir": args.data_dir, "split": args.split,
+                     "sample": "ids-file" if ids is not None else args.sample,
+                     "ids_file": args.ids_file, "n_examples": len(indices),
+                     "input_shape": list(x.shape[1:])}}
     return _Prepared(model, x, y, indices, spec, eps_list, device, num_classes, meta)
 
 
@@ -762,16 +571,48 @@ def _native(ds: Any) -> int:
     return int(size[0]) if size else 224
 
 
-def _versions(backend: str) -> dict[str, str]:
-    import timm
-    return {"advvit": __version__, "python": platform.python_version(),
-            "torch": torch.__version__, "timm": timm.__version__, "autoattack": backend}
-
-
 def _dist_info() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     return rank, world
+
+
+def _state_path(args: argparse.Namespace, eps: float, n_eps: int, rank: int,
+                world: int) -> str | None:
+    if not args.state_path:
+        return None
+    state = args.state_path
+    if n_eps > 1:
+        state += f".eps{eps:.6g}"
+    if world > 1:
+        state += f".rank{rank}of{world}"
+    return state
+
+
+def _gather(outcomes: dict[float, EnsembleResult], model_flags: list[checks.Flag], world: int
+            ) -> tuple[dict[float, EnsembleResult], list[checks.Flag]]:
+    """Every rank's shard results and flags, merged (on every rank)."""
+    import torch.distributed as dist
+    merged: dict[float, EnsembleResult] = {}
+    for eps, out in outcomes.items():
+        out.x_adv = None  # adversarial examples stay in each rank's own file
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, out)
+        merged[eps] = merge_outcomes(gathered)
+    flags_gathered: list[Any] = [None] * world
+    dist.all_gather_object(flags_gathered, model_flags)
+    return merged, list(dict.fromkeys(f for fl in flags_gathered for f in fl))
+
+
+def _write_outputs(report: dict[str, Any], args: argparse.Namespace, n_eps: int) -> None:
+    out_path = Path(args.output)
+    if n_eps > 1:
+        png = save_sweep_plot(report, out_path.with_suffix(".png"))
+        report["plot"] = str(png) if png else None
+        if png is None:
+            print("note: matplotlib is not installed, no eps-sweep plot", file=sys.stderr)
+    write_report(report, out_path)
+    print(f"report: {out_path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -803,19 +644,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for f in model_flags:
         print(f"WARNING {f}", file=sys.stderr)
     started = time.perf_counter()
-    outcomes: dict[float, Outcome] = {}
+    outcomes: dict[float, EnsembleResult] = {}
     for eps in prep.eps_list:
-        state = None
-        if args.state_path:
-            state = args.state_path
-            if len(prep.eps_list) > 1:
-                state += f".eps{eps:.6g}"
-            if world > 1:
-                state += f".rank{rank}of{world}"
         try:
             out = run_attack(prep.model, xs, ys, prep.spec, eps=eps, norm=args.norm,
                              seed=args.seed, batch_size=args.batch_size, device=prep.device,
-                             state_path=state,
+                             state_path=_state_path(args, eps, len(prep.eps_list), rank, world),
                              keep_adv=bool(args.save_adv) and eps == prep.eps_list[0],
                              num_classes=prep.num_classes, backend=args.backend)
         except StateMismatchError as err:  # raised before the attack starts
@@ -824,48 +658,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcomes[eps] = out
     if args.save_adv:
         first = outcomes[prep.eps_list[0]]
-        adv_path = args.save_adv if world == 1 else f"{args.save_adv}.rank{rank}of{world}"
-        torch.save({"x_adv": first.x_adv, "y": ys, "robust": first.robust,
-                    "indices": [prep.indices[k] for k in positions],
-                    "eps": prep.eps_list[0], "norm": args.norm}, adv_path)
+        save_tensors({"x_adv": first.x_adv, "y": ys, "robust": first.robust,
+                      "indices": [prep.indices[k] for k in positions],
+                      "eps": prep.eps_list[0], "norm": args.norm},
+                     args.save_adv if world == 1 else f"{args.save_adv}.rank{rank}of{world}")
     if world > 1:
-        import torch.distributed as dist
-        merged: dict[float, Outcome] = {}
-        for eps, out in outcomes.items():
-            out.x_adv = None  # adversarial examples stay in each rank's own file
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, out)
-            merged[eps] = merge_outcomes(gathered)
-        flags_gathered: list[Any] = [None] * world
-        dist.all_gather_object(flags_gathered, model_flags)
-        model_flags = list(dict.fromkeys(f for fl in flags_gathered for f in fl))
-        outcomes = merged
+        outcomes, model_flags = _gather(outcomes, model_flags, world)
         from . import accel
         accel.cleanup(rt)
     if rank != 0:
         return 0
     first = next(iter(outcomes.values()))
-    meta = dict(prep.meta)
-    meta.update({
-        "versions": _versions(first.backend),
-        "device": str(prep.device), "world_size": world,
-        "seconds_total": round(time.perf_counter() - started, 3),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": ["python", "-m", "advvit.eval", *(argv if argv is not None else sys.argv[1:])],
-    })
+    command = ["python", "-m", "advvit.eval", *(argv if argv is not None else sys.argv[1:])]
+    meta = envelope(EVAL_FORMAT, seed=args.seed, model=prep.meta["model"], command=command,
+                    autoattack=f"{first.backend} {first.backend_version}".strip())
+    meta.update({"data": prep.meta["data"], "device": str(prep.device), "world_size": world,
+                 "seconds_total": round(time.perf_counter() - started, 3)})
     report = build_report(outcomes, spec=prep.spec, norm=args.norm, seed=args.seed,
                           model_flags=model_flags, meta=meta, indices=prep.indices,
                           labels=prep.y, per_example=args.per_example)
     print_table(report)
     if args.output:
-        out_path = Path(args.output)
-        if len(outcomes) > 1:
-            png = save_sweep_plot(report, out_path.with_suffix(".png"))
-            report["plot"] = str(png) if png else None
-            if png is None:
-                print("note: matplotlib is not installed, no eps-sweep plot", file=sys.stderr)
-        out_path.write_text(json.dumps(report, indent=2))
-        print(f"report: {out_path}")
+        _write_outputs(report, args, len(outcomes))
     return 0
 
 

@@ -17,6 +17,7 @@ import advvit  # noqa: F401  (before timm)
 from advvit import checkpoint as C
 from advvit import data as D
 from advvit import eval as E
+from advvit import robustness as R
 from advvit.models import create_model
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -167,7 +168,7 @@ def test_shards_merge_into_the_whole(ckpt_path):
         part = E.run_attack(model, x[pos], y[pos], spec, eps=2 / 255, batch_size=8)
         part.positions = pos
         parts.append(part)
-    merged = E.merge_outcomes(parts)
+    merged = R.merge_outcomes(parts)
     assert torch.equal(merged.clean, whole.clean)
     assert torch.equal(merged.robust, whole.robust)
     assert merged.broken_by == whole.broken_by

@@ -1,0 +1,264 @@
+"""Reports of robustness results: the JSON envelope, the evaluation report, table and plot.
+
+Every report advvit writes starts with the same envelope (:func:`envelope`): its format, when it
+was made, the seed, the model file and its sha256, the versions of the code that made it, and
+the command. :func:`build_report` adds an evaluation's numbers (one
+:class:`advvit.robustness.EnsembleResult` per eps) and the sanity-check flags; every number a
+flag concerns is marked with the flag's code. When a flag says the gradients are masked or
+missing (:data:`advvit.checks.GRADIENT_MASKING`), that is the report's headline, in the JSON
+and first in the console table, and the robust accuracies are marked untrustworthy.
+
+Files are written whole through :mod:`advvit.io` (their folder is created when missing).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from . import __version__, checks
+from .io import atomic_write, atomic_write_text
+from .robustness import EnsembleResult
+
+__all__ = [
+    "EVAL_FORMAT",
+    "sha256_file",
+    "versions",
+    "envelope",
+    "build_report",
+    "print_table",
+    "save_sweep_plot",
+    "write_report",
+    "save_tensors",
+]
+
+EVAL_FORMAT = "advvit-eval/1"
+
+
+# ------------------------------------------------------------------------------------ envelope
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions(**extra: str) -> dict[str, str]:
+    """advvit, python, torch and timm versions, plus ``extra`` (e.g. ``autoattack=...``)."""
+    import timm
+    return {"advvit": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "timm": timm.__version__, **extra}
+
+
+def envelope(format: str, *, seed: int, model: Mapping[str, Any] | None = None,
+             command: Sequence[str] | None = None, **extra_versions: str) -> dict[str, Any]:
+    """The fields every advvit report starts with.
+
+    Args:
+        format: the report's format name and version, e.g. ``advvit-eval/1``.
+        seed: the seed the results were computed with.
+        model: what was evaluated; a ``path`` in it gets a ``sha256`` of the file added.
+        command: the command line (default: this process's).
+        extra_versions: more versions to record (``autoattack="pyautoattack 0.2.0"``).
+    """
+    model = dict(model or {})
+    if model.get("path") and "sha256" not in model:
+        model["sha256"] = sha256_file(model["path"])
+    return {"format": format,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "seed": seed, "model": model, "versions": versions(**extra_versions),
+            "command": list(command) if command is not None else list(sys.argv)}
+
+
+# ------------------------------------------------------------------------------- the numbers
+
+def _acc(flags: torch.Tensor) -> float:
+    return float(flags.float().mean()) if flags.numel() else float("nan")
+
+
+def _concerns(flag: checks.Flag, key: str) -> bool:
+    return checks.ALL_ROBUST in flag.affects or key in flag.affects
+
+
+def _marked(value: float, flags: Sequence[checks.Flag], key: str) -> dict[str, Any]:
+    here = [f for f in flags if _concerns(f, key)]
+    return {"value": value, "warnings": [f.code for f in here],
+            "trustworthy": not any(f.code in checks.GRADIENT_MASKING for f in here)}
+
+
+def _result_flags(result: EnsembleResult) -> list[checks.Flag]:
+    """The checks one result allows: robust above clean, black box beating white box, failed
+    attacks, and AutoAttack's own warnings."""
+    found = [checks.check_robust_above_clean(result.clean_accuracy, result.robust_accuracy),
+             checks.check_black_box_beats_white_box(
+                 [(a.name, a.robust_accuracy) for a in result.attacks if a.status == "ran"]),
+             checks.check_failed_attacks([(a.name, a.reason) for a in result.failed])]
+    return [f for f in found if f is not None] + checks.check_autoattack_warnings(result.warnings)
+
+
+def _result_entry(eps: float, result: EnsembleResult, flags: Sequence[checks.Flag]
+                  ) -> dict[str, Any]:
+    return {
+        "eps": eps, "eps_255": round(eps * 255, 4),
+        "clean_accuracy": result.clean_accuracy,
+        "robust_accuracy": _marked(result.robust_accuracy, flags, "robust"),
+        "attacks": [{"name": a.name, "robust_accuracy": _marked(a.robust_accuracy, flags, a.name),
+                     "seconds": round(a.seconds, 3), "n_attacked": a.n_attacked,
+                     "status": a.status, "reason": a.reason,
+                     "settings": result.attack_settings.get(a.name, {})}
+                    for a in result.attacks],
+        "seconds": round(sum(a.seconds for a in result.attacks), 3),
+    }
+
+
+def _headline(flags: Sequence[checks.Flag]) -> dict[str, Any] | None:
+    masking = [f for f in flags if f.code in checks.GRADIENT_MASKING]
+    if not masking:
+        return None
+    return {"code": "gradient_masking", "trustworthy": False,
+            "message": "ROBUST ACCURACY IS UNTRUSTWORTHY: the model's gradients are masked or "
+                       "missing, so gradient attacks overstate its robustness",
+            "flags": list(dict.fromkeys(f.code for f in masking))}
+
+
+def _flag_dict(f: checks.Flag) -> dict[str, Any]:
+    return {"code": f.code, "message": f.message, "detail": f.detail, "affects": list(f.affects)}
+
+
+def build_report(outcomes: Mapping[float, EnsembleResult], *, spec: Any, norm: str, seed: int,
+                 model_flags: Sequence[checks.Flag], meta: Mapping[str, Any],
+                 indices: Sequence[int] | None = None, labels: torch.Tensor | None = None,
+                 per_example: bool = False) -> dict[str, Any]:
+    """The evaluation's JSON report for results at one or more eps (the first eps is the
+    headline number).
+
+    Args:
+        outcomes: eps -> result, in the order evaluated.
+        spec: the attack as run (``name``, ``kind``, ``version`` attributes).
+        norm, seed: as run.
+        model_flags: flags of :func:`advvit.checks.run_model_checks`.
+        meta: the envelope (:func:`envelope`) and anything else to record (data, device...).
+        indices, labels: each example's index in its split and its label (``per_example``).
+        per_example: add each example's index, label, clean, robust and broken_by.
+    """
+    flags: list[checks.Flag] = list(model_flags)
+    results = []
+    for eps, result in outcomes.items():
+        eps_flags = _result_flags(result)
+        flags += [f for f in eps_flags if f not in flags]
+        results.append(_result_entry(eps, result, list(model_flags) + eps_flags))
+    if len(results) > 1:
+        sweep = checks.check_robust_rises_with_eps(
+            [(r["eps"], r["robust_accuracy"]["value"]) for r in results])
+        if sweep is not None:
+            flags.append(sweep)
+            for r in results:
+                if f"{r['eps']:.6g}" in sweep.affects:
+                    r["robust_accuracy"]["warnings"].append(sweep.code)
+    first = next(iter(outcomes.values()))
+    report: dict[str, Any] = {"format": meta.get("format", EVAL_FORMAT),
+                              "headline": _headline(flags)}
+    report.update({k: v for k, v in meta.items() if k != "format"})
+    report.update({
+        "attack": {"name": spec.name, "kind": spec.kind, "version": spec.version,
+                   "attacks": [a.name for a in first.attacks], "norm": norm, "seed": seed,
+                   "backend": f"{first.backend} {first.backend_version}".strip()},
+        "n": first.n,
+        "eps": results[0]["eps"],
+        "clean_accuracy": results[0]["clean_accuracy"],
+        "robust_accuracy": results[0]["robust_accuracy"],
+        "results": results,
+        "warnings": [_flag_dict(f) for f in flags],
+    })
+    if per_example:
+        report["per_example"] = [
+            {"index": int(indices[k]) if indices is not None else k,
+             "label": int(labels[k]) if labels is not None else None,
+             "clean": bool(first.clean[k]), "robust": bool(first.robust[k]),
+             "broken_by": first.broken_by[k]}
+            for k in range(first.n)]
+    return report
+
+
+# ------------------------------------------------------------------------------ presentation
+
+def _attack_row(a: Mapping[str, Any]) -> str:
+    mark = "!" if a["robust_accuracy"]["warnings"] else " "
+    line = f"{'':>10} {'':>8} {a['name']:>14} {a['robust_accuracy']['value']:>8.2%}{mark}" \
+           f"{a['seconds']:>9.1f}"
+    status = a.get("status", "ran")
+    return line if status == "ran" else f"{line}  {status}: {a['reason']}"
+
+
+def print_table(report: Mapping[str, Any], file: Any = None) -> None:
+    """Print the report's numbers as a table (a '!' marks a number a warning concerns); a
+    gradient-masking headline comes first."""
+    out = file or sys.stdout
+    head = report.get("headline")
+    if head:
+        print(f"\n!!! {head['message']} ({', '.join(head['flags'])})", file=out)
+    print(f"\nadvvit-eval  n={report['n']}  norm={report['attack']['norm']}  "
+          f"seed={report['attack']['seed']}  attack={report['attack']['name']}", file=out)
+    print(f"{'eps':>10} {'eps*255':>8} {'attack':>14} {'accuracy':>9} {'seconds':>9}", file=out)
+    for r in report["results"]:
+        print(f"{r['eps']:>10.5f} {r['eps_255']:>8.2f} {'clean':>14} "
+              f"{r['clean_accuracy']:>8.2%} {'':>9}", file=out)
+        for a in r["attacks"]:
+            print(_attack_row(a), file=out)
+        mark = "!" if r["robust_accuracy"]["warnings"] else " "
+        untrusted = "" if r["robust_accuracy"].get("trustworthy", True) else "  UNTRUSTWORTHY"
+        print(f"{'':>10} {'':>8} {'robust':>14} {r['robust_accuracy']['value']:>8.2%}{mark}"
+              f"{untrusted}", file=out)
+    for w in report["warnings"]:
+        print(f"WARNING [{w['code']}] {w['message']}" + (f" ({w['detail']})" if w["detail"] else ""),
+              file=out)
+
+
+def save_sweep_plot(report: Mapping[str, Any], path: str | Path) -> Path | None:
+    """Plot robust accuracy against eps (PNG); returns None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    eps = [r["eps_255"] for r in report["results"]]
+    acc = [r["robust_accuracy"]["value"] * 100 for r in report["results"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(eps, acc, marker="o")
+    ax.set_xlabel("eps (x/255)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(0, 100)
+    title = f"{report['attack']['name']} ({report['attack']['norm']}), n={report['n']}"
+    ax.set_title(title + ("\nuntrustworthy: gradient masking" if report.get("headline") else ""))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_report(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Write the report as indented JSON, atomically (the folder is created when missing)."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def save_tensors(payload: Mapping[str, Any], path: str | Path) -> Path:
+    """``torch.save`` a dict (adversarial examples and their facts), atomically."""
+    path = Path(path)
+    atomic_write(path, lambda f: torch.save(dict(payload), f))
+    return path
