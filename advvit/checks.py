@@ -167,8 +167,8 @@ def check_randomized(model: nn.Module, x: torch.Tensor, *, n: int = 3,
         return None
     return Flag("randomized",
                 "the model gives different outputs for the same input: fixed-seed attacks "
-                "underestimate a randomized defense; evaluate it with EOT (AutoAttack's 'rand' "
-                "version) and report that",
+                "underestimate a randomized defense; evaluate it with EOT: --attack "
+                "autoattack-rand (AutoAttack's 'rand' version), and report that",
                 f"max logit difference {diff:.3g} over {n} identical forward passes")
 
 
@@ -269,7 +269,8 @@ def check_failed_attacks(failed: Sequence[tuple[str, str]]) -> Flag | None:
 # AutoAttack's own flags (its checks.py), keyed by a phrase of their message.
 _AA_FLAGS = (
     ("randomized defense", "aa_randomized",
-     "AutoAttack found the model randomized: its deterministic attacks underestimate it"),
+     "AutoAttack found the model randomized: its deterministic attacks underestimate it; "
+     "use --attack autoattack-rand"),
     ("probability distribution", "aa_softmax_output",
      "AutoAttack found probabilities, not logits, at the output: robustness is overstated"),
     ("zero gradient", "aa_zero_gradients",

@@ -9,6 +9,7 @@ from torch import nn
 import advvit  # noqa: F401
 from advvit import checks
 from advvit.autoattack_adapter import AutoAttackAdapter
+from advvit.eval import parse_attack
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,10 +118,22 @@ def test_softmax_canary(healthy):
 def test_randomized_canary(healthy):
     model, x, y = healthy
     canary = Noisy(model)
-    assert "randomized" in _codes(checks.run_model_checks(canary, x, y))
+    flags = {f.code: f for f in checks.run_model_checks(canary, x, y)}
+    assert "randomized" in flags
     r = AutoAttackAdapter(canary, eps=0.05, version="custom", attacks=["apgd-ce"], n_iter=5,
                           n_restarts=1, seed=0).run(x, y, batch_size=32)
-    assert "aa_randomized" in _codes(checks.check_autoattack_warnings(r.warnings))
+    aa_flags = {f.code: f for f in checks.check_autoattack_warnings(r.warnings)}
+    assert "aa_randomized" in aa_flags
+    # the advice names an attack the evaluation CLI runs: AutoAttack's EOT version
+    for flag in (flags["randomized"], aa_flags["aa_randomized"]):
+        assert "--attack autoattack-rand" in flag.message
+    assert parse_attack("autoattack-rand").version == "rand"
+    rand = AutoAttackAdapter(canary, eps=0.05, version="rand", seed=0).run(x, y, batch_size=32)
+    assert [a.name for a in rand.attacks] == ["apgd-ce", "apgd-dlr"]
+    assert rand.attack_settings["apgd-ce"]["eot_iter"] == 20
+    # AutoAttack's rand version does not run its randomness check, which would only repeat
+    # that the model is randomized
+    assert "aa_randomized" not in _codes(checks.check_autoattack_warnings(rand.warnings))
 
 
 def test_dropout_left_on_is_not_randomized_in_eval_mode(healthy):
@@ -173,3 +186,40 @@ def test_autoattack_messages_become_flags():
     ])
     assert [f.code for f in flags] == ["aa_zero_gradients", "aa_other"]
     assert "something new" in str(flags[1])
+
+
+class Detached(nn.Module):
+    """A forward that cuts its input from the autograd graph."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.detach())
+
+
+def test_missing_input_gradient_tells_a_cut_graph_from_a_zero_gradient(healthy):
+    model, x, y = healthy
+    assert checks.missing_input_gradient(model, x) is None
+    assert checks.missing_input_gradient(Quantized(model), x) is None  # connected, just zero
+    reason = checks.missing_input_gradient(Detached(model), x)
+    assert reason is not None and "x.detach()" in reason
+    # with the weights frozen as well nothing is in the graph: still a reason, no exception
+    frozen = Detached(model)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    try:
+        assert checks.missing_input_gradient(frozen, x) is not None
+        grad = checks.input_margin_gradient(frozen, x, y)
+        assert checks.check_zero_gradients(grad) is not None
+    finally:
+        for p in frozen.parameters():
+            p.requires_grad_(True)
+
+
+def test_failed_attacks_flag_gradient_masking():
+    assert checks.check_failed_attacks([]) is None
+    flag = checks.check_failed_attacks([("apgd-ce", "no gradient")])
+    assert flag.code in checks.GRADIENT_MASKING and "apgd-ce: no gradient" in flag.detail
+    assert flag.affects == (checks.ALL_ROBUST,)
