@@ -297,3 +297,65 @@ def test_autoattack_model_checks_run_once_per_evaluation(trained, monkeypatch):
                               **FAST).run(x[:32], y[:32], batch_size=8)
     assert torch.equal(result.robust, again.robust)
     assert len(calls) > 2
+
+
+class DetachesInput(nn.Module):
+    """A forward that cuts its input from the graph: no gradient attack can run on it."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, t):
+        return self.inner(t.detach())
+
+
+def test_attacks_without_a_gradient_fail_and_the_black_box_attack_still_runs(trained):
+    model, x, y = trained
+    r = AutoAttackAdapter(DetachesInput(model), eps=0.1, version="custom",
+                          attacks=["apgd-ce", "fab", "square"], n_iter=5, n_restarts=1,
+                          n_queries=100, seed=0).run(x, y, batch_size=16)
+    apgd, fab, square = r.attacks
+    # APGD raises in autograd, FAB on a None gradient: both are recorded, not raised
+    for failed in (apgd, fab):
+        assert failed.status == "failed" and failed.n_attacked == 0
+        assert "no gradient with respect to its input" in failed.reason
+        assert torch.equal(failed.robust, r.clean)  # nothing counted as broken by them
+    assert [a.name for a in r.failed] == ["apgd-ce", "fab"]
+    assert square.status == "ran" and square.n_attacked == int(r.clean.sum())
+    assert r.robust_accuracy < r.clean_accuracy  # Square needs no gradient and breaks some
+    assert set(b for b in r.broken_by if b not in (None, "clean")) == {"square"}
+    # the same Square run on the same model alone gives the same examples broken
+    alone = AutoAttackAdapter(model, eps=0.1, version="custom", attacks=["square"],
+                              n_restarts=1, n_queries=100, seed=0).run(x, y, batch_size=16)
+    assert torch.equal(alone.robust, r.robust)
+
+
+def test_eps_zero_attacks_nothing(trained, monkeypatch):
+    model, x, y = trained
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("an attack ran at eps 0")
+
+    monkeypatch.setattr(AutoAttackAdapter, "_run_one_batch", no_attack)
+    r = AutoAttackAdapter(model, eps=0.0, version="standard", seed=0).run(x, y, batch_size=16)
+    assert torch.equal(r.robust, r.clean) and 0 < r.clean_accuracy < 1
+    assert [(a.status, a.seconds, a.n_attacked) for a in r.attacks] == [("skipped", 0.0, 0)] * 4
+
+
+def test_rand_version_equals_calling_autoattack_directly(trained):
+    """AutoAttack's version for randomized models: APGD-CE and APGD-DLR with 20-sample EOT."""
+    from pyautoattack import AutoAttack
+
+    model, x, y = trained
+    x, y = x[:12], y[:12]
+    eps = 8 / 255
+    result = AutoAttackAdapter(model, eps=eps, version="rand", seed=0,
+                               backend="pyautoattack").run(x, y, batch_size=5)
+    assert [a.name for a in result.attacks] == ["apgd-ce", "apgd-dlr"]
+    assert result.attack_settings["apgd-ce"] == {"n_iter": 100, "n_restarts": 1, "eot_iter": 20}
+    direct = AutoAttack(model, eps=eps, norm="Linf", seed=0, version="rand")
+    x_adv, y_adv = direct.run_standard_evaluation(x, y, batch_size=5)
+    assert torch.equal(result.robust, y_adv == y)
+    assert torch.equal(result.x_adv, x_adv)
+    assert result.robust_accuracy < result.clean_accuracy
