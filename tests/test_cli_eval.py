@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import advvit  # noqa: F401  (before timm)
 from advvit import checkpoint as C
@@ -101,6 +102,9 @@ def test_apgd_ce_report_end_to_end(ckpt_path, tmp_path, capsys):
     with torch.no_grad():
         assert torch.equal(model(adv["x_adv"]).argmax(1) == y, adv["robust"])
     assert "robust" in capsys.readouterr().out  # the console table
+    assert report["headline"] is None and report["robust_accuracy"]["trustworthy"] is True
+    (row,) = report["results"][0]["attacks"]
+    assert row["status"] == "ran" and row["n_attacked"] == round(clean * 24)
 
 
 def test_same_seed_same_report(ckpt_path, tmp_path):
@@ -121,6 +125,10 @@ def test_pgd_eps_sweep_with_plot(ckpt_path, tmp_path):
     res = report["results"]
     assert [r["eps"] for r in res] == pytest.approx([0, 2 / 255, 0.1])
     assert res[0]["robust_accuracy"]["value"] == res[0]["clean_accuracy"]  # eps 0
+    # eps 0 is not attacked: recorded as such, no time spent
+    assert res[0]["attacks"][0]["status"] == "skipped" and "eps 0" in res[0]["attacks"][0]["reason"]
+    assert res[0]["attacks"][0]["seconds"] == 0 and res[0]["attacks"][0]["n_attacked"] == 0
+    assert res[1]["attacks"][0]["n_attacked"] == round(res[1]["clean_accuracy"] * 24)
     accs = [r["robust_accuracy"]["value"] for r in res]
     assert accs[0] >= accs[1] >= accs[2]
     assert accs[2] <= 0.1  # a large eps breaks (nearly) everything
@@ -208,6 +216,10 @@ def test_torchrun_two_ranks_share_one_evaluation(ckpt_path, tmp_path):
     (("--attack", "pgd", "--state-path", "s.json"), "--state-path"),
     (("--n-examples", "100000"), "more than the 10000 examples"),
     (("--batch-size", "0"), "--batch-size"),
+    (("--norm", "l2", "--eps", "40"), "--eps 40 is above 32, the L2 diagonal of a 1x32x32 input"),
+    (("--norm", "l2", "--eps-sweep", "1,33"), "--eps-sweep 33 is above 32"),
+    (("--attack", "autoattack-rand", "--restarts", "2"), "as published"),
+    (("--output", "/proc/version/report.json"), "is a file, not a folder"),
 ])
 def test_bad_input_gets_one_clear_error(ckpt_path, tmp_path, capsys, change, match):
     args = _base(ckpt_path, tmp_path)
@@ -285,3 +297,67 @@ def test_data_set_defaults_to_the_checkpoints_training_data(ckpt_path, tmp_path)
     report = _run(args)
     assert report["data"]["dataset"] == "fashion_mnist"
     assert report["data"]["data_dir"] == str(FMNIST)
+
+
+@pytest.mark.slow
+def test_output_folders_are_created(ckpt_path, tmp_path):
+    args = _base(ckpt_path, tmp_path, "--attack", "fgsm", "--eps", "1/255",
+                 "--eps-sweep", "0,1/255", "--save-adv", str(tmp_path / "adv" / "x.pt"))
+    args[args.index("--output") + 1] = str(tmp_path / "new" / "deeper" / "report.json")
+    report = _run(args)
+    assert (tmp_path / "new" / "deeper" / "report.png").stat().st_size > 1000
+    assert report["plot"] == str(tmp_path / "new" / "deeper" / "report.png")
+    assert torch.load(tmp_path / "adv" / "x.pt")["x_adv"].shape == (24, 1, 32, 32)
+    # nothing but the files themselves: no temporary files left behind
+    assert sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir()) == \
+        ["report.json", "report.png"]
+
+
+def test_l2_eps_at_the_input_diagonal_is_accepted():
+    assert E.parse_eps("3.0", norm="l2") == 3.0  # ImageNet's usual L2 radius
+    assert E.parse_attack("autoattack-rand").version == "rand"
+
+
+class DetachesInput(nn.Module):
+    """A forward that cuts its input from the graph: gradient attacks cannot run on it."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.detach())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", [("apgd-ce", "--steps", "5", "--restarts", "1"),
+                                    ("pgd", "--steps", "3")])
+def test_model_that_detaches_its_input_gets_a_report_led_by_the_masking_flag(
+        ckpt_path, tmp_path, monkeypatch, capsys, attack):
+    real = C.create_model_from_checkpoint
+
+    def detached(*args, **kwargs):
+        model, spec = real(*args, **kwargs)
+        return DetachesInput(model), spec
+
+    monkeypatch.setattr(C, "create_model_from_checkpoint", detached)
+    report = _run(_base(ckpt_path, tmp_path, "--attack", *attack, "--eps", "2/255"))
+    assert list(report)[:2] == ["format", "headline"]
+    assert report["headline"]["code"] == "gradient_masking"
+    assert {"attack_failed", "zero_gradients"} <= set(report["headline"]["flags"])
+    (row,) = report["results"][0]["attacks"]
+    assert row["status"] == "failed" and row["n_attacked"] == 0
+    assert "no gradient with respect to its input" in row["reason"]
+    # the examples it could not attack count as not broken; the clean number is the model's
+    model, _ = real(ckpt_path)
+    x, y = _test_images(24)
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+    assert report["clean_accuracy"] == pytest.approx(clean)
+    assert report["robust_accuracy"]["value"] == report["clean_accuracy"]
+    assert report["robust_accuracy"]["trustworthy"] is False
+    assert "attack_failed" in report["robust_accuracy"]["warnings"]
+    table = capsys.readouterr().out
+    assert table.lstrip().startswith("!!! ROBUST ACCURACY IS UNTRUSTWORTHY")
+    (robust_line,) = [ln for ln in table.splitlines() if ln.split()[:1] == ["robust"]]
+    assert robust_line.endswith("UNTRUSTWORTHY")
