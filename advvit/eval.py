@@ -316,11 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(RobustBench's ImageNet subset format)")
     a = p.add_argument_group("attack")
     a.add_argument("--attack", default="autoattack",
-                   help="autoattack | autoattack-plus | apgd-ce | apgd-t | fab-t | square | "
+                   help="autoattack | autoattack-plus | autoattack-rand (randomized models: "
+                        "EOT) | apgd-ce | apgd-t | fab-t | square | "
                         "a comma list of AutoAttack attacks | pgd | fgsm")
     a.add_argument("--eps", default="4/255", help="radius: a fraction (0.0157) or x/255")
     a.add_argument("--eps-sweep", help="comma list of eps (e.g. 0,1/255,2/255,4/255): robust "
-                   "accuracy over eps, with a plot")
+                   "accuracy over eps, with a plot (eps 0 is not attacked: its robust accuracy "
+                   "is the clean accuracy)")
     a.add_argument("--norm", default="linf", choices=("linf", "l2"))
     a.add_argument("--steps", type=int, help="iterations (APGD/FAB/PGD) or queries (Square)")
     a.add_argument("--restarts", type=int, help="restarts (apgd-ce alone defaults to 5)")
@@ -332,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=250)
     r.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     r.add_argument("--state-path", help="AutoAttack state file: an interrupted run resumes from it")
-    r.add_argument("--output", help="JSON report path")
+    r.add_argument("--output", help="JSON report path (missing folders are created)")
     r.add_argument("--save-adv", help="save adversarial examples (.pt) here")
     r.add_argument("--per-example", action="store_true",
                    help="record each example's outcome in the JSON")

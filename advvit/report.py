@@ -195,8 +195,10 @@ def _attack_row(a: Mapping[str, Any]) -> str:
     mark = "!" if a["robust_accuracy"]["warnings"] else " "
     line = f"{'':>10} {'':>8} {a['name']:>14} {a['robust_accuracy']['value']:>8.2%}{mark}" \
            f"{a['seconds']:>9.1f}"
+    # A failure's reason is long and printed with its warning; eps 0's is short.
     status = a.get("status", "ran")
-    return line if status == "ran" else f"{line}  {status}: {a['reason']}"
+    return {"ran": line, "failed": f"{line}  failed (attack_failed)"}.get(
+        status, f"{line}  {status}: {a['reason']}")
 
 
 def print_table(report: Mapping[str, Any], file: Any = None) -> None:
