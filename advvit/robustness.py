@@ -306,88 +306,120 @@ def run_attacks(
     x, y = x.detach().cpu(), y.detach().cpu().long()
     path = Path(state_path) if state_path is not None else None
     with model_mode(model, "eval"):
-        return _run(model, x, y, suite, batch_size, torch.device(device), path, keep_adv,
-                    stop_after_batches, on_batch)
+        return _Run(model, x, y, suite, batch_size, torch.device(device), path, keep_adv,
+                    stop_after_batches, on_batch).run()
 
 
-def _run(model, x, y, suite, batch_size, device, path, keep_adv, stop_after_batches, on_batch
-         ) -> EnsembleResult:
-    config = _state_config(suite, _fingerprint(x, y), x.shape[0], batch_size)
-    state = _load_state(path, config)
-    # Adversarial examples are not kept in the state file (for ImageNet they would be
-    # gigabytes): those found before an interruption are missing from x_adv.
-    adv_complete = state is None or all(b in (None, "clean") for b in state["broken_by"])
-    if state is None:
-        clean = (_clean_predictions(model, x, batch_size, device) == y).tolist()
-        state = {"format": STATE_FORMAT, "config": config, "clean": clean, "robust": clean,
-                 "broken_by": [None if c else "clean" for c in clean], "done": [],
-                 "current": None}
-        _save_state(path, state)
-    robust = torch.tensor(state["robust"], dtype=torch.bool)
-    broken_by: list[str | None] = list(state["broken_by"])
-    x_adv = x.clone() if keep_adv else None
-    batches_run, stopped = 0, False
-    for attack in suite.attacks:
-        if any(d["name"] == attack.name for d in state["done"]):
-            continue
-        current = state["current"]
-        if current is None or current["name"] != attack.name:
+_EPS0_REASON = "eps 0: no input can move, robust accuracy is the clean accuracy"
+
+
+class _Run:
+    """One :func:`run_attacks` call: the state file and the per-example bookkeeping."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: AttackSuite,
+                 batch_size: int, device: torch.device, path: Path | None, keep_adv: bool,
+                 stop_after_batches: int | None,
+                 on_batch: Callable[[str, int, int], None] | None) -> None:
+        self.model, self.x, self.y, self.suite = model, x, y, suite
+        self.batch_size, self.device, self.path = batch_size, device, path
+        self.stop_after_batches, self.on_batch = stop_after_batches, on_batch
+        config = _state_config(suite, _fingerprint(x, y), x.shape[0], batch_size)
+        state = _load_state(path, config)
+        # Adversarial examples are not kept in the state file (for ImageNet they would be
+        # gigabytes): those found before an interruption are missing from x_adv.
+        self.adv_complete = state is None or all(b in (None, "clean") for b in state["broken_by"])
+        if state is None:
+            clean = (_clean_predictions(model, x, batch_size, device) == y).tolist()
+            state = {"format": STATE_FORMAT, "config": config, "clean": clean, "robust": clean,
+                     "broken_by": [None if c else "clean" for c in clean], "done": [],
+                     "current": None}
+            _save_state(path, state)
+        self.state = state
+        self.robust = torch.tensor(state["robust"], dtype=torch.bool)
+        self.broken_by: list[str | None] = list(state["broken_by"])
+        self.x_adv = x.clone() if keep_adv else None
+        self.batches_run, self.stopped = 0, False
+
+    def run(self) -> EnsembleResult:
+        for attack in self.suite.attacks:
+            if any(d["name"] == attack.name for d in self.state["done"]):
+                continue
+            current = self._current(attack.name)
+            status, reason = self._attack(attack, current)
+            if self.stopped:
+                break
+            self.state["done"].append({
+                "name": attack.name, "robust": self.robust.tolist(),
+                "seconds": current["seconds"],
+                "n_attacked": min(len(current["todo"]), current["batches_done"] * self.batch_size),
+                "status": status, "reason": reason})
+            self.state["current"] = None
+            _save_state(self.path, self.state)
+        return self._result()
+
+    def _current(self, name: str) -> dict:
+        current = self.state["current"]
+        if current is None or current["name"] != name:
             # The examples robust now are this attack's work list, cut into fixed batches:
             # recorded so a resume attacks exactly the batches an uninterrupted run would.
-            todo = [] if suite.eps == 0 else torch.nonzero(robust).flatten().tolist()
-            current = {"name": attack.name, "todo": todo, "batches_done": 0, "seconds": 0.0}
-            state["current"] = current
-        todo = current["todo"]
-        n_batches = (len(todo) + batch_size - 1) // batch_size
-        status, reason = (SKIPPED, "eps 0: no input can move, robust accuracy is the clean "
-                          "accuracy") if suite.eps == 0 else (RAN, "")
+            todo = [] if self.suite.eps == 0 else torch.nonzero(self.robust).flatten().tolist()
+            current = {"name": name, "todo": todo, "batches_done": 0, "seconds": 0.0}
+            self.state["current"] = current
+        return current
+
+    def _attack(self, attack: BatchAttack, current: dict) -> tuple[str, str]:
+        """Run the attack's remaining batches -> (status, reason)."""
+        if self.suite.eps == 0:
+            return SKIPPED, _EPS0_REASON
+        todo, bs = current["todo"], self.batch_size
+        n_batches = (len(todo) + bs - 1) // bs
         for b in range(current["batches_done"], n_batches):
-            if stop_after_batches is not None and batches_run >= stop_after_batches:
-                stopped = True
+            if self.stop_after_batches is not None and self.batches_run >= self.stop_after_batches:
+                self.stopped = True
                 break
-            idx = torch.tensor(todo[b * batch_size:(b + 1) * batch_size], dtype=torch.long)
-            xb, yb = x[idx].to(device), y[idx].to(device)
+            idx = torch.tensor(todo[b * bs:(b + 1) * bs], dtype=torch.long)
+            xb, yb = self.x[idx].to(self.device), self.y[idx].to(self.device)
             start = time.perf_counter()
             try:
                 xb_adv, yb_adv = attack.run(xb, yb)
             except Exception as err:  # noqa: BLE001 - re-raised unless the gradient is missing
-                reason = _no_gradient_reason(model, xb, err)
+                reason = _no_gradient_reason(self.model, xb, err)
                 if reason is None:
                     raise
-                status = FAILED
                 current["seconds"] += time.perf_counter() - start
-                break  # its other batches would fail alike: they stay robust under it
+                return FAILED, reason  # its other batches would fail alike: they stay robust
             current["seconds"] += time.perf_counter() - start
-            fooled = yb_adv.detach().cpu() != y[idx]
-            for i in idx[fooled].tolist():
-                robust[i] = False
-                broken_by[i] = attack.name
-            if x_adv is not None:
-                x_adv[idx[fooled]] = xb_adv.detach().cpu()[fooled].to(x_adv.dtype)
+            self._record(attack.name, idx, xb_adv.detach().cpu(), yb_adv.detach().cpu())
             current["batches_done"] = b + 1
-            state["robust"], state["broken_by"] = robust.tolist(), broken_by
-            _save_state(path, state)
-            batches_run += 1
-            if on_batch is not None:
-                on_batch(attack.name, b, n_batches)
-        if stopped:
-            break
-        state["done"].append({"name": attack.name, "robust": robust.tolist(),
-                              "seconds": current["seconds"],
-                              "n_attacked": min(len(todo), current["batches_done"] * batch_size),
-                              "status": status, "reason": reason})
-        state["current"] = None
-        _save_state(path, state)
-    outcomes = [AttackOutcome(d["name"], torch.tensor(d["robust"], dtype=torch.bool),
-                              float(d["seconds"]), int(d["n_attacked"]),
-                              d.get("status", RAN), d.get("reason", ""))
-                for d in state["done"]]
-    return EnsembleResult(
-        clean=torch.tensor(state["clean"], dtype=torch.bool), robust=robust, attacks=outcomes,
-        broken_by=broken_by, x_adv=x_adv, adv_complete=adv_complete, warnings=[],
-        backend=suite.backend, backend_version=suite.backend_version, version=suite.version,
-        norm=suite.norm, eps=suite.eps, seed=suite.seed, batch_size=batch_size,
-        attack_settings=suite.settings, complete=not stopped)
+            _save_state(self.path, self.state)
+            self.batches_run += 1
+            if self.on_batch is not None:
+                self.on_batch(attack.name, b, n_batches)
+        return RAN, ""
+
+    def _record(self, name: str, idx: torch.Tensor, xb_adv: torch.Tensor,
+                yb_adv: torch.Tensor) -> None:
+        fooled = yb_adv != self.y[idx]
+        for i in idx[fooled].tolist():
+            self.robust[i] = False
+            self.broken_by[i] = name
+        if self.x_adv is not None:
+            self.x_adv[idx[fooled]] = xb_adv[fooled].to(self.x_adv.dtype)
+        self.state["robust"], self.state["broken_by"] = self.robust.tolist(), self.broken_by
+
+    def _result(self) -> EnsembleResult:
+        state, suite = self.state, self.suite
+        outcomes = [AttackOutcome(d["name"], torch.tensor(d["robust"], dtype=torch.bool),
+                                  float(d["seconds"]), int(d["n_attacked"]),
+                                  d.get("status", RAN), d.get("reason", ""))
+                    for d in state["done"]]
+        return EnsembleResult(
+            clean=torch.tensor(state["clean"], dtype=torch.bool), robust=self.robust,
+            attacks=outcomes, broken_by=self.broken_by, x_adv=self.x_adv,
+            adv_complete=self.adv_complete, warnings=[], backend=suite.backend,
+            backend_version=suite.backend_version, version=suite.version, norm=suite.norm,
+            eps=suite.eps, seed=suite.seed, batch_size=self.batch_size,
+            attack_settings=suite.settings, complete=not self.stopped)
 
 
 # ------------------------------------------------------------------------------------- shards
