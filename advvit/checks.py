@@ -263,7 +263,15 @@ def check_failed_attacks(failed: Sequence[tuple[str, str]]) -> Flag | None:
                 "gradient attacks could not run (the model gives no input gradient): the "
                 "examples they could not attack count as not broken, so robust accuracy is "
                 "overstated (gradient masking)",
-                "; ".join(f"{name}: {reason}" for name, reason in failed), (ALL_ROBUST,))
+                "; ".join(f"{', '.join(names)}: {reason}"
+                          for reason, names in _by_reason(failed).items()), (ALL_ROBUST,))
+
+
+def _by_reason(failed: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for name, reason in failed:
+        grouped.setdefault(reason, []).append(name)
+    return grouped
 
 
 # AutoAttack's own flags (its checks.py), keyed by a phrase of their message.

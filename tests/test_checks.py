@@ -223,3 +223,6 @@ def test_failed_attacks_flag_gradient_masking():
     flag = checks.check_failed_attacks([("apgd-ce", "no gradient")])
     assert flag.code in checks.GRADIENT_MASKING and "apgd-ce: no gradient" in flag.detail
     assert flag.affects == (checks.ALL_ROBUST,)
+    # one reason shared by several attacks is said once
+    flag = checks.check_failed_attacks([("apgd-ce", "cut"), ("apgd-t", "cut"), ("fab-t", "none")])
+    assert flag.detail == "apgd-ce, apgd-t: cut; fab-t: none"
