@@ -3,6 +3,9 @@
 ``advvit.analysis.blocks`` knows each architecture's residual blocks and their parts;
 ``advvit.analysis.internals`` measures inside the model (block Jacobian norms, layer-wise
 propagation of perturbations, layer similarity, lesions).
+
+``advvit.analysis.blocks`` here is the function (``blocks(model)``); the module of the same name
+stays importable with ``from advvit.analysis.blocks import ...``.
 """
 from advvit.analysis.blocks import (
     Block, BlockLayout, Part, UnsupportedArchitectureError, blocks, eager_model, find_block,

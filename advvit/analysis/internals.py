@@ -274,7 +274,7 @@ def power_iteration(fn: Callable[[Tensor], Tensor], z: Tensor, v0: Tensor, *, ma
             steps[newly] = step
             converged |= newly
         sigma = new
-        if bool(converged.all()):
+        if step == max_steps or bool(converged.all()):
             break
         (w,) = vjp_fn(u)
         n_vjp += 1
@@ -812,7 +812,8 @@ def lesion_study(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: st
     net = eager_model(model)
     settings = dict(eps=eps, norm=norm, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size)
     base_clean, base_robust = _accuracies(net, x, y, **settings)
-    clean = torch.full((len(kinds), len(all_blocks)), math.nan)
+    # float64: an accuracy k / n equals the baseline's exactly when the counts are equal.
+    clean = torch.full((len(kinds), len(all_blocks)), math.nan, dtype=torch.float64)
     robust = torch.full_like(clean, math.nan)
     for k, kind in enumerate(kinds):
         for b, block in enumerate(all_blocks):
