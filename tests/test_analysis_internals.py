@@ -316,6 +316,17 @@ def test_a_lesion_restores_the_model_exactly(arch):
     assert torch.equal(outputs(wrapped, x), before)
 
 
+def test_lesion_gives_the_eager_model_to_call():
+    # A compiled module does not see hooks added after compiling: the lesion hands back the
+    # same modules without the compile wrapper (nothing is compiled here).
+    model = trained_like(TINY["vit"]())
+    x = images(2)
+    before = outputs(model, x)
+    with lesion(torch.compile(model), 1, "block") as lesioned:
+        assert lesioned is model and not torch.equal(outputs(lesioned, x), before)
+    assert torch.equal(outputs(model, x), before)
+
+
 def test_lesion_names_what_a_block_has():
     model = TINY["cait"]()
     with pytest.raises(ValueError, match=r"'lpi' is not one of block blocks.0's: \['attn', 'mlp', 'block'\]"):

@@ -682,7 +682,7 @@ def _zero_output(_module: nn.Module, _args: tuple, output: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def lesion(model: nn.Module, block: BlockRef, kind: str = "block") -> Iterator[Block]:
+def lesion(model: nn.Module, block: BlockRef, kind: str = "block") -> Iterator[nn.Module]:
     """Remove part of a trained model inside the ``with`` body; restore it exactly on exit.
 
     ``kind`` is a part name of the block (``"attn"``, ``"mlp"``, XCiT's ``"lpi"``, ResNet's
@@ -690,8 +690,13 @@ def lesion(model: nn.Module, block: BlockRef, kind: str = "block") -> Iterator[B
     residual stream passes through unchanged; for a block whose shortcut does something, a
     ResNet block, all its parts are removed and the shortcut path stays). Done with forward
     hooks on the part or block modules: no weight changes, so on exit (also after an error) the
-    hooks are removed and the model is exactly as before. The hooks act in eager forwards: call
-    the model (or ``advvit.analysis.blocks.eager_model(model)``) rather than a compiled graph.
+    hooks are removed and the model is exactly as before.
+
+    A ``torch.compile``-d module does not see hooks added after it was compiled, so call the
+    model this yields (``eager_model(model)``: the same modules, no compile or DDP wrapper)::
+
+        with lesion(model, 3, "attn") as lesioned:
+            logits = lesioned(x)
 
     Args:
         model: the model (wrappers are fine).
@@ -699,7 +704,7 @@ def lesion(model: nn.Module, block: BlockRef, kind: str = "block") -> Iterator[B
         kind: a part name or ``"block"``.
 
     Yields:
-        The lesioned :class:`Block`.
+        The model to call while the lesion is in place.
 
     Raises:
         KeyError: unknown block; ValueError: a kind the block does not have.
@@ -716,7 +721,7 @@ def lesion(model: nn.Module, block: BlockRef, kind: str = "block") -> Iterator[B
         else:
             parts = target.parts if kind == "block" else (target.part(kind),)
             handles += [p.module.register_forward_hook(_zero_output) for p in parts]
-        yield target
+        yield eager_model(model)
     finally:
         for h in handles:
             h.remove()
@@ -819,8 +824,8 @@ def lesion_study(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: st
         for b, block in enumerate(all_blocks):
             if kind != "block" and kind not in block.part_names:
                 continue
-            with lesion(net, block, kind):
-                clean[k, b], robust[k, b] = _accuracies(net, x, y, **settings)
+            with lesion(net, block, kind) as lesioned:
+                clean[k, b], robust[k, b] = _accuracies(lesioned, x, y, **settings)
     return LesionStudy(blocks=tuple(b.name for b in all_blocks), kinds=tuple(kinds), clean_accuracy=clean,
                        robust_accuracy=robust, baseline_clean=base_clean, baseline_robust=base_robust,
                        eps=float(eps), norm=norm, steps=steps, n=len(x))
