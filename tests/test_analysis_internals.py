@@ -252,6 +252,14 @@ def test_similarity_marks_what_a_block_lacks():
         layer_similarity(model, images(1))
 
 
+def test_correlation_needs_the_same_layout_not_only_the_same_size():
+    # Every stage outputs 64 values per example: 4x4x4, 16x2x2, 64x1x1, 64x1x1.
+    model = trained_like(ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=(4, 16, 64, 64),
+                                stem_width=8, num_classes=5))
+    corr = layer_similarity(model, images(4)).tokens.correlation
+    assert torch.isnan(corr[0, 1]) and torch.isnan(corr[1, 2]) and not torch.isnan(corr[2, 3])
+
+
 # --------------------------------------------------------------------------------------------
 # Lesions
 # --------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ class BlockCall:
         return block_fn
 
 
-def _copy(value):
+def _copy(value: object) -> object:
     return value.detach().clone().contiguous() if torch.is_tensor(value) else value
 
 
@@ -629,6 +629,8 @@ class LayerSimilarity:
 
 
 def _similarities(reps: List[Optional[Tensor]]) -> SimilarityMatrices:
+    # Shapes are compared unflattened: two feature maps of equal size but another layout (a
+    # ResNet's 16x2x2 and 64x1x1) have no entry-by-entry correspondence.
     L = len(reps)
     corr = torch.full((L, L), math.nan, dtype=torch.float64)
     cka = torch.full((L, L), math.nan, dtype=torch.float64)
@@ -669,7 +671,7 @@ def layer_similarity(model: nn.Module, x: Tensor, *, blocks: Optional[Sequence[B
     full = [torch.cat(o) for o in outs]
     cls = [f[:, b.class_token] if b.class_token is not None else None for f, b in zip(full, all_blocks)]
     return LayerSimilarity(blocks=tuple(b.name for b in all_blocks),
-                           tokens=_similarities([f.flatten(1) for f in full]),
+                           tokens=_similarities(full),
                            class_token=_similarities(cls), n=len(x))
 
 
