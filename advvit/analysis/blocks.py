@@ -145,7 +145,8 @@ class Block:
 BlockRef = Union[int, str, Block]
 
 # An architecture adapter: the model -> its blocks' (qualified name, class-token index) in order.
-ArchitectureAdapter = Callable[[nn.Module], List[Tuple[str, Optional[int]]]]
+BlockNames = List[Tuple[str, Optional[int]]]
+ArchitectureAdapter = Callable[[nn.Module], BlockNames]
 # A block type adapter: the block module -> its layout.
 BlockTypeAdapter = Callable[[nn.Module], BlockLayout]
 
@@ -281,12 +282,12 @@ def eager_model(model: nn.Module) -> nn.Module:
 # Architectures: the blocks of each model class, in forward order
 # --------------------------------------------------------------------------------------------
 
-def _names(prefix: str, seq: Optional[Sequence[nn.Module]], class_token: Optional[int]) -> List[Tuple[str, Optional[int]]]:
+def _names(prefix: str, seq: Optional[Sequence[nn.Module]], class_token: Optional[int]) -> BlockNames:
     return [(f"{prefix}.{i}", class_token) for i in range(len(seq or ()))]
 
 
 @register_architecture(VisionTransformer)
-def _vision_transformer(model: VisionTransformer) -> List[Tuple[str, Optional[int]]]:
+def _vision_transformer(model: VisionTransformer) -> BlockNames:
     # Prefix tokens come first: the class token (when there is one) at 0, then distillation /
     # register tokens.
     cls = 0 if getattr(model, "cls_token", None) is not None else None
@@ -294,19 +295,19 @@ def _vision_transformer(model: VisionTransformer) -> List[Tuple[str, Optional[in
 
 
 @register_architecture(Cait)
-def _cait(model: Cait) -> List[Tuple[str, Optional[int]]]:
+def _cait(model: Cait) -> BlockNames:
     # The class token joins only in the class-attention blocks, whose output is that token alone.
     return _names("blocks", model.blocks, None) + _names("blocks_token_only", model.blocks_token_only, 0)
 
 
 @register_architecture(Xcit)
-def _xcit(model: Xcit) -> List[Tuple[str, Optional[int]]]:
+def _xcit(model: Xcit) -> BlockNames:
     # forward_cls prepends the class token before the class-attention blocks.
     return _names("blocks", model.blocks, None) + _names("cls_attn_blocks", model.cls_attn_blocks, 0)
 
 
 @register_architecture(ResNet)
-def _resnet(model: ResNet) -> List[Tuple[str, Optional[int]]]:
+def _resnet(model: ResNet) -> BlockNames:
     return [(f"layer{s}.{i}", None) for s in range(1, 5) for i in range(len(getattr(model, f"layer{s}")))]
 
 

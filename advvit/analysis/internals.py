@@ -19,6 +19,7 @@ from ``seed``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -48,9 +49,8 @@ _TINY = 1e-12
 # --------------------------------------------------------------------------------------------
 
 def _device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _batches(n: int, batch_size: int) -> Iterator[slice]:
@@ -96,7 +96,7 @@ class BlockCall:
         block: the block.
         args: its positional arguments (tensors detached and contiguous copies).
         kwargs: its keyword arguments.
-        output: what it returned (detached).
+        output: what it returned (a detached copy).
     """
 
     block: Block
@@ -151,10 +151,11 @@ def _recording(all_blocks: Sequence[Block], keep_inputs: bool) -> Iterator[List[
         def post_hook(_m, _args, output, rec=rec, block=block):
             if not torch.is_tensor(output):
                 raise TypeError(f"block {block.name} returned {type(output).__name__}, not a tensor")
+            # A copy: the next block may update its input in place.
             if keep_inputs:
-                rec[-1].append(output.detach())
+                rec[-1].append(_copy(output))
             else:
-                rec.append(output.detach())
+                rec.append(_copy(output))
         handles.append(block.module.register_forward_hook(post_hook))
     try:
         yield records
@@ -432,7 +433,8 @@ class Propagation:
 
 
 def _relative_changes(clean: List[Tensor], perturbed: List[Tensor]) -> Tensor:
-    cols = [_per_example_norm(p - c) / _per_example_norm(c).clamp_min(_TINY) for c, p in zip(clean, perturbed)]
+    cols = [_per_example_norm(p - c) / _per_example_norm(c).clamp_min(_TINY)
+            for c, p in zip(clean, perturbed)]
     return torch.stack(cols, dim=1).float().cpu()
 
 
@@ -538,13 +540,14 @@ def propagation(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str
             for label, d in ((name, delta), (f"random({name})", control)):
                 ratios = _relative_changes(clean, block_outputs(net, xb + d, blocks=all_blocks))
                 collected[label].append((ratios, d.detach()))
+    x_norm = _per_example_norm(x.cpu()).clamp_min(_TINY)
     effects = {}
     for label in names:
         ratios = torch.cat([r for r, _ in collected[label]])
         deltas = torch.cat([d for _, d in collected[label]]).cpu()
         effects[label] = PerturbationEffect(
             name=label, matched_to=label[len("random("):-1] if label.startswith("random(") else None,
-            ratio=ratios, input_ratio=(_per_example_norm(deltas) / _per_example_norm(x.cpu()).clamp_min(_TINY)),
+            ratio=ratios, input_ratio=_per_example_norm(deltas) / x_norm,
             l2=_per_example_norm(deltas), linf=deltas.flatten(1).abs().amax(1))
     return Propagation(blocks=tuple(b.name for b in all_blocks), eps=float(eps), norm=norm,
                        pgd_steps=pgd_steps, effects=effects)
