@@ -140,6 +140,8 @@ def test_jacobian_norms_reject_bad_settings_before_any_work():
         jacobian_norms(model, images(1), max_steps=1)
     with pytest.raises(ValueError, match="batch_size"):
         jacobian_norms(model, images(1), batch_size=0)
+    with pytest.raises(ValueError, match="bound_chunk"):
+        jacobian_norms(model, images(1), bound=True, bound_chunk=0)
 
 
 # --------------------------------------------------------------------------------------------

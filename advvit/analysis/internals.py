@@ -356,6 +356,8 @@ def jacobian_norms(model: nn.Module, x: Tensor, *, blocks: Optional[Sequence[Blo
         raise ValueError(f"max_steps must be an integer >= 2, got {max_steps!r}")
     if not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol must be > 0, got {tol!r}")
+    if not isinstance(bound_chunk, int) or bound_chunk < 1:
+        raise ValueError(f"bound_chunk must be an integer >= 1, got {bound_chunk!r}")
     all_blocks = _resolve_blocks(model, blocks)
     started = time.perf_counter()
     device = _device(model)
