@@ -83,7 +83,7 @@ class DataConfig:
     split_seed: int = _opt("seed of the held-out split", 0)
     interpolation: str = _opt("resize interpolation of the training crops and evaluation "
                               "resizes (timm's names)", "bilinear",
-                              choices=("bilinear", "bicubic", "nearest", "random"))
+                              choices=("bilinear", "bicubic", "nearest"))
     img_size: Optional[int] = _opt("input size (None: the data set's native size)", lo=8)
     in_chans: Optional[int] = _opt("input channels (None: the data set's; 3 repeats grayscale)",
                                    choices=(None, 1, 3))

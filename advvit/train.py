@@ -21,8 +21,8 @@ import torch
 
 from . import accel, checkpoint, data, engine, models
 from .attacks import check_eps, default_step_size
-from .config import (ConfigError, TrainConfig, check_lr, config_to_dict, effective_lr, load_config,
-                     save_args_yaml)
+from .config import (ConfigError, OptimConfig, TrainConfig, check_lr, config_to_dict, effective_lr,
+                     load_config, save_args_yaml)
 from .losses import create_loss, default_steps
 from .monitor import Monitor
 from .schedules import EpsSchedule, create_eps_schedule
@@ -127,17 +127,23 @@ def _check_opt_name(name: str) -> None:
                           _near(base, list_optimizers()) or "see timm.optim.list_optimizers()")
 
 
-def _check_sched_name(name: str) -> None:
+def _check_sched(o: OptimConfig) -> None:
     from timm.scheduler import create_scheduler_v2
-    # timm lists no scheduler names: ask its factory, on a throw-away optimizer.
+    # timm lists no scheduler names: ask its factory, with this run's settings, on a throw-away
+    # optimizer (one update per epoch: the schedule's shape does not depend on the count).
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     try:
-        create_scheduler_v2(probe, sched=name, num_epochs=2, step_on_epochs=False,
-                            updates_per_epoch=1)
-    except ValueError as err:
-        raise ConfigError("sched", f"timm has no scheduler {name!r} ({err})",
-                          "use one of timm's create_scheduler_v2 names, e.g. cosine, step, "
-                          "multistep, poly, tanh, plateau, constant") from None
+        scheduler, _ = create_scheduler_v2(
+            probe, sched=o.sched, num_epochs=o.epochs, warmup_epochs=o.warmup_epochs,
+            warmup_lr=o.warmup_lr, min_lr=o.min_lr, cooldown_epochs=o.cooldown_epochs,
+            step_on_epochs=False, updates_per_epoch=1)
+    except (ValueError, AssertionError) as err:
+        raise ConfigError("sched", f"timm cannot build scheduler {o.sched!r} here: {err}",
+                          "advvit steps the schedule per optimizer update; use e.g. cosine, "
+                          "step, multistep, poly, tanh or constant") from None
+    if scheduler is None:
+        raise ConfigError("sched", f"{o.sched!r} builds no scheduler",
+                          "use constant for a fixed learning rate")
 
 
 def _dataset_info(cfg: TrainConfig) -> data.DataInfo:
@@ -222,7 +228,7 @@ def validate(cfg: TrainConfig, world_size: Optional[int]) -> Tuple[data.DataInfo
     """
     _check_model_name(cfg.model.model)
     _check_opt_name(cfg.optim.opt)
-    _check_sched_name(cfg.optim.sched)
+    _check_sched(cfg.optim)
     info = _dataset_info(cfg)
     n = cfg.model.num_classes
     if n is not None and n < info.num_classes:

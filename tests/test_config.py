@@ -174,7 +174,9 @@ def _validate(*argv, world_size=1):
     (["--model", "resnet50gelu"], "model", "resnet50_gelu"),
     (["--opt", "adamww"], "opt", "did you mean adamw"),
     (["--opt", "warp_adamw"], "opt", "unknown optimizer"),
-    (["--sched", "cosnie"], "sched", "no scheduler 'cosnie'"),
+    (["--sched", "cosnie"], "sched", "Unknown scheduler 'cosnie'"),
+    (["--sched", "plateau"], "sched", "only supports step per epoch"),  # advvit steps per update
+    (["--sched", "none"], "sched", "builds no scheduler"),
     (["--dataset", "cifar11"], "dataset", "did you mean cifar10"),
     (["--num-classes", "5"], "num_classes", "fewer than the 10 classes of cifar10"),
     (["--img-size", "36"], "img_size", "not a multiple of xcit_nano_12_p8_32's patch size 8x8"),

@@ -41,7 +41,7 @@ def _data_for(cfg_path, tmp_path):
         make_idx_folder(tmp_path / "fmnist", n_train=8, n_test=4)
         return str(tmp_path / "fmnist")
     if "dataset: cifar10" in text:
-        make_cifar_folder(tmp_path / "cifar", n_per_batch=2)
+        make_cifar_folder(tmp_path / "cifar", n_per_batch=10)  # 1 of 50 held out at 2%
         return str(tmp_path / "cifar")
     make_imagefolder(tmp_path / "images", per_class=2)
     return str(tmp_path / "images")
