@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ import yaml
 
 from .attacks import check_eps
 from .io import atomic_write_text
+from .losses import DEFAULT_STEPS
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "AttackConfig", "OptimConfig", "RunConfig",
     "TrainConfig", "load_config", "build_parser", "parse_eps", "config_to_dict", "save_args_yaml",
+    "effective_lr", "check_lr",
 ]
 
 
@@ -37,18 +40,26 @@ class ConfigError(ValueError):
         super().__init__(message)
 
 
+def _finite(key: str, value: float) -> float:
+    # nan passes every bound check (all comparisons are false) and inf trains to non-finite
+    # weights: neither is a setting.
+    if not math.isfinite(value):
+        raise ConfigError(key, f"{value!r} is not a finite number", "give a finite value")
+    return value
+
+
 def parse_eps(value: Any, key: str = "eps") -> float:
-    """Read an eps written as a number (0.0157), a fraction ("4/255") or in /255 ("4/255")."""
+    """Read an eps written as a number (0.0157) or a fraction ("4/255"); it must be finite."""
     if isinstance(value, bool):
         raise ConfigError(key, f"expected a number or a fraction like 4/255, got {value!r}")
     if isinstance(value, (int, float)):
-        return float(value)
+        return _finite(key, float(value))
     if isinstance(value, str):
         try:
-            return float(Fraction(value.replace(" ", "")))
-        except (ValueError, ZeroDivisionError):
+            return _finite(key, float(Fraction(value.replace(" ", ""))))
+        except (ValueError, ZeroDivisionError, OverflowError):
             pass
-    raise ConfigError(key, f"expected a number or a fraction like 4/255, got {value!r}")
+    raise ConfigError(key, f"expected a finite number or a fraction like 4/255, got {value!r}")
 
 
 def _opt(help: str, default: Any = None, choices: Optional[Sequence[Any]] = None, **checks: Any) -> Any:
@@ -70,6 +81,9 @@ class DataConfig:
     val_fraction: float = _opt("hold out this fraction of the training split for validation "
                                "(0: the data set's own validation split)", 0.0, lo=0.0, hi=0.9)
     split_seed: int = _opt("seed of the held-out split", 0)
+    interpolation: str = _opt("resize interpolation of the training crops and evaluation "
+                              "resizes (timm's names)", "bilinear",
+                              choices=("bilinear", "bicubic", "nearest"))
     img_size: Optional[int] = _opt("input size (None: the data set's native size)", lo=8)
     in_chans: Optional[int] = _opt("input channels (None: the data set's; 3 repeats grayscale)",
                                    choices=(None, 1, 3))
@@ -78,6 +92,11 @@ class DataConfig:
     workers: int = _opt("data loader worker processes", 2, lo=0)
     scale: List[float] = _opt("random resized crop scale range", [0.08, 1.0])
     ratio: List[float] = _opt("random resized crop aspect ratio range", [0.75, 1.3333333])
+    crop_padding: int = _opt("pad by this many pixels and take a random img_size crop "
+                             "(torchvision RandomCrop, the CIFAR crop) in place of the random "
+                             "resized crop; 0: off", 0, lo=0)
+    rotation: float = _opt("random rotation up to this many degrees (0: off)", 0.0,
+                           lo=0.0, hi=180.0)
     hflip: float = _opt("horizontal flip probability", 0.5, lo=0.0, hi=1.0)
     color_jitter: Optional[float] = _opt("color jitter strength (None: off)", 0.4, lo=0.0)
     auto_augment: Optional[str] = _opt("timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
@@ -108,12 +127,23 @@ class AttackConfig:
     """The training loss and its attack, and the per-epoch robust evaluation."""
 
     loss: str = _opt("training loss: clean, fgsm, pgd or trades", "fgsm",
-                     choices=("clean", "fgsm", "pgd", "trades", "adversarial"))
+                     choices=("clean", "fgsm", "pgd", "trades"))
     eps: float = _opt("attack radius (a number or a fraction like 4/255; Linf <= 1, L2 <= the "
                       "input box's diagonal)", 4 / 255, lo=0.0)
     attack_norm: str = _opt("attack norm", "linf", choices=("linf", "l2"))
-    attack_steps: int = _opt("attack iterations (fgsm: 1)", 1, lo=1)
-    attack_step_size: Optional[float] = _opt("attack step size (None: 1.5 * eps / steps)", gt=0.0)
+    attack_steps: Optional[int] = _opt(
+        "attack iterations (None: the loss's default: "
+        + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items() if k != "adversarial") + ")",
+        lo=1)
+    attack_step_size: Optional[float] = _opt("attack step size (None: 1.5 * eps / steps, eps "
+                                             "as attack_step_size_rule says)", gt=0.0)
+    # "current" by default: the step keeps its ratio to the radius (Wong et al.'s FGSM-RS at
+    # every eps of the warm-up); "final" is the thesis's code, whose step stays at 1.5 x the
+    # target eps, so early in the warm-up FGSM-RS is nearly plain FGSM.
+    attack_step_size_rule: str = _opt("eps behind the default step size during the eps warm-up: "
+                                      "current (the scheduled eps) or final (the target eps, "
+                                      "as the thesis's code)", "current",
+                                      choices=("current", "final"))
     random_init: bool = _opt("random start in the eps-ball", True)
     trades_beta: float = _opt("TRADES robust-term weight", 6.0, lo=0.0)
     eps_schedule: str = _opt("eps warm-up shape", "linear",
@@ -142,6 +172,10 @@ class OptimConfig:
     lr: Optional[float] = _opt("learning rate (None: lr_base * global batch / lr_base_size)", gt=0.0)
     lr_base: float = _opt("learning rate at lr_base_size", 5e-4, gt=0.0)
     lr_base_size: int = _opt("batch size that lr_base is given for", 512, lo=1)
+    lr_scale: str = _opt("how lr_base scales with the global batch: linear (DeiT, the thesis's "
+                         "ImageNet rule), sqrt (timm's rule for Adam-type optimizers, the "
+                         "thesis's fine-tuning) or none", "linear",
+                         choices=("linear", "sqrt", "none"))
     weight_decay: float = _opt("weight decay", 0.5, lo=0.0)
     momentum: float = _opt("SGD momentum", 0.9, lo=0.0, hi=1.0)
     clip_grad: Optional[float] = _opt("gradient clipping value (None: off)", lo=0.0)
@@ -236,9 +270,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(key, f"expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(key, f"expected a number, got {value!r}") from None
+        return _finite(key, number)
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(key, f"expected an integer, got {value!r}")
@@ -282,7 +317,7 @@ def _check_value(key: str, value: Any, meta: Dict[str, Any]) -> None:
 def _check_combinations(cfg: TrainConfig) -> None:
     """Checks that need more than one key."""
     a, d, o = cfg.attack, cfg.data, cfg.optim
-    if a.loss == "fgsm" and a.attack_steps != 1:
+    if a.loss == "fgsm" and a.attack_steps not in (None, 1):
         raise ConfigError("attack_steps", f"loss fgsm takes 1 attack step, got {a.attack_steps}",
                           "set loss: pgd for a multi-step attack")
     if a.loss == "clean" and a.eval_attack == "train":
@@ -291,8 +326,12 @@ def _check_combinations(cfg: TrainConfig) -> None:
         pair = getattr(d, key)
         if len(pair) != 2 or pair[0] > pair[1]:
             raise ConfigError(key, f"expected two increasing numbers, got {pair}")
-    if o.min_lr > o.lr_base and o.lr is None:
-        raise ConfigError("min_lr", f"{o.min_lr} is above lr_base {o.lr_base}")
+    if o.lr is not None:
+        check_lr(o, global_batch=1)  # the batch only matters when lr comes from lr_base
+    if o.warmup_epochs > o.epochs:
+        raise ConfigError("warmup_epochs", f"{o.warmup_epochs} learning-rate warm-up epochs are "
+                          f"more than the run's {o.epochs} epochs", "shorten the warm-up")
+    _check_eps_warmup(a, o.epochs)
     for key in ("eps", "eval_eps"):
         value = getattr(a, key)
         if value is not None:
@@ -304,6 +343,44 @@ def _check_combinations(cfg: TrainConfig) -> None:
     if (d.mixup > 0 or d.cutmix > 0) and a.loss == "trades":
         raise ConfigError("mixup", "TRADES needs hard labels for its natural loss",
                           "set mixup: 0 and cutmix: 0 with loss: trades")
+
+
+def _check_eps_warmup(a: AttackConfig, epochs: int) -> None:
+    """eps must reach its value within the run, or the run never trains at the eps it names."""
+    if a.zero_eps_epochs + a.eps_warmup_epochs <= epochs:
+        return
+    key = "eps_warmup_epochs" if a.eps_warmup_epochs > 0 else "zero_eps_epochs"
+    raise ConfigError(key, f"zero_eps_epochs {a.zero_eps_epochs:g} + eps_warmup_epochs "
+                      f"{a.eps_warmup_epochs:g} is longer than the run's {epochs} epochs: eps "
+                      "would never reach its value", "shorten the eps warm-up or raise epochs")
+
+
+def effective_lr(o: OptimConfig, global_batch: int) -> float:
+    """The learning rate a run uses: ``lr``, or ``lr_base`` scaled to the global batch.
+
+    ``lr_scale`` linear: ``lr_base * global_batch / lr_base_size``; sqrt: the square root of that
+    ratio (timm's rule for Adam-type optimizers); none: ``lr_base`` as it is.
+    """
+    if o.lr is not None:
+        return o.lr
+    ratio = global_batch / o.lr_base_size
+    return o.lr_base * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[o.lr_scale]
+
+
+def check_lr(o: OptimConfig, global_batch: int) -> float:
+    """:func:`effective_lr`, refused when ``min_lr`` is above it (the cosine would rise).
+
+    Raises:
+        ConfigError: naming ``min_lr``.
+    """
+    lr = effective_lr(o, global_batch)
+    if o.min_lr > lr:
+        source = "" if o.lr is not None else (
+            f" (lr_base {o.lr_base:g} scaled {o.lr_scale} from batch {o.lr_base_size} to the "
+            f"global batch {global_batch})")
+        raise ConfigError("min_lr", f"{o.min_lr:g} is above the learning rate {lr:g}{source}",
+                          "lower min_lr or raise the learning rate")
+    return lr
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 import timm.data
-from timm.data.transforms import MaybeToTensor, ToNumpy
+from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation, ToNumpy
 
 __all__ = [
     "DataInfo",
@@ -668,6 +668,27 @@ _AUGMENT_KEYS = {
 }
 
 
+# Training augmentations timm's transform factory lacks (the thesis's CIFAR fine-tuning uses both).
+_EXTRA_AUGMENT_KEYS = {"crop_padding", "rotation"}
+
+
+def _with_crop_and_rotation(transform: Any, size: Tuple[int, int], padding: int,
+                            degrees: float) -> Any:
+    """timm's training transform with its random resized crop replaced by torchvision's
+    ``RandomCrop(size, padding)`` (when ``padding``) and a ``RandomRotation(degrees)`` after it
+    (when ``degrees``), both on the PIL image before timm's flips and colour jitter."""
+    from torchvision import transforms as T
+    steps = list(transform.transforms)
+    index = next((i for i, t in enumerate(steps) if isinstance(t, RandomResizedCropAndInterpolation)),
+                 None)
+    if index is None:
+        raise ValueError("crop_padding and rotation replace timm's random resized crop, which this "
+                         f"training transform does not have: {transform}")
+    crop = [T.RandomCrop(size, padding=padding)] if padding else [steps[index]]
+    rotate = [T.RandomRotation(degrees)] if degrees else []
+    return T.Compose(steps[:index] + crop + rotate + steps[index + 1:])
+
+
 def _native_size(dataset: Any) -> Optional[Tuple[int, int]]:
     size = getattr(dataset, "image_size", None)
     if size is None and isinstance(dataset, SubsetDataset):
@@ -704,12 +725,15 @@ def create_loader(dataset: torch.utils.data.Dataset, *, img_size: ImgSize, in_ch
         distributed: shard with a distributed sampler (needs an initialised process group).
         device: where batches go (None: stay on the CPU).
         **augment: timm ``create_loader`` names: scale, ratio, hflip, vflip, color_jitter,
-            auto_augment, re_prob, re_mode, re_count, interpolation, crop_pct, crop_mode, no_aug, ...
+            auto_augment, re_prob, re_mode, re_count, interpolation, crop_pct, crop_mode, no_aug, ...;
+            and two timm lacks, for training: ``crop_padding`` (pad, then a random ``img_size``
+            crop in place of the random resized crop: the CIFAR crop) and ``rotation`` (random
+            rotation up to that many degrees). ``no_aug`` turns them off too.
 
     Raises:
         ValueError: an unknown augmentation name or a bad size/channel count.
     """
-    unknown = set(augment) - _AUGMENT_KEYS
+    unknown = set(augment) - _AUGMENT_KEYS - _EXTRA_AUGMENT_KEYS
     if unknown:
         raise ValueError(f"unknown augmentation option(s) {sorted(unknown)}: use timm create_loader names "
                          f"{sorted(_AUGMENT_KEYS)}")
@@ -726,6 +750,10 @@ def create_loader(dataset: torch.utils.data.Dataset, *, img_size: ImgSize, in_ch
     dev = torch.device(device) if device is not None else None
     use_prefetcher = dev is not None and dev.type == "cuda"
     augment.setdefault("crop_pct", 1.0)  # small images: evaluate on the whole image unless told
+    crop_padding, rotation = int(augment.pop("crop_padding", 0)), float(augment.pop("rotation", 0.0))
+    if crop_padding < 0 or not 0.0 <= rotation <= 180.0:
+        raise ValueError(f"crop_padding must be >= 0 and rotation in [0, 180] degrees, got "
+                         f"{crop_padding} and {rotation}")
     persistent = augment.pop("persistent_workers", num_workers > 0)
     view = copy.copy(dataset)  # timm's create_loader sets view.transform; the caller's data set keeps its own
     kwargs: Dict[str, Any] = dict(
@@ -746,6 +774,8 @@ def create_loader(dataset: torch.utils.data.Dataset, *, img_size: ImgSize, in_ch
         transform = ToNumpy() if use_prefetcher else MaybeToTensor()
     else:
         transform = view.transform
+        if is_training and not augment.get("no_aug") and (crop_padding or rotation):
+            transform = _with_crop_and_rotation(transform, size, crop_padding, rotation)
     view.transform = _Compose(_ToMode("L" if in_chans == 1 else "RGB"), transform)
     if dev is not None and not use_prefetcher and dev.type != "cpu":
         return _DeviceLoader(loader, dev)

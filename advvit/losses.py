@@ -15,9 +15,28 @@ from torch import nn
 
 from .attacks import check_attack_args, frozen_model, pgd
 
-__all__ = ["LossOutput", "CleanLoss", "AdversarialLoss", "TRADESLoss", "create_loss", "LOSSES"]
+__all__ = ["LossOutput", "CleanLoss", "AdversarialLoss", "TRADESLoss", "create_loss", "LOSSES",
+           "DEFAULT_STEPS", "default_steps"]
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# The one default attack-step count per loss name; create_loss and the training config read it.
+# FGSM-RS is one step by definition. PGD training means the multi-step attack of Madry et al.,
+# 10 steps as in Rice et al. and the trainer's PGD-10 evaluation. TRADES: the thesis fine-tunes
+# CIFAR-10 with PGD-10 as its inner attack.
+DEFAULT_STEPS: Dict[str, int] = {"fgsm": 1, "adversarial": 1, "pgd": 10, "trades": 10}
+
+
+def default_steps(name: str, steps: Optional[int] = None) -> int:
+    """``steps`` when given, else the loss's default attack-step count (:data:`DEFAULT_STEPS`).
+
+    Raises:
+        ValueError: a loss without an attack ("clean") or an unknown name.
+    """
+    key = name.lower()
+    if key not in DEFAULT_STEPS:
+        raise ValueError(f"loss {name!r} has no attack steps: choose one of {sorted(DEFAULT_STEPS)}")
+    return DEFAULT_STEPS[key] if steps is None else steps
 
 
 class LossOutput(NamedTuple):
@@ -76,8 +95,8 @@ class AdversarialLoss(nn.Module):
         on_step: called after each attack iteration (the XLA step barrier).
     """
 
-    def __init__(self, *, eps: float, steps: int = 1, step_size: Optional[float] = None,
-                 norm: str = "linf", random_init: bool = True,
+    def __init__(self, *, eps: float, steps: int = DEFAULT_STEPS["adversarial"],
+                 step_size: Optional[float] = None, norm: str = "linf", random_init: bool = True,
                  criterion: Optional[Criterion] = None,
                  attack_loss: Optional[Criterion] = None, clean_logits: bool = False,
                  attack_mode: str = "eval", on_step: Optional[Callable[[], None]] = None,
@@ -142,7 +161,7 @@ class TRADESLoss(nn.Module):
         on_step: called after each attack iteration (the XLA step barrier).
     """
 
-    def __init__(self, *, eps: float, beta: float = 6.0, steps: int = 10,
+    def __init__(self, *, eps: float, beta: float = 6.0, steps: int = DEFAULT_STEPS["trades"],
                  step_size: Optional[float] = None, norm: str = "linf",
                  criterion: Optional[Criterion] = None, attack_mode: str = "eval",
                  on_step: Optional[Callable[[], None]] = None, check_range: bool = True) -> None:
@@ -191,18 +210,19 @@ def create_loss(name: str, **kwargs) -> nn.Module:
 
     Args:
         name: the registered name.
-        **kwargs: the loss class's keyword arguments ("fgsm" forces ``steps=1``).
+        **kwargs: the loss class's keyword arguments. ``steps`` missing or None takes the name's
+            default (:data:`DEFAULT_STEPS`: fgsm 1, pgd 10, trades 10).
 
     Raises:
-        ValueError: for an unknown name.
+        ValueError: for an unknown name, or "fgsm" with ``steps`` other than 1.
     """
     key = name.lower()
-    if key == "fgsm":
-        kwargs = {**kwargs, "steps": 1}
-        key = "adversarial"
-    elif key == "pgd":
-        key = "adversarial"
-    if key not in LOSSES:
+    if key not in LOSSES and key not in DEFAULT_STEPS:
         raise ValueError(f"unknown loss {name!r}: choose one of "
                          f"{sorted([*LOSSES, 'fgsm', 'pgd'])}")
-    return LOSSES[key](**kwargs)
+    if key in DEFAULT_STEPS:
+        kwargs = {**kwargs, "steps": default_steps(key, kwargs.get("steps"))}
+        if key == "fgsm" and kwargs["steps"] != 1:
+            raise ValueError(f"loss 'fgsm' takes 1 attack step, got steps={kwargs['steps']!r}: "
+                             "use 'pgd' for a multi-step attack")
+    return LOSSES["adversarial" if key in ("fgsm", "pgd") else key](**kwargs)

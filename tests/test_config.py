@@ -5,8 +5,8 @@ import os
 import pytest
 import yaml
 
-from advvit.config import (ConfigError, FIELDS, build_parser, config_from_dict, config_to_dict,
-                           load_config, parse_eps, save_args_yaml)
+from advvit.config import (ConfigError, FIELDS, build_parser, check_lr, config_from_dict,
+                           config_to_dict, effective_lr, load_config, parse_eps, save_args_yaml)
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
 
@@ -89,3 +89,151 @@ def test_help_documents_every_key(capsys):
     text = capsys.readouterr().out
     for key in FIELDS:
         assert "--" + key.replace("_", "-") in text
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--lr", "nan"], "lr"), (["--lr", "inf"], "lr"), (["--lr=-inf"], "lr"),
+    (["--weight-decay", "inf"], "weight_decay"), (["--eps", "nan"], "eps"),
+    (["--eps", "inf"], "eps"), (["--eps", "1/0"], "eps"), (["--eps", "1e400"], "eps"),
+    (["--scale", "nan", "1.0"], "scale"), (["--eval-eps", "nan"], "eval_eps"),
+    (["--attack-step-size", "inf"], "attack_step_size"), (["--min-lr", "nan"], "min_lr"),
+])
+def test_non_finite_numbers_are_refused_for_every_float_key(argv, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(argv)
+    assert err.value.key == key and f"'{key}'" in str(err.value)
+
+
+@pytest.mark.parametrize("text, key", [("eps: .nan", "eps"), ("lr: .inf", "lr"),
+                                       ("eps_warmup_epochs: .nan", "eps_warmup_epochs"),
+                                       ("momentum: -.inf", "momentum"), ("eps: 4/0", "eps")])
+def test_non_finite_yaml_values_are_refused(tmp_path, text, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(["--config", str(path)])
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize("argv, key, words", [
+    (["--loss", "adversarial"], "loss", "not one of"),
+    (["--lr", "1e-5", "--min-lr", "1e-4"], "min_lr", "above the learning rate"),
+    (["--epochs", "5", "--warmup-epochs", "6", "--cooldown-epochs", "0"], "warmup_epochs",
+     "more than the run's 5"),
+    (["--epochs", "5", "--eps-warmup-epochs", "6"], "eps_warmup_epochs", "never reach"),
+    (["--epochs", "5", "--eps-warmup-epochs", "3", "--zero-eps-epochs", "2.5"],
+     "eps_warmup_epochs", "longer than the run"),
+    (["--epochs", "5", "--zero-eps-epochs", "6"], "zero_eps_epochs", "never reach"),
+])
+def test_silently_accepted_combinations_are_refused(argv, key, words):
+    with pytest.raises(ConfigError, match=words) as err:
+        load_config(argv)
+    assert err.value.key == key
+
+
+def test_warmups_that_fit_the_run_are_accepted():
+    cfg = load_config(["--epochs", "5", "--warmup-epochs", "5", "--eps-warmup-epochs", "3",
+                       "--zero-eps-epochs", "2"])
+    assert cfg.attack.eps_warmup_epochs + cfg.attack.zero_eps_epochs == cfg.optim.epochs
+
+
+@pytest.mark.parametrize("scale, batch, lr", [("linear", 128, 5e-5), ("sqrt", 128, 1e-4),
+                                              ("none", 128, 2e-4), ("linear", 2048, 8e-4),
+                                              ("sqrt", 2048, 4e-4)])
+def test_effective_lr_scales_lr_base_by_the_rule(scale, batch, lr):
+    o = load_config(["--lr-base", "2e-4", "--lr-base-size", "512", "--lr-scale", scale,
+                     "--min-lr", "0"]).optim
+    assert effective_lr(o, batch) == pytest.approx(lr)
+    assert effective_lr(load_config(["--lr", "3e-4"]).optim, batch) == 3e-4
+
+
+def test_min_lr_is_checked_against_the_scaled_learning_rate():
+    # lr_base 5e-4 at 512, linearly scaled to a global batch of 16: 1.5625e-5 < min_lr 5e-5.
+    o = load_config(["--lr-base", "5e-4", "--min-lr", "5e-5"]).optim
+    with pytest.raises(ConfigError, match=r"lr_base 0.0005 scaled linear .* global batch 16") \
+            as err:
+        check_lr(o, global_batch=16)
+    assert err.value.key == "min_lr"
+    assert check_lr(o, global_batch=512) == pytest.approx(5e-4)
+
+
+def test_attack_steps_default_is_the_losses_default():
+    assert load_config([]).attack.attack_steps is None
+    assert "fgsm 1, pgd 10, trades 10" in FIELDS["attack_steps"][1].metadata["help"]
+    load_config(["--loss", "fgsm", "--attack-steps", "1"])  # the one count fgsm takes
+
+
+def _validate(*argv, world_size=1):
+    from advvit.train import validate
+    return validate(load_config(["--dataset", "cifar10", "--model", "xcit_nano_12_p8_32",
+                                 "--lr", "1e-3", *argv]), world_size)
+
+
+@pytest.mark.parametrize("argv, key, words", [
+    (["--model", "xcit_nano_12_p8_23"], "model", "did you mean xcit_nano_12_p8_32"),
+    (["--model", "resnet50gelu"], "model", "resnet50_gelu"),
+    (["--opt", "adamww"], "opt", "did you mean adamw"),
+    (["--opt", "warp_adamw"], "opt", "unknown optimizer"),
+    (["--sched", "cosnie"], "sched", "Unknown scheduler 'cosnie'"),
+    (["--sched", "plateau"], "sched", "only supports step per epoch"),  # advvit steps per update
+    (["--sched", "none"], "sched", "builds no scheduler"),
+    (["--dataset", "cifar11"], "dataset", "did you mean cifar10"),
+    (["--num-classes", "5"], "num_classes", "fewer than the 10 classes of cifar10"),
+    (["--img-size", "36"], "img_size", "not a multiple of xcit_nano_12_p8_32's patch size 8x8"),
+    # timm's XCiT asserts when built at a size its patch does not divide: still the img_size.
+    (["--model", "xcit_nano_12_p16_224", "--img-size", "40"], "img_size", "patch size 16x16"),
+    (["--model", "deit_tiny_patch16_224", "--img-size", "40"], "img_size", "16x16"),
+    # An L2 radius above the 3x32x32 box's diagonal (55.4) means nothing.
+    (["--attack-norm", "l2", "--eps", "60"], "eps", "L2 diagonal of a 3x32x32 input"),
+    (["--attack-norm", "l2", "--eps", "1", "--eval-eps", "56"], "eval_eps", "3x32x32"),
+])
+def test_validate_refuses_what_needs_registries_data_or_model(argv, key, words):
+    with pytest.raises(ConfigError, match=words) as err:
+        _validate(*argv)
+    assert err.value.key == key
+
+
+def test_validate_accepts_good_runs_and_returns_the_spec():
+    info, spec = _validate("--num-classes", "12", "--opt", "lookahead_adamw", "--sched", "step")
+    assert info.num_classes == 10 and spec.num_classes == 12 and spec.img_size == 32
+    # The usual ImageNet L2 radius on a 224x224 input; a CNN takes any size.
+    _validate("--attack-norm", "l2", "--eps", "3.0", "--img-size", "224")
+    _validate("--model", "resnet18_gelu", "--img-size", "33")
+
+
+def test_validate_checks_min_lr_against_this_world_size():
+    argv = ["--lr", "none", "--lr-base", "5e-4", "--min-lr", "1e-5", "--batch-size", "8"]
+    with pytest.raises(ConfigError) as err:
+        _validate(*argv, world_size=1)  # 5e-4 * 8 / 512 = 7.8e-6 < 1e-5
+    assert err.value.key == "min_lr"
+    _validate(*argv, world_size=8)      # 6.25e-5
+    _validate(*argv, world_size=None)   # before an XLA launch: not known yet
+
+
+def test_train_cli_exits_2_before_any_work_on_a_registry_error(tmp_path, capsys):
+    from advvit.train import main
+    out = tmp_path / "runs"
+    assert main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--model",
+                 "xcit_nano_12_p8_23", "--output", str(out), "--no-tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert "config key 'model'" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_trades_alone_trains_trades_10_and_the_step_rule_is_applied():
+    from advvit import accel
+    from advvit.train import _build_loss, _eval_attack
+    rt = accel.setup("cpu")
+    loss = _build_loss(load_config(["--loss", "trades", "--eps", "8/255"]), rt)
+    assert loss.steps == 10 and loss.step_size is None
+    assert _eval_attack(load_config(["--loss", "trades"]))["steps"] == 10
+    assert _build_loss(load_config(["--loss", "pgd"]), rt).steps == 10
+    # The thesis's rule: the step stays at 1.5 x the target eps / steps through the warm-up.
+    final = _build_loss(load_config(["--loss", "pgd", "--attack-steps", "2", "--eps", "8/255",
+                                     "--attack-step-size-rule", "final"]), rt)
+    assert final.step_size == pytest.approx(1.5 * (8 / 255) / 2)
+    final.eps = 1 / 255  # what the warm-up sets early on: the step does not follow
+    assert final.step_size == pytest.approx(1.5 * (8 / 255) / 2)
+    given = _build_loss(load_config(["--attack-step-size", "0.01",
+                                     "--attack-step-size-rule", "final"]), rt)
+    assert given.step_size == 0.01

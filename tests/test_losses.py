@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from advvit.attacks import pgd
-from advvit.losses import (AdversarialLoss, CleanLoss, LossOutput, TRADESLoss, create_loss)
+from advvit.losses import (DEFAULT_STEPS, AdversarialLoss, CleanLoss, LossOutput, TRADESLoss,
+                           create_loss, default_steps)
 
 
 def _model(seed=0):
@@ -134,12 +135,30 @@ def test_attack_model_is_the_one_attacked():
 
 def test_create_loss_by_name():
     assert isinstance(create_loss("clean"), CleanLoss)
-    fgsm = create_loss("fgsm", eps=4 / 255, steps=5)
+    fgsm = create_loss("fgsm", eps=4 / 255, steps=1)
     assert isinstance(fgsm, AdversarialLoss) and fgsm.steps == 1
-    assert create_loss("pgd", eps=0.1, steps=10).steps == 10
+    assert create_loss("pgd", eps=0.1, steps=3).steps == 3
     assert isinstance(create_loss("trades", eps=0.1, beta=3.0), TRADESLoss)
     with pytest.raises(ValueError, match="unknown loss 'madry'"):
         create_loss("madry")
+    # A multi-step FGSM is a contradiction, not something to overrule silently.
+    with pytest.raises(ValueError, match="'fgsm' takes 1 attack step"):
+        create_loss("fgsm", eps=4 / 255, steps=5)
+
+
+@pytest.mark.parametrize("name, steps", [("fgsm", 1), ("pgd", 10), ("trades", 10),
+                                         ("adversarial", 1)])
+def test_one_default_step_count_per_loss(name, steps):
+    # create_loss, the classes and the config all read DEFAULT_STEPS: TRADES named alone is
+    # TRADES-10 (the thesis's CIFAR-10 fine-tuning), as TRADESLoss() is.
+    assert DEFAULT_STEPS[name] == steps
+    assert create_loss(name, eps=0.1).steps == steps
+    assert create_loss(name, eps=0.1, steps=None).steps == steps
+    assert TRADESLoss(eps=0.1).steps == DEFAULT_STEPS["trades"] == 10
+    assert AdversarialLoss(eps=0.1).steps == DEFAULT_STEPS["fgsm"] == 1
+    assert default_steps(name, 3) == 3
+    with pytest.raises(ValueError, match="no attack steps"):
+        default_steps("clean")
 
 
 @pytest.mark.parametrize("cls, kwargs, name", [

@@ -205,6 +205,7 @@ def test_train_cli_runs_on_xla_and_writes_a_loadable_checkpoint(tmp_path):
             "--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0", "--workers", "0",
             "--max-steps-per-epoch", "2", "--eval-batches", "1", "--no-tensorboard",
             "--loss", "pgd", "--attack-steps", "2", "--eps", "8/255",
+            "--min-lr", "0",  # lr_base scaled to a batch of 8 is below the default min_lr
             "--output", str(tmp_path / "runs"), "--experiment", "x"]
     proc = subprocess.run([sys.executable, "-m", "advvit.train", *argv], capture_output=True,
                           text=True, timeout=600)
