@@ -417,6 +417,11 @@ def create_model_from_checkpoint(path_or_ckpt: Union[PathLike, Dict[str, Any]], 
     return model, spec
 
 
+def _shape(value: Any) -> Any:
+    """A tensor's shape as a tuple; anything else (which no model can load) by its type name."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+
+
 def _listed(label: str, items: Sequence[str], limit: int) -> str:
     more = f" ... ({len(items)} in all)" if len(items) > limit else ""
     return f"{label} {list(items[:limit])}{more}"
@@ -439,9 +444,8 @@ def state_dict_misfit(model: nn.Module, state_dict: Mapping[str, Any], *,
     from .models import unwrap
 
     own = unwrap(model).state_dict()
-    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-              for k, v in state_dict.items()
-              if k in own and tuple(getattr(v, "shape", ())) != tuple(own[k].shape)]
+    shapes = [f"{k}: checkpoint {_shape(v)} vs model {tuple(own[k].shape)}"
+              for k, v in state_dict.items() if k in own and _shape(v) != tuple(own[k].shape)]
     missing = [k for k in own if k not in state_dict and not any(k.startswith(o) for o in optional)]
     unexpected = [k for k in state_dict if k not in own]
     parts = []
@@ -472,7 +476,8 @@ def check_state_dict_fits(model: nn.Module, state_dict: Mapping[str, Any], *, wh
 
     parts = state_dict_misfit(model, state_dict)
     if parts:
-        arch = (getattr(unwrap(model), "pretrained_cfg", None) or {}).get("architecture") or type(unwrap(model)).__name__
+        target = unwrap(model)
+        arch = (getattr(target, "pretrained_cfg", None) or {}).get("architecture") or type(target).__name__
         raise CheckpointError(f"{where}: weights do not fit {arch!r} as specified ({'; '.join(parts)}): the "
                               "file's weights were changed or belong to another model; use a checkpoint written "
                               "for this model")

@@ -232,6 +232,8 @@ def test_check_state_dict_fits_names_keys_and_shapes(tmp_path):
     assert msg.startswith("last.pth (model): weights do not fit 'test_resnet'")
     assert f"fc.weight: checkpoint (10, {feat - 1}) vs model (10, {feat})" in msg
     assert "missing keys ['fc.bias']" in msg and "unexpected keys ['extra.bias']" in msg
+    with pytest.raises(C.CheckpointError, match=r"fc.bias: checkpoint a list vs model \(10,\)"):
+        C.check_state_dict_fits(model, dict(C.load_checkpoint(path)["model"], **{"fc.bias": [0.0] * 10}))
     headless = {k: v for k, v in C.load_checkpoint(path)["model"].items() if not k.startswith("fc.")}
     assert C.state_dict_misfit(model, headless, optional=["fc."]) == []
     assert C.state_dict_misfit(model, headless) == ["missing keys ['fc.weight', 'fc.bias']"]
