@@ -27,6 +27,8 @@ import json
 import os
 import pickle
 import random
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -46,6 +48,8 @@ __all__ = [
     "make_checkpoint",
     "load_checkpoint",
     "create_model_from_checkpoint",
+    "state_dict_misfit",
+    "check_state_dict_fits",
     "restore_rng_state",
     "export_timm",
 ]
@@ -313,6 +317,25 @@ def _validate(ckpt: Any, path: str) -> Dict[str, Any]:
     return ckpt
 
 
+_TORCH_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|\Z)", re.S)
+
+
+def _load_failure(err: BaseException) -> str:
+    """torch's reason for a failed load, in one line, without its advice.
+
+    torch's message for the safe unpickler tells users to retry with ``weights_only=False``, which
+    runs whatever code the file holds: for a file that fails to load as plain data that advice is
+    never right, so only the reason itself is kept (its first sentence).
+    """
+    text = str(err)
+    found = _TORCH_REASON.search(text)
+    reason = found.group(1) if found else (text.strip().splitlines() or [""])[0]
+    reason = reason.split(". ")[0].strip().rstrip(".")
+    if "weights_only" in reason:
+        reason = ""
+    return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+
+
 def load_checkpoint(path: PathLike, *, expected_arch: Optional[str] = None,
                     weights_only: bool = True) -> Dict[str, Any]:
     """Read and validate a checkpoint (on the CPU).
@@ -336,16 +359,20 @@ def load_checkpoint(path: PathLike, *, expected_arch: Optional[str] = None,
     if not p.is_file():
         raise CheckpointError(f"checkpoint path {p} is not a file (a folder?): give the .pth file")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=weights_only)
+        with warnings.catch_warnings():
+            # Random bytes can read as a newer pickle protocol; the error below says it all.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(p, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as e:
         # torch wraps every failure of its safe unpickler alike; only a refused global means
         # the file is whole but holds objects beyond plain data.
         if weights_only and "Unsupported global" in str(e):
-            raise CheckpointError(f"{p} stores objects other than plain data and tensors; if you trust the file, "
-                                  f"call load_checkpoint(..., weights_only=False). ({str(e).splitlines()[0]})") from None
-        raise CheckpointError(f"{p} is truncated or corrupt (cannot unpickle: {e})") from None
+            raise CheckpointError(f"{p} holds objects other than plain data and tensors ({_load_failure(e)}); "
+                                  "advvit checkpoints never do, so save_checkpoint did not write it: save the "
+                                  "weights again with advvit.checkpoint.make_checkpoint + save_checkpoint") from None
+        raise CheckpointError(f"{p} is truncated or corrupt ({_load_failure(e)})") from None
     except Exception as e:  # noqa: BLE001  (random bytes make the unpickler raise anything)
-        raise CheckpointError(f"{p} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointError(f"{p} is truncated or corrupt ({_load_failure(e)})") from None
     ckpt = _validate(ckpt, str(p))
     if expected_arch is not None and ckpt["spec"]["arch"] != expected_arch:
         raise CheckpointError(f"{p} holds a {ckpt['spec']['arch']!r} model, expected {expected_arch!r}")
@@ -384,24 +411,76 @@ def create_model_from_checkpoint(path_or_ckpt: Union[PathLike, Dict[str, Any]], 
     except (ValueError, RuntimeError) as e:
         raise CheckpointError(f"{where}: cannot build {spec.arch!r}: {e}") from None
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
-    target = unwrap(model)
-    own = target.state_dict()
-    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-              for k, v in weights.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    if shapes or missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-        if shapes:
-            parts.append(f"shape mismatches {shapes[:5]}")
-        raise CheckpointError(f"{where}: weights do not fit {spec.arch!r} as specified ({'; '.join(parts)})")
-    target.load_state_dict(weights, strict=True)
+    check_state_dict_fits(model, weights, where=where)
+    unwrap(model).load_state_dict(weights, strict=True)
     model.eval()
     return model, spec
+
+
+def _shape(value: Any) -> Any:
+    """A tensor's shape as a tuple; anything else (which no model can load) by its type name."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+
+
+def _listed(label: str, items: Sequence[str], limit: int) -> str:
+    more = f" ... ({len(items)} in all)" if len(items) > limit else ""
+    return f"{label} {list(items[:limit])}{more}"
+
+
+def state_dict_misfit(model: nn.Module, state_dict: Mapping[str, Any], *,
+                      optional: Sequence[str] = ()) -> list[str]:
+    """What keeps ``state_dict`` from loading into ``model`` strictly, one phrase per kind.
+
+    Args:
+        model: the target (DDP / compile / ``NormalizedModel`` wrappers are stripped).
+        state_dict: the weights.
+        optional: key prefixes of the model that may be missing from ``state_dict`` (a
+            classifier re-initialised for fine-tuning).
+
+    Returns:
+        ``[]`` when it fits, else phrases such as ``"missing keys [...]"``, ``"unexpected keys
+        [...]"`` and ``"shape mismatches ['k: checkpoint (a, b) vs model (c, d)']"``.
+    """
+    from .models import unwrap
+
+    own = unwrap(model).state_dict()
+    shapes = [f"{k}: checkpoint {_shape(v)} vs model {tuple(own[k].shape)}"
+              for k, v in state_dict.items() if k in own and _shape(v) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state_dict and not any(k.startswith(o) for o in optional)]
+    unexpected = [k for k in state_dict if k not in own]
+    parts = []
+    if missing:
+        parts.append(_listed("missing keys", missing, 10))
+    if unexpected:
+        parts.append(_listed("unexpected keys", unexpected, 10))
+    if shapes:
+        parts.append(_listed("shape mismatches", shapes, 5))
+    return parts
+
+
+def check_state_dict_fits(model: nn.Module, state_dict: Mapping[str, Any], *, where: str = "checkpoint") -> None:
+    """Raise unless ``state_dict`` loads into ``model`` strictly (same keys, same shapes).
+
+    Checked before anything is loaded, so a file whose spec fits but whose weights were changed
+    (or belong to another model) is refused with one message instead of a traceback later.
+
+    Args:
+        model: the model built from the checkpoint's spec (wrappers are stripped).
+        state_dict: the weights to load (a checkpoint's ``model`` or ``ema``).
+        where: the file (or option) named in the message.
+
+    Raises:
+        CheckpointError: naming the missing and unexpected keys and the mismatched shapes.
+    """
+    from .models import unwrap
+
+    parts = state_dict_misfit(model, state_dict)
+    if parts:
+        target = unwrap(model)
+        arch = (getattr(target, "pretrained_cfg", None) or {}).get("architecture") or type(target).__name__
+        raise CheckpointError(f"{where}: weights do not fit {arch!r} as specified ({'; '.join(parts)}): the "
+                              "file's weights were changed or belong to another model; use a checkpoint written "
+                              "for this model")
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,8 +5,14 @@ Sources read from disk, in their own formats, with no download:
 * ``fashion_mnist``, ``mnist``: the four idx files (``train-images-idx3-ubyte[.gz]`` ...),
   gzipped or not, from a folder: the Debian package ``dataset-fashion-mnist`` puts Fashion-MNIST
   in ``/usr/share/datasets/fashion-mnist``; torchvision's ``<root>/FashionMNIST/raw`` works too.
+  torchvision's ``read_image_file`` / ``read_label_file`` parse them. Its ``MNIST`` class is not
+  used: it reads only extracted files named exactly so in ``<root>/<class name>/raw``, and its
+  parser opens plain files only, so a gzipped file is decompressed to a temporary file first.
 * ``cifar10``, ``cifar100``: the python-pickle batches (``cifar-10-batches-py/``,
-  ``cifar-100-python/``), extracted or still in their ``.tar.gz``.
+  ``cifar-100-python/``), extracted or still in their ``.tar.gz``; file names from torchvision's
+  ``CIFAR10`` / ``CIFAR100`` tables. The batches are unpickled here with numpy arrays as the only
+  allowed objects: torchvision's class would ``pickle.load`` them (running whatever code a crafted
+  file holds), refuses files that differ from the release's md5 and cannot read the archive.
 * ``imagefolder``: an ImageNet-style tree ``<root>/{train,val}/<class>/<image>``; a class-list file
   (one class folder name a line) selects a subset such as the thesis's ImageNet-100.
 * timm's ``create_dataset`` names with a ``hfds/``, ``hfids/``, ``tfds/`` or ``wds/`` prefix,
@@ -24,8 +30,10 @@ import io
 import logging
 import os
 import pickle
+import shutil
 import struct
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -35,7 +43,9 @@ import torch
 from PIL import Image
 
 import timm.data
+import torchvision.datasets
 from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation, ToNumpy
+from torchvision.datasets.mnist import read_image_file, read_label_file, read_sn3_pascalvincent_tensor
 
 __all__ = [
     "DataInfo",
@@ -107,8 +117,8 @@ _STATIC_INFO = {
 _SUBDIRS = {
     "fashion_mnist": ("", "fashion-mnist", "fashion_mnist", "FashionMNIST/raw", "fashion-mnist/raw"),
     "mnist": ("", "mnist", "MNIST/raw", "mnist/raw"),
-    "cifar10": ("cifar-10-batches-py", "", "cifar10", "cifar-10"),
-    "cifar100": ("cifar-100-python", "", "cifar100", "cifar-100"),
+    "cifar10": (torchvision.datasets.CIFAR10.base_folder, "", "cifar10", "cifar-10"),
+    "cifar100": (torchvision.datasets.CIFAR100.base_folder, "", "cifar100", "cifar-100"),
 }
 _HOW_TO_GET = {
     "fashion_mnist": (
@@ -160,22 +170,60 @@ def _canonical(name: str) -> str:
 # On-disk formats
 # --------------------------------------------------------------------------------------------
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+# Type codes of the idx format and their item sizes (torchvision's SN3_PASCALVINCENT_TYPEMAP).
+_IDX_ITEMSIZE = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
 
 
-def _open_maybe_gzip(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
+def _plain_copy_of_gzip(path: Path, tmp: Path) -> Path:
+    """Decompress a gzipped file into ``tmp`` (torchvision's idx reader opens plain files only)."""
+    out = tmp / path.name
+    try:
+        with gzip.open(path, "rb") as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: gzip data is truncated or corrupt ({e}); fetch the file again") from None
+    return out
+
+
+def _check_idx_header(plain: Path, shown: Path) -> None:
+    """Clear errors for what torchvision's idx parser only asserts (or fails to reshape).
+
+    The header is 0, 0, a type code, the number of dimensions, then one big-endian uint32 per
+    dimension; the data must fill the shape exactly.
+    """
+    with open(plain, "rb") as f:
+        head = f.read(4)
+        if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_ITEMSIZE or not 1 <= head[3] <= 3:
+            raise ValueError(f"{shown}: not an idx file (magic {head.hex()})")
+        dims = f.read(4 * head[3])
+    if len(dims) < 4 * head[3]:
+        raise ValueError(f"{shown}: idx header is truncated")
+    shape = struct.unpack(f">{head[3]}I", dims)
+    expected = int(np.prod(shape)) * _IDX_ITEMSIZE[head[2]]
+    held = plain.stat().st_size - 4 - len(dims)
+    if held < expected:
+        raise ValueError(f"{shown}: idx data is truncated: header says {shape}, file holds "
+                         f"{held // _IDX_ITEMSIZE[head[2]]} values")
+    if held > expected:
+        raise ValueError(f"{shown}: idx file is longer than its header {shape} says ({held - expected} extra bytes)")
+
+
+def _read_idx_with(reader: Callable[[str], torch.Tensor], path: Union[str, Path]) -> torch.Tensor:
+    """Run one of torchvision's idx readers on ``path``, gzipped or not, with clear errors."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    with tempfile.TemporaryDirectory(prefix="advvit-idx-") as tmp:
+        plain = _plain_copy_of_gzip(path, Path(tmp)) if gzipped else path
+        _check_idx_header(plain, path)
         try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise ValueError(f"{path}: gzip data is truncated or corrupt ({e}); fetch the file again") from None
-    return raw
+            return reader(str(plain))
+        except (TypeError, ValueError) as e:  # torchvision's dtype / dimension checks
+            raise ValueError(f"{path}: {e}") from None
 
 
 def read_idx(path: Union[str, Path]) -> np.ndarray:
-    """Read an idx file (the MNIST / Fashion-MNIST format), gzipped or not.
+    """Read an idx file (the MNIST / Fashion-MNIST format), gzipped or not, with torchvision's reader.
 
     Args:
         path: the file.
@@ -184,24 +232,9 @@ def read_idx(path: Union[str, Path]) -> np.ndarray:
         The array, shaped as the header says (``(N, H, W)`` images, ``(N,)`` labels).
 
     Raises:
-        ValueError: a bad magic number or a file shorter than its header says.
+        ValueError: a bad magic number, or a file shorter or longer than its header says.
     """
-    path = Path(path)
-    data = _open_maybe_gzip(path)
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an idx file (magic {data[:4].hex()})")
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{path}: idx header is truncated")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    count = int(np.prod(shape)) if shape else 1
-    if len(data) - header < count * dtype.itemsize:
-        raise ValueError(f"{path}: idx data is truncated: header says {shape}, "
-                         f"file holds {(len(data) - header) // dtype.itemsize} values")
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(shape)
-    return arr.astype(dtype.newbyteorder("="), copy=False)
+    return _read_idx_with(lambda p: read_sn3_pascalvincent_tensor(p, strict=False), path).numpy()
 
 
 def _idx_file(folder: Path, stem: str) -> Optional[Path]:
@@ -224,11 +257,22 @@ def _has_idx(folder: Path) -> bool:
     return all(_idx_file(folder, s) is not None for pair in _IDX_STEMS.values() for s in pair)
 
 
+def _read_idx_split(name: str, folder: Path, split: str) -> ArrayDataset:
+    """The images and labels of one split, read with torchvision's ``read_image_file`` /
+    ``read_label_file`` (which check uint8 (N, H, W) images and uint8 (N,) labels)."""
+    img_stem, lab_stem = _IDX_STEMS[split]
+    images = _read_idx_with(read_image_file, _idx_file(folder, img_stem)).numpy()
+    labels = _read_idx_with(read_label_file, _idx_file(folder, lab_stem)).numpy()
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"{folder}: idx images {images.shape} and labels {labels.shape} do not pair up")
+    return ArrayDataset(images, labels, _STATIC_INFO[name].classes)
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler for the CIFAR batches: plain containers and numpy arrays only.
 
     The python-version CIFAR files are pickles; allowing only numpy's array reconstruction keeps a
-    crafted file from running code.
+    crafted file from running code (torchvision's CIFAR10 calls ``pickle.load``, which would).
     """
 
     _ALLOWED = {
@@ -253,27 +297,36 @@ def _unpickle(data: bytes, where: str) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-_CIFAR_FILES = {
-    "cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"],
-                "meta": "batches.meta", "labels": "labels", "names": "label_names",
-                "archive": "cifar-10-python.tar.gz", "folder": "cifar-10-batches-py"},
-    "cifar100": {"train": ["train"], "test": ["test"], "meta": "meta", "labels": "fine_labels",
-                 "names": "fine_label_names", "archive": "cifar-100-python.tar.gz",
-                 "folder": "cifar-100-python"},
-}
+@dataclass(frozen=True)
+class _CifarLayout:
+    """Where a CIFAR release keeps its batches: torchvision's CIFAR10 / CIFAR100 class tables."""
+
+    train: Tuple[str, ...]
+    test: Tuple[str, ...]
+    meta: str
+    names: str
+    archive: str
+    folder: str
+
+
+def _cifar_layout(name: str) -> _CifarLayout:
+    tv = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    return _CifarLayout(train=tuple(f for f, _ in tv.train_list), test=tuple(f for f, _ in tv.test_list),
+                        meta=tv.meta["filename"], names=tv.meta["key"], archive=tv.filename,
+                        folder=tv.base_folder)
 
 
 def _cifar_source(name: str, folder: Path) -> Optional[Callable[[str], Optional[bytes]]]:
     """A reader of the named batch files in ``folder``, its archive, or None if neither is there."""
-    spec = _CIFAR_FILES[name]
-    if all((folder / f).is_file() for f in spec["train"] + spec["test"]):
+    layout = _cifar_layout(name)
+    if all((folder / f).is_file() for f in layout.train + layout.test):
         return lambda member: (folder / member).read_bytes() if (folder / member).is_file() else None
-    archive = folder / spec["archive"]
+    archive = folder / layout.archive
     if archive.is_file():
         def read(member: str) -> Optional[bytes]:
             try:
                 with tarfile.open(archive, "r:gz") as tar:
-                    f = tar.extractfile(f"{spec['folder']}/{member}")
+                    f = tar.extractfile(f"{layout.folder}/{member}")
                     return f.read() if f is not None else None
             except KeyError:
                 return None
@@ -286,6 +339,10 @@ def _cifar_source(name: str, folder: Path) -> Optional[Callable[[str], Optional[
 def read_cifar(name: str, folder: Union[str, Path], split: str) -> Tuple[np.ndarray, np.ndarray, Optional[Tuple[str, ...]]]:
     """Read CIFAR-10 / CIFAR-100 batches in their python-pickle format.
 
+    The file names are torchvision's (``CIFAR10`` / ``CIFAR100`` class tables); the batches are
+    read here, as torchvision's reader unpickles without restriction, checks each file against
+    the release's md5 and reads no ``.tar.gz``.
+
     Args:
         name: ``cifar10`` or ``cifar100``.
         folder: the folder holding the batch files (or the ``.tar.gz`` archive).
@@ -295,29 +352,30 @@ def read_cifar(name: str, folder: Union[str, Path], split: str) -> Tuple[np.ndar
         ``(images (N, 32, 32, 3) uint8, labels (N,) int64, class names or None)``.
     """
     folder = Path(folder)
-    spec = _CIFAR_FILES[name]
+    layout = _cifar_layout(name)
     source = _cifar_source(name, folder)
     if source is None:
-        raise DataNotFoundError(f"{name}: no batch files or {spec['archive']} in {folder}")
+        raise DataNotFoundError(f"{name}: no batch files or {layout.archive} in {folder}")
     images, labels = [], []
-    for member in spec[split]:
+    for member in getattr(layout, split):
         raw = source(member)
         if raw is None:
             raise DataNotFoundError(f"{name}: {member} is missing from {folder}")
         batch = _unpickle(raw, f"{folder}/{member}")
         data = np.asarray(batch.get("data"))
-        lab = batch.get(spec["labels"])
+        # torchvision's rule: CIFAR-10 batches hold "labels", CIFAR-100 ones "fine_labels".
+        lab = batch.get("labels", batch.get("fine_labels"))
         if data.ndim != 2 or data.shape[1] != 3072 or lab is None or len(lab) != data.shape[0]:
-            raise ValueError(f"{folder}/{member}: expected 'data' (N, 3072) and {spec['labels']!r} of N "
-                             f"labels, got data {getattr(data, 'shape', None)}")
+            raise ValueError(f"{folder}/{member}: expected 'data' (N, 3072) and N labels, got data "
+                             f"{getattr(data, 'shape', None)}")
         images.append(data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(np.asarray(lab, dtype=np.int64))
     names = None
-    meta_raw = source(spec["meta"])
+    meta_raw = source(layout.meta)
     if meta_raw is not None:
-        meta = _unpickle(meta_raw, f"{folder}/{spec['meta']}")
-        if spec["names"] in meta:
-            names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[spec["names"]])
+        meta = _unpickle(meta_raw, f"{folder}/{layout.meta}")
+        if layout.names in meta:
+            names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[layout.names])
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), names
 
 
@@ -333,7 +391,7 @@ def _find_folder(name: str, root: Optional[Union[str, Path]]) -> Path:
                 continue
             if name in ("fashion_mnist", "mnist") and _has_idx(folder):
                 return folder
-            if name in _CIFAR_FILES and _cifar_source(name, folder) is not None:
+            if name in ("cifar10", "cifar100") and _cifar_source(name, folder) is not None:
                 return folder
     listed = "\n  ".join(dict.fromkeys(looked))
     raise DataNotFoundError(f"data set {name!r} not found; looked in:\n  {listed}\nTo get it: {_HOW_TO_GET[name]}.")
@@ -562,13 +620,7 @@ def create_dataset(name: str, root: Optional[Union[str, Path]] = None, *, split:
     source_split = "train" if held_out else ("train" if split == "train" else "test")
 
     if key in ("fashion_mnist", "mnist"):
-        folder = _find_folder(key, root)
-        img_stem, lab_stem = _IDX_STEMS[source_split]
-        images = read_idx(_idx_file(folder, img_stem))
-        labels = read_idx(_idx_file(folder, lab_stem)).astype(np.int64)
-        if images.ndim != 3 or labels.shape != (images.shape[0],):
-            raise ValueError(f"{folder}: idx images {images.shape} and labels {labels.shape} do not pair up")
-        ds: Any = ArrayDataset(images.astype(np.uint8, copy=False), labels, _STATIC_INFO[key].classes)
+        ds: Any = _read_idx_split(key, _find_folder(key, root), source_split)
     elif key in ("cifar10", "cifar100"):
         folder = _find_folder(key, root)
         images, labels, names = read_cifar(key, folder, source_split)

@@ -32,6 +32,8 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.xcit import ConvPatchEmbed, Xcit
 from timm.models.xcit import checkpoint_filter_fn as _xcit_filter_fn
 
+from .checkpoint import CheckpointError, state_dict_misfit
+
 __all__ = [
     "NormalizedModel",
     "create_model",
@@ -477,6 +479,20 @@ def _first_convs(model: nn.Module) -> list:
     return [names] if isinstance(names, str) else list(names)
 
 
+_FINETUNE_FIX = ("fine-tune from weights of the model's own architecture and width (only the classifier, absolute "
+                 "position embeddings, patch-embedding kernel size and input channels are adapted), or build the "
+                 "model as the architecture the checkpoint was trained as")
+
+
+def _adapt(key: str, source: torch.Tensor, target: torch.Tensor, fn: Any) -> torch.Tensor:
+    """``fn()``, the adapted ``source``; CheckpointError naming the key and shapes when timm cannot."""
+    try:
+        return fn()
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"load_finetune_weights: {key} cannot be adapted from checkpoint {tuple(source.shape)} "
+                              f"to model {tuple(target.shape)} ({e}): {_FINETUNE_FIX}") from None
+
+
 def load_finetune_weights(model: nn.Module, state_dict: dict, *, keep_classifier: bool = False) -> list:
     """Load a (robust) checkpoint into a model for fine-tuning on another data set.
 
@@ -486,6 +502,7 @@ def load_finetune_weights(model: nn.Module, state_dict: dict, *, keep_classifier
     with ``resample_patch_embed``, and an input conv with another channel count is adapted with
     ``adapt_input_conv``. XCiT needs none of this across sizes: its positional encoding is
     computed from the token grid, and its small-input variants share the patch-16 weights.
+    Everything is checked before the model is changed.
 
     Args:
         model: the target model (wrappers are stripped with ``unwrap``).
@@ -496,8 +513,9 @@ def load_finetune_weights(model: nn.Module, state_dict: dict, *, keep_classifier
         The source keys that were dropped.
 
     Raises:
-        ValueError: if keys other than the classifier are missing or left over, or shapes differ
-            in ways that cannot be adapted; the message lists them.
+        CheckpointError: (a ValueError) if keys other than the classifier are missing or left
+            over, or shapes differ in ways that cannot be adapted; the message lists the keys and
+            shapes and says what fits.
     """
     target = unwrap(model)
     own = target.state_dict()
@@ -514,36 +532,32 @@ def load_finetune_weights(model: nn.Module, state_dict: dict, *, keep_classifier
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         grid = getattr(target.patch_embed, "grid_size", None)
         if grid is None:
-            raise ValueError("pos_embed differs in shape but the model's patch_embed has no grid_size")
+            raise CheckpointError("load_finetune_weights: pos_embed differs in shape but the model's patch_embed "
+                                  f"has no grid_size to resample it to: {_FINETUNE_FIX}")
         prefix = 0 if getattr(target, "no_embed_class", False) or isinstance(target, Cait) else \
             getattr(target, "num_prefix_tokens", 1)
-        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=list(grid), num_prefix_tokens=prefix)
+        sd["pos_embed"] = _adapt("pos_embed", sd["pos_embed"], own["pos_embed"], lambda: resample_abs_pos_embed(
+            sd["pos_embed"], new_size=list(grid), num_prefix_tokens=prefix))
         _logger.info("resampled pos_embed to a %s token grid", tuple(grid))
 
     pe_key = "patch_embed.proj.weight"
     if pe_key in sd and pe_key in own and sd[pe_key].shape[-2:] != own[pe_key].shape[-2:]:
-        sd[pe_key] = resample_patch_embed(sd[pe_key], list(own[pe_key].shape[-2:]))
+        sd[pe_key] = _adapt(pe_key, sd[pe_key], own[pe_key], lambda: resample_patch_embed(
+            sd[pe_key], list(own[pe_key].shape[-2:])))
         _logger.info("resampled %s to kernel %s", pe_key, tuple(own[pe_key].shape[-2:]))
 
     for conv in _first_convs(target):
         key = conv + ".weight"
         if key in sd and key in own and sd[key].shape[1] != own[key].shape[1]:
             source_chans = sd[key].shape[1]
-            sd[key] = adapt_input_conv(own[key].shape[1], sd[key])
+            sd[key] = _adapt(key, sd[key], own[key], lambda: adapt_input_conv(own[key].shape[1], sd[key]))
             _logger.info("adapted %s from %d to %d input channels", key, source_chans, own[key].shape[1])
 
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    if mismatched:
-        raise ValueError("load_finetune_weights: shapes that cannot be adapted: " + "; ".join(mismatched))
-    result = target.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if not any(k.startswith(p) for p in cls_prefixes)]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            "load_finetune_weights: the checkpoint does not fit the model: "
-            f"missing {missing[:20]}{' ...' if len(missing) > 20 else ''}, "
-            f"unexpected {result.unexpected_keys[:20]}{' ...' if len(result.unexpected_keys) > 20 else ''}; "
-            "check that the checkpoint's architecture matches")
+    misfit = state_dict_misfit(target, sd, optional=cls_prefixes)
+    if misfit:
+        raise CheckpointError("load_finetune_weights: the checkpoint's weights cannot be adapted to the model "
+                              f"({'; '.join(misfit)}): {_FINETUNE_FIX}")
+    target.load_state_dict(sd, strict=False)  # only the dropped classifier is missing
     return dropped
 
 

@@ -343,6 +343,10 @@ def build(cfg: TrainConfig) -> Parts:
     model = models.create_model(spec.arch, num_classes=spec.num_classes, in_chans=spec.in_chans,
                                 img_size=spec.img_size, drop_path_rate=cfg.model.drop_path,
                                 normalize=spec.normalize)
+    if resume_state is not None:  # the spec fits; the weights must too, checked before any work
+        for key in ("model", "ema"):
+            if resume_state.get(key):
+                checkpoint.check_state_dict_fits(model, resume_state[key], where=f"{resume_path} ({key})")
     if cfg.model.finetune and resume_state is None:
         source = checkpoint.load_checkpoint(cfg.model.finetune)
         dropped = models.load_finetune_weights(models.unwrap(model), source["model"])

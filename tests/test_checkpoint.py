@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -170,14 +171,72 @@ def test_malformed_contents_are_named(tmp_path):
         C.create_model_from_checkpoint(variant("arch.pth", spec=spec))
 
 
-def test_objects_outside_plain_data_need_explicit_trust(tmp_path):
+def test_objects_outside_plain_data_are_refused_without_unsafe_advice(tmp_path):
     path, _, _ = _ckpt(tmp_path)
     ckpt = C.load_checkpoint(path)
     ckpt["extra"] = {"obj": _Cfg()}  # a class instance: refused by the safe unpickler
     torch.save(ckpt, tmp_path / "obj.pth")
-    with pytest.raises(C.CheckpointError, match="weights_only=False"):
+    with pytest.raises(C.CheckpointError, match="holds objects other than plain data.*test_checkpoint._Cfg") as e:
         C.load_checkpoint(tmp_path / "obj.pth")
+    assert "weights_only" not in str(e.value) and "save_checkpoint" in str(e.value)
+    # A caller who trusts the file can still ask for the full unpickler explicitly.
     assert C.load_checkpoint(tmp_path / "obj.pth", weights_only=False)["extra"]["obj"] == _Cfg()
+
+
+def test_no_load_error_advises_the_unsafe_unpickler(tmp_path):
+    """torch's own message for a failed safe load says to retry with weights_only=False, which
+    runs any code the file holds: advvit's messages keep torch's reason and drop that advice."""
+    path, _, _ = _ckpt(tmp_path)
+    whole = path.read_bytes()
+    rng = np.random.default_rng(0)
+    corrupt = {
+        "random": [rng.bytes(4096) for _ in range(8)],
+        # bytes that start like a pickle (protocol 2 and 4) or like torch's zip container
+        "pickle-like": [b"\x80\x02" + rng.bytes(512), b"\x80\x04" + rng.bytes(512), b"PK\x03\x04" + rng.bytes(512)],
+        "cut": [whole[:n] for n in (10, 100, len(whole) // 3, len(whole) - 1)],
+        "flipped": [whole[:64] + bytes(b ^ 0xFF for b in whole[64:4096]) + whole[4096:]],
+    }
+    seen = 0
+    for kind, blobs in corrupt.items():
+        for i, blob in enumerate(blobs):
+            bad = tmp_path / f"{kind}{i}.pth"
+            bad.write_bytes(blob)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with pytest.raises(C.CheckpointError) as e:
+                    C.load_checkpoint(bad)
+            msg = str(e.value)
+            assert "weights_only" not in msg, (kind, msg)
+            assert str(bad) in msg and "\n" not in msg, (kind, msg)
+            assert not [w for w in caught if "pickle protocol" in str(w.message)], kind
+            seen += "truncated or corrupt" in msg
+    assert seen >= 14  # all but a blob that happened to load as some other object
+
+
+# ---------------------------------------------------------------------------------------------
+# weights that do not fit their spec
+# ---------------------------------------------------------------------------------------------
+
+def test_check_state_dict_fits_names_keys_and_shapes(tmp_path):
+    path, model, _ = _ckpt(tmp_path)
+    weights = dict(C.load_checkpoint(path)["model"])
+    C.check_state_dict_fits(model, weights)  # fits: nothing raised
+    key = "fc.weight"
+    weights[key] = weights[key][:, :-1]
+    weights["extra.bias"] = torch.zeros(3)
+    del weights["fc.bias"]
+    feat = model.model.fc.weight.shape[1]
+    with pytest.raises(C.CheckpointError) as e:
+        C.check_state_dict_fits(model, weights, where="last.pth (model)")
+    msg = str(e.value)
+    assert msg.startswith("last.pth (model): weights do not fit 'test_resnet'")
+    assert f"fc.weight: checkpoint (10, {feat - 1}) vs model (10, {feat})" in msg
+    assert "missing keys ['fc.bias']" in msg and "unexpected keys ['extra.bias']" in msg
+    with pytest.raises(C.CheckpointError, match=r"fc.bias: checkpoint a list vs model \(10,\)"):
+        C.check_state_dict_fits(model, dict(C.load_checkpoint(path)["model"], **{"fc.bias": [0.0] * 10}))
+    headless = {k: v for k, v in C.load_checkpoint(path)["model"].items() if not k.startswith("fc.")}
+    assert C.state_dict_misfit(model, headless, optional=["fc."]) == []
+    assert C.state_dict_misfit(model, headless) == ["missing keys ['fc.weight', 'fc.bias']"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,3 +367,64 @@ def test_export_of_a_registered_variant_names_its_requirement(tmp_path):
     m = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     x = torch.rand(2, 1, 28, 28)
     torch.testing.assert_close(m(x), model.eval()(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer refuses misfit weights before any work
+# ---------------------------------------------------------------------------------------------
+
+def _train_args(tmp_path, *extra):
+    from test_data import make_idx_folder
+
+    data = tmp_path / "fmnist"
+    if not data.exists():
+        make_idx_folder(data, n_train=16, n_test=8)
+    return ["--dataset", "fashion_mnist", "--data-dir", str(data), "--model", "xcit_nano_12_p8_32",
+            "--img-size", "32", "--batch-size", "8", "--output", str(tmp_path / "runs"), "--experiment", "run",
+            "--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0", "--workers", "0",
+            "--no-tensorboard", "--amp", "none", *extra]
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    from advvit import engine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(engine, "train_one_epoch", refuse)
+
+
+def test_trainer_refuses_resume_of_weights_that_do_not_fit_their_spec(tmp_path, capsys, no_training):
+    from advvit import train
+    from advvit.config import config_to_dict, load_config
+
+    args = _train_args(tmp_path)
+    spec = C.ModelSpec("xcit_nano_12_p8_32", 10, 1, 32, None)
+    model = M.create_model(spec.arch, num_classes=10, in_chans=1, img_size=32)
+    state = C.make_checkpoint(model, spec, config=config_to_dict(load_config(args)), epoch=0, step=2)
+    key = "blocks.3.mlp.fc1.weight"
+    shape = tuple(state["model"][key].shape)
+    state["model"][key] = state["model"][key][:, :-1].clone()  # the spec still fits, the weights do not
+    last = tmp_path / "runs" / "run" / "last.pth"
+    C.save_checkpoint(last, state)
+    before = last.read_bytes()
+
+    assert train.main(args + ["--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {last} (model): weights do not fit 'xcit_nano_12_p8_32'")
+    assert f"{key}: checkpoint {(shape[0], shape[1] - 1)} vs model {shape}" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert last.read_bytes() == before and not (last.parent / "args.yaml").exists()
+
+
+def test_trainer_refuses_a_finetune_source_that_cannot_be_adapted(tmp_path, capsys, no_training):
+    from advvit import train
+
+    source, _, _ = _ckpt(tmp_path, name="resnet.pth", arch="resnet18_gelu", normalize=None)
+    assert train.main(_train_args(tmp_path, "--finetune", str(source))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: load_finetune_weights: the checkpoint's weights cannot be adapted to the model")
+    assert "missing keys ['cls_token'" in err and "unexpected keys ['conv1.weight'" in err
+    assert "own architecture" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "run" / "args.yaml").exists()

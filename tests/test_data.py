@@ -3,6 +3,7 @@ import gzip
 import pickle
 import struct
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,36 @@ def test_idx_truncated_file_is_reported(tmp_path):
     bad.write_bytes(b"\x12\x34\x56\x78" + bytes(10))
     with pytest.raises(ValueError, match="not an idx file"):
         D.read_idx(bad)
+
+
+def test_idx_read_by_torchvision_with_clear_errors(tmp_path, monkeypatch):
+    """torchvision's readers parse the files; advvit's checks name the file and the problem."""
+    from torchvision.datasets.mnist import read_image_file
+
+    make_idx_folder(tmp_path / "plain", gz=False)
+    written = make_idx_folder(tmp_path / "gz", gz=True)
+    np.testing.assert_array_equal(D.read_idx(tmp_path / "gz" / "train-images-idx3-ubyte.gz"),
+                                  read_image_file(str(tmp_path / "plain" / "train-images-idx3-ubyte")).numpy())
+    # gzipped files are decompressed to a temporary folder that is gone afterwards
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    ds = D.create_dataset("mnist", tmp_path / "gz", split="train")
+    np.testing.assert_array_equal(ds.images, written["train"][0])
+    assert ds.targets.dtype == np.int64 and list((tmp_path / "tmp").iterdir()) == []
+
+    # int32 "images": torchvision's uint8 check (formerly cast to uint8 without a word)
+    header = bytes([0, 0, 0x0C, 3]) + struct.pack(">3I", 30, 28, 28)
+    (tmp_path / "plain" / "train-images-idx3-ubyte").write_bytes(header + bytes(30 * 28 * 28 * 4))
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte: .*uint8"):
+        D.create_dataset("mnist", tmp_path / "plain", split="train")
+    longer = tmp_path / "plain" / "t10k-labels-idx1-ubyte"
+    longer.write_bytes(longer.read_bytes() + b"\0\0")
+    with pytest.raises(ValueError, match="longer than its header"):
+        D.read_idx(longer)
+    broken = tmp_path / "gz" / "t10k-images-idx3-ubyte.gz"
+    broken.write_bytes(broken.read_bytes()[:200])
+    with pytest.raises(ValueError, match="gzip data is truncated or corrupt"):
+        D.create_dataset("mnist", tmp_path / "gz", split="test")
 
 
 def test_missing_dataset_says_where_and_how(tmp_path):

@@ -208,3 +208,21 @@ def test_finetune_keeps_classifier_when_asked_and_rejects_other_archs():
     partial = {k: v for k, v in src.state_dict().items() if not k.startswith("layer4.")}
     with pytest.raises(ValueError, match="missing.*layer4"):
         M.load_finetune_weights(dst, partial)
+
+
+def test_finetune_misfits_are_one_checkpoint_error_and_change_nothing():
+    from advvit.checkpoint import CheckpointError
+
+    dst = M.create_model("deit_tiny_patch16_224", depth=1, num_classes=10, img_size=64)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    # two prefix tokens (class + distillation) where the model has one: timm cannot resample it
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", depth=1, num_classes=1000)
+    with pytest.raises(CheckpointError, match=r"pos_embed cannot be adapted from checkpoint \(1, 198, 192\) "
+                                              r"to model \(1, 17, 192\).*own architecture"):
+        M.load_finetune_weights(dst, distilled.state_dict())
+    wider = timm.create_model("deit_small_patch16_224", depth=1, num_classes=1000)
+    with pytest.raises(CheckpointError, match=r"cannot be adapted.*shape mismatches \['cls_token: checkpoint "
+                                              r"\(1, 1, 384\) vs model \(1, 1, 192\)'"):
+        M.load_finetune_weights(dst, wider.state_dict())
+    after = dst.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
