@@ -381,7 +381,8 @@ def _train_args(tmp_path, *extra):
         make_idx_folder(data, n_train=16, n_test=8)
     return ["--dataset", "fashion_mnist", "--data-dir", str(data), "--model", "xcit_nano_12_p8_32",
             "--img-size", "32", "--batch-size", "8", "--output", str(tmp_path / "runs"), "--experiment", "run",
-            "--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0", "--workers", "0",
+            "--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0", "--min-lr", "0",
+            "--eps-warmup-epochs", "0", "--workers", "0",
             "--no-tensorboard", "--amp", "none", *extra]
 
 
