@@ -24,6 +24,7 @@ torch-xla is optional: it is imported only when the XLA back-end is asked for (o
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -35,8 +36,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
-    "Runtime", "AccelError", "setup", "barrier", "wrap_model", "attack_model", "optimizer_step",
-    "all_reduce_sum", "DeviceMetrics", "wait_for_all", "launch_xla", "cleanup", "xla_available",
+    "Runtime", "AccelError", "AttackPolicy", "setup", "barrier", "wrap_model", "attack_model",
+    "attack_policy", "optimizer_step", "all_reduce_sum", "DeviceMetrics", "wait_for_all",
+    "launch_xla", "cleanup", "xla_available",
 ]
 
 Kind = Literal["cpu", "cuda", "xla"]
@@ -318,6 +320,35 @@ def attack_model(model: nn.Module) -> nn.Module:
     if isinstance(inner, DistributedDataParallel):
         return inner.module
     return model
+
+
+@dataclass(frozen=True)
+class AttackPolicy:
+    """How attacks run on a back-end (training, evaluation and the overfitting check alike).
+
+    Attributes:
+        mode: the model's mode during the attack, ``advvit.attacks.pgd``'s ``model_mode``
+            ("eval" or "train").
+        on_step: called after every attack iteration (``pgd``'s ``on_step``), or None.
+    """
+
+    mode: Literal["eval", "train"] = "eval"
+    on_step: Optional[Callable[[], None]] = None
+
+
+def attack_policy(rt: Optional[Runtime]) -> AttackPolicy:
+    """The one place that decides how attacks run on ``rt``'s back-end.
+
+    XLA: train mode, because torch-xla 2.9 has no backward for eval-mode BatchNorm ("size of
+    offset factor is 0"; XCiT has BatchNorm in its patch embedding and LPI), and the step
+    barrier after every iteration (see ``barrier``). Attacks keep BatchNorm's running
+    statistics as they were (``advvit.attacks.frozen_model``), so the only difference from eval
+    mode is batch statistics inside the attack. Elsewhere, or without a runtime: eval mode and
+    no hook.
+    """
+    if rt is None or rt.kind != "xla":
+        return AttackPolicy()
+    return AttackPolicy(mode="train", on_step=functools.partial(barrier, rt))
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, rt: Runtime, *,

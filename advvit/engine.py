@@ -214,15 +214,15 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
                     rt: Optional[accel.Runtime] = None) -> torch.Tensor:
     """Number of examples still classified correctly under a PGD attack (a device tensor).
 
-    On XLA the attack runs in train mode (BatchNorm statistics kept), because torch-xla's
-    eval-mode BatchNorm has no backward; elsewhere in eval mode.
+    The attack runs as ``accel.attack_policy(rt)`` says (on XLA in train mode, BatchNorm
+    statistics kept).
     """
     ctx = autocast(rt, amp) if rt is not None else contextlib.nullcontext()
-    mode = "train" if rt is not None and rt.kind == "xla" else "eval"
+    policy = accel.attack_policy(rt)
     with ctx:
         x_adv = pgd(model, x, y, eps=eps, steps=steps, norm=norm, step_size=step_size,
-                    random_init=random_init, check_range=False, model_mode=mode,
-                    on_step=(lambda: accel.barrier(rt)) if rt is not None else None)
+                    random_init=random_init, check_range=False, model_mode=policy.mode,
+                    on_step=policy.on_step)
         with torch.no_grad():
             return (model(x_adv).argmax(1) == y).sum()
 

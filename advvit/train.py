@@ -135,15 +135,13 @@ def _criterion(cfg: TrainConfig):
 
 def _build_loss(cfg: TrainConfig, rt: accel.Runtime) -> torch.nn.Module:
     a = cfg.attack
-    on_step = (lambda: accel.barrier(rt)) if rt.kind == "xla" else None
     common: Dict[str, Any] = dict(criterion=_criterion(cfg))
     if a.loss == "clean":
         return create_loss("clean", **common)
-    # torch-xla's eval-mode BatchNorm has no backward: attack in train mode there (the attack
-    # keeps the running statistics as they were).
+    policy = accel.attack_policy(rt)
     attack = dict(eps=a.eps, steps=a.attack_steps, step_size=a.attack_step_size,
-                  norm=a.attack_norm, on_step=on_step, check_range=False,
-                  attack_mode="train" if rt.kind == "xla" else "eval", **common)
+                  norm=a.attack_norm, on_step=policy.on_step, check_range=False,
+                  attack_mode=policy.mode, **common)
     if a.loss == "trades":
         return create_loss("trades", beta=a.trades_beta, **attack)
     return create_loss(a.loss, random_init=a.random_init, clean_logits=a.train_clean_logits,
