@@ -19,7 +19,8 @@ on all of them::
     accel.cleanup(rt)
 
 torch-xla is optional: it is imported only when the XLA back-end is asked for (or found by
-``setup("auto")`` because ``PJRT_DEVICE`` is set), so this module imports torch only.
+``setup("auto")`` because ``PJRT_DEVICE`` is set), so this module imports torch and
+``advvit.models`` (for ``unwrap``) only.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from .models import unwrap
 
 __all__ = [
     "Runtime", "AccelError", "AttackPolicy", "setup", "barrier", "wrap_model", "attack_model",
@@ -309,17 +312,11 @@ def attack_model(model: nn.Module) -> nn.Module:
       broadcast from rank 0 (a collective) on every attack iteration; the module alone runs no
       collective at all, so each rank attacks its own shard at single-process speed.
 
-    A ``torch.compile``-d DDP model gives the compiled module inside DDP back when it is one
-    (``compile(DDP(compile(m)))`` patterns), else the plain inner module. Anything else (single
-    process, XLA) is returned as it is.
+    This is ``models.unwrap(model, "parallel")``: a compiled module inside DDP stays compiled
+    (``compile(DDP(compile(m)))`` gives ``compile(m)``), the normalization wrapper stays, and a
+    model without DDP (single process, XLA) is returned as it is.
     """
-    inner: nn.Module = model
-    orig = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-    if isinstance(orig, DistributedDataParallel):
-        inner = orig
-    if isinstance(inner, DistributedDataParallel):
-        return inner.module
-    return model
+    return unwrap(model, "parallel")
 
 
 @dataclass(frozen=True)

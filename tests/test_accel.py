@@ -110,6 +110,29 @@ def test_attack_model_strips_ddp_only(one_rank_group):
     assert accel.attack_model(wrapped) is wrapped
 
 
+def test_one_unwrap_strips_what_each_caller_needs(one_rank_group):
+    from advvit.models import NormalizedModel, unwrap
+    from advvit.checkpoint import _model_normalization
+
+    timm_model = nn.Linear(3, 2)
+    normalized = NormalizedModel(timm_model, (0.5,) * 3, (0.25,) * 3)
+    compiled = torch.compile(normalized)  # an OptimizedModule; nothing compiles until called
+    ddp = nn.parallel.DistributedDataParallel(compiled)
+    outer = torch.compile(ddp)
+    for model, parallel in [(timm_model, timm_model), (normalized, normalized),
+                            (compiled, compiled), (ddp, compiled), (outer, compiled),
+                            (nn.DataParallel(normalized), normalized)]:
+        # Attacks: DDP (and a compile around it) off, the compiled inner module kept.
+        assert unwrap(model, "parallel") is parallel is accel.attack_model(model)
+        # The model as create_model built it, then the timm model whose weights are stored.
+        assert unwrap(model, "runtime") is (timm_model if model is timm_model else normalized)
+        assert unwrap(model) is unwrap(model, "all") is timm_model
+        assert _model_normalization(model) == (None if model is timm_model else
+                                               ((0.5,) * 3, (0.25,) * 3))
+    with pytest.raises(ValueError, match="strip must be one of"):
+        unwrap(timm_model, "ddp")
+
+
 def test_wrap_model_single_process_moves_without_wrapping():
     rt = accel.setup("cpu")
     model = nn.Linear(3, 2)
