@@ -258,14 +258,8 @@ class CatastrophicOverfittingGuard:
 
     def check(self, model: torch.nn.Module, rt: accel.Runtime) -> tuple:
         """Returns (PGD accuracy on the batch, whether it collapsed)."""
-        net = accel.attack_model(model)
-        was_training = net.training
-        net.eval()
-        try:
-            correct = engine.robust_accuracy(net, self.x, self.y, eps=self.eps, steps=self.steps,
-                                             norm=self.norm, rt=rt)
-        finally:
-            net.train(was_training)
+        correct = engine.robust_accuracy(accel.attack_model(model), self.x, self.y, eps=self.eps,
+                                         steps=self.steps, norm=self.norm, rt=rt)
         acc = float(accel.all_reduce_sum(correct.float(), rt).item()) / (
             self.y.shape[0] * rt.world_size)
         collapsed = self.best > 0 and acc < self.drop * self.best

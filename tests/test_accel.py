@@ -281,3 +281,17 @@ def test_evaluation_and_overfitting_check_attack_as_the_policy_says(rt, attack_m
     acc, collapsed = guard.check(model, rt)
     assert model.modes == [*attack_modes, False] and len(xla_syncs) == syncs
     assert 0.0 <= acc <= 1.0 and not collapsed and model.training
+
+
+def test_evaluation_restores_every_submodule_mode_and_counts_in_eval_mode():
+    from advvit.engine import evaluate, robust_accuracy
+
+    x, y = torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    model = ModeProbe().train()
+    model.fc.eval()  # e.g. a frozen part: its own mode must survive
+    rt = accel.setup("cpu")
+    robust_accuracy(model, x, y, eps=0.1, steps=1, rt=rt)
+    assert model.modes == [False, False]  # the attack and the count, both in eval mode
+    assert model.training and not model.fc.training
+    evaluate(model, [(x, y)], rt=rt, attack=dict(eps=0.1, steps=1))
+    assert model.training and not model.fc.training
