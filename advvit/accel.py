@@ -165,12 +165,23 @@ def _resolve_kind(device: str) -> Kind:
 def _setup_xla() -> Runtime:
     import torch_xla
     import torch_xla.runtime as xr
-    # Under PJRT every process owns one device and torch-xla knows the topology itself (no
-    # torchrun variables): gradients and metrics are reduced with XLA collectives
-    # (xm.optimizer_step, xm.all_reduce) inside the compiled graph. The "xla" process group is
-    # only there so that torch's DistributedSampler can shard the data by rank.
+    # Under PJRT torch-xla knows the topology itself (no torchrun variables): gradients and
+    # metrics are reduced with XLA collectives (xm.optimizer_step, xm.all_reduce) inside the
+    # compiled graph. The "xla" process group is only there so that torch's DistributedSampler
+    # can shard the data by rank.
     device = torch_xla.device() if hasattr(torch_xla, "device") else _legacy_xla_device()
     world = int(xr.world_size())
+    threads = int(xr.addressable_device_count())
+    if world > 1 and threads > 1:
+        # torch.distributed has one default group per process, so every thread would read
+        # the rank of whichever thread made it: the samplers would hand all of them the same
+        # shard and never show the others' data.
+        raise AccelError(
+            f"this process drives {threads} XLA devices, one thread each (TPU v2/v3 cores, or "
+            f"PJRT_DEVICE=CPU with CPU_NUM_DEVICES={os.environ.get('CPU_NUM_DEVICES', threads)});"
+            " advvit shards the data by the torch.distributed rank, of which a process has only "
+            "one, so the devices would all train on the same shard. Run one device per process "
+            "(TPU v4 and later), or one device in all (--no-xla-spawn, or CPU_NUM_DEVICES=1)")
     owns = False
     if world > 1 and not dist.is_initialized():
         import torch_xla.distributed.xla_backend  # noqa: F401  (registers the backend)
@@ -206,7 +217,9 @@ def setup(device: str = "auto", *, backend: Optional[str] = None,
 
     Raises:
         AccelError: "cuda" without a visible GPU, "xla" without an importable torch_xla (the
-            message says how to install it), or a distributed launch missing its variables.
+            message says how to install it), a distributed launch missing its variables, or
+            an XLA process driving several devices in threads (one rank per process cannot
+            shard the data between them).
         ValueError: an unknown device name.
     """
     kind = _resolve_kind(device)
@@ -497,8 +510,10 @@ def launch_xla(fn: Callable[..., Any], args: tuple = (), *,
     torch-xla's launcher (``torch_xla.launch``, or ``xmp.spawn`` on older versions) starts one
     process per local TPU chip/core as PJRT requires and sets up their ranks; inside ``fn``,
     ``setup("xla")`` (or "auto") then gives each process its device, rank and world size. The
-    number of processes comes from the hardware (``PJRT_DEVICE`` / ``TPU_PROCESS_BOUNDS``):
-    with ``PJRT_DEVICE=CPU`` it is a single process.
+    number of processes comes from the hardware (``PJRT_DEVICE`` / ``TPU_PROCESS_BOUNDS``).
+    With ``PJRT_DEVICE=CPU`` it is a single process, which runs ``fn`` in one thread per CPU
+    device (``CPU_NUM_DEVICES``, default 1); ``setup`` refuses more than one device per
+    process (see docs/architecture.md, accel, for what blocks several devices on the CPU).
 
     Args:
         fn: a picklable top-level function taking the process index first.
