@@ -19,11 +19,13 @@ on all of them::
     accel.cleanup(rt)
 
 torch-xla is optional: it is imported only when the XLA back-end is asked for (or found by
-``setup("auto")`` because ``PJRT_DEVICE`` is set), so this module imports torch only.
+``setup("auto")`` because ``PJRT_DEVICE`` is set), so this module imports torch and
+``advvit.models`` (for ``unwrap``) only.
 """
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -34,9 +36,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .models import unwrap
+
 __all__ = [
-    "Runtime", "AccelError", "setup", "barrier", "wrap_model", "attack_model", "optimizer_step",
-    "all_reduce_sum", "DeviceMetrics", "wait_for_all", "launch_xla", "cleanup", "xla_available",
+    "Runtime", "AccelError", "AttackPolicy", "setup", "barrier", "wrap_model", "attack_model",
+    "attack_policy", "optimizer_step", "all_reduce_sum", "DeviceMetrics", "wait_for_all",
+    "launch_xla", "cleanup", "xla_available",
 ]
 
 Kind = Literal["cpu", "cuda", "xla"]
@@ -160,12 +165,23 @@ def _resolve_kind(device: str) -> Kind:
 def _setup_xla() -> Runtime:
     import torch_xla
     import torch_xla.runtime as xr
-    # Under PJRT every process owns one device and torch-xla knows the topology itself (no
-    # torchrun variables): gradients and metrics are reduced with XLA collectives
-    # (xm.optimizer_step, xm.all_reduce) inside the compiled graph. The "xla" process group is
-    # only there so that torch's DistributedSampler can shard the data by rank.
+    # Under PJRT torch-xla knows the topology itself (no torchrun variables): gradients and
+    # metrics are reduced with XLA collectives (xm.optimizer_step, xm.all_reduce) inside the
+    # compiled graph. The "xla" process group is only there so that torch's DistributedSampler
+    # can shard the data by rank.
     device = torch_xla.device() if hasattr(torch_xla, "device") else _legacy_xla_device()
     world = int(xr.world_size())
+    threads = int(xr.addressable_device_count())
+    if world > 1 and threads > 1:
+        # torch.distributed has one default group per process, so every thread would read
+        # the rank of whichever thread made it: the samplers would hand all of them the same
+        # shard and never show the others' data.
+        raise AccelError(
+            f"this process drives {threads} XLA devices, one thread each (TPU v2/v3 cores, or "
+            f"PJRT_DEVICE=CPU with CPU_NUM_DEVICES={os.environ.get('CPU_NUM_DEVICES', threads)});"
+            " advvit shards the data by the torch.distributed rank, of which a process has only "
+            "one, so the devices would all train on the same shard. Run one device per process "
+            "(TPU v4 and later), or one device in all (--no-xla-spawn, or CPU_NUM_DEVICES=1)")
     owns = False
     if world > 1 and not dist.is_initialized():
         import torch_xla.distributed.xla_backend  # noqa: F401  (registers the backend)
@@ -201,7 +217,9 @@ def setup(device: str = "auto", *, backend: Optional[str] = None,
 
     Raises:
         AccelError: "cuda" without a visible GPU, "xla" without an importable torch_xla (the
-            message says how to install it), or a distributed launch missing its variables.
+            message says how to install it), a distributed launch missing its variables, or
+            an XLA process driving several devices in threads (one rank per process cannot
+            shard the data between them).
         ValueError: an unknown device name.
     """
     kind = _resolve_kind(device)
@@ -307,17 +325,40 @@ def attack_model(model: nn.Module) -> nn.Module:
       broadcast from rank 0 (a collective) on every attack iteration; the module alone runs no
       collective at all, so each rank attacks its own shard at single-process speed.
 
-    A ``torch.compile``-d DDP model gives the compiled module inside DDP back when it is one
-    (``compile(DDP(compile(m)))`` patterns), else the plain inner module. Anything else (single
-    process, XLA) is returned as it is.
+    This is ``models.unwrap(model, "parallel")``: a compiled module inside DDP stays compiled
+    (``compile(DDP(compile(m)))`` gives ``compile(m)``), the normalization wrapper stays, and a
+    model without DDP (single process, XLA) is returned as it is.
     """
-    inner: nn.Module = model
-    orig = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-    if isinstance(orig, DistributedDataParallel):
-        inner = orig
-    if isinstance(inner, DistributedDataParallel):
-        return inner.module
-    return model
+    return unwrap(model, "parallel")
+
+
+@dataclass(frozen=True)
+class AttackPolicy:
+    """How attacks run on a back-end (training, evaluation and the overfitting check alike).
+
+    Attributes:
+        mode: the model's mode during the attack, ``advvit.attacks.pgd``'s ``model_mode``
+            ("eval" or "train").
+        on_step: called after every attack iteration (``pgd``'s ``on_step``), or None.
+    """
+
+    mode: Literal["eval", "train"] = "eval"
+    on_step: Optional[Callable[[], None]] = None
+
+
+def attack_policy(rt: Optional[Runtime]) -> AttackPolicy:
+    """The one place that decides how attacks run on ``rt``'s back-end.
+
+    XLA: train mode, because torch-xla 2.9 has no backward for eval-mode BatchNorm ("size of
+    offset factor is 0"; XCiT has BatchNorm in its patch embedding and LPI), and the step
+    barrier after every iteration (see ``barrier``). Attacks keep BatchNorm's running
+    statistics as they were (``advvit.attacks.frozen_model``), so the only difference from eval
+    mode is batch statistics inside the attack. Elsewhere, or without a runtime: eval mode and
+    no hook.
+    """
+    if rt is None or rt.kind != "xla":
+        return AttackPolicy()
+    return AttackPolicy(mode="train", on_step=functools.partial(barrier, rt))
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, rt: Runtime, *,
@@ -469,8 +510,10 @@ def launch_xla(fn: Callable[..., Any], args: tuple = (), *,
     torch-xla's launcher (``torch_xla.launch``, or ``xmp.spawn`` on older versions) starts one
     process per local TPU chip/core as PJRT requires and sets up their ranks; inside ``fn``,
     ``setup("xla")`` (or "auto") then gives each process its device, rank and world size. The
-    number of processes comes from the hardware (``PJRT_DEVICE`` / ``TPU_PROCESS_BOUNDS``):
-    with ``PJRT_DEVICE=CPU`` it is a single process.
+    number of processes comes from the hardware (``PJRT_DEVICE`` / ``TPU_PROCESS_BOUNDS``).
+    With ``PJRT_DEVICE=CPU`` it is a single process, which runs ``fn`` in one thread per CPU
+    device (``CPU_NUM_DEVICES``, default 1); ``setup`` refuses more than one device per
+    process (see docs/architecture.md, accel, for what blocks several devices on the CPU).
 
     Args:
         fn: a picklable top-level function taking the process index first.

@@ -202,17 +202,10 @@ def _versions() -> Dict[str, str]:
 
 def _model_normalization(model: nn.Module) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
     """The (mean, std) of the ``NormalizedModel`` inside DDP / compile wrappers, or None."""
-    from .models import NormalizedModel
+    from .models import NormalizedModel, unwrap
 
-    for _ in range(16):
-        if isinstance(model, NormalizedModel):
-            return model.normalization
-        inner = getattr(model, "module", None) if isinstance(
-            model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return None
-        model = inner
-    return None
+    inner = unwrap(model, "runtime")
+    return inner.normalization if isinstance(inner, NormalizedModel) else None
 
 
 def make_checkpoint(model: nn.Module, spec: ModelSpec, *, config: Any, epoch: int, step: int,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import accel
-from .attacks import pgd
+from .attacks import model_mode, pgd
 from .schedules import EpsSchedule
 
 __all__ = ["StepSettings", "NonFiniteLossError", "train_one_epoch", "evaluate", "robust_accuracy",
@@ -214,16 +214,17 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
                     rt: Optional[accel.Runtime] = None) -> torch.Tensor:
     """Number of examples still classified correctly under a PGD attack (a device tensor).
 
-    On XLA the attack runs in train mode (BatchNorm statistics kept), because torch-xla's
-    eval-mode BatchNorm has no backward; elsewhere in eval mode.
+    The attack runs as ``accel.attack_policy(rt)`` says (on XLA in train mode, BatchNorm
+    statistics kept); the adversarial examples are classified in eval mode, and the model's
+    modes are as they were afterwards.
     """
     ctx = autocast(rt, amp) if rt is not None else contextlib.nullcontext()
-    mode = "train" if rt is not None and rt.kind == "xla" else "eval"
+    policy = accel.attack_policy(rt)
     with ctx:
         x_adv = pgd(model, x, y, eps=eps, steps=steps, norm=norm, step_size=step_size,
-                    random_init=random_init, check_range=False, model_mode=mode,
-                    on_step=(lambda: accel.barrier(rt)) if rt is not None else None)
-        with torch.no_grad():
+                    random_init=random_init, check_range=False, model_mode=policy.mode,
+                    on_step=policy.on_step)
+        with torch.no_grad(), model_mode(model, "eval"):
             return (model(x_adv).argmax(1) == y).sum()
 
 
@@ -246,10 +247,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, rt: accel.Runtime,
         {"clean_acc", "clean_loss", "robust_acc" (with an attack), "n"}.
     """
     net = accel.attack_model(model)
-    was_training = net.training
-    net.eval()
     meter = accel.DeviceMetrics(rt)
-    try:
+    with model_mode(net, "eval"):
         for i, (x, y) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
@@ -265,8 +264,6 @@ def evaluate(model: nn.Module, loader: Iterable, *, rt: accel.Runtime,
                 values["robust_correct"] = values["clean_correct"]
             meter.add(**values)
             accel.barrier(rt)
-    finally:
-        net.train(was_training)
     sums = meter.read()
     n = max(sums.get("n", 0.0), 1.0)
     out = {"n": sums.get("n", 0.0), "clean_acc": sums.get("clean_correct", 0.0) / n,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -393,24 +393,55 @@ class NormalizedModel(nn.Module):
         return f"mean={mean}, std={std}"
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel, ``torch.compile`` and ``NormalizedModel`` wrappers.
+_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+STRIP = ("parallel", "runtime", "all")
+Strip = Literal["parallel", "runtime", "all"]
 
-    Returns:
-        The timm model inside, whose ``state_dict()`` checkpoints store.
+
+def _inner(model: nn.Module) -> Optional[nn.Module]:
+    """The module one wrapper down, or None when ``model`` wraps nothing."""
+    if isinstance(model, _PARALLEL):
+        return model.module
+    orig = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    if isinstance(orig, nn.Module):
+        return orig
+    if isinstance(model, NormalizedModel):
+        return model.model
+    return None
+
+
+def unwrap(model: nn.Module, strip: Strip = "all") -> nn.Module:
+    """Strip the wrappers around a model: the one function that does, for every caller.
+
+    Args:
+        model: a model, possibly inside DDP / DataParallel, ``torch.compile`` and
+            ``NormalizedModel`` wrappers, in any nesting.
+        strip: what to take off.
+            "parallel": DDP / DataParallel and any ``torch.compile`` around them; a compiled
+            module inside DDP stays (``compile(DDP(compile(m)))`` gives ``compile(m)``), as does
+            ``NormalizedModel``. Without a data-parallel wrapper, ``model`` itself. The module
+            attacks call (``accel.attack_model``).
+            "runtime": DDP / DataParallel and ``torch.compile``: the ``NormalizedModel`` when
+            there is one (the model as ``create_model`` built it), else the timm model.
+            "all": also ``NormalizedModel``: the timm model, whose ``state_dict()`` checkpoints
+            store.
+
+    Raises:
+        ValueError: an unknown ``strip``.
     """
-    seen = 0
-    while seen < 16:  # wrappers nest a few levels at most; a cycle would be a bug elsewhere
-        seen += 1
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod  # torch._dynamo OptimizedModule
-        elif isinstance(model, NormalizedModel):
-            model = model.model
-        else:
-            return model
-    return model
+    if strip not in STRIP:
+        raise ValueError(f"strip must be one of {STRIP}, got {strip!r}")
+    chain = [model]
+    inner = _inner(model)
+    while inner is not None and len(chain) < 16:  # a few levels at most; a cycle is a bug
+        chain.append(inner)
+        inner = _inner(inner)
+    if strip == "parallel":
+        parallel = [i for i, m in enumerate(chain) if isinstance(m, _PARALLEL)]
+        return chain[parallel[-1] + 1] if parallel else model
+    if strip == "runtime":
+        return next((m for m in chain if isinstance(m, NormalizedModel)), chain[-1])
+    return chain[-1]
 
 
 def create_model(arch: str, *, num_classes: int, in_chans: int = 3, img_size: Optional[ImgSize] = None,

@@ -286,7 +286,6 @@ def _criterion(cfg: TrainConfig):
 
 def _build_loss(cfg: TrainConfig, rt: accel.Runtime) -> torch.nn.Module:
     a = cfg.attack
-    on_step = (lambda: accel.barrier(rt)) if rt.kind == "xla" else None
     common: Dict[str, Any] = dict(criterion=_criterion(cfg))
     if a.loss == "clean":
         return create_loss("clean", **common)
@@ -295,11 +294,10 @@ def _build_loss(cfg: TrainConfig, rt: accel.Runtime) -> torch.nn.Module:
     if step_size is None and a.attack_step_size_rule == "final":
         # The thesis's rule: a step fixed at the target eps's, through the eps warm-up too.
         step_size = default_step_size(a.eps, steps)
-    # torch-xla's eval-mode BatchNorm has no backward: attack in train mode there (the attack
-    # keeps the running statistics as they were).
+    policy = accel.attack_policy(rt)
     attack = dict(eps=a.eps, steps=steps, step_size=step_size,
-                  norm=a.attack_norm, on_step=on_step, check_range=False,
-                  attack_mode="train" if rt.kind == "xla" else "eval", **common)
+                  norm=a.attack_norm, on_step=policy.on_step, check_range=False,
+                  attack_mode=policy.mode, **common)
     if a.loss == "trades":
         return create_loss("trades", beta=a.trades_beta, **attack)
     return create_loss(a.loss, random_init=a.random_init, clean_logits=a.train_clean_logits,
@@ -419,14 +417,8 @@ class CatastrophicOverfittingGuard:
 
     def check(self, model: torch.nn.Module, rt: accel.Runtime) -> tuple:
         """Returns (PGD accuracy on the batch, whether it collapsed)."""
-        net = accel.attack_model(model)
-        was_training = net.training
-        net.eval()
-        try:
-            correct = engine.robust_accuracy(net, self.x, self.y, eps=self.eps, steps=self.steps,
-                                             norm=self.norm, rt=rt)
-        finally:
-            net.train(was_training)
+        correct = engine.robust_accuracy(accel.attack_model(model), self.x, self.y, eps=self.eps,
+                                         steps=self.steps, norm=self.norm, rt=rt)
         acc = float(accel.all_reduce_sum(correct.float(), rt).item()) / (
             self.y.shape[0] * rt.world_size)
         collapsed = self.best > 0 and acc < self.drop * self.best

@@ -110,6 +110,29 @@ def test_attack_model_strips_ddp_only(one_rank_group):
     assert accel.attack_model(wrapped) is wrapped
 
 
+def test_one_unwrap_strips_what_each_caller_needs(one_rank_group):
+    from advvit.models import NormalizedModel, unwrap
+    from advvit.checkpoint import _model_normalization
+
+    timm_model = nn.Linear(3, 2)
+    normalized = NormalizedModel(timm_model, (0.5,) * 3, (0.25,) * 3)
+    compiled = torch.compile(normalized)  # an OptimizedModule; nothing compiles until called
+    ddp = nn.parallel.DistributedDataParallel(compiled)
+    outer = torch.compile(ddp)
+    for model, parallel in [(timm_model, timm_model), (normalized, normalized),
+                            (compiled, compiled), (ddp, compiled), (outer, compiled),
+                            (nn.DataParallel(normalized), normalized)]:
+        # Attacks: DDP (and a compile around it) off, the compiled inner module kept.
+        assert unwrap(model, "parallel") is parallel is accel.attack_model(model)
+        # The model as create_model built it, then the timm model whose weights are stored.
+        assert unwrap(model, "runtime") is (timm_model if model is timm_model else normalized)
+        assert unwrap(model) is unwrap(model, "all") is timm_model
+        assert _model_normalization(model) == (None if model is timm_model else
+                                               ((0.5,) * 3, (0.25,) * 3))
+    with pytest.raises(ValueError, match="strip must be one of"):
+        unwrap(timm_model, "ddp")
+
+
 def test_wrap_model_single_process_moves_without_wrapping():
     rt = accel.setup("cpu")
     model = nn.Linear(3, 2)
@@ -180,3 +203,95 @@ def test_optimizer_step_clips_by_value_through_timm():
     opt = torch.optim.SGD([w], lr=1.0)
     accel.optimizer_step(opt, rt, clip_grad=0.5, clip_mode="value")
     torch.testing.assert_close(w.detach(), torch.tensor([-0.5, 0.1, 0.5]))
+
+
+# --------------------------------------------------------------------------------------------
+# the attack policy: decided once, in accel, for training, evaluation and the overfitting check
+# --------------------------------------------------------------------------------------------
+
+# An XLA runtime whose tensors stay on the CPU: the policy only looks at the kind, and the XLA
+# sync it would run is replaced by a counter, so this checks the wiring without torch_xla.
+XLA_ON_CPU = accel.Runtime(kind="xla", device=torch.device("cpu"))
+
+
+@pytest.fixture
+def xla_syncs(monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(accel, "_xla_sync", lambda: calls.append(1))
+    return calls
+
+
+class ModeProbe(nn.Module):
+    """A linear classifier that records whether it was in train mode at each forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(12, 3)
+        self.modes: list = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.modes.append(self.training)
+        return self.fc(x.flatten(1))
+
+
+def test_attack_policy_is_train_mode_and_the_step_barrier_on_xla_only(xla_syncs):
+    assert accel.attack_policy(accel.setup("cpu")) == accel.AttackPolicy(mode="eval", on_step=None)
+    assert accel.attack_policy(None) == accel.AttackPolicy(mode="eval", on_step=None)
+    policy = accel.attack_policy(XLA_ON_CPU)
+    assert policy.mode == "train"
+    policy.on_step()
+    assert xla_syncs == [1]
+
+
+@pytest.mark.parametrize("loss", ["pgd", "trades"])
+def test_training_losses_follow_the_policy(loss, xla_syncs):
+    from advvit.config import load_config
+    from advvit.train import _build_loss
+
+    cfg = load_config(["--dataset", "fashion_mnist", "--loss", loss, "--attack-steps", "2"])
+    on_cpu = _build_loss(cfg, accel.setup("cpu"))
+    assert (on_cpu.attack_mode, on_cpu.on_step) == ("eval", None)
+    on_xla = _build_loss(cfg, XLA_ON_CPU)
+    assert on_xla.attack_mode == "train"
+    on_xla.on_step()
+    assert xla_syncs == [1]
+
+
+@pytest.mark.parametrize("rt, attack_modes, syncs", [
+    (accel.Runtime(kind="cpu", device=torch.device("cpu")), [False, False], 0),
+    (XLA_ON_CPU, [True, True], 2),
+], ids=["cpu", "xla"])
+def test_evaluation_and_overfitting_check_attack_as_the_policy_says(rt, attack_modes, syncs,
+                                                                    xla_syncs):
+    from advvit.engine import evaluate
+    from advvit.train import CatastrophicOverfittingGuard
+
+    x, y = torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    model = ModeProbe().train()
+    # The clean forward, the two attack iterations, the forward on the adversarial examples.
+    evaluate(model, [(x, y)], rt=rt, attack=dict(eps=0.1, steps=2))
+    assert model.modes == [False, *attack_modes, False]
+    assert len(xla_syncs) == syncs + (1 if rt.kind == "xla" else 0)  # + the per-batch barrier
+    assert model.training  # given back as it came
+
+    model.modes.clear()
+    xla_syncs.clear()
+    guard = CatastrophicOverfittingGuard((x, y), eps=0.1, steps=2, norm="linf", drop=0.5)
+    acc, collapsed = guard.check(model, rt)
+    assert model.modes == [*attack_modes, False] and len(xla_syncs) == syncs
+    assert 0.0 <= acc <= 1.0 and not collapsed and model.training
+
+
+def test_evaluation_restores_every_submodule_mode_and_counts_in_eval_mode():
+    from advvit.engine import evaluate, robust_accuracy
+
+    x, y = torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    model = ModeProbe().train()
+    model.fc.eval()  # e.g. a frozen part: its own mode must survive
+    rt = accel.setup("cpu")
+    robust_accuracy(model, x, y, eps=0.1, steps=1, rt=rt)
+    assert model.modes == [False, False]  # the attack and the count, both in eval mode
+    assert model.training and not model.fc.training
+    evaluate(model, [(x, y)], rt=rt, attack=dict(eps=0.1, steps=1))
+    assert model.training and not model.fc.training
