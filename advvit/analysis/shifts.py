@@ -32,14 +32,16 @@ Corruptions
     defocus blur           disk radius 3-10 px: 11-36% of the side (1.3-4.5% at 224)
     glass blur             blur sigma 0.7-1.5 px, pixels swapped up to 1-4 px away (4-14%)
     motion blur            line kernel of radius 10-20 px (36-71% of the side), sigma 3-15 px
-    zoom blur              zoom factors up to 1.11-1.30: relative, same meaning
+    zoom blur              zoom factors up to 1.10-1.30: relative, same meaning
     snow                   flake layer zoomed by a relative factor, then motion-blurred 10-12 px
-    frost                  a 28x28 crop of a 300-600 px frost photograph: nearly flat, a tinted
-                           brightening with little of the ice texture seen at 224
+    frost                  a 28x28 crop of a 300-600 px frost photograph at its own scale: an
+                           eighth of the side a 224 crop spans, so its large ice structures are
+                           lost, with 3/4 of its pixel contrast (std 19 vs 26 grey levels); the
+                           crops' mean brightness varies between images (std 49 levels)
     fog                    plasma fractal on the next power of two (32 px): relative
     brightness, contrast   global: same meaning
     elastic                smoothing sigma 1% of the side (0.28 px: almost none) with the
-                           absolute gain: per-pixel jitter of up to 2-4 px, close to glass blur
+                           absolute gain: per-pixel jitter of up to 1.75-4.2 px, close to glass blur
     pixelate               factor 0.6-0.25 of the side (down to 7x7 px): relative
     jpeg                   quality 25-7 on 8x8 blocks: 3.5 blocks a side
     =====================  ===================================================================
@@ -288,7 +290,8 @@ def generate_corruptions(images: Tensor, tasks: Iterable[Task], *, seed: int = 0
         seed: >= 0 (see :func:`corrupt`: the result equals ``corrupt(images, *task, seed)``).
         workers: worker processes; None: the cores available to this process; 0: this process.
             Each worker takes a few seconds to start (it imports torch), worth it from a few
-            thousand image-corruptions on.
+            thousand image-corruptions on. Workers are spawned, so they import the main module:
+            a script calling this needs the ``if __name__ == "__main__":`` guard.
 
     Yields:
         ``((corruption, severity), uint8 (N, C, H, W))``.
