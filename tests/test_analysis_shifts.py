@@ -60,6 +60,19 @@ def test_glass_blurs_jit_function_is_cached_on_disk():
     assert type(impl._shuffle_pixels_njit_glass_blur._cache).__name__ != "NullCache"
 
 
+def test_frost_keeps_its_decoded_photographs_with_identical_results_and_opencv_untouched(fmnist, monkeypatch):
+    import cv2
+    impl = sys.modules[compat.library().__name__ + ".corruptions"]
+    assert isinstance(impl.cv2, compat._OpenCVKeepingImages) and cv2.imread is impl.cv2._cv2.imread
+    x = fmnist[0][:4]
+    kept = [corrupt(x, "frost", s, seed=2) for s in SEVERITIES]
+    first = impl.cv2.imread(impl.__file__.replace("corruptions.py", "frost/frost2.png"))
+    first[:] = 0  # a caller's change does not reach the kept photograph
+    assert impl.cv2.imread(impl.__file__.replace("corruptions.py", "frost/frost2.png")).any()
+    monkeypatch.setattr(impl, "cv2", cv2)  # the library as published: decoding every call
+    assert all(torch.equal(k, corrupt(x, "frost", s, seed=2)) for k, s in zip(kept, SEVERITIES))
+
+
 def test_a_missing_library_says_how_to_install_it(monkeypatch):
     compat.library.cache_clear()
     monkeypatch.setitem(sys.modules, "imagecorruptions", None)

@@ -19,6 +19,10 @@ the maintained release fixes those. What remains is handled here:
 * Start-up cost. Glass blur's pixel shuffle is a numba function compiled on first use (about 4 s
   on a 2-core CPU, in every new process, so in every worker); its on-disk cache is switched on,
   so it is compiled once per installation.
+* Frost decodes its photograph from the package (``cv2.imread``) on every call: 10-25 ms, 90% of
+  frost's time and 45% of all 15 corruptions' at 28x28. The library module's ``cv2`` is given a
+  view of OpenCV whose ``imread`` keeps the decoded photographs (a copy per call); OpenCV itself
+  and every other caller are untouched, and the results are identical.
 
 Install: ``pip install 'advvit[corruptions]'``. Without the library this module still imports;
 the first corruption raises :class:`CorruptionLibraryMissing` saying how to install it.
@@ -60,7 +64,26 @@ def library() -> ModuleType:
     shuffle = getattr(impl, "_shuffle_pixels_njit_glass_blur", None)
     if shuffle is not None and hasattr(shuffle, "enable_caching"):
         shuffle.enable_caching()
+    if isinstance(getattr(impl, "cv2", None), ModuleType):
+        impl.cv2 = _OpenCVKeepingImages(impl.cv2)
     return imagecorruptions
+
+
+class _OpenCVKeepingImages:
+    """OpenCV as the library sees it: ``imread`` keeps what it decoded; the rest is OpenCV's."""
+
+    def __init__(self, cv2: ModuleType) -> None:
+        self._cv2 = cv2
+        self._read = functools.lru_cache(maxsize=16)(lambda path: cv2.imread(path))
+
+    def imread(self, path: Any, *args: Any) -> Any:
+        if args:
+            return self._cv2.imread(path, *args)
+        image = self._read(str(path))
+        return None if image is None else image.copy()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cv2, name)
 
 
 def library_version() -> str:
