@@ -43,6 +43,17 @@ def colour(fmnist):
     return (x * tint).round().to(torch.uint8)
 
 
+def test_load_examples_reads_pil_data_sets_as_uint8_nchw():
+    from PIL import Image
+    rgb = np.arange(2 * 5 * 6 * 3, dtype=np.uint8).reshape(2, 5, 6, 3)
+    pairs = [(Image.fromarray(rgb[0]), 4), (Image.fromarray(rgb[1]), 7)]
+    x, y = load_examples(pairs, [1, 0])
+    assert x.dtype == torch.uint8 and torch.equal(x, torch.from_numpy(rgb[[1, 0]]).permute(0, 3, 1, 2))
+    assert y.tolist() == [7, 4]
+    with pytest.raises(ValueError, match="different sizes"):
+        load_examples(pairs + [(Image.fromarray(rgb[0, :4]), 1)])
+
+
 def _change(a, b):
     return float((a.float() - b.float()).abs().mean() / 255)
 
@@ -142,6 +153,16 @@ def test_bad_arguments_raise_one_clear_error(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         corrupt(args["images"], args["name"], args["severity"], args["seed"])
+
+
+def test_many_tasks_check_their_arguments_when_called_not_when_iterated(tmp_path):
+    x = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="unknown corruption 'haze'"):
+        generate_corruptions(x, [("fog", 1), ("haze", 1)], workers=0)
+    with pytest.raises(ValueError, match="workers must be None"):
+        generate_corruptions(x, [("fog", 1)], workers=-1)
+    with pytest.raises(ValueError, match="severity must be an integer in 1..5"):
+        CorruptionCache(tmp_path, workers=0).corrupted(x, [("fog", 0)])
 
 
 @pytest.mark.slow

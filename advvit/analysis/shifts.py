@@ -162,10 +162,7 @@ def _tasks(corruptions: Sequence[str], severities: Sequence[int]) -> List[Task]:
         raise ValueError("corruptions and severities must not be empty")
     if len(set(corruptions)) != len(corruptions) or len(set(severities)) != len(severities):
         raise ValueError(f"corruptions and severities must not repeat: {list(corruptions)}, {list(severities)}")
-    tasks = [(name, int(s)) for name in corruptions for s in severities]
-    for name, s in tasks:
-        _check_task(name, s)
-    return tasks
+    return _checked_tasks([(name, s) for name in corruptions for s in severities])
 
 
 def _nhwc(images: Tensor) -> np.ndarray:
@@ -267,7 +264,7 @@ def _pooled(images: np.ndarray, tasks: Sequence[Task], seed: int, workers: int) 
                 if job is None:
                     return
                 (name, sev), part = job
-                pending.append((job[0], part, pool.submit(_corrupt_nhwc, images[part], name, sev, seed)))
+                pending.append(((name, sev), part, pool.submit(_corrupt_nhwc, images[part], name, sev, seed)))
 
         fill()
         parts: List[np.ndarray] = []
@@ -293,21 +290,32 @@ def generate_corruptions(images: Tensor, tasks: Iterable[Task], *, seed: int = 0
             thousand image-corruptions on. Workers are spawned, so they import the main module:
             a script calling this needs the ``if __name__ == "__main__":`` guard.
 
-    Yields:
-        ``((corruption, severity), uint8 (N, C, H, W))``.
+    Returns:
+        An iterator of ``((corruption, severity), uint8 (N, C, H, W))``; the arguments are
+        checked before it is returned.
     """
-    tasks = [(name, int(s)) for name, s in tasks]
-    for name, s in tasks:
-        _check_task(name, s)
+    tasks = _checked_tasks(tasks)
     _check_seed(seed)
     count = _workers(workers)
     u8 = _nhwc(_uint8_images(images))
     compat.library()
-    if count == 0:
+    return _generate(u8, tasks, int(seed), count)
+
+
+def _checked_tasks(tasks: Iterable[Task]) -> List[Task]:
+    out = [(name, int(s)) if isinstance(s, (int, np.integer)) and not isinstance(s, bool) else (name, s)
+           for name, s in tasks]
+    for name, s in out:
+        _check_task(name, s)
+    return out
+
+
+def _generate(images: np.ndarray, tasks: List[Task], seed: int, workers: int) -> Iterator[Tuple[Task, Tensor]]:
+    if workers == 0:
         for name, s in tasks:
-            yield (name, s), _nchw(_corrupt_nhwc(u8, name, s, seed))
+            yield (name, s), _nchw(_corrupt_nhwc(images, name, s, seed))
         return
-    for task, out in _pooled(u8, tasks, seed, count):
+    for task, out in _pooled(images, tasks, seed, workers):
         yield task, _nchw(out)
 
 
@@ -328,8 +336,11 @@ def load_examples(dataset: Any, indices: Optional[Sequence[int]] = None) -> Tupl
         images, labels = np.asarray(dataset.images)[idx], np.asarray(dataset.targets)[idx]
     else:
         pairs = [dataset[int(i)] for i in idx]
-        images = np.stack([np.asarray(img) for img, _ in pairs])
-        labels = np.asarray([label for _, label in pairs])
+        arrays = [np.asarray(img) for img, _ in pairs]
+        if len({a.shape for a in arrays}) > 1:
+            raise ValueError(f"the examples have different sizes ({sorted({a.shape for a in arrays})}): "
+                             "resize them to one size first")
+        images, labels = np.stack(arrays), np.asarray([label for _, label in pairs])
     if images.ndim == 3:
         images = images[..., None]
     return _nchw(images.astype(np.uint8, copy=False)), torch.as_tensor(labels, dtype=torch.long)
@@ -392,14 +403,16 @@ class CorruptionCache:
             dataset: the data set's name and split (``"fashion_mnist/test"``): part of the key.
             seed: >= 0.
 
-        Yields:
-            ``((corruption, severity), uint8 (N, C, H, W))``, equal to :func:`corrupt`'s result.
+        Returns:
+            An iterator of ``((corruption, severity), uint8 (N, C, H, W))``, each equal to
+            :func:`corrupt`'s result; the arguments are checked before it is returned.
         """
-        tasks = [(name, int(s)) for name, s in tasks]
-        for name, s in tasks:
-            _check_task(name, s)
+        tasks = _checked_tasks(tasks)
         _check_seed(seed)
         u8 = _uint8_images(images)
+        return self._corrupted(u8, tasks, dataset, int(seed))
+
+    def _corrupted(self, u8: Tensor, tasks: List[Task], dataset: str, seed: int) -> Iterator[Tuple[Task, Tensor]]:
         fingerprint = _fingerprint(u8)
         folder = self.folder(dataset, fingerprint)
         header = {"format": CACHE_FORMAT, "dataset": dataset, "library": compat.library_version(),
