@@ -417,9 +417,10 @@ class CorruptionCache:
         folder = self.folder(dataset, fingerprint)
         header = {"format": CACHE_FORMAT, "dataset": dataset, "library": compat.library_version(),
                   "examples": {"shape": list(u8.shape), "sha256": fingerprint}}
+        entries = self._manifest(folder, header)["entries"]
         missing: List[Task] = []
         for task in tasks:
-            hit = self._load(folder, header, task, seed)
+            hit = self._load(folder, header, entries, task, seed)
             if hit is None:
                 missing.append(task)
             else:
@@ -431,6 +432,10 @@ class CorruptionCache:
     @staticmethod
     def _entry_key(task: Task, seed: int) -> str:
         return f"{task[0]}/{task[1]}/{seed}"
+
+    @staticmethod
+    def _file_name(task: Task, seed: int) -> str:
+        return f"{task[0]}-{task[1]}-seed{seed}.npy"
 
     @staticmethod
     def _manifest(folder: Path, header: Mapping[str, Any]) -> Dict[str, Any]:
@@ -448,12 +453,15 @@ class CorruptionCache:
             return {**header, "entries": {}}
         return manifest
 
-    def _load(self, folder: Path, header: Mapping[str, Any], task: Task, seed: int) -> Optional[Tensor]:
-        entry = self._manifest(folder, header)["entries"].get(self._entry_key(task, seed))
+    def _load(self, folder: Path, header: Mapping[str, Any], entries: Mapping[str, Any], task: Task,
+              seed: int) -> Optional[Tensor]:
+        entry = entries.get(self._entry_key(task, seed))
         if entry is None:
             return None
-        path = folder / str(entry.get("file", "?")) if isinstance(entry, dict) else folder
+        path = folder / self._file_name(task, seed)  # never a path read from the manifest
         try:
+            if entry["file"] != path.name:
+                raise ValueError(f"the manifest names another file ({entry['file']!r})")
             data = path.read_bytes()
             if len(data) != entry["bytes"] or _sha256(data) != entry["sha256"]:
                 raise ValueError(f"{len(data)} bytes with another checksum than the manifest's "
@@ -468,7 +476,7 @@ class CorruptionCache:
         return torch.from_numpy(array)
 
     def _store(self, folder: Path, header: Mapping[str, Any], task: Task, seed: int, images: Tensor) -> None:
-        name = f"{task[0]}-{task[1]}-seed{seed}.npy"
+        name = self._file_name(task, seed)
         data = _npy_bytes(images.numpy())
         atomic_write(folder / name, lambda f: f.write(data))
         manifest = self._manifest(folder, header)  # reread: another process may have added entries
