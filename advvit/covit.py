@@ -12,8 +12,9 @@ Both are timm ``VisionTransformer``s, built the same way, so the two differ only
 mixer: ``covit_d{D}_e{E}_*`` (convolution) and ``vit_d{D}_e{E}_*`` (attention), depth D in 1-12,
 width E in 128 / 256 / 512, four heads, learned position embeddings, patch 16 at 224x224
 (``*_p16_224``, the paper's setting) or patch 4 at 32x32 (``*_p4_32``). "Attention vs convolution"
-is the ``model:`` key of a config. At equal shape the attention twin has ``2 E^2 + 2 E`` more
-parameters per block (q, k, v against four E/4-channel kernels of size 3).
+is the ``model:`` key of a config. At equal shape the attention twin has ``2.25 E^2 + 2 E`` more
+parameters per block (q, k, v: ``3 E^2 + 3 E``, against four E/4-channel kernels of size 3:
+``0.75 E^2 + E``).
 
 Other kernel sizes: ``timm.create_model("covit_d4_e128_p4_32", kernel_sizes=(1, 3, 5, 7))`` (one
 per head, every block) or a sequence of such tuples, one per block.
@@ -31,7 +32,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter_fn
 
-__all__ = ["TokenConv1d", "ConvMixBlock", "REGISTERED", "DEPTHS", "WIDTHS", "DEFAULT_KERNEL_SIZES"]
+__all__ = ["TokenConv1d", "ConvMixBlock", "per_layer_kernel_sizes", "REGISTERED", "DEPTHS", "WIDTHS",
+           "DEFAULT_KERNEL_SIZES"]
 
 KernelSizes = Union[Sequence[int], Sequence[Sequence[int]]]
 
