@@ -183,6 +183,11 @@ class ConvNeXtStem(nn.Module):
 
     ``stem_stride`` 4 is ConvNeXt's; 1 keeps the 4x4 kernel (and so the weights) with 'same'
     padding, for small inputs.
+
+    Normalization is timm's ``LayerNorm2d`` (the biased variance throughout). The public code's own
+    ConvNeXt copy switches to an unbiased variance on channels-last-strided inputs, which its
+    blocks receive; with the same weights its features differ from these by a factor of about
+    ``sqrt(1 - 1/C)`` in the normalized activations (C = 128 or 256 channels).
     """
 
     def __init__(self, in_chans: int, depths: Sequence[int], dims: Sequence[int], stem_stride: int = 4,
