@@ -1,4 +1,6 @@
 """FAN (NVlabs/FAN): registered names, parameter counts, released key names, 32x32 variants, training."""
+import json
+
 import pytest
 import torch
 
@@ -204,7 +206,8 @@ def test_one_adversarial_training_step_updates_every_parameter():
 def test_export_reloads_with_the_same_outputs(tmp_path, arch):
     before, after, out = export_and_reload(tmp_path, arch, in_chans=1, img_size=32, depth=1)
     torch.testing.assert_close(after, before)
-    assert (out / "model.safetensors").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == arch and "advvit.models" in config["advvit"]["requires"]
 
 
 @pytest.mark.slow
