@@ -598,5 +598,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def iter_registered() -> Iterable[str]:
-    """Names this module registers in timm."""
-    return tuple(default_cfgs)
+    """Names this module registers in timm (FAN and the conv-mixing ViTs included)."""
+    return tuple(default_cfgs) + fan.REGISTERED + covit.REGISTERED
+
+
+from advvit import covit, fan  # noqa: E402  (registers FAN and the conv-mixing ViTs in timm)

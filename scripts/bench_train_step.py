@@ -21,10 +21,17 @@ Examples::
     python scripts/bench_train_step.py --output runs/bench/train_step_cpu.json
     python scripts/bench_train_step.py --device cuda --amp bf16 --compile --batch 256 \\
         --output runs/bench/train_step_cuda.json
+
+A model may carry timm arguments as ``name:key=value[:key=value]``; FAN-T, XCiT-N12 and DeiT-T at
+32x32 with 8x8 tokens each (docs/benchmarks.md)::
+
+    python scripts/bench_train_step.py --cases fgsm-rs --variants advvit,floor --batch 32 \\
+        --models fan_tiny_12_p4_32,xcit_nano_12_p4_32,deit_tiny_patch16_224:patch_size=4
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import statistics
@@ -39,6 +46,7 @@ import bench_common as bc  # noqa: E402  (imports advvit before timm)
 import torch  # noqa: E402
 
 from advvit.losses import create_loss  # noqa: E402
+from advvit.models import create_model  # noqa: E402
 
 CASES = {  # name -> (loss name, attack steps)
     "clean": ("clean", 0),
@@ -55,7 +63,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                   help="comma-separated timm / advvit model names")
+                   help="comma-separated timm / advvit model names, each optionally with timm "
+                        "arguments as name:key=value[:key=value] (e.g. deit_tiny_patch16_224:patch_size=4)")
     p.add_argument("--cases", default=",".join(CASES), help=f"subset of {','.join(CASES)}")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     p.add_argument("--img-size", type=int, default=32)
@@ -87,6 +96,34 @@ def _log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def parse_model(spec):
+    """``"name:key=value:..."`` -> (name, timm keyword arguments); values are Python literals
+    (numbers, booleans, tuples) or else strings.
+
+    Raises:
+        SystemExit: an option that is not ``key=value``.
+    """
+    name, *options = spec.split(":")
+    kwargs = {}
+    for opt in options:
+        key, sep, value = opt.partition("=")
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"--models: option {opt!r} of {spec!r} is not key=value "
+                             "(e.g. deit_tiny_patch16_224:patch_size=4)")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return name, kwargs
+
+
+def build_model(spec, args, device):
+    """The model a ``--models`` entry names, for [0, 1] inputs, in train mode on ``device``."""
+    name, kwargs = parse_model(spec)
+    model = create_model(name, num_classes=args.num_classes, img_size=args.img_size, **kwargs)
+    return model.to(device).train()
+
+
 class Bench:
     """One model, its optimizer and batch, and the step of every (case, variant)."""
 
@@ -94,8 +131,7 @@ class Bench:
         self.arch = arch
         self.device = device
         torch.manual_seed(0)
-        self.model = bc.build_model(arch, img_size=args.img_size, num_classes=args.num_classes,
-                                    device=device)
+        self.model = build_model(arch, args, device)
         self.run_model = torch.compile(self.model) if args.compile else self.model
         self.opt = bc.adamw(self.model)
         self.x, self.y = bc.random_batch(args.batch, args.img_size, args.num_classes, device)

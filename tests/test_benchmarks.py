@@ -99,3 +99,20 @@ def test_time_to_robustness_writes_rows_table_and_plot(tmp_path):
     assert all(0.0 <= r["pgd_acc"] <= 1.0 and 0.0 <= r["clean_acc"] <= 1.0 for r in rows)
     assert prefix.with_suffix(".png").stat().st_size > 1000
     assert "| resnet18_gelu |" in prefix.with_suffix(".md").read_text()
+
+
+def test_train_step_benchmark_models_take_timm_arguments(tmp_path):
+    assert bench_train_step.parse_model("deit_tiny_patch16_224:patch_size=4:qkv_bias=False") == (
+        "deit_tiny_patch16_224", {"patch_size": 4, "qkv_bias": False})
+    assert bench_train_step.parse_model("fan_tiny_12_p4_32") == ("fan_tiny_12_p4_32", {})
+    with pytest.raises(SystemExit, match="key=value"):
+        bench_train_step.parse_model("deit_tiny_patch16_224:patch_size")
+    out = tmp_path / "opts.json"
+    bench_train_step.main(["--models", "deit_tiny_patch16_224:patch_size=8:depth=1", "--batch", "2",
+                           "--rounds", "1", "--warmup", "0", "--cases", "fgsm-rs", "--variants", "advvit",
+                           "--output", str(out), *TINY])
+    payload = json.loads(out.read_text())
+    (row,) = payload["timing"]
+    assert row["model"] == "deit_tiny_patch16_224:patch_size=8:depth=1" and _positive(row["median_s"])
+    (mem,) = payload["memory"]
+    assert "error" not in mem, mem
