@@ -36,6 +36,11 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   pip install -q $TORCH_SPEC
 fi
 pip install -q -e ".[dev]"
+# The corruption library's OpenCV needs the system's GL and GLib libraries, which a minimal image
+# may lack.
+if ! "$VENV/bin/python" -c "import cv2" 2>/dev/null; then
+  apt_install libgl1 libglib2.0-0
+fi
 
 if [ "${SKIP_DATA:-0}" != 1 ] && [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   apt_install dataset-fashion-mnist || echo "warning: could not install dataset-fashion-mnist" \
