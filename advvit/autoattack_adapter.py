@@ -266,6 +266,9 @@ class AutoAttackAdapter:
         self.backend_version = backend_version(self.backend)
         self._aa = self._build(attacks, n_iter, n_restarts, n_queries)
         self.attacks: list[str] = list(self._aa.attacks_to_run)
+        # AutoAttack's FAB-T sets fab.n_restarts to 1 and leaves it so: every later FAB call
+        # (the next batch, the next run) would quietly run one restart. Kept to put it back.
+        self._fab_restarts = self._aa.fab.n_restarts
         self._checked = False
 
     # ----------------------------------------------------------------------------- building
@@ -316,7 +319,7 @@ class AutoAttackAdapter:
             "apgd-t": {"n_iter": aa.apgd_targeted.n_iter,
                        "n_restarts": aa.apgd_targeted.n_restarts,
                        "n_target_classes": aa.apgd_targeted.n_target_classes},
-            "fab": {"n_iter": aa.fab.n_iter, "n_restarts": aa.fab.n_restarts},
+            "fab": {"n_iter": aa.fab.n_iter, "n_restarts": self._fab_restarts},
             # AutoAttack forces one restart for FAB-T whatever FAB was given.
             "fab-t": {"n_iter": aa.fab.n_iter, "n_restarts": 1,
                       "n_target_classes": aa.fab.n_target_classes},
@@ -334,6 +337,7 @@ class AutoAttackAdapter:
         """
         aa = self._aa
         aa.attacks_to_run = [attack]
+        aa.fab.n_restarts = self._fab_restarts
         if self.backend == "pyautoattack":
             with _model_checks_skipped(self._checked):
                 out = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])

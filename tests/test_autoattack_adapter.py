@@ -359,3 +359,25 @@ def test_rand_version_equals_calling_autoattack_directly(trained):
     assert torch.equal(result.robust, y_adv == y)
     assert torch.equal(result.x_adv, x_adv)
     assert result.robust_accuracy < result.clean_accuracy
+
+
+def test_fab_keeps_its_restarts_after_fab_t(trained):
+    """AutoAttack's FAB-T sets fab.n_restarts to 1 and leaves it; FAB after it (the next batch or
+    the next run) must still run, and report, the restarts it was given."""
+    model, x, y = trained
+    adapter = AutoAttackAdapter(model, eps=0.01, version="custom", attacks=["fab-t", "fab"],
+                                n_iter=5, n_restarts=3, seed=0)
+    seen = []
+    fab = adapter._aa.fab
+    perturb = fab.perturb
+
+    def recording(*args, **kwargs):
+        seen.append((fab.targeted, fab.n_restarts))
+        return perturb(*args, **kwargs)
+
+    fab.perturb = recording
+    result = adapter.run(x[:8], y[:8], batch_size=4)
+    adapter.run(x[:8], y[:8], batch_size=4)
+    assert {r for targeted, r in seen if not targeted} == {3}
+    assert {r for targeted, r in seen if targeted} == {1}
+    assert result.attack_settings["fab"]["n_restarts"] == 3
