@@ -47,6 +47,7 @@ __all__ = [
     "save_checkpoint",
     "make_checkpoint",
     "load_checkpoint",
+    "load_file",
     "create_model_from_checkpoint",
     "state_dict_misfit",
     "check_state_dict_fits",
@@ -329,6 +330,40 @@ def _load_failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
 
 
+def load_file(path: PathLike, *, weights_only: bool = True, what: str = "file") -> Any:
+    """``torch.load`` a file on the CPU with one clear error for every way it can fail.
+
+    Args:
+        path: the file.
+        weights_only: torch's safe unpickler (plain data and tensors only).
+        what: what the file is meant to be, for the messages ("checkpoint", "weights file").
+
+    Raises:
+        CheckpointError: missing, a folder, truncated or corrupt, or holding objects other than
+            plain data; never with torch's advice to retry with ``weights_only=False``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{what} {p} does not exist")
+    if not p.is_file():
+        raise CheckpointError(f"{what} path {p} is not a file (a folder?): give the .pth file")
+    try:
+        with warnings.catch_warnings():
+            # Random bytes can read as a newer pickle protocol; the error below says it all.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(p, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        # torch wraps every failure of its safe unpickler alike; only a refused global means
+        # the file is whole but holds objects beyond plain data.
+        if weights_only and "Unsupported global" in str(e):
+            raise CheckpointError(f"{p} holds objects other than plain data and tensors ({_load_failure(e)}); "
+                                  "advvit checkpoints never do, so save_checkpoint did not write it: save the "
+                                  "weights again with advvit.checkpoint.make_checkpoint + save_checkpoint") from None
+        raise CheckpointError(f"{p} is truncated or corrupt ({_load_failure(e)})") from None
+    except Exception as e:  # noqa: BLE001  (random bytes make the unpickler raise anything)
+        raise CheckpointError(f"{p} is truncated or corrupt ({_load_failure(e)})") from None
+
+
 def load_checkpoint(path: PathLike, *, expected_arch: Optional[str] = None,
                     weights_only: bool = True) -> Dict[str, Any]:
     """Read and validate a checkpoint (on the CPU).
@@ -347,25 +382,7 @@ def load_checkpoint(path: PathLike, *, expected_arch: Optional[str] = None,
             format, missing fields, or another architecture than ``expected_arch``.
     """
     p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint {p} does not exist")
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint path {p} is not a file (a folder?): give the .pth file")
-    try:
-        with warnings.catch_warnings():
-            # Random bytes can read as a newer pickle protocol; the error below says it all.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            ckpt = torch.load(p, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as e:
-        # torch wraps every failure of its safe unpickler alike; only a refused global means
-        # the file is whole but holds objects beyond plain data.
-        if weights_only and "Unsupported global" in str(e):
-            raise CheckpointError(f"{p} holds objects other than plain data and tensors ({_load_failure(e)}); "
-                                  "advvit checkpoints never do, so save_checkpoint did not write it: save the "
-                                  "weights again with advvit.checkpoint.make_checkpoint + save_checkpoint") from None
-        raise CheckpointError(f"{p} is truncated or corrupt ({_load_failure(e)})") from None
-    except Exception as e:  # noqa: BLE001  (random bytes make the unpickler raise anything)
-        raise CheckpointError(f"{p} is truncated or corrupt ({_load_failure(e)})") from None
+    ckpt = load_file(p, weights_only=weights_only, what="checkpoint")
     ckpt = _validate(ckpt, str(p))
     if expected_arch is not None and ckpt["spec"]["arch"] != expected_arch:
         raise CheckpointError(f"{p} holds a {ckpt['spec']['arch']!r} model, expected {expected_arch!r}")

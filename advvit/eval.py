@@ -353,9 +353,17 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as load_safetensors
+        try:
+            return load_safetensors(str(path))
+        except (SafetensorError, OSError) as err:
+            raise EvalError(f"--weights {path} is not a readable safetensors file ({err})") from None
+    from .checkpoint import CheckpointError, load_file
+    try:
+        state = load_file(path, what="weights file")
+    except CheckpointError as err:
+        raise EvalError(f"--weights: {err}") from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -361,3 +362,19 @@ def test_model_that_detaches_its_input_gets_a_report_led_by_the_masking_flag(
     assert table.lstrip().startswith("!!! ROBUST ACCURACY IS UNTRUSTWORTHY")
     (robust_line,) = [ln for ln in table.splitlines() if ln.split()[:1] == ["robust"]]
     assert robust_line.endswith("UNTRUSTWORTHY")
+
+
+@pytest.mark.parametrize("name", ["junk.pth", "junk.safetensors"])
+def test_damaged_weights_file_is_one_clear_error(ckpt_path, tmp_path, capsys, name):
+    """Random bytes as --weights: exit 2 naming the file, never torch's weights_only=False advice
+    (that would run code from an untrusted file)."""
+    junk = tmp_path / name
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    args = _base(ckpt_path, tmp_path, "--attack", "fgsm")
+    i = args.index("--checkpoint")
+    args[i:i + 2] = ["--model", "test_vit", "--weights", str(junk), "--img-size", "32"]
+    with pytest.raises(SystemExit) as exit_info:
+        E.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert str(junk) in err and "weights_only" not in err and "Traceback" not in err
