@@ -1,4 +1,6 @@
 """advvit.analysis.blocks: each architecture's residual blocks, in forward order, with their parts."""
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -9,12 +11,16 @@ import timm
 from timm.models.cait import Cait
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
-from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+from timm.models.vision_transformer import Attention, ResPostBlock, VisionTransformer
 from timm.models.xcit import Xcit
 
 from advvit.analysis.blocks import (
-    _ARCHITECTURES, _BLOCK_TYPES, CHANNEL, BlockLayout, Part, UnsupportedArchitectureError, blocks,
-    eager_model, find_block, register_architecture, register_block_type, supported_architectures)
+    _ARCHITECTURES, _BLOCK_TYPES, CHANNEL, CONV_BRANCH, TOKEN_MIXING, BlockLayout, Part,
+    UnsupportedArchitectureError, blocks, eager_model, find_block, register_architecture,
+    register_block_type, supported_architectures)
+from advvit.analysis.internals import lesion
+from advvit.covit import ConvMixBlock, TokenConv1d
+from advvit.fan import FAN
 from advvit.models import NormalizedModel
 
 
@@ -34,6 +40,21 @@ def resnet(block=BasicBlock):
     return ResNet(block=block, layers=(2, 1, 1, 1), channels=(8, 8, 8, 8), stem_width=8, num_classes=5)
 
 
+def fan(**kw):
+    return FAN(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, cls_attn_layers=2, num_classes=5, **kw)
+
+
+def fan_hybrid():
+    # ConvNeXt stages of 2 and 1 blocks (stride-1 stem: 16x16, then 8x8 maps), 4x4 tokens.
+    return fan(hybrid_depths=(2, 1), hybrid_dims=(4, 8), hybrid_stem_stride=1)
+
+
+def covit(conv=True):
+    """The conv-mixing ViT (per-block kernel sizes) or its attention twin, built as advvit.covit does."""
+    block = dict(block_fn=partial(ConvMixBlock, kernel_sizes=((3, 5), (1, 3)))) if conv else {}
+    return vit(class_token=True, global_pool="avg", pool_include_prefix=True, **block)
+
+
 TINY = {
     "vit": vit,
     "deit-distilled": lambda: VisionTransformerDistilled(img_size=16, patch_size=4, embed_dim=16, depth=2,
@@ -42,6 +63,10 @@ TINY = {
     "xcit": xcit,
     "resnet-basic": resnet,
     "resnet-bottleneck": lambda: resnet(Bottleneck),
+    "fan": fan,
+    "fan-hybrid": fan_hybrid,
+    "covit": covit,
+    "covit-attention-twin": lambda: covit(conv=False),
 }
 
 
@@ -81,6 +106,15 @@ def test_each_architecture_names_its_blocks_and_parts():
     assert names(resnet()) == [(n, "resnet-basic", ("conv",), None)
                                for n in ("layer1.0", "layer1.1", "layer2.0", "layer3.0", "layer4.0")]
     assert names(resnet(Bottleneck))[0][1] == "resnet-bottleneck"
+    fan_blocks = [(f"blocks.{i}", "fully-attentional", ("attn", "mlp"), None) for i in range(2)] + [
+        (f"cls_attn_blocks.{i}", "class-attention", ("attn", "mlp"), 0) for i in range(2)]
+    assert names(fan()) == fan_blocks
+    # The hybrid's ConvNeXt blocks come first: residual blocks on feature maps, one branch each.
+    stages = "patch_embed.backbone.stages"
+    assert names(fan_hybrid()) == [(f"{stages}.{s}.blocks.{i}", "convnext", ("conv",), None)
+                                   for s, i in ((0, 0), (0, 1), (1, 0))] + fan_blocks
+    assert names(covit()) == [(f"blocks.{i}", "token-convolution", ("attn", "mlp"), 0) for i in range(2)]
+    assert names(covit(conv=False)) == [(f"blocks.{i}", "self-attention", ("attn", "mlp"), 0) for i in range(2)]
 
 
 def test_parts_are_the_branch_modules():
@@ -91,18 +125,46 @@ def test_parts_are_the_branch_modules():
     assert r.part("conv").module is r.module.bn3 and not r.layout.identity_skip
     with pytest.raises(KeyError, match="has no part 'lpi'.*'attn', 'mlp'"):
         c.part("lpi")
+    f, h = blocks(fan())[1], blocks(fan_hybrid())[2]
+    assert f.part("attn").module is f.module.attn and f.part("mlp").module is f.module.mlp  # channel processing
+    assert (f.part("attn").role, f.part("mlp").role) == (TOKEN_MIXING, CHANNEL)
+    # A ConvNeXt block's branch ends in its MLP (then layer scale); its shortcut is the identity.
+    assert h.part("conv").module is h.module.mlp and h.part("conv").role == CONV_BRANCH
+    assert h.layout.identity_skip
+
+
+def test_the_token_mixing_part_is_attn_in_the_conv_mixing_vit_and_its_attention_twin():
+    x = torch.rand(2, 3, 16, 16)
+    for model, mixer in ((covit(), TokenConv1d), (covit(conv=False), Attention)):
+        model.eval()
+        part = blocks(model)[1].part("attn")
+        assert type(part.module) is mixer and part.module is model.blocks[1].attn
+        assert part.role == TOKEN_MIXING
+        # One call removes either twin's token mixing: block 1 then adds only its MLP branch.
+        block, calls = model.blocks[1], []
+        handle = block.register_forward_hook(lambda _m, args, out: calls.append((args[0], out)))
+        with lesion(model, 1, "attn"), torch.no_grad():
+            model(x)
+            z, out = calls[0]
+            assert torch.allclose(out, z + block.ls2(block.mlp(block.norm2(z))), atol=1e-6)
+        handle.remove()
 
 
 def test_lesion_kinds_skip_a_block_lesion_that_only_repeats_the_branch():
     assert blocks(vit())[0].lesion_kinds == ("attn", "mlp", "block")
     assert blocks(xcit())[0].lesion_kinds == ("attn", "lpi", "mlp", "block")
     assert blocks(resnet())[0].lesion_kinds == ("conv",)
+    assert blocks(fan_hybrid())[0].lesion_kinds == ("conv",)  # removing the block = removing its branch
+    assert blocks(fan_hybrid())[3].lesion_kinds == ("attn", "mlp", "block")
 
 
 @pytest.mark.parametrize("arch, count", [
     ("xcit_nano_12_p4_32", 14), ("xcit_small_12_p16_224", 14), ("xcit_medium_12_p16_224", 14),
     ("cait_s12_224", 14), ("deit_small_patch16_224", 12), ("deit_tiny_distilled_patch16_224", 12),
-    ("vit_tiny_patch16_224", 12), ("resnet50_gelu", 16), ("resnet18_gelu", 8)])
+    ("vit_tiny_patch16_224", 12), ("resnet50_gelu", 16), ("resnet18_gelu", 8),
+    ("fan_tiny_12_p16_224", 14), ("fan_tiny_12_p8_32", 14), ("fan_small_12_p4_32", 14),
+    ("fan_tiny_8_p4_hybrid", 3 + 3 + 8 + 2), ("fan_large_16_p4_hybrid_32", 3 + 5 + 22 + 2),
+    ("covit_d4_e128_p4_32", 4), ("vit_d4_e128_p4_32", 4), ("covit_d12_e512_p16_224", 12)])
 def test_every_architecture_advvit_trains_is_supported(arch, count):
     model = timm.create_model(arch, device="meta")  # structure only
     assert len(blocks(model)) == count

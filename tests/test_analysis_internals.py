@@ -1,5 +1,6 @@
 """advvit.analysis.internals: known answers for Jacobian norms, propagation, similarity, lesions."""
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -9,21 +10,36 @@ import advvit  # noqa: F401  (before timm: the torchvision guard)
 from timm.models.cait import Cait
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.vision_transformer import VisionTransformer
-from timm.models.xcit import Xcit
+from timm.models.xcit import ClassAttentionBlock, Xcit
 
 from advvit.analysis.blocks import Block, BlockLayout, blocks
 from advvit.analysis.internals import (
     block_calls, jacobian_norms, layer_similarity, lesion, lesion_study, linear_cka, propagation,
     relative_change, representation_correlation)
 from advvit.attacks import fgsm
+from advvit.covit import ConvMixBlock
+from advvit.fan import FAN
 from advvit.models import NormalizedModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _fan(**kw):
+    return FAN(img_size=16, embed_dim=16, num_heads=2, cls_attn_layers=1, num_classes=5, **kw)
+
 
 # Tiny models of every supported architecture: 16x16 inputs, width 16, 2 blocks (+ class attention).
 TINY = {
     "vit": lambda: VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2,
                                      num_classes=5, init_values=1.0),
+    # The conv-mixing ViT as advvit.covit builds it (mean of all tokens pooled), kernels per block.
+    "covit": lambda: VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2,
+                                       num_classes=5, init_values=1.0, class_token=True, global_pool="avg",
+                                       pool_include_prefix=True,
+                                       block_fn=partial(ConvMixBlock, kernel_sizes=((3, 5), (1, 3)))),
+    "fan": lambda: _fan(patch_size=4, depth=2),
+    # One ConvNeXt block per stage (stride-1 stem: 4x16x16, then 8x8x8 maps), 4x4 tokens, one FAN block.
+    "fan-hybrid": lambda: _fan(depth=1, hybrid_depths=(1, 1), hybrid_dims=(4, 8), hybrid_stem_stride=1),
     "cait": lambda: Cait(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2,
                          depth_token_only=1, num_classes=5),
     "xcit": lambda: Xcit(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2,
@@ -274,7 +290,9 @@ def _zero_branches(model, index):
                 p.zero_()
 
 
-@pytest.mark.parametrize("arch, index", [("vit", 1), ("cait", 0), ("cait", 2), ("xcit", 1), ("xcit", 2)])
+@pytest.mark.parametrize("arch, index", [
+    ("vit", 1), ("cait", 0), ("cait", 2), ("xcit", 1), ("xcit", 2), ("covit", 1), ("fan", 1), ("fan", 2),
+    ("fan-hybrid", 0), ("fan-hybrid", 1), ("fan-hybrid", 2), ("fan-hybrid", 3)])
 def test_lesioning_a_zero_initialised_branch_leaves_outputs_unchanged(arch, index):
     model = trained_like(TINY[arch]())
     x = images(2)
@@ -284,12 +302,28 @@ def test_lesioning_a_zero_initialised_branch_leaves_outputs_unchanged(arch, inde
             assert not torch.allclose(outputs(model, x), live, atol=1e-4), kind
     _zero_branches(model, index)
     before = outputs(model, x)
-    # XCiT's class-attention block is no identity even with zero gammas (it normalizes tokens),
-    # so only its parts are removed there.
-    kinds = blocks(model)[index].part_names + (("block",) if (arch, index) != ("xcit", 2) else ())
+    # XCiT's class-attention block (FAN's too) is no identity even with zero gammas (it
+    # normalizes tokens), so only its parts are removed there.
+    module = blocks(model)[index].module
+    kinds = blocks(model)[index].part_names + (() if isinstance(module, ClassAttentionBlock) else ("block",))
     for kind in kinds:
         with lesion(model, index, kind):
             assert torch.equal(outputs(model, x), before), kind
+
+
+def test_removing_a_convnext_block_is_removing_its_branch():
+    # Why a ConvNeXt block's lesion kinds are ("conv",) alone: with its identity shortcut, the
+    # block lesion gives exactly the model without the branch.
+    model = trained_like(TINY["fan-hybrid"]())
+    x = images(2)
+    live = outputs(model, x)
+    for index in (0, 1):
+        assert blocks(model)[index].lesion_kinds == ("conv",)
+        with lesion(model, index, "conv"):
+            without_branch = outputs(model, x)
+        with lesion(model, index, "block"):
+            assert torch.equal(outputs(model, x), without_branch)
+        assert not torch.allclose(without_branch, live, atol=1e-4)
 
 
 def test_resnet_blocks_are_zero_initialised_by_timm_so_lesions_change_nothing():

@@ -15,7 +15,12 @@ Supported here: timm's ``VisionTransformer`` (ViT, DeiT, distilled DeiT) with it
 ``Cait`` with ``LayerScaleBlock`` and the class-attention ``LayerScaleBlockClassAttn``; ``Xcit``
 with ``XCABlock`` (cross-covariance attention, local patch interaction, MLP) and its
 ``ClassAttentionBlock``; ``ResNet`` with ``BasicBlock`` / ``Bottleneck`` (the convolution branch as
-one part). A new architecture adds one adapter of each kind below, next to these.
+one part); advvit's FAN (``advvit.fan.FAN``: ``FANBlock``, token self-attention then channel
+attention, and XCiT's ``ClassAttentionBlock``; a hybrid's ConvNeXt stages first, their
+``ConvNeXtBlock`` s listed as blocks); the conv-mixing ViT (``advvit.covit``: a timm
+``VisionTransformer`` of ``ConvMixBlock`` s, its token convolution the part ``attn`` as its
+attention twin's attention is). A new architecture adds one adapter of each kind below, next to
+these.
 """
 from __future__ import annotations
 
@@ -25,11 +30,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVa
 from torch import nn
 
 from timm.models.cait import Cait, LayerScaleBlock, LayerScaleBlockClassAttn
+from timm.models.convnext import ConvNeXtBlock
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.vision_transformer import Block as VitBlock
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.xcit import ClassAttentionBlock, XCABlock, Xcit
 
+from advvit.covit import ConvMixBlock
+from advvit.fan import FAN, FANBlock, HybridEmbed
 from advvit.models import NormalizedModel, unwrap
 
 __all__ = [
@@ -39,9 +47,9 @@ __all__ = [
 ]
 
 # The roles a part plays; analyses group lesions and plots by them.
-TOKEN_MIXING = "token-mixing"   # attention, class attention, XCA, local patch interaction
-CHANNEL = "channel"             # the MLP
-CONV_BRANCH = "conv-branch"     # a ResNet block's whole convolution branch
+TOKEN_MIXING = "token-mixing"   # attention, class attention, XCA, LPI, token convolution
+CHANNEL = "channel"             # the MLP, FAN's channel attention
+CONV_BRANCH = "conv-branch"     # a ResNet or ConvNeXt block's whole convolution branch
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -53,9 +61,10 @@ class Part:
     """One residual branch inside a block.
 
     Attributes:
-        name: what lesions and results call it: ``"attn"`` (attention or token mixing),
-            ``"lpi"`` (XCiT's local patch interaction), ``"mlp"`` (MLP / channel part) or
-            ``"conv"`` (a ResNet block's convolution branch).
+        name: what lesions and results call it: ``"attn"`` (attention or other token mixing,
+            such as the conv-mixing ViT's token convolution), ``"lpi"`` (XCiT's local patch
+            interaction), ``"mlp"`` (MLP / channel part, FAN's channel processing) or ``"conv"``
+            (a ResNet or ConvNeXt block's convolution branch).
         role: ``"token-mixing"``, ``"channel"`` or ``"conv-branch"``.
         module: the submodule whose output is the branch's only contribution to the block:
             everything between its output and the residual addition maps zero to zero (layer
@@ -100,8 +109,9 @@ class Block:
         module: the block itself.
         layout: its parts and how its residual stream runs (see :class:`BlockLayout`).
         class_token: the index, along the token axis (dim 1) of the block's output, of the class
-            token; None where the output has none (CaiT's and XCiT's self-attention blocks, which
-            run before the class token joins, ViTs pooled without one, ResNets).
+            token; None where the output has none (CaiT's, XCiT's and FAN's self-attention
+            blocks, which run before the class token joins, ViTs pooled without one, ResNets and
+            FAN's ConvNeXt blocks).
     """
 
     name: str
@@ -125,8 +135,10 @@ class Block:
     @property
     def lesion_kinds(self) -> Tuple[str, ...]:
         """The lesions that mean something distinct here: each part, and ``"block"`` unless it
-        would only repeat the one part (a ResNet block: its branch is all it can lose)."""
-        distinct_block = self.layout.identity_skip or len(self.layout.parts) > 1
+        would only repeat the one part: removing a one-branch block removes that branch and
+        nothing else (a ResNet block keeps its shortcut, a ConvNeXt block becomes the identity
+        either way)."""
+        distinct_block = len(self.layout.parts) != 1
         return self.part_names + (("block",) if distinct_block else ())
 
     def part(self, name: str) -> Part:
@@ -311,6 +323,25 @@ def _resnet(model: ResNet) -> BlockNames:
     return [(f"layer{s}.{i}", None) for s in range(1, 5) for i in range(len(getattr(model, f"layer{s}")))]
 
 
+@register_architecture(FAN)
+def _fan(model: FAN) -> BlockNames:
+    # Like XCiT: the class token is prepended before the class-attention blocks.
+    return (_fan_hybrid_stages(model) + _names("blocks", model.blocks, None)
+            + _names("cls_attn_blocks", model.cls_attn_blocks, 0))
+
+
+def _fan_hybrid_stages(model: FAN) -> BlockNames:
+    # A hybrid makes its tokens with ConvNeXt stages inside the patch embedding. Their blocks are
+    # residual blocks the forward runs first, on feature maps (no class token), so they are
+    # listed as ResNet blocks are; each stage's downsampling (a norm and a strided convolution
+    # before its blocks) and the final token projection are not residual blocks.
+    if not isinstance(model.patch_embed, HybridEmbed):
+        return []
+    prefix = "patch_embed.backbone.stages"
+    return [(f"{prefix}.{s}.blocks.{i}", None)
+            for s, stage in enumerate(model.patch_embed.backbone.stages) for i in range(len(stage.blocks))]
+
+
 # --------------------------------------------------------------------------------------------
 # Block types: the parts of each block class
 # --------------------------------------------------------------------------------------------
@@ -324,6 +355,20 @@ def _attn_mlp(block: nn.Module, kind: str, stream_arg: int = 0) -> BlockLayout:
 def _vit_block(block: VitBlock) -> BlockLayout:
     # x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))): LayerScale and drop path map 0 to 0.
     return _attn_mlp(block, "self-attention")
+
+
+@register_block_type(ConvMixBlock)
+def _conv_mixing_block(block: ConvMixBlock) -> BlockLayout:
+    # timm's Block with the multi-head token convolution where attention was (blk.attn): the
+    # same part names as its attention twin, so "the token-mixing part" is "attn" in both.
+    return _attn_mlp(block, "token-convolution")
+
+
+@register_block_type(FANBlock)
+def _fan_block(block: FANBlock) -> BlockLayout:
+    # x + gamma1 * attn(norm1(x)), then x + gamma2 * mlp(norm2(x), H, W) (drop path on both):
+    # FAN's "mlp" is its channel processing, a depth-wise-conv MLP gated by channel attention.
+    return _attn_mlp(block, "fully-attentional")
 
 
 @register_block_type(LayerScaleBlock)
@@ -369,3 +414,13 @@ def _basic_block(block: BasicBlock) -> BlockLayout:
 @register_block_type(Bottleneck)
 def _bottleneck(block: Bottleneck) -> BlockLayout:
     return _resnet_layout(block, "resnet-bottleneck", block.bn3)
+
+
+@register_block_type(ConvNeXtBlock)
+def _convnext_block(block: ConvNeXtBlock) -> BlockLayout:
+    # shortcut + drop_path(gamma * mlp(norm(conv_dw(x)))): one branch, ending in the MLP (the
+    # layer scale gamma and drop path map 0 to 0). The shortcut is the identity inside a
+    # ConvNeXtStage (its downsampling runs before the blocks); a block built with a downsampling
+    # shortcut keeps it when removed.
+    return BlockLayout(kind="convnext", parts=(Part("conv", CONV_BRANCH, block.mlp),),
+                       identity_skip=isinstance(block.shortcut, nn.Identity))
