@@ -326,7 +326,7 @@ def jacobian_norms(model: nn.Module, x: Tensor, *, blocks: Optional[Sequence[Blo
     :func:`power_iteration` finds the largest singular value of the block's Jacobian at that
     input for every example (the block maps one example's tokens, or feature map, to its output;
     in eval mode every supported block treats examples independently: LayerNorm and attention
-    work within an example, XCiT's BatchNorm uses its running statistics). A class-attention
+    work within an example, the BatchNorm of XCiT and FAN uses its running statistics). A class-attention
     block of CaiT is differentiated w.r.t. the class token it updates, the patch tokens it reads
     held fixed; XCiT's class-attention blocks map all tokens to all tokens.
 
@@ -692,8 +692,8 @@ def _zero_output(_module: nn.Module, _args: tuple, output: Tensor) -> Tensor:
 def lesion(model: nn.Module, block: BlockRef, kind: str = "block") -> Iterator[nn.Module]:
     """Remove part of a trained model inside the ``with`` body; restore it exactly on exit.
 
-    ``kind`` is a part name of the block (``"attn"``, ``"mlp"``, XCiT's ``"lpi"``, ResNet's
-    ``"conv"``: that residual branch adds nothing) or ``"block"`` (the whole block: its
+    ``kind`` is a part name of the block (``"attn"``, ``"mlp"``, XCiT's ``"lpi"``, the
+    ``"conv"`` branch of ResNet and ConvNeXt blocks: that residual branch adds nothing) or ``"block"`` (the whole block: its
     residual stream passes through unchanged; for a block whose shortcut does something, a
     ResNet block, all its parts are removed and the shortcut path stays). Done with forward
     hooks on the part or block modules: no weight changes, so on exit (also after an error) the
