@@ -13,12 +13,12 @@ import os
 import random
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from . import accel, checkpoint, data, engine, models
+from . import accel, checkpoint, data, engine, models, rundir
 from .config import ConfigError, TrainConfig, config_to_dict, load_config, save_args_yaml
 from .losses import create_loss
 from .monitor import Monitor
@@ -38,22 +38,6 @@ def run_dir_for(cfg: TrainConfig) -> str:
     name = cfg.run.experiment or "-".join(
         [cfg.model.model, cfg.data.dataset.replace("/", "_"), cfg.attack.loss])
     return os.path.join(cfg.run.output, name)
-
-
-def _resume_path(cfg: TrainConfig, run_dir: str) -> Optional[str]:
-    last = os.path.join(run_dir, "last.pth")
-    resume = cfg.run.resume
-    if resume == "auto":
-        return last if os.path.exists(last) else None
-    if resume is None:
-        if os.path.exists(last):
-            raise ConfigError("resume", f"{run_dir} already holds a checkpoint (last.pth) that a new "
-                              "run would overwrite", "pass --resume auto to continue it, or set "
-                              "another experiment / output")
-        return None
-    if not os.path.isfile(resume):
-        raise ConfigError("resume", f"no such checkpoint: {resume}", "give a last.pth or 'auto'")
-    return resume
 
 
 @dataclass
@@ -77,6 +61,9 @@ class Parts:
     ema: Any
     mixup_fn: Any
     resume_state: Optional[Dict[str, Any]]
+    lock: rundir.RunLock
+    resume_path: Optional[str] = None
+    resume_changes: Optional[Dict[str, Tuple[Any, Any]]] = None
 
 
 def _model_spec(cfg: TrainConfig, info: data.DataInfo) -> checkpoint.ModelSpec:
@@ -170,17 +157,75 @@ def build(cfg: TrainConfig) -> Parts:
     rt = accel.setup(cfg.run.device)
     _seed_everything(cfg.run.seed + rt.rank)
     run_dir = run_dir_for(cfg)
-    resume_path = _resume_path(cfg, run_dir)
+    lock = _claim_run_dir(cfg, rt, run_dir)
+    try:
+        return _build_parts(cfg, rt, run_dir, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _check_run_keys(cfg: TrainConfig) -> None:
+    """The resume and recovery keys, checked before the run folder is touched."""
+    r = cfg.run
+    if r.resume_override and r.resume is None:
+        raise ConfigError("resume_override", "applies only when resuming",
+                          "add --resume auto (or a checkpoint), or drop --resume-override")
+    rundir.parse_overrides(r.resume_override)
+    if r.recovery_interval_steps is not None and r.recovery_interval_steps % r.log_interval:
+        # Recovery checkpoints are written at log points, where the epoch's metric sums are read.
+        raise ConfigError("recovery_interval_steps", f"{r.recovery_interval_steps} is not a "
+                          f"multiple of log_interval ({r.log_interval})",
+                          f"use a multiple of {r.log_interval}, e.g. "
+                          f"{r.log_interval * max(1, round(r.recovery_interval_steps / r.log_interval))}")
+
+
+def _claim_run_dir(cfg: TrainConfig, rt: accel.Runtime, run_dir: str) -> rundir.RunLock:
+    """Rank 0 locks the run folder and checks what it holds; every rank learns the outcome.
+
+    Raises:
+        ConfigError: a bad resume / recovery key, a folder in use, or one with another run's
+            files and no checkpoint.
+    """
+    _check_run_keys(cfg)
+    error: Optional[ConfigError] = None
+    lock = rundir.RunLock.none()
+    if rt.is_main:
+        try:
+            lock = rundir.lock_run_dir(run_dir, is_main=True,
+                                       say=functools.partial(print, file=sys.stderr))
+            rundir.refuse_leftovers(run_dir)
+        except ConfigError as err:
+            lock.release()
+            error = err
+    if rt.world_size > 1:
+        # Every rank stops alike, rather than the others waiting at the first collective.
+        refused = accel.all_reduce_sum(
+            torch.tensor([float(error is not None)], device=rt.device), rt)
+        if error is None and float(refused.item()) > 0:
+            error = ConfigError("experiment", f"the main process refused the run folder {run_dir}",
+                                "see its message")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _build_parts(cfg: TrainConfig, rt: accel.Runtime, run_dir: str,
+                 lock: rundir.RunLock) -> Parts:
+    resume_path = rundir.choose_resume(run_dir, cfg.run.resume)
     info = data.dataset_info(cfg.data.dataset, cfg.data.data_dir, class_list=cfg.data.class_list)
     spec = _model_spec(cfg, info)
 
-    resume_state = None
+    resume_state, resume_changes = None, None
     if resume_path is not None:
         resume_state = checkpoint.load_checkpoint(resume_path)
         saved = checkpoint.ModelSpec.from_dict(resume_state["spec"])
         if saved != spec:
             raise ConfigError("resume", f"{resume_path} holds {saved}, but the config builds {spec}",
                               "resume with the config the run was started with (its args.yaml)")
+        resume_changes = rundir.check_resume_config(
+            resume_state["config"], config_to_dict(cfg), resume_path,
+            rundir.parse_overrides(cfg.run.resume_override))
 
     train_loader, val_loader = _build_loaders(cfg, rt, spec)
 
@@ -241,7 +286,8 @@ def build(cfg: TrainConfig) -> Parts:
                  train_loader=train_loader, val_loader=val_loader, model=model,
                  loss_fn=_build_loss(cfg, rt), optimizer=optimizer, lr_scheduler=lr_scheduler,
                  num_epochs=num_epochs, eps_schedule=eps_schedule, scaler=scaler, ema=ema,
-                 mixup_fn=mixup_fn, resume_state=resume_state)
+                 mixup_fn=mixup_fn, resume_state=resume_state, lock=lock,
+                 resume_path=resume_path, resume_changes=resume_changes)
 
 
 class CatastrophicOverfittingGuard:
@@ -401,12 +447,27 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     parts = build(cfg)
     try:
         if parts.rt.is_main:
-            os.makedirs(parts.run_dir, exist_ok=True)
-            save_args_yaml(cfg, os.path.join(parts.run_dir, "args.yaml"))
+            _record_start(parts)
         accel.wait_for_all(parts.rt)
         return Trainer(parts).fit()
     finally:
+        parts.lock.release()
         accel.cleanup(parts.rt)
+
+
+def _record_start(parts: Parts) -> None:
+    """``args.yaml`` for a new run; for a resumed one, its record in ``resume_history.yaml``.
+
+    A resumed run keeps the ``args.yaml`` it started with, so the file never claims settings
+    the run did not use; what changed on each resume is in the history.
+    """
+    state = parts.resume_state
+    if state is None:
+        save_args_yaml(parts.cfg, os.path.join(parts.run_dir, "args.yaml"))
+        return
+    rundir.write_args_if_missing(parts.run_dir, state["config"])
+    rundir.record_resume(parts.run_dir, path=parts.resume_path, epoch=state["epoch"],
+                         step=state["step"], changes=parts.resume_changes or {})
 
 
 def _xla_process(index: int, argv: Sequence[str]) -> None:
