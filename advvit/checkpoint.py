@@ -47,6 +47,7 @@ __all__ = [
     "load_checkpoint",
     "create_model_from_checkpoint",
     "restore_rng_state",
+    "rng_state",
     "export_timm",
 ]
 
@@ -169,6 +170,11 @@ def _rng_state() -> Dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def rng_state() -> Dict[str, Any]:
+    """The python, numpy, torch (and CUDA) RNG states now, as a checkpoint's ``rng`` holds them."""
+    return _rng_state()
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:

@@ -37,6 +37,7 @@ from .io import atomic_write, atomic_write_text, remove_stale_tmp
 __all__ = ["LOCK", "LAST", "BEST", "RECOVERY", "HISTORY", "RUN_FILES", "OVERRIDABLE",
            "RunLock", "lock_run_dir", "refuse_leftovers", "choose_resume", "config_changes",
            "check_resume_config", "parse_overrides", "record_resume", "write_args_if_missing",
+           "checkpoint_step",
            "link_best"]
 
 LOCK = ".lock"
@@ -172,15 +173,16 @@ def refuse_leftovers(run_dir: str) -> None:
         return
     found = [name for name in RUN_FILES if (folder / name).exists()]
     if found:
-        raise ConfigError("experiment", f"{run_dir} holds files of an earlier run ({', '.join(found)}) "
-                          "but no checkpoint to resume (last.pth or recovery.pth); a new run would "
+        raise ConfigError("experiment", f"{run_dir} holds files of an earlier run "
+                          f"({', '.join(found)}) but no checkpoint to resume (last.pth or recovery.pth); a new run would "
                           "append to its logs",
                           f"remove them (rm -r {run_dir}) to start over, or set another "
                           "experiment / output")
 
 
-def _checkpoint_step(path: Path) -> int:
-    """A checkpoint's global step, read without loading its tensors (memory-mapped)."""
+def checkpoint_step(path: "os.PathLike[str] | str") -> int:
+    """A checkpoint's global step, read without loading its tensors (memory-mapped); -1 when
+    the file is missing or unreadable."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(state["step"])
@@ -203,13 +205,13 @@ def choose_resume(run_dir: str, resume: Optional[str]) -> Optional[str]:
     if resume is None:
         found = [p.name for p in (last, recovery) if p.exists()]
         if found:
-            raise ConfigError("resume", f"{run_dir} already holds a checkpoint ({', '.join(found)}) "
-                              "that a new run would overwrite", "pass --resume auto to continue "
+            raise ConfigError("resume", f"{run_dir} already holds a checkpoint "
+                              f"({', '.join(found)}) that a new run would overwrite", "pass --resume auto to continue "
                               "it, or set another experiment / output")
         return None
     if resume == "auto":
         if recovery.exists() and (not last.exists()
-                                  or _checkpoint_step(recovery) > _checkpoint_step(last)):
+                                  or checkpoint_step(recovery) > checkpoint_step(last)):
             return str(recovery)
         return str(last) if last.exists() else None
     if not os.path.isfile(resume):
@@ -235,7 +237,8 @@ def parse_overrides(text: Optional[str]) -> List[str]:
     return keys
 
 
-def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+def config_changes(saved: Mapping[str, Any],
+                   current: Mapping[str, Any]) -> Dict[str, Tuple[Any, Any]]:
     """Keys whose value differs: key -> (saved, current).
 
     A key the saved config lacks (written before the key existed) is compared as its default,
@@ -298,7 +301,8 @@ def record_resume(run_dir: str, *, path: str, epoch: int, step: int,
 
 
 def write_args_if_missing(run_dir: str, saved: Mapping[str, Any]) -> None:
-    """A resumed run keeps its ``args.yaml``; one resumed into a new folder gets the checkpoint's."""
+    """A resumed run keeps its ``args.yaml``; one resumed into a new folder gets the
+    checkpoint's config."""
     path = Path(run_dir) / "args.yaml"
     if not path.exists():
         atomic_write_text(path, yaml.safe_dump({k: _plain(v) for k, v in saved.items()},
