@@ -105,3 +105,22 @@ def test_stale_temporary_files_are_removed_when_the_folder_is_locked(tmp_path, c
     lock.release()
     assert not any(p.exists() for p in stale) and (run / "notes.tmp").exists()
     assert "removed 2 temporary file(s)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_locks_and_every_rank_stops_alike(tmp_path):
+    run = tmp_path / "runs" / "run"
+    proc = _holder(run)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    try:
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc-per-node=2", "-m", "advvit.train", *_args(tmp_path)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert out.returncode != 0
+    assert "in use by another training run" in out.stderr  # rank 0
+    assert "the main process refused the run folder" in out.stderr  # rank 1, not left waiting
