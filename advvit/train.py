@@ -215,6 +215,7 @@ def _claim_run_dir(cfg: TrainConfig, rt: accel.Runtime, run_dir: str) -> rundir.
 
 def _build_parts(cfg: TrainConfig, rt: accel.Runtime, run_dir: str,
                  lock: rundir.RunLock) -> Parts:
+    """What ``build`` does once the run folder is held."""
     resume_path = rundir.choose_resume(run_dir, cfg.run.resume)
     info = data.dataset_info(cfg.data.dataset, cfg.data.data_dir, class_list=cfg.data.class_list)
     spec = _model_spec(cfg, info)
@@ -222,13 +223,13 @@ def _build_parts(cfg: TrainConfig, rt: accel.Runtime, run_dir: str,
     resume_state, resume_changes = None, None
     if resume_path is not None:
         resume_state = checkpoint.load_checkpoint(resume_path)
+        resume_changes = rundir.check_resume_config(
+            resume_state["config"], config_to_dict(cfg), resume_path,
+            rundir.parse_overrides(cfg.run.resume_override))
         saved = checkpoint.ModelSpec.from_dict(resume_state["spec"])
         if saved != spec:
             raise ConfigError("resume", f"{resume_path} holds {saved}, but the config builds {spec}",
                               "resume with the config the run was started with (its args.yaml)")
-        resume_changes = rundir.check_resume_config(
-            resume_state["config"], config_to_dict(cfg), resume_path,
-            rundir.parse_overrides(cfg.run.resume_override))
 
     train_loader, val_loader = _build_loaders(cfg, rt, spec)
 
@@ -440,7 +441,8 @@ class Trainer:
                 and os.path.abspath(p.resume_path) == os.path.abspath(last)
                 and rundir.checkpoint_step(os.path.join(p.run_dir, rundir.BEST)) != self.step):
             rundir.link_best(p.run_dir)
-            self.monitor.info(f"best.pth now holds epoch {self.best_epoch} (its link was cut off)")
+            self.monitor.info(f"best.pth now holds epoch {self.best_epoch} (the run stopped "
+                              "before linking it)")
 
     def _check_finite(self, epoch: int, step: int, losses: Dict[str, float]) -> None:
         """Stop before a checkpoint of NaN / infinite weights or validation losses is written.

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from advvit import accel, checkpoint, engine
+from advvit import accel, checkpoint, engine, train
 from advvit.losses import LossOutput
 from advvit.schedules import create_eps_schedule
 from advvit.train import KILL_ENV, main
@@ -330,3 +330,29 @@ def test_resume_refuses_a_changed_config_and_records_allowed_overrides(tmp_path,
     history = yaml.safe_load((run / "resume_history.yaml").read_text())
     assert len(history) == 1 and history[0]["epoch"] == 0
     assert history[0]["changed"] == {"epochs": {"from": 1, "to": 2}}
+
+
+def test_recovery_by_minutes_saves_at_log_points_and_the_epoch_checkpoint_supersedes_it(
+        tmp_path, monkeypatch):
+    saved = []
+    original = train.Trainer.save_recovery
+
+    def record(self, epoch, progress):
+        original(self, epoch, progress)
+        saved.append((epoch, progress.step, progress.steps_done))
+        assert checkpoint.load_checkpoint(tmp_path / "runs" / "run" / "recovery.pth")["step"] \
+            == progress.step
+
+    monkeypatch.setattr(train.Trainer, "save_recovery", record)
+    args = _tiny_args(tmp_path, "--max-steps-per-epoch", "3", "--co-check", "off",
+                      "--recovery-interval-minutes", "1e-9")
+    assert main(args) == 0
+    assert saved == [(0, 1, 1), (0, 2, 2)]  # not at step 3: last.pth follows at once
+    assert not (tmp_path / "runs" / "run" / "recovery.pth").exists()
+
+
+def test_recovery_steps_must_fall_on_log_points(tmp_path, capsys):
+    assert main(_tiny_args(tmp_path, "--log-interval", "4", "--recovery-interval-steps", "6")) == 2
+    err = capsys.readouterr().err
+    assert "'recovery_interval_steps'" in err and "multiple of log_interval (4)" in err
+    assert not (tmp_path / "runs").exists()
