@@ -63,7 +63,8 @@ OVERRIDABLE: Dict[str, str] = {
     "recovery_interval_minutes": "when recovery checkpoints are written",
     "workers": "loader processes: the same augmentations drawn from other worker seeds",
     "data_dir": "the same data at another path (a moved disk, another machine)",
-    "device": "another machine for the same recipe (results differ in the last bits)",
+    "device": "another machine for the same recipe (numerics differ; on XLA the attacks run in "
+              "train mode: see docs/architecture.md, accel)",
     "compile": "torch.compile: the same computation, compiled",
     "channels_last": "memory layout only",
     "xla_spawn": "process layout on an XLA host",
