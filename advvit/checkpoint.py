@@ -52,6 +52,7 @@ __all__ = [
     "state_dict_misfit",
     "check_state_dict_fits",
     "restore_rng_state",
+    "rng_state",
     "export_timm",
 ]
 
@@ -162,14 +163,15 @@ def _plain(obj: Any, where: str = "config") -> Any:
     return repr(obj)
 
 
-def _rng_state() -> Dict[str, Any]:
+def rng_state() -> Dict[str, Any]:
+    """The python, numpy, torch (and CUDA) RNG states now, as a checkpoint's ``rng`` holds them."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: Dict[str, Any] = {
         "python": random.getstate(),
         # numpy's state holds an ndarray; stored as a tensor so the file loads with weights_only.
         "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
+        "torch": torch.getrng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -278,7 +280,7 @@ def make_checkpoint(model: nn.Module, spec: ModelSpec, *, config: Any, epoch: in
         ema_module = getattr(ema, "module", ema)
         ckpt["ema"] = {k: v.detach() for k, v in unwrap(ema_module).state_dict().items()}
     if rng:
-        ckpt["rng"] = _rng_state()
+        ckpt["rng"] = rng_state()
     if extra:
         ckpt["extra"] = _plain(extra, "extra")
     return ckpt

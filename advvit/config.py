@@ -199,7 +199,17 @@ class RunConfig:
     amp: str = _opt("mixed precision", "none", choices=("none", "bf16", "fp16"))
     compile: bool = _opt("torch.compile the model", False)
     channels_last: bool = _opt("channels-last memory format", False)
-    resume: Optional[str] = _opt("checkpoint to resume (or 'auto': the run folder's last.pth)")
+    resume: Optional[str] = _opt("checkpoint to resume (or 'auto': the run folder's newest of "
+                                 "recovery.pth and last.pth)")
+    resume_override: Optional[str] = _opt("comma list of keys allowed to differ from the resumed "
+                                          "checkpoint's config (epochs, log_interval, ...: see "
+                                          "advvit.rundir.OVERRIDABLE)")
+    recovery_interval_steps: Optional[int] = _opt("write recovery.pth every this many optimizer "
+                                                  "steps (a multiple of log_interval; None: off)",
+                                                  lo=1)
+    recovery_interval_minutes: Optional[float] = _opt("write recovery.pth at the first log point "
+                                                      "this many minutes after the last "
+                                                      "checkpoint (None: off)", gt=0.0)
     log_interval: int = _opt("steps between progress lines", 50, lo=1)
     max_steps_per_epoch: Optional[int] = _opt("cut each epoch after this many steps", lo=1)
     tensorboard: bool = _opt("write TensorBoard scalars", True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
@@ -18,8 +18,8 @@ from . import accel
 from .attacks import model_mode, pgd
 from .schedules import EpsSchedule
 
-__all__ = ["StepSettings", "NonFiniteLossError", "train_one_epoch", "evaluate", "robust_accuracy",
-           "autocast"]
+__all__ = ["StepSettings", "EpochProgress", "NonFiniteLossError", "train_one_epoch", "evaluate",
+           "robust_accuracy", "autocast", "check_finite"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,6 +45,43 @@ class StepSettings:
     channels_last: bool = False
     log_interval: int = 50
     max_steps: Optional[int] = None
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch has got at a log point: what it takes to continue it exactly.
+
+    Attributes:
+        step: the global optimizer step.
+        steps_done: optimizer steps (batches) taken in this epoch.
+        sums: the epoch's metric sums so far, reduced over processes.
+        images: training images this process has seen in the epoch.
+        seconds: time spent in the epoch's steps so far.
+    """
+
+    step: int = 0
+    steps_done: int = 0
+    sums: Dict[str, float] = field(default_factory=dict)
+    images: int = 0
+    seconds: float = 0.0
+
+
+def check_finite(module: nn.Module, what: str, *, epoch: int, step: int) -> None:
+    """Raise ``NonFiniteLossError`` when a weight or buffer of ``module`` is NaN or infinite.
+
+    One device reduction and one host read for the whole model, so it is cheap at save time.
+    """
+    tensors = [(name, t) for name, t in module.state_dict().items() if t.is_floating_point()]
+    if not tensors:
+        return
+    flags = torch.stack([torch.isfinite(t).all() for _, t in tensors])
+    if bool(flags.all()):
+        return
+    bad = [name for (name, _), ok in zip(tensors, flags.tolist()) if not ok]
+    raise NonFiniteLossError(
+        f"the {what} became NaN or infinite at epoch {epoch}, step {step} (first: {bad[0]}; "
+        f"{len(bad)} tensors); no checkpoint of it is written and the last good one is kept: "
+        "lower the learning rate, enable clip_grad, or use amp bf16")
 
 
 def autocast(rt: accel.Runtime, amp: Optional[str]) -> contextlib.AbstractContextManager:
@@ -85,6 +122,8 @@ def train_one_epoch(
     ema: Any = None,
     mixup_fn: Optional[Callable] = None,
     on_log: Optional[Callable[[int, Dict[str, float]], None]] = None,
+    resume: Optional[EpochProgress] = None,
+    on_progress: Optional[Callable[[EpochProgress], None]] = None,
 ) -> Tuple[Dict[str, float], int]:
     """One pass over ``loader`` with the (adversarial) loss.
 
@@ -106,6 +145,10 @@ def train_one_epoch(
         ema: a timm ``ModelEmaV3`` (or similar with ``update(model, step=)``), or None.
         mixup_fn: timm's ``Mixup`` (returns soft targets), or None.
         on_log: called with (step, metrics) at each log interval on every rank.
+        resume: where an interrupted epoch stopped (its ``step`` is the ``step`` given);
+            ``loader`` then yields the batches after its ``steps_done`` (the caller skips those).
+        on_progress: called with the epoch's progress after each log interval's ``on_log``, on
+            every rank (recovery checkpoints are written there).
 
     Returns:
         (the epoch's metrics, the global step after the epoch).
@@ -115,18 +158,22 @@ def train_one_epoch(
     """
     model.train()
     meter = accel.DeviceMetrics(rt)
-    epoch_meter = accel.DeviceMetrics(rt)
     target_model = accel.attack_model(model)
-    start = interval_start = time.perf_counter()
+    done = resume or EpochProgress(step=step)
+    if done.step != step:
+        raise ValueError(f"resume is at step {done.step}, the epoch was given step {step}")
+    # Reduced sums of the intervals read so far: the same on every rank, summed on the host.
+    epoch_sums = dict(done.sums)
+    start = interval_start = time.perf_counter() - done.seconds
     interval_images = 0
-    epoch_images = 0
+    epoch_images = done.images
     last_eps = 0.0
 
     def report(final: bool) -> Dict[str, float]:
         nonlocal interval_start, interval_images
         sums = meter.read()
         for name, value in sums.items():
-            epoch_meter.add(**{name: value})
+            epoch_sums[name] = epoch_sums.get(name, 0.0) + value
         if sums.get("nonfinite", 0) > 0:
             raise NonFiniteLossError(
                 f"the training loss became NaN or infinite at epoch {epoch}, near step {step} "
@@ -141,7 +188,7 @@ def train_one_epoch(
             on_log(step, metrics)
         return metrics
 
-    steps_done = 0
+    steps_done = done.steps_done
     for x, y in loader:
         if settings.max_steps is not None and steps_done >= settings.max_steps:
             break
@@ -186,10 +233,14 @@ def train_one_epoch(
         epoch_images += n
         if step % settings.log_interval == 0:
             report(final=False)
+            if on_progress is not None:
+                on_progress(EpochProgress(step=step, steps_done=steps_done,
+                                          sums=dict(epoch_sums), images=epoch_images,
+                                          seconds=time.perf_counter() - start))
 
     if meter.names():
         report(final=True)
-    totals = _summarise(epoch_meter.read())
+    totals = _summarise(epoch_sums)
     seconds = max(time.perf_counter() - start, 1e-9)
     totals.update(eps=last_eps, lr=optimizer.param_groups[0]["lr"],
                   images_per_s=epoch_images * rt.world_size / seconds, steps=steps_done,

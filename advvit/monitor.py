@@ -1,13 +1,20 @@
 """Where a run reports: console lines, TensorBoard scalars and a CSV summary per epoch.
 
-Only the main process writes; the others call the same methods and nothing happens.
+Only the main process writes; the others call the same methods and nothing happens. Every
+TensorBoard scalar is logged against the global optimizer step (the epoch scalars at the epoch's
+last step), so that a resumed run hides everything logged after its checkpoint with one
+``purge_step``; ``drop_rows_after`` does the same for ``summary.csv``. The logs of a run killed
+and resumed then read as an uninterrupted run's.
 """
 from __future__ import annotations
 
 import csv
 import logging
 import os
+from io import StringIO
 from typing import Dict, Optional
+
+from .io import atomic_write_text
 
 __all__ = ["Monitor", "get_logger"]
 
@@ -49,16 +56,19 @@ class Monitor:
         run_dir: the run folder.
         is_main: whether this process writes.
         tensorboard: also write TensorBoard event files under ``run_dir/tb``.
+        purge_step: on resume, the first step after the checkpoint: TensorBoard hides the
+            events an earlier process logged from this step on.
     """
 
-    def __init__(self, run_dir: str, *, is_main: bool = True, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str, *, is_main: bool = True, tensorboard: bool = True,
+                 purge_step: Optional[int] = None) -> None:
         self.run_dir = run_dir
         self.is_main = is_main
         self.log = get_logger()
         self.writer = None
         if is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+            self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge_step)
         self.csv_path = os.path.join(run_dir, "summary.csv")
 
     def info(self, message: str) -> None:
@@ -93,7 +103,7 @@ class Monitor:
         if self.writer is not None:
             for key, value in row.items():
                 if key not in ("epoch", "step"):
-                    self.writer.add_scalar(f"epoch/{key}", value, epoch)
+                    self.writer.add_scalar(f"epoch/{key}", value, step)
             self.writer.flush()
         write_header = not os.path.exists(self.csv_path)
         fields = list(row) if write_header else _header(self.csv_path)
@@ -105,10 +115,45 @@ class Monitor:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def drop_rows_after(self, epoch: int) -> int:
+        """Remove the ``summary.csv`` rows of epochs after ``epoch`` (atomically); returns how many.
+
+        A kill between an epoch's row and its checkpoint leaves a row the resumed run writes
+        again; a kill inside the append can leave a cut-off last row.
+        """
+        if not self.is_main or not os.path.exists(self.csv_path):
+            return 0
+        with open(self.csv_path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        if not rows:
+            return 0
+        header, body = rows[0], rows[1:]
+        at = header.index("epoch") if "epoch" in header else 0
+        keep = [r for r in body if len(r) == len(header) and _int(r[at]) is not None
+                and _int(r[at]) <= epoch]
+        if len(keep) == len(body):
+            return 0
+        text = StringIO()
+        csv.writer(text).writerows([header, *keep])  # the appends' dialect: \r\n line ends
+        atomic_write_text(self.csv_path, text.getvalue())
+        return len(body) - len(keep)
+
+    def flush(self) -> None:
+        """Write out the TensorBoard events so far (before a checkpoint)."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self) -> None:
         """Flush and close TensorBoard."""
         if self.writer is not None:
             self.writer.close()
+
+
+def _int(text: str) -> Optional[int]:
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def _header(path: str) -> list:

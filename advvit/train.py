@@ -12,14 +12,16 @@ import functools
 import math
 import os
 import random
+import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from . import accel, checkpoint, data, engine, models
+from . import accel, checkpoint, data, engine, models, rundir
 from .attacks import check_eps, default_step_size
 from .config import (ConfigError, OptimConfig, TrainConfig, check_lr, config_to_dict, effective_lr,
                      load_config, save_args_yaml)
@@ -43,22 +45,6 @@ def run_dir_for(cfg: TrainConfig) -> str:
     return os.path.join(cfg.run.output, name)
 
 
-def _resume_path(cfg: TrainConfig, run_dir: str) -> Optional[str]:
-    last = os.path.join(run_dir, "last.pth")
-    resume = cfg.run.resume
-    if resume == "auto":
-        return last if os.path.exists(last) else None
-    if resume is None:
-        if os.path.exists(last):
-            raise ConfigError("resume", f"{run_dir} already holds a checkpoint (last.pth) that a new "
-                              "run would overwrite", "pass --resume auto to continue it, or set "
-                              "another experiment / output")
-        return None
-    if not os.path.isfile(resume):
-        raise ConfigError("resume", f"no such checkpoint: {resume}", "give a last.pth or 'auto'")
-    return resume
-
-
 @dataclass
 class Parts:
     """Everything a run needs, built and validated before the first step."""
@@ -80,6 +66,10 @@ class Parts:
     ema: Any
     mixup_fn: Any
     resume_state: Optional[Dict[str, Any]]
+    lock: rundir.RunLock
+    resume_path: Optional[str] = None
+    resume_changes: Optional[Dict[str, Tuple[Any, Any]]] = None
+    updates_per_epoch: int = 0
 
 
 def _model_spec(cfg: TrainConfig, info: data.DataInfo) -> checkpoint.ModelSpec:
@@ -325,12 +315,72 @@ def build(cfg: TrainConfig) -> Parts:
     rt = accel.setup(cfg.run.device)
     _seed_everything(cfg.run.seed + rt.rank)
     run_dir = run_dir_for(cfg)
-    resume_path = _resume_path(cfg, run_dir)
+    # Everything the config alone decides is checked before the run folder is touched.
     info, spec = validate(cfg, rt.world_size)
+    lock = _claim_run_dir(cfg, rt, run_dir)
+    try:
+        return _build_parts(cfg, rt, run_dir, lock, info, spec)
+    except BaseException:
+        lock.release()
+        raise
 
-    resume_state = None
+
+def _check_run_keys(cfg: TrainConfig) -> None:
+    """The resume and recovery keys, checked before the run folder is touched."""
+    r = cfg.run
+    if r.resume_override and r.resume is None:
+        raise ConfigError("resume_override", "applies only when resuming",
+                          "add --resume auto (or a checkpoint), or drop --resume-override")
+    rundir.parse_overrides(r.resume_override)
+    if r.recovery_interval_steps is not None and r.recovery_interval_steps % r.log_interval:
+        # Recovery checkpoints are written at log points, where the epoch's metric sums are read.
+        near = r.log_interval * max(1, round(r.recovery_interval_steps / r.log_interval))
+        raise ConfigError("recovery_interval_steps", f"{r.recovery_interval_steps} is not a "
+                          f"multiple of log_interval ({r.log_interval})",
+                          f"use a multiple of {r.log_interval}, e.g. {near}")
+
+
+def _claim_run_dir(cfg: TrainConfig, rt: accel.Runtime, run_dir: str) -> rundir.RunLock:
+    """Rank 0 locks the run folder and checks what it holds; every rank learns the outcome.
+
+    Raises:
+        ConfigError: a bad resume / recovery key, a folder in use, or one with another run's
+            files and no checkpoint.
+    """
+    _check_run_keys(cfg)
+    error: Optional[ConfigError] = None
+    lock = rundir.RunLock.none()
+    if rt.is_main:
+        try:
+            lock = rundir.lock_run_dir(run_dir, is_main=True,
+                                       say=functools.partial(print, file=sys.stderr))
+            rundir.refuse_leftovers(run_dir)
+        except ConfigError as err:
+            lock.release()
+            error = err
+    if rt.world_size > 1:
+        # Every rank stops alike, rather than the others waiting at the first collective.
+        refused = accel.all_reduce_sum(
+            torch.tensor([float(error is not None)], device=rt.device), rt)
+        if error is None and float(refused.item()) > 0:
+            error = ConfigError("experiment", f"the main process refused the run folder {run_dir}",
+                                "see its message")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _build_parts(cfg: TrainConfig, rt: accel.Runtime, run_dir: str, lock: rundir.RunLock,
+                 info: data.DataInfo, spec: checkpoint.ModelSpec) -> Parts:
+    """What ``build`` does once the run folder is held."""
+    resume_path = rundir.choose_resume(run_dir, cfg.run.resume)
+
+    resume_state, resume_changes = None, None
     if resume_path is not None:
         resume_state = checkpoint.load_checkpoint(resume_path)
+        resume_changes = rundir.check_resume_config(
+            resume_state["config"], config_to_dict(cfg), resume_path,
+            rundir.parse_overrides(cfg.run.resume_override))
         saved = checkpoint.ModelSpec.from_dict(resume_state["spec"])
         if saved != spec:
             raise ConfigError("resume", f"{resume_path} holds {saved}, but the config builds {spec}",
@@ -398,7 +448,9 @@ def build(cfg: TrainConfig) -> Parts:
                  train_loader=train_loader, val_loader=val_loader, model=model,
                  loss_fn=_build_loss(cfg, rt), optimizer=optimizer, lr_scheduler=lr_scheduler,
                  num_epochs=num_epochs, eps_schedule=eps_schedule, scaler=scaler, ema=ema,
-                 mixup_fn=mixup_fn, resume_state=resume_state)
+                 mixup_fn=mixup_fn, resume_state=resume_state, lock=lock,
+                 resume_path=resume_path, resume_changes=resume_changes,
+                 updates_per_epoch=updates_per_epoch)
 
 
 class CatastrophicOverfittingGuard:
@@ -426,18 +478,62 @@ class CatastrophicOverfittingGuard:
         return acc, collapsed
 
 
+# Tests only: ADVVIT_KILL_AT=NAME[:N] kills the process (SIGKILL, as a preemption would) the N-th
+# time (default: the first) it passes the named point: "log" (a log point inside an epoch, after
+# any recovery checkpoint), "recovery_saved", "csv_appended" (the epoch's summary row written, its
+# checkpoint not yet), "last_saved" (last.pth written, best.pth not yet linked).
+KILL_ENV = "ADVVIT_KILL_AT"
+_kill_counts: Dict[str, int] = {}
+
+
+def _kill_point(name: str) -> None:
+    target, _, count = os.environ.get(KILL_ENV, "").partition(":")
+    if target != name:
+        return
+    _kill_counts[name] = _kill_counts.get(name, 0) + 1
+    if _kill_counts[name] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _skip_batches(loader: Any, n: int, rng: Dict[str, Any]):
+    """The batches of ``loader`` after its first ``n``, as an uninterrupted epoch draws them.
+
+    The caller has restored the RNG state of the epoch's start; the first ``n`` batches are
+    loaded (the sampler and the augmentations draw what they drew) but not trained on, then the
+    interrupted run's RNG state at that point is restored.
+    """
+    batches = iter(loader)
+    for i in range(n):
+        if next(batches, None) is None:
+            raise checkpoint.CheckpointError(
+                f"the recovery checkpoint is {n} batches into its epoch, but the training loader "
+                f"has {i}: the data changed; resume from last.pth (delete recovery.pth)")
+    checkpoint.restore_rng_state(rng)
+    yield from batches
+
+
 class Trainer:
     """Runs the epochs of a built run, saving and logging as it goes."""
 
     def __init__(self, parts: Parts) -> None:
         self.p = parts
+        state = parts.resume_state
+        # On resume TensorBoard hides what was logged after the checkpoint (before a kill).
         self.monitor = Monitor(parts.run_dir, is_main=parts.rt.is_main,
-                               tensorboard=parts.cfg.run.tensorboard)
+                               tensorboard=parts.cfg.run.tensorboard,
+                               purge_step=None if state is None else int(state["step"]) + 1)
         self.start_epoch, self.step, self.best = 0, 0, -math.inf
+        self.best_epoch: Optional[int] = None
+        # Set when resuming inside an epoch: where it stopped, and the RNG states to continue.
+        self.progress: Optional[engine.EpochProgress] = None
+        self._resume_rng: Optional[Dict[str, Any]] = None
+        # The RNG state at the current epoch's start, stored in recovery checkpoints.
+        self._epoch_rng: Optional[Dict[str, Any]] = None
+        self._last_save = time.monotonic()
         # Drawn before the RNG state is restored, so a resumed run's data order stays the same.
         self.guard = self._make_guard()
-        if parts.resume_state is not None:
-            self._restore(parts.resume_state)
+        if state is not None:
+            self._restore(state)
 
     def _make_guard(self) -> Optional["CatastrophicOverfittingGuard"]:
         p, a = self.p, self.p.cfg.attack
@@ -452,39 +548,149 @@ class Trainer:
         p = self.p
         models.unwrap(p.model).load_state_dict(state["model"])
         p.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scheduler") is not None:
+        if set(p.resume_changes or {}) & {"epochs", "cooldown_epochs"}:
+            # A new run length: the schedule built for it goes on from this step (timm's resume).
+            p.lr_scheduler.step_update(num_updates=int(state["step"]))
+        elif state.get("scheduler") is not None:
             p.lr_scheduler.load_state_dict(state["scheduler"])
         if p.scaler is not None and state.get("scaler") is not None:
             p.scaler.load_state_dict(state["scaler"])
         if p.ema is not None and state.get("ema") is not None:
             models.unwrap(p.ema.module).load_state_dict(state["ema"])
-        self.start_epoch = int(state["epoch"]) + 1
+        extra = state.get("extra") or {}
         self.step = int(state["step"])
         best = state.get("best_metric")
         self.best = -math.inf if best is None else float(best)
+        self.best_epoch = extra.get("best_epoch")
         if self.guard is not None:
-            self.guard.best = float((state.get("extra") or {}).get("co_best", 0.0))
-        if state.get("rng") is not None:
-            checkpoint.restore_rng_state(state["rng"])
-        self.monitor.info(f"resumed from epoch {state['epoch']} (step {self.step}, best {self.best:.4f})")
+            self.guard.best = float(extra.get("co_best", 0.0))
+        recovery = extra.get("recovery")
+        if recovery is None:
+            self.start_epoch = int(state["epoch"]) + 1
+            if state.get("rng") is not None:
+                checkpoint.restore_rng_state(state["rng"])
+            self._repair_best(state)
+            where = f"the end of epoch {state['epoch']}"
+        else:
+            self.start_epoch = int(state["epoch"])
+            self.progress = engine.EpochProgress(
+                step=self.step, steps_done=int(recovery["steps_done"]),
+                sums={k: float(v) for k, v in recovery["sums"].items()},
+                images=int(recovery["images"]), seconds=float(recovery["seconds"]))
+            self._epoch_rng, self._resume_rng = recovery["epoch_rng"], state["rng"]
+            where = f"epoch {state['epoch']} after {self.progress.steps_done} of its steps"
+        dropped = self.monitor.drop_rows_after(self.start_epoch - 1)
+        if dropped:
+            self.monitor.info(f"dropped {dropped} summary.csv row(s) logged after the checkpoint")
+        self.monitor.info(f"resumed from {p.resume_path} at {where} (step {self.step}, best "
+                          f"{self.best:.4f})")
 
-    def _save(self, names: Sequence[str], epoch: int) -> None:
-        """Write this epoch's checkpoint under each of ``names`` (built and moved to CPU once)."""
+    def _repair_best(self, state: Dict[str, Any]) -> None:
+        """Link best.pth to last.pth when a kill came between writing one and linking the other."""
         p = self.p
-        if not p.rt.is_main:
-            return
+        last = os.path.join(p.run_dir, rundir.LAST)
+        if (p.rt.is_main and self.best_epoch == state["epoch"] and p.resume_path is not None
+                and os.path.abspath(p.resume_path) == os.path.abspath(last)
+                and rundir.checkpoint_step(os.path.join(p.run_dir, rundir.BEST)) != self.step):
+            rundir.link_best(p.run_dir)
+            self.monitor.info(f"best.pth now holds epoch {self.best_epoch} (the run stopped "
+                              "before linking it)")
+
+    def _check_finite(self, epoch: int, step: int, losses: Dict[str, float]) -> None:
+        """Stop before a checkpoint of NaN / infinite weights or validation losses is written.
+
+        Every rank checks (the weights are the same on all), so every rank stops alike.
+        """
+        p = self.p
+        engine.check_finite(accel.attack_model(p.model), "weights", epoch=epoch, step=step)
+        if p.ema is not None:
+            engine.check_finite(p.ema.module, "EMA weights", epoch=epoch, step=step)
+        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        if bad:
+            raise engine.NonFiniteLossError(
+                f"the validation loss became NaN or infinite at epoch {epoch} ({bad}); no "
+                "checkpoint of it is written and the last good one is kept: lower the learning "
+                "rate, enable clip_grad, or use amp bf16")
+
+    def _state(self, epoch: int, step: int,
+               recovery: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """The checkpoint of the run now (built and moved to the CPU once)."""
+        p = self.p
+        extra: Dict[str, Any] = {"best_epoch": self.best_epoch}
+        if self.guard is not None:
+            extra["co_best"] = self.guard.best
+        if recovery is not None:
+            extra["recovery"] = recovery
         state = checkpoint.make_checkpoint(
             accel.attack_model(p.model), p.spec, config=config_to_dict(p.cfg), epoch=epoch,
-            step=self.step, best_metric=None if self.best == -math.inf else self.best,
+            step=step, best_metric=None if self.best == -math.inf else self.best,
             optimizer=p.optimizer, scheduler=p.lr_scheduler, scaler=p.scaler,
             ema=p.ema,
             train_norm=p.cfg.attack.attack_norm, train_eps=p.cfg.attack.eps, rng=True,
-            extra={"co_best": self.guard.best} if self.guard is not None else None)
+            extra=extra)
         if p.rt.kind == "xla":
             import torch_xla.core.xla_model as xm
             state = xm._maybe_convert_to_cpu(state)
-        for name in names:
-            checkpoint.save_checkpoint(os.path.join(p.run_dir, name), state)
+        return state
+
+    def _save_epoch(self, epoch: int, improved: bool) -> None:
+        """last.pth, written once; best.pth linked to it; the epoch's recovery.pth superseded."""
+        p = self.p
+        self._last_save = time.monotonic()
+        if not p.rt.is_main:
+            return
+        checkpoint.save_checkpoint(os.path.join(p.run_dir, rundir.LAST),
+                                   self._state(epoch, self.step))
+        _kill_point("last_saved")
+        if improved:
+            rundir.link_best(p.run_dir)
+        recovery = os.path.join(p.run_dir, rundir.RECOVERY)
+        if os.path.exists(recovery):
+            os.unlink(recovery)
+
+    def _recovery_due(self, progress: engine.EpochProgress) -> bool:
+        """Whether to write recovery.pth at this log point (the same answer on every rank)."""
+        r, p = self.p.cfg.run, self.p
+        if progress.steps_done >= p.updates_per_epoch:
+            return False  # the epoch's own checkpoint comes next
+        if r.recovery_interval_steps and progress.step % r.recovery_interval_steps == 0:
+            return True
+        if not r.recovery_interval_minutes:
+            return False
+        late = time.monotonic() - self._last_save >= 60 * r.recovery_interval_minutes
+        if p.rt.world_size > 1:
+            # Clocks differ between processes: one late rank decides for all.
+            flag = torch.tensor([float(late)], device=p.rt.device)
+            late = float(accel.all_reduce_sum(flag, p.rt).item()) > 0
+        return late
+
+    def save_recovery(self, epoch: int, progress: engine.EpochProgress) -> None:
+        """Write ``recovery.pth``: the run inside ``epoch``, as ``progress`` says (every rank
+        calls it; the main process writes)."""
+        self._check_finite(epoch, progress.step, {})
+        self._last_save = time.monotonic()
+        if not self.p.rt.is_main:
+            return
+        self.monitor.flush()  # TensorBoard holds everything up to the checkpoint
+        recovery = {"epoch_rng": self._epoch_rng, "steps_done": progress.steps_done,
+                    "sums": progress.sums, "images": progress.images, "seconds": progress.seconds}
+        checkpoint.save_checkpoint(os.path.join(self.p.run_dir, rundir.RECOVERY),
+                                   self._state(epoch, progress.step, recovery))
+
+    def _on_progress(self, epoch: int, progress: engine.EpochProgress) -> None:
+        if self._recovery_due(progress):
+            self.save_recovery(epoch, progress)
+            _kill_point("recovery_saved")
+        _kill_point("log")
+
+    def _epoch_loader(self) -> Tuple[Any, Optional[engine.EpochProgress]]:
+        """The epoch's batches, and where the epoch starts (a recovery checkpoint's progress)."""
+        if self.progress is None:
+            self._epoch_rng = checkpoint.rng_state()
+            return self.p.train_loader, None
+        checkpoint.restore_rng_state(self._epoch_rng)
+        resume, self.progress = self.progress, None
+        return _skip_batches(self.p.train_loader, resume.steps_done, self._resume_rng), resume
 
     def fit(self) -> Dict[str, float]:
         """Train from ``start_epoch`` to the end; returns the last epoch's metrics."""
@@ -503,11 +709,13 @@ class Trainer:
             sampler = getattr(p.train_loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
+            loader, resume = self._epoch_loader()
             train_metrics, self.step = engine.train_one_epoch(
-                model=p.model, loss_fn=p.loss_fn, loader=p.train_loader, optimizer=p.optimizer,
+                model=p.model, loss_fn=p.loss_fn, loader=loader, optimizer=p.optimizer,
                 rt=p.rt, eps_schedule=p.eps_schedule, epoch=epoch, step=self.step,
                 settings=settings, lr_scheduler=p.lr_scheduler, scaler=p.scaler, ema=p.ema,
-                mixup_fn=p.mixup_fn, on_log=lambda s, m, e=epoch: self.monitor.step(e, s, m))
+                mixup_fn=p.mixup_fn, on_log=lambda s, m, e=epoch: self.monitor.step(e, s, m),
+                resume=resume, on_progress=functools.partial(self._on_progress, epoch))
             p.lr_scheduler.step(epoch + 1)
             evaluate = functools.partial(
                 engine.evaluate, loader=p.val_loader, rt=p.rt, attack=eval_attack,
@@ -520,6 +728,9 @@ class Trainer:
                 # checkpoint is chosen by the EMA's accuracy; the raw weights' is logged beside.
                 extra.update({f"raw_{k}": v for k, v in val.items() if k != "n"})
                 val = evaluate(p.ema.module)
+            if val.get("n", 0) > 0:
+                self._check_finite(epoch, self.step, {k: v for k, v in {**val, **extra}.items()
+                                                      if k.endswith("loss")})
             stop = False
             if guard is not None:
                 extra["co_pgd_acc"], collapsed = guard.check(p.model, p.rt)
@@ -534,9 +745,10 @@ class Trainer:
             metric = val.get("robust_acc", val["clean_acc"])
             improved = metric > self.best and not stop
             if improved:
-                self.best = metric
+                self.best, self.best_epoch = metric, epoch
             self.monitor.epoch(epoch, self.step, train_metrics, val, extra)
-            self._save(["best.pth", "last.pth"] if improved else ["last.pth"], epoch)
+            _kill_point("csv_appended")
+            self._save_epoch(epoch, improved)
             accel.wait_for_all(p.rt)
             result = {**{f"train_{k}" if not k.startswith("train_") else k: v
                          for k, v in train_metrics.items()},
@@ -551,13 +763,29 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     """Build and run a training job from a validated config (for use from Python)."""
     parts = build(cfg)
     try:
+        trainer = Trainer(parts)
         if parts.rt.is_main:
-            os.makedirs(parts.run_dir, exist_ok=True)
-            save_args_yaml(cfg, os.path.join(parts.run_dir, "args.yaml"))
+            _record_start(parts)
         accel.wait_for_all(parts.rt)
-        return Trainer(parts).fit()
+        return trainer.fit()
     finally:
+        parts.lock.release()
         accel.cleanup(parts.rt)
+
+
+def _record_start(parts: Parts) -> None:
+    """``args.yaml`` for a new run; for a resumed one, its record in ``resume_history.yaml``.
+
+    A resumed run keeps the ``args.yaml`` it started with, so the file never claims settings
+    the run did not use; what changed on each resume is in the history.
+    """
+    state = parts.resume_state
+    if state is None:
+        save_args_yaml(parts.cfg, os.path.join(parts.run_dir, "args.yaml"))
+        return
+    rundir.write_args_if_missing(parts.run_dir, state["config"])
+    rundir.record_resume(parts.run_dir, path=parts.resume_path, epoch=state["epoch"],
+                         step=state["step"], changes=parts.resume_changes or {})
 
 
 def _xla_process(index: int, argv: Sequence[str]) -> None:

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${VENV:-.venv}
 RUN=output/quickstart
-if [ -e "$RUN/last.pth" ]; then
+if [ -e "$RUN/last.pth" ] || [ -e "$RUN/recovery.pth" ]; then
   RESUME=(--resume auto)   # a finished or interrupted quickstart continues instead of failing
 else
   RESUME=()

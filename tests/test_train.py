@@ -1,19 +1,21 @@
 """The training CLI end to end: shipped configs, resume, kills, bad input, non-finite losses."""
+import csv
 import glob
 import os
 import signal
 import subprocess
 import sys
-import time
+
+import yaml
 
 import pytest
 import torch
 from torch import nn
 
-from advvit import accel, checkpoint, engine
+from advvit import accel, checkpoint, engine, train
 from advvit.losses import LossOutput
 from advvit.schedules import create_eps_schedule
-from advvit.train import main
+from advvit.train import KILL_ENV, main
 from test_data import make_cifar_folder, make_idx_folder, make_imagefolder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,22 +103,110 @@ def test_resume_after_one_epoch_matches_an_uninterrupted_run(tmp_path, monkeypat
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
 
 
-def test_sigkill_leaves_a_loadable_checkpoint_and_the_run_resumes(tmp_path):
-    args = _tiny_args(tmp_path, "--epochs", "30")
-    proc = subprocess.Popen([sys.executable, "-m", "advvit.train", *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "runs" / "run" / "last.pth"
-    deadline = time.time() + 240
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(1.0)  # into the next epoch, or into the next save
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert last.exists(), "no checkpoint was written before the kill"
-    epoch = checkpoint.load_checkpoint(last)["epoch"]
-    assert not glob.glob(str(last) + "*.tmp*")
-    assert main(_tiny_args(tmp_path, "--epochs", str(epoch + 2), "--resume", "auto")) == 0
-    assert checkpoint.load_checkpoint(last)["epoch"] == epoch + 1
+def _train_process(args, kill_at=None):
+    """``python -m advvit.train`` in a child process, killed at a named point when asked."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop(KILL_ENV, None)
+    if kill_at is not None:
+        env[KILL_ENV] = kill_at
+    return subprocess.run([sys.executable, "-m", "advvit.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+TIMED = ("images_per_s", "seconds")  # wall-clock figures: never the same twice
+
+
+def _csv_rows(run):
+    with open(run / "summary.csv", newline="") as fh:
+        return [{k: v for k, v in row.items() if not k.endswith(TIMED)}
+                for row in csv.DictReader(fh)]
+
+
+def _tb_scalars(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+            for tag in acc.Tags()["scalars"] if not tag.endswith(TIMED)}
+
+
+def _assert_same_weights(a, b, key="model"):
+    assert a[key].keys() == b[key].keys()
+    for name, value in a[key].items():
+        torch.testing.assert_close(b[key][name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_a_kill_between_the_csv_row_and_the_checkpoint_leaves_the_logs_of_an_uninterrupted_run(
+        tmp_path):
+    args = [a for a in _tiny_args(tmp_path, "--epochs", "2") if a != "--no-tensorboard"]
+    full = [a.replace(str(tmp_path / "runs"), str(tmp_path / "full")) for a in args]
+    assert _train_process(full).returncode == 0
+    cut = _train_process(args, kill_at="csv_appended:2")
+    assert cut.returncode == -signal.SIGKILL
+    run = tmp_path / "runs" / "run"
+    assert checkpoint.load_checkpoint(run / "last.pth")["epoch"] == 0
+    assert [r["epoch"] for r in _csv_rows(run)] == ["0", "1"]  # epoch 1 logged, not saved
+
+    resumed = _train_process([*args, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "dropped 1 summary.csv row(s)" in resumed.stderr
+    assert _csv_rows(run) == _csv_rows(tmp_path / "full" / "run")
+    assert _tb_scalars(run) == _tb_scalars(tmp_path / "full" / "run")
+    assert not glob.glob(str(run / "*.tmp")) and not glob.glob(str(run / ".*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_recovery_checkpoint_resumes_inside_an_epoch_bit_for_bit(tmp_path):
+    # 6 steps per epoch; recovery.pth at steps 4 and 8; the kill comes at step 10, inside
+    # epoch 1, two steps after the last recovery checkpoint (those two steps run again).
+    args = [a for a in _tiny_args(tmp_path, "--epochs", "2", "--model-ema",
+                                  "--model-ema-decay", "0.9", "--recovery-interval-steps", "4")
+            if a != "--no-tensorboard"]
+    full = [a.replace(str(tmp_path / "runs"), str(tmp_path / "full")) for a in args]
+    assert _train_process(full).returncode == 0
+    cut = _train_process(args, kill_at="log:10")
+    assert cut.returncode == -signal.SIGKILL
+    run = tmp_path / "runs" / "run"
+    recovery = checkpoint.load_checkpoint(run / "recovery.pth")
+    assert (recovery["epoch"], recovery["step"]) == (1, 8)
+    assert recovery["extra"]["recovery"]["steps_done"] == 2
+
+    resumed = _train_process([*args, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at epoch 1 after 2 of its steps" in resumed.stderr
+    a = checkpoint.load_checkpoint(tmp_path / "full" / "run" / "last.pth")
+    b = checkpoint.load_checkpoint(run / "last.pth")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (1, 12)
+    _assert_same_weights(a, b, "model")
+    _assert_same_weights(a, b, "ema")
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for name in sa:
+            torch.testing.assert_close(sb[name], sa[name], rtol=0, atol=0, msg=name)
+    assert _csv_rows(run) == _csv_rows(tmp_path / "full" / "run")
+    assert _tb_scalars(run) == _tb_scalars(tmp_path / "full" / "run")
+    assert not (run / "recovery.pth").exists()  # superseded by the epoch's checkpoint
+
+
+def test_best_is_a_hard_link_to_the_epochs_checkpoint(tmp_path):
+    assert main(_tiny_args(tmp_path)) == 0
+    run = tmp_path / "runs" / "run"
+    assert os.stat(run / "best.pth").st_ino == os.stat(run / "last.pth").st_ino
+
+
+@pytest.mark.slow
+def test_a_kill_before_best_is_linked_is_repaired_on_resume(tmp_path):
+    args = _tiny_args(tmp_path, "--epochs", "2")
+    assert _train_process(args, kill_at="last_saved:1").returncode == -signal.SIGKILL
+    run = tmp_path / "runs" / "run"
+    assert (run / "last.pth").exists() and not (run / "best.pth").exists()
+    resumed = _train_process([*args, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "best.pth now holds epoch 0" in resumed.stderr
+    last = checkpoint.load_checkpoint(run / "last.pth")
+    best = checkpoint.load_checkpoint(run / "best.pth")
+    assert best["epoch"] == last["extra"]["best_epoch"]
+    assert best["best_metric"] == last["best_metric"]
 
 
 def test_bad_inputs_stop_before_any_work_with_one_message(tmp_path, capsys):
@@ -169,4 +259,103 @@ def test_with_ema_the_best_checkpoint_is_chosen_by_the_ema_weights(tmp_path):
     best = checkpoint.load_checkpoint(run / "best.pth")
     assert best.get("ema") is not None and best["spec"]["normalize"] is not None
     # The EMA restores on resume too (its weights are stored without the wrapper).
-    assert main(args + ["--epochs", "2", "--resume", "auto"]) == 0
+    assert main(args + ["--epochs", "2", "--resume", "auto", "--resume-override", "epochs"]) == 0
+
+
+def _blow_up_in_epoch(n, monkeypatch):
+    """The n-th epoch ends with an infinite weight (a model whose weights blow up)."""
+    original, calls = engine.train_one_epoch, {"n": 0}
+
+    def blown(**kwargs):
+        out = original(**kwargs)
+        calls["n"] += 1
+        if calls["n"] == n:
+            with torch.no_grad():
+                next(accel.attack_model(kwargs["model"]).parameters()).view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(engine, "train_one_epoch", blown)
+
+
+def test_non_finite_weights_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, capsys,
+                                                                           monkeypatch):
+    _blow_up_in_epoch(2, monkeypatch)
+    assert main(_tiny_args(tmp_path, "--epochs", "2", "--co-check", "off")) == 1
+    err = capsys.readouterr().err
+    assert "weights became NaN or infinite at epoch 1" in err and "last good one is kept" in err
+    run = tmp_path / "runs" / "run"
+    for name in ("last.pth", "best.pth"):
+        ckpt = checkpoint.load_checkpoint(run / name)
+        assert ckpt["epoch"] == 0
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert len((run / "summary.csv").read_text().strip().splitlines()) == 2  # epoch 0 only
+
+
+def test_an_infinite_learning_rate_step_writes_no_checkpoint(tmp_path, capsys):
+    args = _tiny_args(tmp_path, "--opt", "sgd", "--lr", "1e38", "--max-steps-per-epoch", "1",
+                      "--co-check", "off")
+    assert main(args) == 1
+    assert "NaN or infinite" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "run" / "last.pth").exists()
+
+
+def test_check_finite_names_the_first_bad_tensor():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    engine.check_finite(model, "weights", epoch=0, step=0)
+    model[1].running_var[1] = float("nan")
+    with pytest.raises(engine.NonFiniteLossError, match=r"EMA weights .*first: 1.running_var"):
+        engine.check_finite(model, "EMA weights", epoch=3, step=9)
+
+
+def test_resume_refuses_a_changed_config_and_records_allowed_overrides(tmp_path, capsys):
+    assert main(_tiny_args(tmp_path)) == 0
+    run = tmp_path / "runs" / "run"
+    last = (run / "last.pth").read_bytes()
+    assert main(_tiny_args(tmp_path, "--resume", "auto", "--lr", "0.5", "--loss", "pgd")) == 2
+    err = capsys.readouterr().err
+    assert "lr (None -> 0.5)" in err and "loss ('fgsm' -> 'pgd')" in err
+    assert "loss, lr cannot change within a run" in err
+    assert main(_tiny_args(tmp_path, "--resume", "auto", "--epochs", "2")) == 2
+    err = capsys.readouterr().err
+    assert "epochs (1 -> 2)" in err and "--resume-override epochs" in err
+    assert main(_tiny_args(tmp_path, "--resume", "auto", "--resume-override", "lr")) == 2
+    assert "'lr' changes what the run computes" in capsys.readouterr().err
+    assert main(_tiny_args(tmp_path, "--resume-override", "epochs")) == 2
+    assert "applies only when resuming" in capsys.readouterr().err
+    assert (run / "last.pth").read_bytes() == last and not (run / "resume_history.yaml").exists()
+
+    assert main(_tiny_args(tmp_path, "--resume", "auto", "--epochs", "2",
+                           "--resume-override", "epochs")) == 0
+    ckpt = checkpoint.load_checkpoint(run / "last.pth")
+    assert ckpt["epoch"] == 1 and ckpt["config"]["epochs"] == 2
+    assert ckpt["scheduler"]["t_initial"] == 12  # the schedule follows the new length (6 x 2)
+    assert yaml.safe_load((run / "args.yaml").read_text())["epochs"] == 1  # as it started
+    history = yaml.safe_load((run / "resume_history.yaml").read_text())
+    assert len(history) == 1 and history[0]["epoch"] == 0
+    assert history[0]["changed"] == {"epochs": {"from": 1, "to": 2}}
+
+
+def test_recovery_by_minutes_saves_at_log_points_and_the_epoch_checkpoint_supersedes_it(
+        tmp_path, monkeypatch):
+    saved = []
+    original = train.Trainer.save_recovery
+
+    def record(self, epoch, progress):
+        original(self, epoch, progress)
+        saved.append((epoch, progress.step, progress.steps_done))
+        assert checkpoint.load_checkpoint(tmp_path / "runs" / "run" / "recovery.pth")["step"] \
+            == progress.step
+
+    monkeypatch.setattr(train.Trainer, "save_recovery", record)
+    args = _tiny_args(tmp_path, "--max-steps-per-epoch", "3", "--co-check", "off",
+                      "--recovery-interval-minutes", "1e-9")
+    assert main(args) == 0
+    assert saved == [(0, 1, 1), (0, 2, 2)]  # not at step 3: last.pth follows at once
+    assert not (tmp_path / "runs" / "run" / "recovery.pth").exists()
+
+
+def test_recovery_steps_must_fall_on_log_points(tmp_path, capsys):
+    assert main(_tiny_args(tmp_path, "--log-interval", "4", "--recovery-interval-steps", "6")) == 2
+    err = capsys.readouterr().err
+    assert "'recovery_interval_steps'" in err and "multiple of log_interval (4)" in err
+    assert not (tmp_path / "runs").exists()
