@@ -171,7 +171,7 @@ def rng_state() -> Dict[str, Any]:
         # numpy's state holds an ndarray; stored as a tensor so the file loads with weights_only.
         "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.getrng_state(),
+        "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
