@@ -57,8 +57,9 @@ def run_one(model: str, *, minutes: float, chunk: int, eval_batches: int, workdi
     argv = ["--config", QUICKSTART, "--model", model, "--epochs", str(chunks),
             "--max-steps-per-epoch", str(chunk), "--eval-batches", str(eval_batches),
             "--eval-attack", "pgd", "--eval-steps", "10", "--co-check", "off",
-            # The quickstart's 0.3-epoch warm-up (of 469 steps), in chunks.
-            "--eps-warmup-epochs", str(0.3 * 469 / chunk),
+            # The quickstart's 0.3-epoch warm-up (of 469 steps), in chunks; a budget shorter than
+            # that warms up over the whole run (a longer warm-up is refused).
+            "--eps-warmup-epochs", str(min(0.3 * 469 / chunk, chunks)),
             "--output", workdir, "--experiment", model, "--log-interval", "1000",
             "--no-tensorboard", "--workers", "1"]
     train(load_config(argv))

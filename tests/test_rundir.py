@@ -31,7 +31,7 @@ def _holder(run_dir):
 
 def _args(tmp_path, *extra):
     # Stops before any data is read, so no data set is needed.
-    return ["--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "nodata"),
+    return ["--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "nodata"), "--img-size", "32",
             "--output", str(tmp_path / "runs"), "--experiment", "run", "--device", "cpu", *extra]
 
 
