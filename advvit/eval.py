@@ -587,7 +587,7 @@ class Examples:
 def load_examples(dataset: str, data_dir: str | None, *, split: str, in_chans: int,
                   img_size: int | None, n_examples: int | None = None, sample: str = "first",
                   seed: int = 0, ids: Sequence[str] | None = None, batch_size: int = 250,
-                  workers: int = 0) -> Examples:
+                  workers: int = 0, at_most: bool = False) -> Examples:
     """Load the chosen examples of a data split (both CLIs call this).
 
     Args:
@@ -595,6 +595,8 @@ def load_examples(dataset: str, data_dir: str | None, *, split: str, in_chans: i
         in_chans, img_size: what the model takes (img_size None: the data set's own size).
         n_examples, sample, seed, ids: which examples (:func:`select_indices`).
         batch_size, workers: the loader's.
+        at_most: take all examples of a split smaller than ``n_examples`` (for a default
+            count the user did not ask for) instead of refusing.
 
     Raises:
         EvalError: the data set is not there, or the examples asked for are not in it.
@@ -604,6 +606,8 @@ def load_examples(dataset: str, data_dir: str | None, *, split: str, in_chans: i
         ds = advdata.create_dataset(dataset, data_dir, split=split)
     except (advdata.DataNotFoundError, ValueError) as err:
         raise EvalError(f"--dataset {dataset}: {err}") from None
+    if at_most and n_examples is not None:
+        n_examples = min(n_examples, len(ds))
     indices = select_indices(len(ds), n_examples=n_examples, sample=sample, seed=seed, ids=ids,
                              paths=_dataset_paths(ds) if ids is not None else None)
     subset = ds.subset(np.asarray(indices)) if isinstance(ds, advdata.ArrayDataset) else \
