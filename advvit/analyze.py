@@ -29,6 +29,7 @@ import math
 import os
 import random
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,8 @@ DEFAULT_EPS = 4 / 255
 """Linf eps when neither --eps nor the checkpoint gives one (the thesis's ImageNet eps)."""
 DEFAULT_L2_EPS = 0.5
 FIGURE_DPI = 120
+CLASS_VIZ_ROWS = 20
+"""Rows of the class-visualization figure at most (the JSON holds every image's numbers)."""
 
 
 class AnalyzeError(ValueError):
@@ -258,6 +261,12 @@ def _short(text: str, width: int = 14) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+def _suptitle(fig: Any, text: str, fontsize: float = 9) -> None:
+    """A figure title wrapped to the figure's width (about 11 characters an inch at 9 pt)."""
+    width = max(20, int(fig.get_size_inches()[0] * 11 * 9 / fontsize))
+    fig.suptitle(textwrap.fill(text, width), fontsize=fontsize)
+
+
 def _images_figure(ctx: Context, rows: int, cols: int, *, scale: float = 1.35) -> tuple[Any, Any]:
     fig, axes = ctx.plt.subplots(rows, cols, figsize=(scale * cols + 0.4, scale * rows + 0.6),
                                  squeeze=False)
@@ -321,9 +330,10 @@ def _perturbation_figure(ctx: Context, results: dict[str, Any], show: int) -> An
     axes[0, 0].set_title(f"clean\ntrue: {_short(names[int(ctx.y[0])])}", fontsize=8)
     norm = "Linf" if ctx.norm == "linf" else "L2"
     scale = "(delta + eps) / (2 eps)" if ctx.norm == "linf" else "(delta + m) / (2 m), m = max|delta|"
-    fig.suptitle(f"PGD-{results[next(iter(results))].steps} perturbations, {norm} eps "
-                 f"{ctx.eps * 255:.3g}/255: shown as {scale} (0.5 = unchanged; "
-                 "red title: attack succeeded)", fontsize=9)
+    colours = " (colour: blue -, white 0, red +)" if colour_map else ""
+    _suptitle(fig, f"PGD-{results[next(iter(results))].steps} perturbations, {norm} eps "
+                   f"{_eps_text(ctx.eps, ctx.norm)}, shown as {scale}: 0.5 = unchanged{colours}. "
+                   "Red label: a wrong prediction.")
     fig.tight_layout()
     return fig
 
@@ -382,21 +392,26 @@ def _class_viz_options(p: argparse.ArgumentParser) -> None:
 
 
 def _class_viz_figure(ctx: Context, results: dict[str, Any]) -> Any:
+    """Rows: target classes; columns: the start, then per model: the result and its change."""
+    from .analysis.perturbations import perturbation_viz
     names = ctx.class_names
     first = next(iter(results.values()))
-    rows = min(len(first.targets), 20)
-    fig, axes = _images_figure(ctx, rows, 1 + len(results), scale=1.5)
+    rows = min(len(first.targets), CLASS_VIZ_ROWS)
+    fig, axes = _images_figure(ctx, rows, 1 + 2 * len(results), scale=1.45)
     for i in range(rows):
         target = int(first.targets[i])
-        show_image(axes[i, 0], first.start[i],
-                   f"start (noise)\np({_short(names[target])}) = {first.start_confidence[i]:.2f}")
-        axes[i, 0].set_ylabel(_short(names[target]), fontsize=8)
+        show_image(axes[i, 0], first.start[i], "start: uniform noise" if i == 0 else None)
+        axes[i, 0].set_ylabel(_short(names[target], 16), fontsize=8)
         for m, (model_name, cv) in enumerate(results.items()):
-            title = f"p({_short(names[target])}) = {cv.confidence[i]:.2f}"
-            show_image(axes[i, 1 + m], cv.images[i],
+            change = cv.images[i:i + 1] - cv.start[i:i + 1]
+            title = f"p {cv.start_confidence[i]:.2f} -> {cv.confidence[i]:.2f}"
+            show_image(axes[i, 1 + 2 * m], cv.images[i],
                        f"{_short(model_name, 18)}\n{title}" if i == 0 else title)
-    fig.suptitle(f"targeted L2 PGD-{first.steps} towards each class from uniform noise, "
-                 f"eps {first.eps:.3g} (rows: target class)", fontsize=9)
+            show_image(axes[i, 2 + 2 * m], perturbation_viz(change, change.abs().max())[0],
+                       cmap="RdBu_r", title="change (scaled)" if i == 0 else None)
+    _suptitle(fig, f"targeted L2 PGD-{first.steps} from uniform noise towards each class (rows), "
+                   f"eps {first.eps:.3g}; p: the model's probability of the class before -> "
+                   "after; change: image - start scaled to its largest pixel (blue -, red +)")
     fig.tight_layout()
     return fig
 
@@ -430,8 +445,10 @@ def _class_viz(ctx: Context) -> Output:
                        [[name, _pct(cv.success.double().mean()),
                          _pct(cv.confidence.double().mean())] for name, cv in results.items()]))
     if ctx.plt is not None:
+        m = len(next(iter(results.values())).targets)
+        shown = f" (the first {CLASS_VIZ_ROWS} of {m} images)" if m > CLASS_VIZ_ROWS else ""
         out.save(_class_viz_figure(ctx, results), ctx.out, "class_viz.png",
-                 "one row per target class, one column per model")
+                 f"one row per target class{shown}, one block of columns per model")
     return out
 
 
@@ -448,15 +465,16 @@ def _semantic_figure(ctx: Context, score: Any) -> Any:
     J = len(score.judges)
     fig, axes = ctx.plt.subplots(1, J, figsize=(1.2 + 1.6 * len(score.sources) * 1.5, 3.8),
                                  squeeze=False)
-    kinds = [k for k in score.kinds if k != "clean"]
+    kinds = score.kinds
     width = 0.8 / len(kinds)
+    colours = {"clean": "lightgrey"}
     for j, judge in enumerate(score.judges):
         ax = axes[0, j]
         for kk, kind in enumerate(kinds):
-            values = [100 * float(score.top1[s, j, score.kinds.index(kind)])
-                      for s in range(len(score.sources))]
+            values = [100 * float(score.top1[s, j, kk]) for s in range(len(score.sources))]
             ax.bar([s + (kk - (len(kinds) - 1) / 2) * width for s in range(len(score.sources))],
-                   values, width, label=kind)
+                   values, width, label="clean images (reference)" if kind == "clean" else kind,
+                   color=colours.get(kind, f"C{kk - 1}"))
         ax.axhline(100 * score.chance_top1, color="black", ls="--", lw=1, label="chance")
         ax.set_xticks(range(len(score.sources)), labels=list(score.sources), fontsize=8)
         ax.set_xlabel("perturbations of (source model)")
@@ -465,8 +483,8 @@ def _semantic_figure(ctx: Context, score: Any) -> Any:
         ax.set_title(f"judge: {judge}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0, -1].legend(fontsize=7, loc="upper right")
-    fig.suptitle("semantic score: judges classify the perturbation images against the true "
-                 "label (random: random-sign control, same eps and box)", fontsize=9)
+    _suptitle(fig, "semantic score: judges classify the perturbation images against the true "
+                   "label (random: random-sign control, same eps and box)")
     fig.tight_layout()
     return fig
 
@@ -533,8 +551,8 @@ def _transfer_figure(ctx: Context, tm: Any) -> Any:
                 ylabel="source model (attacked)", colorbar="target accuracy (%)", scale=100,
                 vmin=0, vmax=100)
         ax.set_title(what, fontsize=9)
-    fig.suptitle(f"transfer of {tm.attack} ({tm.norm}, eps {tm.eps * 255:.3g}/255, {tm.steps} "
-                 f"steps), n={tm.n}", fontsize=9)
+    _suptitle(fig, f"transfer of {tm.attack} ({tm.norm}, eps {_eps_text(tm.eps, tm.norm)}, "
+                   f"{tm.steps} steps), n={tm.n}")
     fig.tight_layout()
     return fig
 
@@ -619,7 +637,7 @@ def _jacobian(ctx: Context) -> Output:
                 ax.plot(xs, j.bound.mean(0).numpy(), ls="--", color=line.get_color(),
                         label=f"{name}: sqrt(||J||_1 ||J||_inf)")
         _block_axis(ax, next(iter(results.values())).blocks)
-        ax.set_ylabel("||J||_2 of the block (mean ± std)")
+        ax.set_ylabel(r"$\|J\|_2$ of the block (mean ± std)")
         ax.set_title(f"block Jacobian spectral norm, n={len(ctx.y)} inputs", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -655,11 +673,11 @@ def _propagation(ctx: Context) -> Output:
                         ls="--" if e.matched_to else "-", label=k)
             _block_axis(ax, p.blocks)
             ax.set_yscale("log")
-            ax.set_ylabel("||h(x + delta) - h(x)|| / ||h(x)||")
+            ax.set_ylabel(r"$\|h(x + \delta) - h(x)\| \,/\, \|h(x)\|$")
             ax.set_title(name, fontsize=9)
             ax.legend(fontsize=7)
-        fig.suptitle(f"layer-wise propagation, {ctx.norm} eps {ctx.eps * 255:.3g}/255 "
-                     "(dashed: random control of the same norm)", fontsize=9)
+        _suptitle(fig, f"layer-wise propagation, {ctx.norm} eps {_eps_text(ctx.eps, ctx.norm)} "
+                       "(dashed: random control of the same norm)")
         fig.tight_layout()
         out.save(fig, ctx.out, "propagation.png", "relative change per block, one column per model")
     return out

@@ -355,8 +355,10 @@ def heatmap(ax: Any, matrix: torch.Tensor, *, row_labels: Sequence[str],
     value in each cell (``fmt`` of value * ``scale``) when ``annotate``; NaN cells are blank."""
     values = matrix.detach().double().cpu() * scale
     shown = ax.imshow(values.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(len(col_labels)), labels=list(col_labels), rotation=45, ha="right",
-                  fontsize=8)
+    # Few columns read best level; many need slanting to fit.
+    slanted = len(col_labels) > 6
+    ax.set_xticks(range(len(col_labels)), labels=list(col_labels), rotation=45 if slanted else 0,
+                  ha="right" if slanted else "center", fontsize=8)
     ax.set_yticks(range(len(row_labels)), labels=list(row_labels), fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

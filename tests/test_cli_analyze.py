@@ -244,3 +244,20 @@ def test_a_new_analysis_is_one_registration(ckpts, data_dir, tmp_path):
         assert calls == [3] and 0 < report["results"]["mean"] < 1
     finally:
         del A.ANALYSES["mean-pixel"]
+
+
+@pytest.mark.slow
+def test_a_default_example_count_is_capped_at_the_split(ckpts, data_dir, tmp_path):
+    # similarity's default is 64 examples; the split has 60: all 60 are used, without error
+    assert A.main(_args("similarity", ckpts[:1], data_dir, tmp_path / "o")) == 0
+    report = json.loads((tmp_path / "o" / "similarity.json").read_text())
+    assert report["data"]["n_examples"] == 60 and report["data"]["indices"] == list(range(60))
+
+
+def test_reports_are_strict_json():
+    from advvit.report import markdown_table, to_jsonable
+    value = to_jsonable({"m": torch.tensor([[1.0, float("nan")]]), "t": (1, float("inf")),
+                         "p": Path("a/b")})
+    assert json.loads(json.dumps(value, allow_nan=False)) == \
+        {"m": [[1.0, None]], "t": [1, None], "p": "a/b"}
+    assert markdown_table(["a"], [[float("nan")]]).splitlines()[-1] == "| n/a |"
