@@ -268,8 +268,9 @@ def _suptitle(fig: Any, text: str, fontsize: float = 9) -> None:
 
 
 def _images_figure(ctx: Context, rows: int, cols: int, *, scale: float = 1.35) -> tuple[Any, Any]:
-    fig, axes = ctx.plt.subplots(rows, cols, figsize=(scale * cols + 0.4, scale * rows + 0.6),
-                                 squeeze=False)
+    # Constrained layout keeps every row's title lines clear of the images above them.
+    fig, axes = ctx.plt.subplots(rows, cols, figsize=(scale * cols + 0.4, 1.12 * scale * rows + 0.9),
+                                 squeeze=False, layout="constrained")
     return fig, axes
 
 
@@ -334,7 +335,6 @@ def _perturbation_figure(ctx: Context, results: dict[str, Any], show: int) -> An
     _suptitle(fig, f"PGD-{results[next(iter(results))].steps} perturbations, {norm} eps "
                    f"{_eps_text(ctx.eps, ctx.norm)}, shown as {scale}: 0.5 = unchanged{colours}. "
                    "Red label: a wrong prediction.")
-    fig.tight_layout()
     return fig
 
 
@@ -412,7 +412,6 @@ def _class_viz_figure(ctx: Context, results: dict[str, Any]) -> Any:
     _suptitle(fig, f"targeted L2 PGD-{first.steps} from uniform noise towards each class (rows), "
                    f"eps {first.eps:.3g}; p: the model's probability of the class before -> "
                    "after; change: image - start scaled to its largest pixel (blue -, red +)")
-    fig.tight_layout()
     return fig
 
 
