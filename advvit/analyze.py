@@ -189,7 +189,8 @@ class Output:
 
     def save(self, fig: Any, folder: Path, name: str, caption: str) -> None:
         """Write a matplotlib figure as ``folder/name`` (PNG) and record it."""
-        width, height = (fig.get_size_inches() * FIGURE_DPI).round().astype(int).tolist()
+        # Agg truncates the figure's size in pixels to whole pixels.
+        width, height = (int(v * FIGURE_DPI) for v in fig.get_size_inches())
         save_figure(fig, folder / name, dpi=FIGURE_DPI)
         self.figures.append({"file": name, "caption": caption, "width": width, "height": height})
 
