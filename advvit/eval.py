@@ -48,6 +48,11 @@ __all__ = [
     "parse_attack",
     "select_indices",
     "read_ids_file",
+    "LoadedModel",
+    "load_checkpoint_model",
+    "Examples",
+    "load_examples",
+    "resolve_device",
     "run_attack",
     "build_parser",
     "main",
@@ -373,7 +378,12 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _resolve_device(text: str) -> torch.device:
+def resolve_device(text: str) -> torch.device:
+    """``--device``: "auto" (CUDA when visible, else the CPU), "cpu" or "cuda[:N]".
+
+    Raises:
+        EvalError: an unknown device, or CUDA asked for without a GPU.
+    """
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -457,7 +467,7 @@ def _check_args(args: argparse.Namespace) -> tuple[AttackSpec, list[float], torc
                         "enough to rerun: drop --state-path")
     if spec.kind == "autoattack" and not available_backends():
         raise EvalError("no AutoAttack package installed: pip install pyautoattack")
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     ids = read_ids_file(args.ids_file) if args.ids_file else None
     if ids is not None and args.sample != "first":
         raise EvalError("--sample random picks examples itself: drop it or --ids-file")
@@ -465,6 +475,58 @@ def _check_args(args: argparse.Namespace) -> tuple[AttackSpec, list[float], torc
                            ("--state-path", args.state_path)):
         _check_writable(target, option)
     return spec, eps_list, device, ids
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model loaded for evaluation or analysis.
+
+    Attributes:
+        model: eval mode, on the CPU, taking [0, 1] pixels.
+        num_classes, in_chans, img_size: what it takes and returns (img_size None: any).
+        record: what the reports say about it (source, path, sha256, arch, ...).
+        trained_on: the training config the checkpoint records ({} when none).
+    """
+
+    model: nn.Module
+    num_classes: int
+    in_chans: int
+    img_size: int | None
+    record: dict[str, Any]
+    trained_on: dict[str, Any]
+
+
+def load_checkpoint_model(path: str | os.PathLike, *, use_ema: bool = True,
+                          option: str = "--checkpoint") -> LoadedModel:
+    """Load an advvit checkpoint's model (both CLIs call this).
+
+    Args:
+        path: the checkpoint file.
+        use_ema: take the EMA weights when the checkpoint has them.
+        option: the CLI option that named the file, for messages.
+
+    Raises:
+        EvalError: the file is missing or does not load (the message says why).
+    """
+    from .checkpoint import CheckpointError, create_model_from_checkpoint, load_checkpoint
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"{option} {path} does not exist")
+    try:
+        ckpt = load_checkpoint(path)
+        model, mspec = create_model_from_checkpoint(ckpt, use_ema=use_ema)
+    except CheckpointError as err:
+        raise EvalError(f"{option}: {err}") from None
+    record = {"source": "checkpoint", "path": str(path), "sha256": sha256_file(path),
+              "arch": mspec.arch, "num_classes": mspec.num_classes,
+              "in_chans": mspec.in_chans, "img_size": mspec.img_size,
+              "normalize": mspec.normalize,
+              "ema": bool(ckpt.get("ema")) and use_ema,
+              "epoch": ckpt.get("epoch"),
+              "train_eps": ckpt["meta"].get("train_eps"),
+              "train_norm": ckpt["meta"].get("train_norm")}
+    return LoadedModel(model.eval(), mspec.num_classes, mspec.in_chans, mspec.img_size, record,
+                       dict(ckpt.get("config") or {}))
 
 
 def _load_model(args: argparse.Namespace) -> tuple[nn.Module, int, int, int | None,
@@ -476,30 +538,14 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, int, int, int | No
     """
     from . import data as advdata
     if args.checkpoint:
-        from .checkpoint import CheckpointError, create_model_from_checkpoint, load_checkpoint
-        path = Path(args.checkpoint)
-        if not path.is_file():
-            raise EvalError(f"--checkpoint {path} does not exist")
-        try:
-            ckpt = load_checkpoint(path)
-            model, mspec = create_model_from_checkpoint(ckpt, use_ema=not args.no_ema)
-        except CheckpointError as err:
-            raise EvalError(f"--checkpoint: {err}") from None
-        trained_on = ckpt.get("config") or {}
+        loaded = load_checkpoint_model(args.checkpoint, use_ema=not args.no_ema)
         if args.dataset is None:
-            args.dataset = trained_on.get("dataset")
-            args.data_dir = args.data_dir or trained_on.get("data_dir")
+            args.dataset = loaded.trained_on.get("dataset")
+            args.data_dir = args.data_dir or loaded.trained_on.get("data_dir")
         if args.dataset is None:
             raise EvalError("--dataset: the checkpoint does not record its data set; name one")
-        record = {"source": "checkpoint", "path": str(path), "sha256": sha256_file(path),
-                  "arch": mspec.arch, "num_classes": mspec.num_classes,
-                  "in_chans": mspec.in_chans, "img_size": mspec.img_size,
-                  "normalize": mspec.normalize,
-                  "ema": bool(ckpt.get("ema")) and not args.no_ema,
-                  "epoch": ckpt.get("epoch"),
-                  "train_eps": ckpt["meta"].get("train_eps"),
-                  "train_norm": ckpt["meta"].get("train_norm")}
-        return model.eval(), mspec.num_classes, mspec.in_chans, mspec.img_size, record
+        return (loaded.model, loaded.num_classes, loaded.in_chans, loaded.img_size,
+                loaded.record)
     from .models import create_model, unwrap
     path = Path(args.weights)
     if not path.is_file():
@@ -530,27 +576,68 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, int, int, int | No
     return model.eval(), num_classes, in_chans, img_size, record
 
 
-def _load_examples(args: argparse.Namespace, ids: list[str] | None, in_chans: int,
-                   img_size: int | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The chosen examples as [0, 1] tensors -> (x, y, their indices in the split)."""
+@dataclass(frozen=True)
+class Examples:
+    """Examples of a data split as [0, 1] tensors.
+
+    Attributes:
+        x: (n, C, H, W) float pixels; y: (n,) labels.
+        indices: each example's index in the split.
+        classes: the data set's class names in label order, or None where it has none.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    indices: list[int]
+    classes: tuple[str, ...] | None
+
+
+def load_examples(dataset: str, data_dir: str | None, *, split: str, in_chans: int,
+                  img_size: int | None, n_examples: int | None = None, sample: str = "first",
+                  seed: int = 0, ids: Sequence[str] | None = None, batch_size: int = 250,
+                  workers: int = 0, at_most: bool = False) -> Examples:
+    """Load the chosen examples of a data split (both CLIs call this).
+
+    Args:
+        dataset, data_dir, split: the ``advvit.data`` name, root and split.
+        in_chans, img_size: what the model takes (img_size None: the data set's own size).
+        n_examples, sample, seed, ids: which examples (:func:`select_indices`).
+        batch_size, workers: the loader's.
+        at_most: take all examples of a split smaller than ``n_examples`` (for a default
+            count the user did not ask for) instead of refusing.
+
+    Raises:
+        EvalError: the data set is not there, or the examples asked for are not in it.
+    """
     from . import data as advdata
     try:
-        ds = advdata.create_dataset(args.dataset, args.data_dir, split=args.split)
+        ds = advdata.create_dataset(dataset, data_dir, split=split)
     except (advdata.DataNotFoundError, ValueError) as err:
-        raise EvalError(f"--dataset {args.dataset}: {err}") from None
-    indices = select_indices(len(ds), n_examples=args.n_examples, sample=args.sample,
-                             seed=args.seed, ids=ids,
+        raise EvalError(f"--dataset {dataset}: {err}") from None
+    if at_most and n_examples is not None:
+        n_examples = min(n_examples, len(ds))
+    indices = select_indices(len(ds), n_examples=n_examples, sample=sample, seed=seed, ids=ids,
                              paths=_dataset_paths(ds) if ids is not None else None)
     subset = ds.subset(np.asarray(indices)) if isinstance(ds, advdata.ArrayDataset) else \
         advdata.SubsetDataset(ds, indices)
     loader = advdata.create_loader(subset, img_size=img_size or _native(ds), in_chans=in_chans,
-                                   batch_size=args.batch_size, is_training=False,
-                                   num_workers=args.workers)
+                                   batch_size=batch_size, is_training=False,
+                                   num_workers=workers)
     xs, ys = zip(*[(xb.cpu(), yb.cpu()) for xb, yb in loader])
     x, y = torch.cat(xs), torch.cat(ys).long()
     if len(y) != len(indices):
         raise EvalError(f"the loader gave {len(y)} examples for {len(indices)} ids")
-    return x, y, indices
+    classes = getattr(ds, "classes", None)
+    return Examples(x, y, indices, tuple(str(c) for c in classes) if classes else None)
+
+
+def _load_examples(args: argparse.Namespace, ids: list[str] | None, in_chans: int,
+                   img_size: int | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The chosen examples as [0, 1] tensors -> (x, y, their indices in the split)."""
+    ex = load_examples(args.dataset, args.data_dir, split=args.split, in_chans=in_chans,
+                       img_size=img_size, n_examples=args.n_examples, sample=args.sample,
+                       seed=args.seed, ids=ids, batch_size=args.batch_size, workers=args.workers)
+    return ex.x, ex.y, ex.indices
 
 
 def _prepare(args: argparse.Namespace) -> _Prepared:

@@ -1,4 +1,5 @@
-"""Reports of robustness results: the JSON envelope, the evaluation report, table and plot.
+"""Reports of robustness results and analyses: the JSON envelope, the evaluation report, table
+and plot, and the pieces analysis reports are made of (figures, markdown).
 
 Every report advvit writes starts with the same envelope (:func:`envelope`): its format, when it
 was made, the seed, the model file and its sha256, the versions of the code that made it, and
@@ -8,6 +9,11 @@ flag concerns is marked with the flag's code. When a flag says the gradients are
 missing (:data:`advvit.checks.GRADIENT_MASKING`), that is the report's headline, in the JSON
 and first in the console table, and the robust accuracies are marked untrustworthy.
 
+Analyses (``python -m advvit.analyze``) write the envelope with every model they used
+(``models=``), their numbers made JSON-safe by :func:`to_jsonable`, figures through
+:func:`pyplot` / :func:`save_figure` (with :func:`show_image` and :func:`heatmap`), and a
+``report.md`` from :func:`markdown_table` / :func:`write_markdown_report`.
+
 Files are written whole through :mod:`advvit.io` (their folder is created when missing).
 """
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import platform
 import sys
 from pathlib import Path
@@ -36,6 +43,13 @@ __all__ = [
     "save_sweep_plot",
     "write_report",
     "save_tensors",
+    "to_jsonable",
+    "pyplot",
+    "save_figure",
+    "show_image",
+    "heatmap",
+    "markdown_table",
+    "write_markdown_report",
 ]
 
 EVAL_FORMAT = "advvit-eval/1"
@@ -59,8 +73,17 @@ def versions(**extra: str) -> dict[str, str]:
             "torch": torch.__version__, "timm": timm.__version__, **extra}
 
 
+def _with_sha256(model: Mapping[str, Any] | None) -> dict[str, Any]:
+    model = dict(model or {})
+    if model.get("path") and "sha256" not in model:
+        model["sha256"] = sha256_file(model["path"])
+    return model
+
+
 def envelope(format: str, *, seed: int, model: Mapping[str, Any] | None = None,
-             command: Sequence[str] | None = None, **extra_versions: str) -> dict[str, Any]:
+             command: Sequence[str] | None = None,
+             models: Sequence[Mapping[str, Any]] | None = None,
+             **extra_versions: str) -> dict[str, Any]:
     """The fields every advvit report starts with.
 
     Args:
@@ -68,15 +91,19 @@ def envelope(format: str, *, seed: int, model: Mapping[str, Any] | None = None,
         seed: the seed the results were computed with.
         model: what was evaluated; a ``path`` in it gets a ``sha256`` of the file added.
         command: the command line (default: this process's).
+        models: every model of a report about several (``model`` is then the first); each
+            ``path`` gets its ``sha256`` too.
         extra_versions: more versions to record (``autoattack="pyautoattack 0.2.0"``).
     """
-    model = dict(model or {})
-    if model.get("path") and "sha256" not in model:
-        model["sha256"] = sha256_file(model["path"])
-    return {"format": format,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "seed": seed, "model": model, "versions": versions(**extra_versions),
-            "command": list(command) if command is not None else list(sys.argv)}
+    out = {"format": format,
+           "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "seed": seed, "model": _with_sha256(model if model is not None or not models
+                                               else models[0]),
+           "versions": versions(**extra_versions),
+           "command": list(command) if command is not None else list(sys.argv)}
+    if models is not None:
+        out["models"] = [_with_sha256(m) for m in models]
+    return out
 
 
 # ------------------------------------------------------------------------------- the numbers
@@ -227,11 +254,8 @@ def print_table(report: Mapping[str, Any], file: Any = None) -> None:
 
 def save_sweep_plot(report: Mapping[str, Any], path: str | Path) -> Path | None:
     """Plot robust accuracy against eps (PNG); returns None when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     eps = [r["eps_255"] for r in report["results"]]
     acc = [r["robust_accuracy"]["value"] * 100 for r in report["results"]]
@@ -244,12 +268,7 @@ def save_sweep_plot(report: Mapping[str, Any], path: str | Path) -> Path | None:
     ax.set_title(title + ("\nuntrustworthy: gradient masking" if report.get("headline") else ""))
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(report: Mapping[str, Any], path: str | Path) -> Path:
@@ -263,4 +282,126 @@ def save_tensors(payload: Mapping[str, Any], path: str | Path) -> Path:
     """``torch.save`` a dict (adversarial examples and their facts), atomically."""
     path = Path(path)
     atomic_write(path, lambda f: torch.save(dict(payload), f))
+    return path
+
+
+# ---------------------------------------------------------------------------- analysis reports
+
+def to_jsonable(value: Any) -> Any:
+    """Tensors, tuples and numbers as strict JSON: tensors become (nested) lists, NaN and
+    infinities None (JSON has neither)."""
+    if torch.is_tensor(value):
+        return to_jsonable(value.detach().cpu().tolist())
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None when matplotlib is not
+    installed (figures are optional: ``pip install advvit[plot]``)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 120) -> Path:
+    """Write a matplotlib figure as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
+    return path
+
+
+def show_image(ax: Any, image: torch.Tensor, title: str | None = None, *,
+               cmap: str | None = None, vmin: float = 0.0, vmax: float = 1.0,
+               fontsize: float = 8) -> Any:
+    """Draw one (C, H, W) image in [0, 1] (C 1 or 3) on ``ax``, without ticks.
+
+    One channel is drawn with ``cmap`` (default grey) between vmin and vmax; three as RGB.
+    Returns what ``imshow`` returned (for a colour bar).
+    """
+    image = image.detach().float().cpu()
+    if image.shape[0] == 1:
+        shown = ax.imshow(image[0].numpy(), cmap=cmap or "gray", vmin=vmin, vmax=vmax,
+                          interpolation="nearest")
+    else:
+        shown = ax.imshow(image.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title is not None:
+        ax.set_title(title, fontsize=fontsize)
+    return shown
+
+
+def heatmap(ax: Any, matrix: torch.Tensor, *, row_labels: Sequence[str],
+            col_labels: Sequence[str], xlabel: str, ylabel: str, colorbar: str,
+            fmt: str = "{:.1f}", scale: float = 1.0, vmin: float | None = None,
+            vmax: float | None = None, cmap: str = "viridis", annotate: bool = True) -> Any:
+    """A labelled matrix: rows x columns, a colour bar named ``colorbar`` (with its unit), the
+    value in each cell (``fmt`` of value * ``scale``) when ``annotate``; NaN cells are blank."""
+    values = matrix.detach().double().cpu() * scale
+    shown = ax.imshow(values.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    # Few columns read best level; many need slanting to fit.
+    slanted = len(col_labels) > 6
+    ax.set_xticks(range(len(col_labels)), labels=list(col_labels), rotation=45 if slanted else 0,
+                  ha="right" if slanted else "center", fontsize=8)
+    ax.set_yticks(range(len(row_labels)), labels=list(row_labels), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    bar = ax.figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label(colorbar)
+    if annotate:
+        lo, hi = shown.get_clim()
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                v = float(values[i, j])
+                if math.isnan(v):
+                    continue
+                dark = (v - lo) / (hi - lo) < 0.5 if hi > lo else True
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
+    return shown
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if not math.isfinite(value) else f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table (floats to 4 significant digits, NaN as n/a)."""
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_markdown_report(path: str | Path, *, title: str, lines: Sequence[str] = (),
+                          tables: Sequence[tuple[str, Sequence[str], Sequence[Sequence[Any]]]] = (),
+                          figures: Sequence[tuple[str, str]] = ()) -> Path:
+    """Write a ``report.md``: a title, a few lines, tables (caption, header, rows) and figures
+    (caption, file name relative to the report), atomically."""
+    parts = [f"# {title}", ""]
+    parts += [*lines, ""] if lines else []
+    for caption, header, rows in tables:
+        parts += [f"**{caption}**", "", markdown_table(header, rows), ""]
+    for caption, file in figures:
+        parts += [f"![{caption}]({file})", "", f"*{caption}* ([{file}]({file}))", ""]
+    path = Path(path)
+    atomic_write_text(path, "\n".join(parts))
     return path

@@ -2,7 +2,9 @@
 
 ``advvit.analysis.blocks`` knows each architecture's residual blocks and their parts;
 ``advvit.analysis.internals`` measures inside the model (block Jacobian norms, layer-wise
-propagation of perturbations, layer similarity, lesions).
+propagation of perturbations, layer similarity, lesions); ``advvit.analysis.perturbations``
+shows what attacks reveal (perturbation images, class visualization, the semantic score of
+perturbations, the transfer matrix).
 
 ``advvit.analysis.blocks`` here is the function (``blocks(model)``); the module of the same name
 stays importable with ``from advvit.analysis.blocks import ...``.
@@ -15,6 +17,12 @@ from advvit.analysis.internals import (
     JacobianNorms, LayerSimilarity, LesionStudy, Propagation, jacobian_norms, layer_similarity,
     lesion, lesion_study, linear_cka, propagation, relative_change, representation_correlation,
 )
+from advvit.analysis.perturbations import (
+    SEMANTIC_KINDS, TRANSFER_ATTACKS, ClassVisualization, PerturbationImages, SemanticScore,
+    TransferMatrix, class_visualization, default_class_viz_eps, perturbation_images,
+    perturbation_viz, random_sign_perturbation, semantic_images, semantic_score, to_grey,
+    topk_correct, transfer_matrix,
+)
 
 __all__ = [
     "Block", "BlockLayout", "Part", "UnsupportedArchitectureError", "blocks", "eager_model",
@@ -22,4 +30,8 @@ __all__ = [
     "JacobianNorms", "LayerSimilarity", "LesionStudy", "Propagation", "jacobian_norms",
     "layer_similarity", "lesion", "lesion_study", "linear_cka", "propagation", "relative_change",
     "representation_correlation",
+    "SEMANTIC_KINDS", "TRANSFER_ATTACKS", "ClassVisualization", "PerturbationImages",
+    "SemanticScore", "TransferMatrix", "class_visualization", "default_class_viz_eps",
+    "perturbation_images", "perturbation_viz", "random_sign_perturbation", "semantic_images",
+    "semantic_score", "to_grey", "topk_correct", "transfer_matrix",
 ]

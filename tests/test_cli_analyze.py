@@ -1,0 +1,263 @@
+"""`python -m advvit.analyze` end to end on tiny checkpoints and a tiny idx data set."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import advvit  # noqa: F401  (before timm)
+from advvit import analyze as A
+from advvit import checkpoint as C
+from advvit import data as D
+from advvit.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+MEAN_STD = ((0.3,), (0.4,))
+SIZE = 16
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    code = 0x08  # unsigned bytes
+    header = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def _patterns(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ten classes of bars on a black background (saturated pixels, like Fashion-MNIST)."""
+    g = np.random.default_rng(seed)
+    y = np.arange(n) % 10
+    x = np.zeros((n, SIZE, SIZE), dtype=np.float32)
+    for i, c in enumerate(y):
+        if c < 5:
+            x[i, 2 + 3 * c: 4 + 3 * c, 2:14] = 1.0      # a horizontal bar per row position
+        else:
+            x[i, 2:14, 2 + 3 * (c - 5): 4 + 3 * (c - 5)] = 1.0
+    x = np.clip(x * g.uniform(0.6, 1.0, (n, 1, 1)) + g.normal(0, 0.05, x.shape) * (x > 0), 0, 1)
+    return (x * 255).round().astype(np.uint8), y.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A Fashion-MNIST-format folder (idx files) of 16x16 synthetic images."""
+    folder = tmp_path_factory.mktemp("idx")
+    for split, n, seed in (("train", 400, 0), ("t10k", 60, 1)):
+        images, labels = _patterns(n, seed)
+        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def _train_checkpoint(path: Path, data_dir: Path, arch: str, seed: int, steps: int,
+                      **model_args) -> Path:
+    torch.manual_seed(seed)
+    train = D.create_dataset("fashion_mnist", data_dir, split="train")
+    loader = D.create_loader(train, img_size=SIZE, in_chans=1, batch_size=50, is_training=False)
+    model = create_model(arch, num_classes=10, in_chans=1, img_size=SIZE, normalize=MEAN_STD,
+                         **model_args)
+    opt = torch.optim.AdamW(model.parameters(), 3e-3)
+    model.train()
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done += 1
+            if done == steps:
+                break
+    spec = C.ModelSpec(arch, 10, 1, SIZE, MEAN_STD, dict(model_args))
+    C.save_checkpoint(path, C.make_checkpoint(
+        model, spec, config={"dataset": "fashion_mnist", "data_dir": str(data_dir)}, epoch=1,
+        step=steps, train_norm="linf", train_eps=8 / 255))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, data_dir) -> tuple[Path, Path]:
+    """Two tiny ViTs (4x4 patches) trained for a few steps, in folders a/ and b/."""
+    root = tmp_path_factory.mktemp("ckpt")
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    return (_train_checkpoint(root / "a" / "best.pth", data_dir, "test_vit", 0, 24, patch_size=4),
+            _train_checkpoint(root / "b" / "best.pth", data_dir, "test_vit", 1, 8, patch_size=4))
+
+
+def _args(analysis: str, ckpts, data_dir: Path, out: Path, *extra: str) -> list[str]:
+    args = [analysis]
+    for c in ckpts:
+        args += ["--checkpoint", str(c)]
+    return args + ["--dataset", "fashion_mnist", "--data-dir", str(data_dir), "--device", "cpu",
+                   "--batch-size", "8", "--output", str(out), *extra]
+
+
+def _fails(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        A.main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------- end to end
+
+FAST = {
+    "perturbations": ["--n-examples", "5", "--steps", "3", "--show", "4"],
+    "class-viz": ["--steps", "3", "--classes", "0,Trouser,9"],
+    "semantic": ["--n-examples", "12", "--steps", "3"],
+    "transfer": ["--n-examples", "12", "--steps", "3"],
+    "jacobian": ["--n-examples", "3", "--steps", "5"],
+    "propagation": ["--n-examples", "4", "--steps", "2"],
+    "similarity": ["--n-examples", "6"],
+    "lesions": ["--n-examples", "6", "--steps", "2", "--kinds", "attn,block"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("analysis", list(FAST))
+def test_every_analysis_end_to_end(analysis, ckpts, data_dir, tmp_path, capsys):
+    out = tmp_path / "out" / analysis  # missing folders are created
+    assert A.main(_args(analysis, ckpts, data_dir, out, *FAST[analysis])) == 0
+    report = json.loads((out / f"{analysis}.json").read_text())
+    assert report["format"] == A.ANALYZE_FORMAT and report["analysis"] == analysis
+    assert report["model_names"] == ["a/best", "b/best"]
+    assert [m["sha256"] for m in report["models"]] == \
+        [hashlib.sha256(c.read_bytes()).hexdigest() for c in ckpts]
+    assert report["seed"] == 0 and {"torch", "timm", "advvit"} <= set(report["versions"])
+    assert report["data"]["dataset"] == "fashion_mnist"
+    assert report["data"]["classes"][1] == "Trouser"  # class names from the data set
+    assert report["results"]
+    (figure,) = report["figures"]
+    with Image.open(out / figure["file"]) as png:
+        assert png.format == "PNG" and png.size == (figure["width"], figure["height"])
+    md = (out / "report.md").read_text()
+    assert f"]({figure['file']})" in md and f"({analysis}.json)" in md and "| " in md
+    if analysis in ("perturbations", "class-viz", "semantic", "transfer"):
+        assert "images/s" in capsys.readouterr().err  # progress on the attack work
+
+
+@pytest.mark.slow
+def test_perturbations_numbers_and_one_column_block_per_model(ckpts, data_dir, tmp_path):
+    both, one = tmp_path / "both", tmp_path / "one"
+    assert A.main(_args("perturbations", ckpts, data_dir, both, *FAST["perturbations"])) == 0
+    assert A.main(_args("perturbations", ckpts[:1], data_dir, one, *FAST["perturbations"])) == 0
+    r2 = json.loads((both / "perturbations.json").read_text())
+    r1 = json.loads((one / "perturbations.json").read_text())
+    # the same model, seed and images give the same numbers alone or beside another model
+    assert r2["results"]["a/best"] == r1["results"]["best"]
+    assert r1["settings"]["eps"] == pytest.approx(8 / 255)  # the checkpoint's training eps
+    assert "training eps" in r1["settings"]["eps_source"]
+    w1, w2 = r1["figures"][0]["width"], r2["figures"][0]["width"]
+    assert w2 > 1.5 * w1  # one more block of three image columns
+    model, _ = C.create_model_from_checkpoint(ckpts[0])
+    ds = D.create_dataset("fashion_mnist", data_dir, split="val")
+    x, y = next(iter(D.create_loader(ds.subset(list(range(5))), img_size=SIZE, in_chans=1,
+                                     batch_size=5, is_training=False)))
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).double().mean().item()
+    assert r1["results"]["best"]["clean_accuracy"] == pytest.approx(clean)
+    assert r1["results"]["best"]["labels"] == y.tolist()
+
+
+@pytest.mark.slow
+def test_console_script_and_module_entry_point(ckpts, data_dir, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "advvit.analyze", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0
+    listed = [line.split()[0] for line in run.stdout.splitlines() if line.startswith("    ")]
+    assert listed == list(A.ANALYSES)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'advvit-analyze = "advvit.analyze:main"' in pyproject
+
+
+# ------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("analysis,extra,match", [
+    ("perturbations", ["--eps", "2"], "above 1"),
+    ("class-viz", ["--eps", "100"], "L2 diagonal"),
+    ("similarity", ["--n-examples", "1"], "too few for similarity"),
+    ("transfer", ["--n-examples", "100"], "more than the 60 examples"),
+    ("jacobian", ["--eps", "4/255"], "do not apply to jacobian"),
+    ("class-viz", ["--classes", "0,giraffe"], "--classes 'giraffe'"),
+    ("class-viz", ["--n-examples", "4"], "--n-examples does not apply"),
+    ("lesions", ["--kinds", "lpi"], "--kinds lpi"),
+    ("perturbations", ["--steps", "0"], "--steps must be >= 1"),
+    ("transfer", ["--attack", "fgsm", "--steps", "5"], "fgsm is one step"),
+])
+def test_bad_input_exits_2_with_its_message_before_any_work(analysis, extra, match, ckpts,
+                                                           data_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    err = _fails(_args(analysis, ckpts[:1], data_dir, out, *extra), capsys)
+    assert match in err
+    assert not out.exists()  # nothing was written
+
+
+def test_unknown_analysis_is_refused(ckpts, data_dir, tmp_path, capsys):
+    err = _fails(_args("saliency", ckpts[:1], data_dir, tmp_path / "o"), capsys)
+    assert "invalid choice: 'saliency'" in err and "perturbations" in err
+
+
+def test_checkpoint_that_does_not_load_is_refused(ckpts, data_dir, tmp_path, capsys):
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    err = _fails(_args("transfer", [ckpts[0], broken], data_dir, tmp_path / "o"), capsys)
+    assert "--checkpoint" in err and "broken.pth" in err
+    err = _fails(_args("transfer", [tmp_path / "missing.pth"], data_dir, tmp_path / "o"), capsys)
+    assert "missing.pth does not exist" in err
+
+
+def test_model_without_blocks_is_refused_by_the_internals_analyses(data_dir, tmp_path, capsys):
+    cnn = _train_checkpoint(tmp_path / "effnet.pth", data_dir, "test_efficientnet", 0, 1)
+    for analysis in ("jacobian", "propagation", "similarity", "lesions"):
+        err = _fails(_args(analysis, [cnn], data_dir, tmp_path / "o"), capsys)
+        assert "EfficientNet" in err and f"{analysis} looks inside the model" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_names_are_short_and_distinct():
+    assert A._model_names(["/r/a/best.pth", "/r/b/best.pth"]) == ["a/best", "b/best"]
+    assert A._model_names(["/r/x.pth", "/r/y.pth"]) == ["x", "y"]
+
+
+def test_a_new_analysis_is_one_registration(ckpts, data_dir, tmp_path):
+    calls = []
+
+    @A.register("mean-pixel", "the mean pixel of the examples", eps=None)
+    def _mean(ctx: A.Context) -> A.Output:
+        calls.append(len(ctx.y))
+        return A.Output(settings={}, results={"mean": float(ctx.x.mean())})
+    try:
+        assert A.main(_args("mean-pixel", ckpts[:1], data_dir, tmp_path / "o",
+                            "--n-examples", "3")) == 0
+        report = json.loads((tmp_path / "o" / "mean-pixel.json").read_text())
+        assert calls == [3] and 0 < report["results"]["mean"] < 1
+    finally:
+        del A.ANALYSES["mean-pixel"]
+
+
+@pytest.mark.slow
+def test_a_default_example_count_is_capped_at_the_split(ckpts, data_dir, tmp_path):
+    # similarity's default is 64 examples; the split has 60: all 60 are used, without error
+    assert A.main(_args("similarity", ckpts[:1], data_dir, tmp_path / "o")) == 0
+    report = json.loads((tmp_path / "o" / "similarity.json").read_text())
+    assert report["data"]["n_examples"] == 60 and report["data"]["indices"] == list(range(60))
+
+
+def test_reports_are_strict_json():
+    from advvit.report import markdown_table, to_jsonable
+    value = to_jsonable({"m": torch.tensor([[1.0, float("nan")]]), "t": (1, float("inf")),
+                         "p": Path("a/b")})
+    assert json.loads(json.dumps(value, allow_nan=False)) == \
+        {"m": [[1.0, None]], "t": [1, None], "p": "a/b"}
+    assert markdown_table(["a"], [[float("nan")]]).splitlines()[-1] == "| n/a |"
