@@ -4,7 +4,8 @@
 ``advvit.analysis.internals`` measures inside the model (block Jacobian norms, layer-wise
 propagation of perturbations, layer similarity, lesions); ``advvit.analysis.perturbations``
 shows what attacks reveal (perturbation images, class visualization, the semantic score of
-perturbations, the transfer matrix).
+perturbations, the transfer matrix); ``advvit.analysis.shifts`` measures robustness beyond Lp
+balls (the ImageNet-C corruptions through their reference library, rotation x translation grids).
 
 ``advvit.analysis.blocks`` here is the function (``blocks(model)``); the module of the same name
 stays importable with ``from advvit.analysis.blocks import ...``.
@@ -23,6 +24,11 @@ from advvit.analysis.perturbations import (
     perturbation_viz, random_sign_perturbation, semantic_images, semantic_score, to_grey,
     topk_correct, transfer_matrix,
 )
+from advvit.analysis.shifts import (
+    CORRUPTIONS, SEVERITIES, CorruptionAccuracy, CorruptionCache, MeanCorruptionError,
+    SpatialAccuracy, SpatialGrid, corrupt, evaluate_corruptions, evaluate_spatial,
+    generate_corruptions, load_examples, mean_corruption_error, spatial_transform,
+)
 
 __all__ = [
     "Block", "BlockLayout", "Part", "UnsupportedArchitectureError", "blocks", "eager_model",
@@ -34,4 +40,7 @@ __all__ = [
     "SemanticScore", "TransferMatrix", "class_visualization", "default_class_viz_eps",
     "perturbation_images", "perturbation_viz", "random_sign_perturbation", "semantic_images",
     "semantic_score", "to_grey", "topk_correct", "transfer_matrix",
+    "CORRUPTIONS", "SEVERITIES", "CorruptionAccuracy", "CorruptionCache", "MeanCorruptionError",
+    "SpatialAccuracy", "SpatialGrid", "corrupt", "evaluate_corruptions", "evaluate_spatial",
+    "generate_corruptions", "load_examples", "mean_corruption_error", "spatial_transform",
 ]
