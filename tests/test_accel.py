@@ -110,6 +110,7 @@ def test_attack_model_strips_ddp_only(one_rank_group):
     assert accel.attack_model(wrapped) is wrapped
 
 
+@pytest.mark.slow
 def test_one_unwrap_strips_what_each_caller_needs(one_rank_group):
     from advvit.models import NormalizedModel, unwrap
     from advvit.checkpoint import _model_normalization

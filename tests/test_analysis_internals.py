@@ -91,6 +91,7 @@ def linear_model(in_features=12, out_features=7, seed=0):
 # Jacobian norms
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(TINY))
 def test_power_iteration_matches_the_svd_of_the_full_jacobian(arch):
     model = trained_like(TINY[arch]())

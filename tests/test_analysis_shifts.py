@@ -96,6 +96,7 @@ def test_a_missing_library_says_how_to_install_it(monkeypatch):
 
 # ------------------------------------------------------------------------------- corrupt()
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["grey28", "colour32"])
 def test_every_corruption_at_every_severity_keeps_shape_dtype_and_range_and_repeats_for_a_seed(kind, fmnist,
                                                                                                colour):

@@ -234,6 +234,7 @@ def test_inputs_outside_the_unit_box_are_refused():
         pgd(model, (x - 0.5) / 0.25, y, eps=0.1)
 
 
+@pytest.mark.slow
 def test_import_stays_light():
     code = ("import sys, advvit.attacks, advvit.losses, advvit.schedules; "
             "heavy = [m for m in sys.modules if m.split('.')[0] in "

@@ -142,6 +142,7 @@ def test_state_of_another_evaluation_is_refused(trained, tmp_path):
             x.flip(0), y.flip(0), batch_size=16, state_path=state)
 
 
+@pytest.mark.slow
 def test_standard_autoattack_equals_calling_autoattack_directly(trained):
     """The real standard AutoAttack end to end, through the adapter and directly."""
     from pyautoattack import AutoAttack
@@ -343,6 +344,7 @@ def test_eps_zero_attacks_nothing(trained, monkeypatch):
     assert [(a.status, a.seconds, a.n_attacked) for a in r.attacks] == [("skipped", 0.0, 0)] * 4
 
 
+@pytest.mark.slow
 def test_rand_version_equals_calling_autoattack_directly(trained):
     """AutoAttack's version for randomized models: APGD-CE and APGD-DLR with 20-sample EOT."""
     from pyautoattack import AutoAttack

@@ -21,6 +21,7 @@ def _positive(v):
     return isinstance(v, float) and math.isfinite(v) and v > 0
 
 
+@pytest.mark.slow
 def test_eval_overhead_benchmark_writes_json(tmp_path):
     pytest.importorskip("pyautoattack")
     import bench_eval_overhead

@@ -46,6 +46,7 @@ def test_train_step_benchmark_writes_timings_ratios_and_tables(tmp_path):
     assert "advvit / floor" in text and "| fgsm-rs |" in text
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_memory_runs_in_a_fresh_process(tmp_path):
     out = tmp_path / "mem.json"
     bench_train_step.main(["--models", "xcit_nano_12_p16_224", "--batch", "4", "--no-timing",
@@ -85,6 +86,7 @@ def test_bad_variant_names_are_refused():
         bench_train_step.main(["--cases", "pgd-3", "--no-memory"])
 
 
+@pytest.mark.slow
 def test_time_to_robustness_writes_rows_table_and_plot(tmp_path):
     import bench_time_to_robustness
     if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
@@ -101,6 +103,7 @@ def test_time_to_robustness_writes_rows_table_and_plot(tmp_path):
     assert "| resnet18_gelu |" in prefix.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_models_take_timm_arguments(tmp_path):
     assert bench_train_step.parse_model("deit_tiny_patch16_224:patch_size=4:qkv_bias=False") == (
         "deit_tiny_patch16_224", {"patch_size": 4, "qkv_bias": False})

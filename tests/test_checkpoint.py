@@ -259,6 +259,7 @@ def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch)
     C.load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_kill_during_save_never_corrupts_the_checkpoint(tmp_path):
     """A process killed (SIGKILL) in the middle of writing: the old file is still there and loads."""
     path, _, _ = _ckpt(tmp_path)
@@ -315,6 +316,7 @@ def _run_without_advvit_models(code: str) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 def test_export_loads_in_plain_timm_with_the_recorded_normalization(tmp_path):
     path, model, _ = _ckpt(tmp_path, arch="test_resnet", normalize=NORM)
     out = C.export_timm(path, tmp_path / "export")
@@ -342,6 +344,7 @@ def test_export_loads_in_plain_timm_with_the_recorded_normalization(tmp_path):
     """)
 
 
+@pytest.mark.slow
 def test_export_of_an_unnormalized_xcit_says_identity(tmp_path):
     path, model, _ = _ckpt(tmp_path, arch="xcit_nano_12_p16_224", normalize=None, in_chans=3, img_size=32,
                            depth=1)

@@ -115,6 +115,7 @@ def test_softmax_canary(healthy):
     assert "aa_softmax_output" in _codes(checks.check_autoattack_warnings(r.warnings))
 
 
+@pytest.mark.slow
 def test_randomized_canary(healthy):
     model, x, y = healthy
     canary = Noisy(model)

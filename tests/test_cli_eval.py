@@ -74,6 +74,7 @@ def _base(ckpt: Path, tmp_path: Path, *extra: str) -> list[str]:
             "--output", str(tmp_path / "report.json"), *extra]
 
 
+@pytest.mark.slow
 def test_apgd_ce_report_end_to_end(ckpt_path, tmp_path, capsys):
     report = _run(_base(ckpt_path, tmp_path, "--attack", "apgd-ce", "--steps", "10",
                         "--restarts", "1", "--eps", "2/255", "--per-example",
@@ -108,6 +109,7 @@ def test_apgd_ce_report_end_to_end(ckpt_path, tmp_path, capsys):
     assert row["status"] == "ran" and row["n_attacked"] == round(clean * 24)
 
 
+@pytest.mark.slow
 def test_same_seed_same_report(ckpt_path, tmp_path):
     args = ("--attack", "apgd-ce,apgd-t", "--steps", "5", "--restarts", "1", "--eps", "4/255",
             "--per-example")
@@ -183,6 +185,7 @@ def test_shards_merge_into_the_whole(ckpt_path):
     assert merged.broken_by == whole.broken_by
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_share_one_evaluation(ckpt_path, tmp_path):
     """Two gloo processes, as torchrun starts them; rank 0 writes the merged report."""
     with socket.socket() as s:

@@ -139,6 +139,7 @@ def _worker(out: Path) -> None:
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_adversarial_training(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={WORLD}", __file__, str(tmp_path)]

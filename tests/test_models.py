@@ -31,6 +31,7 @@ def test_parameter_counts_match_the_thesis(arch, millions):
     assert abs(count - millions) <= tol, f"{arch}: {count:.2f}M, thesis {millions}M"
 
 
+@pytest.mark.slow
 def test_small_input_variants_share_the_p16_parameters():
     for small, big in (("xcit_small_12_p4_32", "xcit_small_12_p16_224"),
                        ("xcit_small_12_p8_32", "xcit_small_12_p16_224"),

@@ -35,6 +35,7 @@ def _args(tmp_path, *extra):
             "--output", str(tmp_path / "runs"), "--experiment", "run", "--device", "cpu", *extra]
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_locked_folder_stops_with_one_message(tmp_path, capsys):
     run = tmp_path / "runs" / "run"
     proc = _holder(run)
@@ -48,6 +49,7 @@ def test_a_second_run_into_a_locked_folder_stops_with_one_message(tmp_path, caps
         proc.wait()
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys):
     run = tmp_path / "run"
     proc = _holder(run)

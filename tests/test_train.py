@@ -49,6 +49,7 @@ def _data_for(cfg_path, tmp_path):
     return str(tmp_path / "images")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg_path", CONFIGS, ids=os.path.basename)
 def test_every_shipped_config_takes_a_training_step(cfg_path, tmp_path):
     argv = ["--config", cfg_path, "--data-dir", _data_for(cfg_path, tmp_path),
@@ -61,6 +62,7 @@ def test_every_shipped_config_takes_a_training_step(cfg_path, tmp_path):
     assert ckpt["epoch"] == 0 and ckpt["step"] == 1
 
 
+@pytest.mark.slow
 def test_run_folder_holds_args_checkpoints_csv_and_tensorboard(tmp_path):
     argv = [a for a in _tiny_args(tmp_path) if a != "--no-tensorboard"]
     assert main(argv + ["--epochs", "2"]) == 0
@@ -75,6 +77,7 @@ def test_run_folder_holds_args_checkpoints_csv_and_tensorboard(tmp_path):
     assert best["config"]["model"] == "xcit_nano_12_p8_32"
 
 
+@pytest.mark.slow
 def test_resume_after_one_epoch_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     full = tmp_path / "full"
     assert main(_tiny_args(full, "--epochs", "2")) == 0
@@ -188,6 +191,7 @@ def test_a_recovery_checkpoint_resumes_inside_an_epoch_bit_for_bit(tmp_path):
     assert not (run / "recovery.pth").exists()  # superseded by the epoch's checkpoint
 
 
+@pytest.mark.slow
 def test_best_is_a_hard_link_to_the_epochs_checkpoint(tmp_path):
     assert main(_tiny_args(tmp_path)) == 0
     run = tmp_path / "runs" / "run"
@@ -219,6 +223,7 @@ def test_bad_inputs_stop_before_any_work_with_one_message(tmp_path, capsys):
     assert not (tmp_path / "runs" / "run" / "last.pth").exists()
 
 
+@pytest.mark.slow
 def test_existing_run_is_never_overwritten_and_other_architectures_are_refused(tmp_path, capsys):
     assert main(_tiny_args(tmp_path)) == 0
     last = tmp_path / "runs" / "run" / "last.pth"
@@ -249,6 +254,7 @@ def test_non_finite_loss_stops_the_epoch_with_a_message():
                                step=0, settings=engine.StepSettings(log_interval=100))
 
 
+@pytest.mark.slow
 def test_with_ema_the_best_checkpoint_is_chosen_by_the_ema_weights(tmp_path):
     args = _tiny_args(tmp_path, "--model-ema", "--model-ema-decay", "0.5", "--normalize",
                       "dataset")
@@ -277,6 +283,7 @@ def _blow_up_in_epoch(n, monkeypatch):
     monkeypatch.setattr(engine, "train_one_epoch", blown)
 
 
+@pytest.mark.slow
 def test_non_finite_weights_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, capsys,
                                                                            monkeypatch):
     _blow_up_in_epoch(2, monkeypatch)
@@ -307,6 +314,7 @@ def test_check_finite_names_the_first_bad_tensor():
         engine.check_finite(model, "EMA weights", epoch=3, step=9)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config_and_records_allowed_overrides(tmp_path, capsys):
     assert main(_tiny_args(tmp_path)) == 0
     run = tmp_path / "runs" / "run"
@@ -335,6 +343,7 @@ def test_resume_refuses_a_changed_config_and_records_allowed_overrides(tmp_path,
     assert history[0]["changed"] == {"epochs": {"from": 1, "to": 2}}
 
 
+@pytest.mark.slow
 def test_recovery_by_minutes_saves_at_log_points_and_the_epoch_checkpoint_supersedes_it(
         tmp_path, monkeypatch):
     saved = []
