@@ -19,7 +19,6 @@ from ``seed``.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from advvit.analysis._common import TINY, batches, check_batch_size, device_of, example_generator, l2_per_example
 from advvit.analysis.blocks import Block, BlockRef, blocks as model_blocks, eager_model, find_block
 from advvit.attacks import check_attack_args, check_eps, fgsm, frozen_model, model_mode, pgd
 
@@ -41,21 +41,14 @@ __all__ = [
     "lesion", "LesionStudy", "lesion_study",
 ]
 
-_TINY = 1e-12
 
 
 # --------------------------------------------------------------------------------------------
 # Shared plumbing: batches, checks, recording block calls
 # --------------------------------------------------------------------------------------------
 
-def _device(model: nn.Module) -> torch.device:
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
-def _batches(n: int, batch_size: int) -> Iterator[slice]:
-    for start in range(0, n, batch_size):
-        yield slice(start, min(n, start + batch_size))
 
 
 def _check_inputs(x: Tensor, y: Optional[Tensor], batch_size: int) -> None:
@@ -64,24 +57,15 @@ def _check_inputs(x: Tensor, y: Optional[Tensor], batch_size: int) -> None:
     if y is not None and (not torch.is_tensor(y) or y.shape[:1] != x.shape[:1]):
         raise ValueError(f"y must be a tensor with one label per input: got {getattr(y, 'shape', y)} "
                          f"for {len(x)} inputs")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_batch_size(batch_size)
 
 
-def _per_example_norm(t: Tensor) -> Tensor:
-    return t.flatten(1).norm(dim=1)
 
 
 def _unit(t: Tensor) -> Tensor:
-    return t / _per_example_norm(t).clamp_min(_TINY).view(-1, *([1] * (t.dim() - 1)))
+    return t / l2_per_example(t).clamp_min(TINY).view(-1, *([1] * (t.dim() - 1)))
 
 
-def _example_generator(seed: int, *keys: int) -> torch.Generator:
-    # One generator per (seed, purpose, example): a result does not depend on the batch size.
-    value = seed
-    for k in keys:
-        value = (value * 1_000_003 + k) % (2 ** 63 - 1)
-    return torch.Generator().manual_seed(value)
 
 
 def _resolve_blocks(model: nn.Module, given: Optional[Sequence[Block]]) -> List[Block]:
@@ -269,7 +253,7 @@ def power_iteration(fn: Callable[[Tensor], Tensor], z: Tensor, v0: Tensor, *, ma
     for step in range(1, max_steps + 1):
         _, u = torch.func.jvp(fn, (z,), (v,))
         n_jvp += 1
-        new = _per_example_norm(u).float()
+        new = l2_per_example(u).float()
         if step > 1:
             newly = ~converged & ((new - sigma).abs() <= tol * new)
             steps[newly] = step
@@ -312,7 +296,7 @@ def abs_norm_bound(fn: Callable[[Tensor], Tensor], z: Tensor, *, chunk_size: int
 
 
 def _start_vector(seed: int, block_index: int, indices: range, like: Tensor) -> Tensor:
-    vs = [torch.randn(like.shape[1:], generator=_example_generator(seed, 1, block_index, i))
+    vs = [torch.randn(like.shape[1:], generator=example_generator(seed, 1, block_index, i))
           for i in indices]
     return torch.stack(vs).to(like.device, like.dtype)
 
@@ -360,7 +344,7 @@ def jacobian_norms(model: nn.Module, x: Tensor, *, blocks: Optional[Sequence[Blo
         raise ValueError(f"bound_chunk must be an integer >= 1, got {bound_chunk!r}")
     all_blocks = _resolve_blocks(model, blocks)
     started = time.perf_counter()
-    device = _device(model)
+    device = device_of(model)
     n, L = len(x), len(all_blocks)
     sigma = torch.zeros(n, L)
     converged = torch.zeros(n, L, dtype=torch.bool)
@@ -369,7 +353,7 @@ def jacobian_norms(model: nn.Module, x: Tensor, *, blocks: Optional[Sequence[Blo
     n_jvp = n_vjp = 0
     net = eager_model(model)
     with frozen_model(net, "eval"), torch.enable_grad():
-        for sl in _batches(n, batch_size):
+        for sl in batches(n, batch_size):
             calls = block_calls(net, x[sl].to(device), blocks=all_blocks)
             for col, call in enumerate(calls):
                 fn, z = call.function(), call.stream
@@ -435,7 +419,7 @@ class Propagation:
 
 
 def _relative_changes(clean: List[Tensor], perturbed: List[Tensor]) -> Tensor:
-    cols = [_per_example_norm(p - c) / _per_example_norm(c).clamp_min(_TINY)
+    cols = [l2_per_example(p - c) / l2_per_example(c).clamp_min(TINY)
             for c, p in zip(clean, perturbed)]
     return torch.stack(cols, dim=1).float().cpu()
 
@@ -451,9 +435,9 @@ def relative_change(model: nn.Module, x: Tensor, delta: Tensor, *, blocks: Optio
     if delta.shape != x.shape:
         raise ValueError(f"delta must have the shape of x, {tuple(x.shape)}; got {tuple(delta.shape)}")
     all_blocks = _resolve_blocks(model, blocks)
-    device = _device(model)
+    device = device_of(model)
     parts = []
-    for sl in _batches(len(x), batch_size):
+    for sl in batches(len(x), batch_size):
         xb, db = x[sl].to(device), delta[sl].to(device)
         parts.append(_relative_changes(block_outputs(model, xb, blocks=all_blocks),
                                        block_outputs(model, xb + db, blocks=all_blocks)))
@@ -468,11 +452,11 @@ def _random_like(delta: Tensor, x: Tensor, norm: str, seed: int, key: int, indic
     """
     dirs = []
     for i in indices:
-        g = _example_generator(seed, 2, key, i)
+        g = example_generator(seed, 2, key, i)
         d = torch.randn(x.shape[1:], generator=g)
         dirs.append(d.sign() if norm == "linf" else d)
     direction = _unit(torch.stack(dirs).to(x.device, x.dtype))
-    scaled = direction * _per_example_norm(delta).view(-1, *([1] * (x.dim() - 1)))
+    scaled = direction * l2_per_example(delta).view(-1, *([1] * (x.dim() - 1)))
     return (x + scaled).clamp(0.0, 1.0) - x
 
 
@@ -527,12 +511,12 @@ def propagation(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str
     check_eps(eps, norm, input_shape=tuple(x.shape[1:]))
     all_blocks = _resolve_blocks(model, blocks)
     net = eager_model(model)
-    device = _device(net)
+    device = device_of(net)
     names = []
     for name, _ in _attacks(pgd_steps):
         names += [name, f"random({name})"]
     collected: Dict[str, List[Tuple[Tensor, Tensor]]] = {k: [] for k in names}
-    for sl in _batches(len(x), batch_size):
+    for sl in batches(len(x), batch_size):
         xb, yb = x[sl].to(device), y[sl].to(device)
         clean = block_outputs(net, xb, blocks=all_blocks)
         for key, (name, spec) in enumerate(_attacks(pgd_steps)):
@@ -542,15 +526,15 @@ def propagation(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str
             for label, d in ((name, delta), (f"random({name})", control)):
                 ratios = _relative_changes(clean, block_outputs(net, xb + d, blocks=all_blocks))
                 collected[label].append((ratios, d.detach()))
-    x_norm = _per_example_norm(x.cpu()).clamp_min(_TINY)
+    x_norm = l2_per_example(x.cpu()).clamp_min(TINY)
     effects = {}
     for label in names:
         ratios = torch.cat([r for r, _ in collected[label]])
         deltas = torch.cat([d for _, d in collected[label]]).cpu()
         effects[label] = PerturbationEffect(
             name=label, matched_to=label[len("random("):-1] if label.startswith("random(") else None,
-            ratio=ratios, input_ratio=_per_example_norm(deltas) / x_norm,
-            l2=_per_example_norm(deltas), linf=deltas.flatten(1).abs().amax(1))
+            ratio=ratios, input_ratio=l2_per_example(deltas) / x_norm,
+            l2=l2_per_example(deltas), linf=deltas.flatten(1).abs().amax(1))
     return Propagation(blocks=tuple(b.name for b in all_blocks), eps=float(eps), norm=norm,
                        pgd_steps=pgd_steps, effects=effects)
 
@@ -668,9 +652,9 @@ def layer_similarity(model: nn.Module, x: Tensor, *, blocks: Optional[Sequence[B
     if len(x) < 2:
         raise ValueError("layer_similarity needs at least 2 inputs (similarity is over examples)")
     all_blocks = _resolve_blocks(model, blocks)
-    device = _device(model)
+    device = device_of(model)
     outs: List[List[Tensor]] = [[] for _ in all_blocks]
-    for sl in _batches(len(x), batch_size):
+    for sl in batches(len(x), batch_size):
         for store, out in zip(outs, block_outputs(model, x[sl].to(device), blocks=all_blocks)):
             store.append(out.float().cpu())
     full = [torch.cat(o) for o in outs]
@@ -778,9 +762,9 @@ class LesionStudy:
 
 def _accuracies(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, steps: int,
                 step_size: Optional[float], seed: int, batch_size: int) -> Tuple[float, float]:
-    device = _device(model)
+    device = device_of(model)
     clean = robust = 0
-    for sl in _batches(len(x), batch_size):
+    for sl in batches(len(x), batch_size):
         xb, yb = x[sl].to(device), y[sl].to(device)
         with model_mode(model, "eval"), torch.no_grad():
             clean += int((model(xb).argmax(1) == yb).sum())

@@ -21,15 +21,15 @@ random numbers are drawn per example from ``seed``, so results do not depend on 
 """
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from advvit.analysis._common import TINY, batches, check_batch_size, device_of, example_generator
 from advvit.attacks import check_attack_args, check_eps, model_mode, pgd
 from advvit.robustness import EnsembleResult, run_attacks, torch_attack_suite
 
@@ -51,26 +51,16 @@ THESIS_INPUT_SHAPE = (3, 224, 224)
 
 # ITU-R BT.601 luma, as PIL's convert("L").
 _LUMA = (0.299, 0.587, 0.114)
-_TINY = 1e-12
 
 
 # --------------------------------------------------------------------------------------------
 # Shared plumbing
 # --------------------------------------------------------------------------------------------
 
-def _device(model: nn.Module) -> torch.device:
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
-def _batches(n: int, batch_size: int) -> Iterator[slice]:
-    for start in range(0, n, batch_size):
-        yield slice(start, min(n, start + batch_size))
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def _check_images(x: Tensor, y: Optional[Tensor] = None) -> None:
@@ -84,12 +74,6 @@ def _check_images(x: Tensor, y: Optional[Tensor] = None) -> None:
                          f"for {len(x)} images")
 
 
-def _generator(seed: int, *keys: int) -> torch.Generator:
-    # One generator per (seed, purpose, example): a result does not depend on the batch size.
-    value = seed
-    for k in keys:
-        value = (value * 1_000_003 + k) % (2 ** 63 - 1)
-    return torch.Generator().manual_seed(value)
 
 
 def _per_example(t: Tensor) -> Tensor:
@@ -97,16 +81,14 @@ def _per_example(t: Tensor) -> Tensor:
     return t.view(-1, *([1] * 3))
 
 
-def _l2(t: Tensor) -> Tensor:
-    return t.flatten(1).norm(dim=1)
 
 
 def _predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     """Logits of ``x`` (CPU, float32), in eval mode without gradients."""
-    device = _device(model)
+    device = device_of(model)
     out = []
     with model_mode(model, "eval"), torch.no_grad():
-        for sl in _batches(len(x), batch_size):
+        for sl in batches(len(x), batch_size):
             out.append(model(x[sl].to(device)).float().cpu())
     return torch.cat(out)
 
@@ -120,7 +102,7 @@ def _viz_scale(delta: Tensor, eps: float, norm: str) -> Tensor:
     image's largest |delta| (an L2 ball bounds no single pixel)."""
     if norm == "linf":
         return torch.full((len(delta),), float(eps))
-    return delta.flatten(1).abs().amax(1).clamp_min(_TINY)
+    return delta.flatten(1).abs().amax(1).clamp_min(TINY)
 
 
 def perturbation_viz(delta: Tensor, scale: float | Tensor) -> Tensor:
@@ -211,13 +193,13 @@ def _random_start(x: Tensor, eps: float, norm: str, seed: int, indices: range) -
     starts = []
     d = x[0].numel()
     for row, i in zip(x, indices):
-        g = _generator(seed, 1, i)
+        g = example_generator(seed, 1, i)
         if norm == "linf":
             delta = (torch.rand(row.shape, generator=g) * 2 - 1) * eps
         else:
             direction = torch.randn(row.shape, generator=g)
             radius = eps * torch.rand((), generator=g).pow(1.0 / d)
-            delta = direction / direction.norm().clamp_min(_TINY) * radius
+            delta = direction / direction.norm().clamp_min(TINY) * radius
         starts.append(delta)
     return (x + torch.stack(starts).to(x.device, x.dtype)).clamp(0.0, 1.0)
 
@@ -248,12 +230,12 @@ def perturbation_images(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, n
         A :class:`PerturbationImages`.
     """
     _check_images(x, y)
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     check_attack_args(eps, steps, norm, step_size)
     check_eps(eps, norm, input_shape=tuple(x.shape[1:]), name="eps")
-    device = _device(model)
+    device = device_of(model)
     advs = []
-    for sl in _batches(len(x), batch_size):
+    for sl in batches(len(x), batch_size):
         xb, yb = x[sl].to(device), y[sl].to(device)
         start = _random_start(xb, eps, norm, seed, range(sl.start, sl.stop)) if random_init else None
         advs.append(pgd(model, xb, yb, eps=eps, norm=norm, steps=steps, step_size=step_size,
@@ -314,7 +296,7 @@ class ClassVisualization:
 
 
 def _uniform_noise(shape: Sequence[int], seed: int, indices: range) -> Tensor:
-    return torch.stack([torch.rand(tuple(shape), generator=_generator(seed, 2, i)) for i in indices])
+    return torch.stack([torch.rand(tuple(shape), generator=example_generator(seed, 2, i)) for i in indices])
 
 
 def class_visualization(model: nn.Module, input_shape: Sequence[int], classes: Sequence[int], *,
@@ -342,7 +324,7 @@ def class_visualization(model: nn.Module, input_shape: Sequence[int], classes: S
         batch_size: images per batch.
         on_batch: progress callback (images finished per batch).
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 3:
         raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
@@ -363,9 +345,9 @@ def class_visualization(model: nn.Module, input_shape: Sequence[int], classes: S
             raise ValueError(f"start must have shape {(m, *shape)} (one image per class and "
                              f"repeat), got {tuple(start.shape)}")
         start = start.detach().cpu()
-    device = _device(model)
+    device = device_of(model)
     out = []
-    for sl in _batches(m, batch_size):
+    for sl in batches(m, batch_size):
         xb, tb = start[sl].to(device), targets[sl].to(device)
         out.append(pgd(model, xb, tb, eps=eps, norm="l2", steps=steps, step_size=step_size,
                        random_init=False, targeted=True).cpu())
@@ -410,7 +392,7 @@ def random_sign_perturbation(x: Tensor, eps: float, norm: str, seed: int,
     """
     indices = range(len(x)) if indices is None else indices
     shape = tuple(x.shape[1:])
-    signs = torch.stack([torch.randint(0, 2, shape, generator=_generator(seed, 3, int(i))) * 2 - 1
+    signs = torch.stack([torch.randint(0, 2, shape, generator=example_generator(seed, 3, int(i))) * 2 - 1
                          for i in indices]).to(x.dtype)
     step = eps if norm == "linf" else eps / math.sqrt(math.prod(shape))
     return (x + step * signs.to(x.device)).clamp(0.0, 1.0) - x
@@ -515,7 +497,7 @@ def semantic_score(sources: Mapping[str, PerturbationImages], judges: Mapping[st
         raise ValueError("semantic_score needs at least one source and one judge")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     S, J, K = len(sources), len(judges), len(SEMANTIC_KINDS)
     top1 = torch.zeros(S, J, K, dtype=torch.float64)
     topk = torch.zeros_like(top1)
@@ -586,7 +568,7 @@ def _craft(model: nn.Module, x: Tensor, y: Tensor, *, attack: str, eps: float, n
            steps: int, restarts: int, step_size: Optional[float], seed: int, batch_size: int,
            on_batch: Optional[OnBatch]) -> EnsembleResult:
     """The source's adversarial examples through the evaluation runner (as ``advvit.eval``)."""
-    device = _device(model)
+    device = device_of(model)
     hook = None
     if on_batch is not None:
         def hook(_name: str, _b: int, _n: int) -> None:
@@ -634,7 +616,7 @@ def transfer_matrix(sources: Mapping[str, nn.Module], x: Tensor, y: Tensor, *,
         raise ValueError("transfer_matrix needs at least one source model")
     targets = dict(sources) if targets is None else dict(targets)
     _check_images(x, y)
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     if attack == "fgsm":
         steps = 1
     elif steps is None:
