@@ -7,7 +7,6 @@ folder with ``args.yaml``, ``summary.csv`` and TensorBoard logs. Runs resume wit
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import math
 import os
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 
 from . import accel, checkpoint, data, engine, models, rundir
-from .attacks import check_eps, default_step_size
-from .config import (ConfigError, OptimConfig, TrainConfig, check_lr, config_to_dict, effective_lr,
-                     load_config, save_args_yaml)
+from .attacks import default_step_size
+from .config import ConfigError, TrainConfig, config_to_dict, effective_lr, load_config, save_args_yaml
+from .preflight import validate
 from .losses import create_loss, default_steps
 from .monitor import Monitor
 from .schedules import EpsSchedule, create_eps_schedule
@@ -70,174 +69,6 @@ class Parts:
     resume_path: Optional[str] = None
     resume_changes: Optional[Dict[str, Tuple[Any, Any]]] = None
     updates_per_epoch: int = 0
-
-
-def _model_spec(cfg: TrainConfig, info: data.DataInfo) -> checkpoint.ModelSpec:
-    in_chans = cfg.data.in_chans or info.in_chans
-    normalize = None
-    if cfg.model.normalize == "imagenet":
-        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        normalize = (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
-    elif cfg.model.normalize == "dataset":
-        normalize = (tuple(info.mean), tuple(info.std))
-    if normalize is not None and len(normalize[0]) != in_chans:
-        # Grayscale statistics for a 3-channel input (or the reverse): repeat or average.
-        mean, std = normalize
-        if in_chans == 3 and len(mean) == 1:
-            normalize = (mean * 3, std * 3)
-        else:
-            normalize = ((float(np.mean(mean)),), (float(np.mean(std)),))
-    return checkpoint.ModelSpec(arch=cfg.model.model,
-                                num_classes=cfg.model.num_classes or info.num_classes,
-                                in_chans=in_chans, img_size=cfg.data.img_size or info.img_size,
-                                normalize=normalize)
-
-
-def _near(name: str, names: Sequence[str]) -> str:
-    near = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-    return f"did you mean {', '.join(near)}?" if near else ""
-
-
-def _check_model_name(name: str) -> None:
-    import timm
-    if not timm.is_model(name):  # models is imported: advvit's variants are registered
-        raise ConfigError("model", f"unknown architecture {name!r}",
-                          _near(name, timm.list_models()) or "see timm.list_models()")
-
-
-def _check_opt_name(name: str) -> None:
-    from timm.optim import list_optimizers
-    # create_optimizer_v2 reads "lookahead_<name>" as <name> wrapped in Lookahead (and would
-    # read any other "<word>_<name>" as <name>: refused here).
-    base = name.lower()
-    if base.startswith("lookahead_"):
-        base = base[len("lookahead_"):]
-    if base not in list_optimizers():
-        raise ConfigError("opt", f"unknown optimizer {name!r}",
-                          _near(base, list_optimizers()) or "see timm.optim.list_optimizers()")
-
-
-def _check_sched(o: OptimConfig) -> None:
-    from timm.scheduler import create_scheduler_v2
-    # timm lists no scheduler names: ask its factory, with this run's settings, on a throw-away
-    # optimizer (one update per epoch: the schedule's shape does not depend on the count).
-    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    try:
-        scheduler, _ = create_scheduler_v2(
-            probe, sched=o.sched, num_epochs=o.epochs, warmup_epochs=o.warmup_epochs,
-            warmup_lr=o.warmup_lr, min_lr=o.min_lr, cooldown_epochs=o.cooldown_epochs,
-            step_on_epochs=False, updates_per_epoch=1)
-    except (ValueError, AssertionError) as err:
-        raise ConfigError("sched", f"timm cannot build scheduler {o.sched!r} here: {err}",
-                          "advvit steps the schedule per optimizer update; use e.g. cosine, "
-                          "step, multistep, poly, tanh or constant") from None
-    if scheduler is None:
-        raise ConfigError("sched", f"{o.sched!r} builds no scheduler",
-                          "use constant for a fixed learning rate")
-
-
-def _dataset_info(cfg: TrainConfig) -> data.DataInfo:
-    d = cfg.data
-    try:
-        return data.dataset_info(d.dataset, d.data_dir, class_list=d.class_list)
-    except ValueError as err:
-        raise ConfigError("dataset", str(err), _near(d.dataset.lower(), data.DATASET_NAMES)) \
-            from None
-
-
-def _patch_size(model: torch.nn.Module) -> Optional[Tuple[int, int]]:
-    """The (h, w) patch a model cuts its input into, or None for models that take any size."""
-    size = getattr(getattr(models.unwrap(model), "patch_embed", None), "patch_size", None)
-    if size is None:
-        return None
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-_BUILD_ERRORS = (AssertionError, ValueError, TypeError, RuntimeError)
-
-
-def _meta_model(spec: checkpoint.ModelSpec, img_size: Optional[int]) -> torch.nn.Module:
-    # Shapes only: no memory, no initialisation compute. Normalization is left out: it does
-    # not change a shape.
-    with torch.device("meta"):
-        return models.create_model(spec.arch, num_classes=spec.num_classes,
-                                   in_chans=spec.in_chans, img_size=img_size)
-
-
-def _divides(patch: Tuple[int, int], img: int) -> bool:
-    return img % patch[0] == 0 and img % patch[1] == 0
-
-
-def _check_model_fits(spec: checkpoint.ModelSpec) -> None:
-    """Build the model on the meta device and check that its patch size divides ``img_size``.
-
-    ViT-style models report ``patch_embed.patch_size``; timm's XCiT also asserts it when built;
-    CNNs have none and take any size.
-    """
-    img = spec.img_size
-    try:
-        patch = _patch_size(_meta_model(spec, img))
-    except _BUILD_ERRORS as err:
-        # Tell a patch size that does not divide the input from any other misfit: read the
-        # patch size at the model's own input size.
-        try:
-            patch = _patch_size(_meta_model(spec, None))
-        except _BUILD_ERRORS:
-            patch = None
-        if patch is None or _divides(patch, img):
-            raise ConfigError("model", f"{spec.arch} cannot be built for {spec.in_chans}x{img}x"
-                              f"{img} inputs and {spec.num_classes} classes: {err}") from None
-    if patch is not None and not _divides(patch, img):
-        raise ConfigError("img_size", f"{img} is not a multiple of {spec.arch}'s patch size "
-                          f"{patch[0]}x{patch[1]}",
-                          f"use e.g. {max(patch[0], img // patch[0] * patch[0])}")
-
-
-def validate(cfg: TrainConfig, world_size: Optional[int]) -> Tuple[data.DataInfo,
-                                                                  checkpoint.ModelSpec]:
-    """Check what the config alone cannot: names in timm's registries, the data set's facts, the
-    model's input, the learning rate of this world size. Runs before any data is read.
-
-    Checks: ``model`` (timm's registry, advvit's variants included; close names suggested),
-    ``opt`` (timm's optimizer registry), ``sched`` (timm's scheduler factory), ``dataset``
-    (advvit.data's names and timm prefixes); ``num_classes`` not below the data set's classes;
-    ``img_size`` a multiple of the model's patch size (the model is built on the meta device);
-    ``eps`` / ``eval_eps`` within the eps policy for the input shape (an L2 radius up to the
-    input box's diagonal); ``min_lr`` not above the effective learning rate (also when it comes
-    from ``lr_base`` scaling).
-
-    Args:
-        world_size: processes sharing the global batch; None skips the learning-rate check
-            (before an XLA launch, when the device count is not known yet).
-
-    Returns:
-        The data set's facts and the model spec the run builds.
-
-    Raises:
-        ConfigError: naming the key. data.DataNotFoundError: an image folder that is not there.
-    """
-    _check_model_name(cfg.model.model)
-    _check_opt_name(cfg.optim.opt)
-    _check_sched(cfg.optim)
-    info = _dataset_info(cfg)
-    n = cfg.model.num_classes
-    if n is not None and n < info.num_classes:
-        raise ConfigError("num_classes", f"{n} is fewer than the {info.num_classes} classes of "
-                          f"{cfg.data.dataset}", "leave num_classes unset (the data set's)")
-    spec = _model_spec(cfg, info)
-    _check_model_fits(spec)
-    a = cfg.attack
-    for key in ("eps", "eval_eps"):
-        value = getattr(a, key)
-        if value is not None:
-            try:
-                check_eps(value, a.attack_norm, name=key,
-                          input_shape=(spec.in_chans, spec.img_size, spec.img_size))
-            except ValueError as err:
-                raise ConfigError(key, str(err)) from None
-    if world_size is not None:
-        check_lr(cfg.optim, cfg.data.batch_size * world_size)
-    return info, spec
 
 
 def _build_loaders(cfg: TrainConfig, rt: accel.Runtime, spec: checkpoint.ModelSpec):
