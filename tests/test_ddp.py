@@ -40,13 +40,23 @@ ADV_STEPS = 3
 EPS = 8 / 255
 
 
-def _model(seed: int) -> nn.Module:
+# Small models with LayerNorm only, so the per-shard forward equals the full-batch one (a
+# BatchNorm model would normalise each shard with its own statistics): a ViT and the
+# convolution-mixing ViT (advvit.covit).
+MODELS = {
+    "vit": dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48,
+                depth=2, num_heads=2),
+    "covit": dict(model_name="covit_d2_e128_p4_32", embed_dim=48),
+}
+MODEL_ENV = "ADVVIT_TEST_DDP_MODEL"
+
+
+def _model(seed: int, name: str) -> nn.Module:
     import timm
+
+    import advvit.models  # noqa: F401  (registers covit)
     torch.manual_seed(seed)
-    # A small ViT: LayerNorm only, so the per-shard forward equals the full-batch one (a
-    # BatchNorm model would normalise each shard with its own statistics).
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48,
-                             depth=2, num_heads=2, num_classes=10)
+    return timm.create_model(**MODELS[name], num_classes=10)
 
 
 def _batches() -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -84,7 +94,7 @@ def _worker(out: Path) -> None:
     assert rt.rank == int(os.environ["RANK"]) and rt.local_rank == int(os.environ["LOCAL_RANK"])
 
     # Each rank starts from different weights: DDP must broadcast rank 0's.
-    model = accel.wrap_model(_model(seed=rt.rank), rt)
+    model = accel.wrap_model(_model(seed=rt.rank, name=os.environ[MODEL_ENV]), rt)
     assert isinstance(model, nn.parallel.DistributedDataParallel)
     assert accel.attack_model(model) is model.module
 
@@ -140,7 +150,8 @@ def _worker(out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_gloo_adversarial_training(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_two_process_gloo_adversarial_training(tmp_path: Path, model_name: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={WORLD}", __file__, str(tmp_path)]
     env = {k: v for k, v in os.environ.items()
@@ -148,6 +159,7 @@ def test_two_process_gloo_adversarial_training(tmp_path: Path) -> None:
     env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
+    env[MODEL_ENV] = model_name
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
@@ -162,7 +174,7 @@ def test_two_process_gloo_adversarial_training(tmp_path: Path) -> None:
 
     # The same training in one process on the whole batch, from rank 0's initial weights.
     torch.set_num_threads(1)
-    reference = _model(seed=0)
+    reference = _model(seed=0, name=model_name)
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
     single = accel.setup("cpu")
     assert not single.distributed
