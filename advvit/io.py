@@ -36,6 +36,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_prefix(path: Path) -> str:
     return f".{path.name}."
 
@@ -50,6 +56,9 @@ def atomic_write(path: PathLike, write: Callable[[IO], None], *, binary: bool = 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); give it the mode open() would (0666 less the
+        # umask), so reports and checkpoints are as readable as any other file the user writes.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
