@@ -874,8 +874,8 @@ def _check_corruptions(ctx: Context) -> None:
     _corruption_settings(ctx)
 
 
-@register("corruptions", "accuracy under ImageNet-C's common corruptions x severities, their mean "
-          "and mCE against --baseline (Hendrycks & Dietterich)", options=_corruption_options,
+@register("corruptions", "accuracy under ImageNet-C corruptions x severities, mean, mCE (Hendrycks "
+          "& Dietterich)", options=_corruption_options,
           eps=None, default_examples=1000, check=_check_corruptions)
 def _corruptions(ctx: Context) -> Output:
     settings = _corruption_settings(ctx)
@@ -1037,8 +1037,8 @@ def _check_spatial(ctx: Context) -> None:
     _spatial_grid(ctx)
 
 
-@register("spatial", "accuracy over a rotation x translation grid and its worst case per example "
-          "(Engstrom et al.)", options=_spatial_options, eps=None, default_examples=256,
+@register("spatial", "accuracy over a rotation x translation grid, and its worst case (Engstrom "
+          "et al.)", options=_spatial_options, eps=None, default_examples=256,
           check=_check_spatial)
 def _spatial(ctx: Context) -> Output:
     from .analysis.shifts import evaluate_spatial
