@@ -12,7 +12,7 @@ Examples::
         --checkpoint clean/best.pth --dataset fashion_mnist --n-examples 8 --output out/pert
     python -m advvit.analyze transfer --checkpoint a.pth --checkpoint b.pth \\
         --dataset cifar10 --attack apgd-ce --eps 8/255 --output out/transfer
-    python -m advvit.analyze corruptions --checkpoint robust/best.pth \
+    python -m advvit.analyze corruptions --checkpoint robust/best.pth \\
         --baseline clean/best.pth --severities 1,3,5 --output out/corruptions
 
 Every argument is validated and every model and example loaded before the first analysis step;

@@ -14,7 +14,7 @@ Examples::
     python -m advvit.eval --checkpoint best.pth --dataset imagefolder --data-dir /imagenet \\
         --ids-file imagenet_test_image_ids.txt --attack apgd-ce --eps 4/255   # 5 x 100 APGD-CE
     torchrun --nproc-per-node 4 -m advvit.eval ... --attack autoattack    # one shard per rank
-    python -m advvit.eval --checkpoint best.pth --eps 0.1 --corruptions fog,contrast \
+    python -m advvit.eval --checkpoint best.pth --eps 0.1 --corruptions fog,contrast \\
         --corruption-severities 1,3,5   # + ImageNet-C accuracy on the same examples
 
 Everything is loaded and every argument validated before the first attack runs; a bad argument

@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -347,8 +348,7 @@ def test_spatial_end_to_end(ckpts, data_dir, tmp_path):
 def test_default_spatial_grid_is_engstroms(ckpts, data_dir, tmp_path):
     from advvit.analysis.shifts import SpatialGrid
     args = A.build_parser().parse_args(_args("spatial", ckpts[:1], data_dir, tmp_path))
-    grid = A._spatial_grid(A.Context(args, [], torch.zeros(0), torch.zeros(0), [], (), None, None,
-                                     "", None, torch.device("cpu"), tmp_path, None))
+    grid = A._spatial_grid(SimpleNamespace(args=args))
     assert grid.rotations == SpatialGrid().rotations and grid.shape == (31, 5, 5)
     assert grid.translations_x == pytest.approx(SpatialGrid().translations_x)
 
