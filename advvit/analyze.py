@@ -12,6 +12,8 @@ Examples::
         --checkpoint clean/best.pth --dataset fashion_mnist --n-examples 8 --output out/pert
     python -m advvit.analyze transfer --checkpoint a.pth --checkpoint b.pth \\
         --dataset cifar10 --attack apgd-ce --eps 8/255 --output out/transfer
+    python -m advvit.analyze corruptions --checkpoint robust/best.pth \\
+        --baseline clean/best.pth --severities 1,3,5 --output out/corruptions
 
 Every argument is validated and every model and example loaded before the first analysis step;
 a bad argument is one error line naming it and the fix (exit status 2).
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import sys
 import textwrap
@@ -141,6 +142,7 @@ class Context:
         device: where the models are.
         out: the output folder; plt: matplotlib.pyplot, or None without matplotlib.
         judges: the ``--judge`` models (semantic), else empty.
+        baseline: the ``--baseline`` model (corruptions' mCE), else None.
     """
 
     args: argparse.Namespace
@@ -157,6 +159,7 @@ class Context:
     out: Path
     plt: Any
     judges: list[NamedModel] = field(default_factory=list)
+    baseline: Optional[NamedModel] = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -594,8 +597,10 @@ def _transfer(ctx: Context) -> Output:
 # inside the model (advvit.analysis.internals)
 # --------------------------------------------------------------------------------------------
 
-def _timed(ctx: Context, label: str, work: Callable[[], Any]) -> Any:
-    progress = ctx.progress(label, len(ctx.y))
+def _timed(ctx: Context, label: str, work: Callable[[], Any], *,
+           total: Optional[int] = None) -> Any:
+    """``work()`` with a closing progress line for ``total`` images (default: the examples)."""
+    progress = ctx.progress(label, total if total is not None else len(ctx.y))
     result = work()
     progress.finish()
     return result
@@ -778,6 +783,309 @@ def _lesions(ctx: Context) -> Output:
 
 
 # --------------------------------------------------------------------------------------------
+# beyond Lp balls: common corruptions and spatial grids (advvit.analysis.shifts)
+# --------------------------------------------------------------------------------------------
+
+def _corruption_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corruptions", default="all", metavar="NAMES",
+                   help="all (the 15 of ImageNet-C) or a comma list (gaussian_noise,fog,...)")
+    p.add_argument("--severities", default="all", metavar="LIST",
+                   help="comma list of severities 1-5, or all")
+    p.add_argument("--baseline", metavar="CKPT",
+                   help="checkpoint the mCE is relative to (evaluated on the same corrupted "
+                        "examples; default: no mCE)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help=f"where corrupted examples are kept, shared by every run on the same "
+                        f"examples (default: {_eval.CORRUPTION_CACHE})")
+    p.add_argument("--corruption-workers", type=int, metavar="N",
+                   help="processes generating corruptions (default: the cores available; 0: "
+                        "this process; --workers is the data loader's)")
+
+
+def _corruption_settings(ctx: Context) -> _eval.CorruptionSettings:
+    a = ctx.args
+    return _eval.corruption_settings(a.corruptions, a.severities, cache_dir=a.cache_dir,
+                                     workers=a.corruption_workers, seed=a.seed,
+                                     options=("--corruptions", "--severities", "--cache-dir",
+                                              "--corruption-workers"))
+
+
+def _mce(result: Any, baseline: Any) -> tuple[Optional[Any], str]:
+    """-> (MeanCorruptionError or None, why there is none)."""
+    from .analysis.shifts import mean_corruption_error
+    try:
+        return mean_corruption_error(result, baseline), ""
+    except ValueError as err:  # a baseline without error on a corruption: its CE is undefined
+        return None, str(err)
+
+
+def _corruption_heatmaps(ctx: Context, results: dict[str, Any]) -> Any:
+    first = next(iter(results.values()))
+    fig, axes = _model_axes(ctx, width=1.9 + 0.55 * len(first.severities),
+                            height=1.4 + 0.3 * len(first.corruptions))
+    for ax, (name, r) in zip(axes[0], results.items()):
+        matrix = torch.tensor([r.accuracy[c] for c in r.corruptions])
+        heatmap(ax, matrix, row_labels=list(r.corruptions),
+                col_labels=[str(s) for s in r.severities], xlabel="severity",
+                ylabel="corruption", colorbar="accuracy (%)", scale=100, vmin=0, vmax=100,
+                fmt="{:.0f}")
+        ax.set_title(f"{_short(name, 24)}\nclean {_pct(r.clean_accuracy):.1f}%, mean "
+                     f"{_pct(r.mean_corruption_accuracy):.1f}%", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _corruption_bars(ctx: Context, summary: dict[str, Any], mce: dict[str, Optional[float]],
+                     baseline_name: Optional[str]) -> Any:
+    """Left: clean and mean corruption accuracy per model (and the baseline); right (with a
+    baseline): each model's mCE, the baseline at 100%."""
+    panels = 2 if baseline_name else 1
+    fig, axes = ctx.plt.subplots(1, panels, figsize=(2.4 + 1.3 * len(summary) * panels, 3.8),
+                                 squeeze=False)
+    xs = np.arange(len(summary))
+    ax = axes[0, 0]
+    _labelled_bars(ax, xs - 0.2, [_pct(r.clean_accuracy) for r in summary.values()], 0.4,
+                   color="lightgrey", label="clean")
+    _labelled_bars(ax, xs + 0.2, [_pct(r.mean_corruption_accuracy) for r in summary.values()],
+                   0.4, color="C0", label="mean over corruptions x severities")
+    ax.set_xticks(xs, labels=[_short(n, 18) for n in summary], rotation=20, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    if baseline_name:
+        ax = axes[0, 1]
+        xm = np.arange(len(mce))
+        _labelled_bars(ax, xm, [v if v is not None else np.nan for v in mce.values()], 0.6,
+                       color="C1")
+        ax.axhline(100, color="black", ls="--", lw=1, label=f"baseline: {_short(baseline_name, 18)}")
+        ax.set_xticks(xm, labels=[_short(n, 18) for n in mce], rotation=20, ha="right",
+                      fontsize=8)
+        ax.set_ylabel("mCE (%, lower is better)")
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    first = next(iter(summary.values()))
+    _suptitle(fig, f"common corruptions: {len(first.corruptions)} corruptions x severities "
+                   f"{','.join(map(str, first.severities))}, n={first.n}")
+    fig.tight_layout()
+    return fig
+
+
+def _check_corruptions(ctx: Context) -> None:
+    _corruption_settings(ctx)
+
+
+@register("corruptions", "accuracy under ImageNet-C corruptions x severities, mean, mCE (Hendrycks "
+          "& Dietterich)", options=_corruption_options,
+          eps=None, default_examples=1000, check=_check_corruptions)
+def _corruptions(ctx: Context) -> Output:
+    settings = _corruption_settings(ctx)
+    dataset = f"{ctx.args.dataset}/{ctx.args.split}"
+    done: dict[str, Any] = {}  # by sha256: a baseline that is one of the models runs once
+
+    def evaluate(m: NamedModel) -> Any:
+        key = str(m.record.get("sha256"))
+        if key not in done:
+            done[key] = _timed(ctx, m.name, lambda: _eval.run_corruptions(
+                m.model, ctx.x, ctx.y, settings, seed=ctx.args.seed, dataset=dataset,
+                batch_size=ctx.args.batch_size), total=len(ctx.y) * settings.tasks)
+        return done[key]
+
+    results = {m.name: evaluate(m) for m in ctx.models}
+    base = evaluate(ctx.baseline) if ctx.baseline is not None else None
+    mces = {name: _mce(r, base) for name, r in results.items()} if base is not None else {}
+    mce = {name: m.mce_percent if m is not None else None for name, (m, _) in mces.items()}
+    summary = dict(results)
+    if base is not None:
+        summary[f"{ctx.baseline.name} (baseline)"] = base
+    out = Output(settings={"corruptions": list(settings.corruptions),
+                           "severities": list(settings.severities),
+                           "cache_dir": settings.cache_dir, "corruption_workers": settings.workers,
+                           "baseline": ({"name": ctx.baseline.name, **ctx.baseline.record}
+                                        if ctx.baseline is not None else None)},
+                 results={"models": {name: {**r.to_dict(), **(mces[name][0].to_dict()
+                                                              if mce.get(name) is not None else {})}
+                                     for name, r in results.items()},
+                          "baseline": base.to_dict() if base is not None else None})
+    with_mce = base is not None
+
+    def mce_cell(name: str) -> Any:
+        if name not in mce:  # the baseline's own row
+            return 100.0
+        return "n/a" if mce[name] is None else round(mce[name], 2)
+
+    out.tables.append(("Mean over corruptions and severities",
+                       ["model", "clean (%)", "mean corruption accuracy (%)"]
+                       + (["mCE (%)"] if with_mce else []),
+                       [[name, _pct(r.clean_accuracy), _pct(r.mean_corruption_accuracy)]
+                        + ([mce_cell(name)] if with_mce else [])
+                        for name, r in summary.items()]))
+    out.tables.append(("Accuracy per corruption",
+                       ["model", "corruption", *[f"severity {s} (%)" for s in settings.severities],
+                        "mean (%)"] + (["CE (%)"] if with_mce else []),
+                       [[name, c, *[_pct(a) for a in r.accuracy[c]],
+                         _pct(sum(r.accuracy[c]) / len(r.accuracy[c]))]
+                        + ([mces[name][0].ce_percent[c] if mce[name] is not None else "n/a"]
+                           if with_mce else [])
+                        for name, r in results.items() for c in r.corruptions]))
+    out.lines.append(f"Corruptions of the examples as the models take them "
+                     f"({'x'.join(map(str, ctx.input_shape))}), seed {ctx.args.seed}, "
+                     f"{next(iter(results.values())).library}. The library's constants are in "
+                     "pixels, tuned for 224x224 ImageNet: on smaller images blurs, glass, motion, "
+                     "snow and elastic are stronger relative to the image, so the numbers are not "
+                     "comparable to published CIFAR-10-C results.")
+    if with_mce:
+        out.lines.append("mCE (Hendrycks & Dietterich): per corruption, the model's error summed "
+                         "over severities divided by the baseline's (CE), averaged over "
+                         "corruptions; 100% is the baseline, lower is better.")
+        out.lines += [f"{name}: no mCE: {why}" for name, (m, why) in mces.items() if m is None]
+    if ctx.plt is not None:
+        out.save(_corruption_heatmaps(ctx, results), ctx.out, "corruptions.png",
+                 "accuracy (%) per corruption and severity, one column per model")
+        out.save(_corruption_bars(ctx, summary, mce, ctx.baseline.name if with_mce else None),
+                 ctx.out, "corruptions_summary.png",
+                 "clean and mean corruption accuracy per model"
+                 + (", and mCE against the baseline" if with_mce else ""))
+    return out
+
+
+def _spatial_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-rotation", type=float, default=30.0, metavar="DEG",
+                   help="rotations span -DEG..DEG degrees")
+    p.add_argument("--rotation-steps", type=int, default=31, metavar="N",
+                   help="rotations, evenly spaced (1: none; the default: 2-degree steps)")
+    p.add_argument("--max-translation", type=float, default=0.1, metavar="F",
+                   help="translations span -F..F of the image side, along each axis")
+    p.add_argument("--translation-steps", type=int, default=5, metavar="N",
+                   help="translations per axis, evenly spaced (1: none)")
+
+
+def _spatial_grid(ctx: Context) -> Any:
+    """The grid of the options (default: Engstrom et al.'s 31 x 5 x 5)."""
+    from .analysis.shifts import SpatialGrid
+    a = ctx.args
+    for option, limit, top, steps, steps_option in (
+            ("--max-rotation", a.max_rotation, 180.0, a.rotation_steps, "--rotation-steps"),
+            ("--max-translation", a.max_translation, 1.0, a.translation_steps,
+             "--translation-steps")):
+        if steps < 1:
+            raise AnalyzeError(f"{steps_option} must be >= 1 (1: none), got {steps}")
+        if not (math.isfinite(limit) and 0 <= limit <= top):
+            raise AnalyzeError(f"{option} must be in [0, {top:g}], got {limit:g}")
+        if limit == 0 and steps > 1:
+            raise AnalyzeError(f"{option} 0 has one value: use {steps_option} 1 or a larger "
+                               f"{option}")
+    return SpatialGrid.uniform(a.max_rotation, a.rotation_steps, a.max_translation,
+                               a.translation_steps)
+
+
+def _nearest_zero(values: Sequence[float]) -> int:
+    return min(range(len(values)), key=lambda i: abs(values[i]))
+
+
+def _signed(value: float) -> str:
+    return "0" if value == 0 else f"{value:+.3g}"
+
+
+def _labelled_bars(ax: Any, *args: Any, **kwargs: Any) -> None:
+    """Bars with their value on top (a bar at 0 is still read)."""
+    ax.bar_label(ax.bar(*args, **kwargs), fmt="%.0f", fontsize=7, padding=1)
+
+
+def _spatial_heatmaps(ctx: Context, results: dict[str, Any]) -> Any:
+    """Per model: accuracy over rotation x horizontal shift, at the vertical shift nearest 0."""
+    grid = next(iter(results.values())).grid
+    ty = _nearest_zero(grid.translations_y)
+    rows, cols = len(grid.rotations), len(grid.translations_x)
+    fig, axes = _model_axes(ctx, width=3.2 + 0.5 * cols, height=2.2 + 0.24 * rows)
+    for ax, (name, s) in zip(axes[0], results.items()):
+        heatmap(ax, s.accuracy[:, ty, :], row_labels=[_signed(r) for r in grid.rotations],
+                col_labels=[_signed(t) for t in grid.translations_x],
+                xlabel="horizontal shift (x width)", ylabel="rotation (degrees)",
+                colorbar="accuracy (%)", scale=100, vmin=0, vmax=100, fmt="{:.0f}",
+                annotate=rows * cols <= 400)
+        ax.set_title(f"{_short(name, 24)}\nclean {_pct(s.clean_accuracy):.1f}%, worst of grid "
+                     f"{_pct(s.worst_of_grid_accuracy):.1f}%", fontsize=9)
+    _suptitle(fig, f"accuracy at vertical shift {_signed(grid.translations_y[ty])}; rotation + "
+                   "counter-clockwise, shift + right, as fractions of the side")
+    fig.tight_layout()
+    return fig
+
+
+def _spatial_bars(ctx: Context, results: dict[str, Any]) -> Any:
+    fig, ax = ctx.plt.subplots(figsize=(2.6 + 1.4 * len(results), 3.8))
+    xs = np.arange(len(results))
+    kinds = (("clean", "lightgrey", lambda s: s.clean_accuracy),
+             ("lowest single grid point", "C0", lambda s: float(s.accuracy.min())),
+             ("worst of grid (per example)", "C3", lambda s: s.worst_of_grid_accuracy))
+    for k, (label, colour, value) in enumerate(kinds):
+        _labelled_bars(ax, xs + (k - 1) * 0.27, [_pct(value(s)) for s in results.values()],
+                       0.27, color=colour, label=label)
+    ax.set_xticks(xs, labels=[_short(n, 16) for n in results], rotation=20, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    grid = next(iter(results.values())).grid
+    _suptitle(fig, f"spatial grid: {len(grid.rotations)} rotations x {len(grid.translations_x)} x "
+                   f"{len(grid.translations_y)} translations; worst of grid: correct at every point")
+    fig.tight_layout()
+    return fig
+
+
+def _check_spatial(ctx: Context) -> None:
+    _spatial_grid(ctx)
+
+
+@register("spatial", "accuracy over a rotation x translation grid, and its worst case (Engstrom "
+          "et al.)", options=_spatial_options, eps=None, default_examples=256,
+          check=_check_spatial)
+def _spatial(ctx: Context) -> Output:
+    from .analysis.shifts import evaluate_spatial
+    grid = _spatial_grid(ctx)
+    points = len(grid.points())
+    results = {m.name: _timed(ctx, m.name, lambda m=m: evaluate_spatial(
+        m.model, ctx.x, ctx.y, grid=grid, batch_size=ctx.args.batch_size),
+        total=len(ctx.y) * points) for m in ctx.models}
+
+    def lowest(s: Any) -> dict[str, Any]:
+        r, ty, tx = np.unravel_index(int(s.accuracy.argmin()), grid.shape)
+        return {"accuracy": float(s.accuracy.min()), "rotation": grid.rotations[r],
+                "tx": grid.translations_x[tx], "ty": grid.translations_y[ty]}
+
+    out = Output(settings={"max_rotation": ctx.args.max_rotation,
+                           "rotation_steps": ctx.args.rotation_steps,
+                           "max_translation": ctx.args.max_translation,
+                           "translation_steps": ctx.args.translation_steps, "points": points,
+                           "accuracy_axes": ["rotation", "translation_y", "translation_x"]},
+                 results={name: {**s.to_dict(), "lowest_point": lowest(s)}
+                          for name, s in results.items()})
+    out.tables.append(("Accuracy under rotations and translations",
+                       ["model", "clean (%)", "lowest grid point (%)", "at (rotation, tx, ty)",
+                        "worst of grid (%)"],
+                       [[name, _pct(s.clean_accuracy), _pct(lowest(s)["accuracy"]),
+                         "({}, {}, {})".format(*map(_signed, (lowest(s)["rotation"],
+                                                               lowest(s)["tx"], lowest(s)["ty"]))),
+                         _pct(s.worst_of_grid_accuracy)] for name, s in results.items()]))
+    out.lines.append(f"{points} grid points: rotations {grid.rotations[0]:g}..{grid.rotations[-1]:g} "
+                     f"degrees ({len(grid.rotations)}), translations "
+                     f"{grid.translations_x[0]:+.3g}..{grid.translations_x[-1]:+.3g} of the side "
+                     f"({len(grid.translations_x)} per axis); bilinear, black padding. Worst of "
+                     "grid: an example counts only when it is classified correctly at every "
+                     "point (Engstrom et al. 2019).")
+    if ctx.plt is not None:
+        ty = grid.translations_y[_nearest_zero(grid.translations_y)]
+        out.save(_spatial_heatmaps(ctx, results), ctx.out, "spatial.png",
+                 f"accuracy (%) over rotation x horizontal shift at vertical shift {_signed(ty)}, one "
+                 "column per model (the JSON has every point)")
+        out.save(_spatial_bars(ctx, results), ctx.out, "spatial_summary.png",
+                 "clean, lowest single grid point and worst-of-grid accuracy per model")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # the CLI
 # --------------------------------------------------------------------------------------------
 
@@ -878,13 +1186,7 @@ def _model_names(paths: Sequence[str]) -> list[str]:
 
 
 def _check_output(target: str) -> Path:
-    out = Path(target)
-    if out.exists() and not out.is_dir():
-        raise AnalyzeError(f"--output {target} is a file: give a folder")
-    existing = next(p for p in (out.resolve(), *out.resolve().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise AnalyzeError(f"--output {target}: {existing} is not a writable folder")
-    return out
+    return _eval.check_folder(target, "--output")
 
 
 def _check_args(analysis: Analysis, args: argparse.Namespace) -> None:
@@ -982,6 +1284,22 @@ def _check_model_outputs(models: Sequence[NamedModel], x: torch.Tensor, y: torch
                                f"{m.num_classes}) logits")
 
 
+def _load_baseline(args: argparse.Namespace, device: torch.device,
+                   first: _eval.LoadedModel) -> Optional[NamedModel]:
+    """The ``--baseline`` model (where the analysis has the option): same input and classes as
+    the first checkpoint."""
+    path = getattr(args, "baseline", None)
+    if path is None:
+        return None
+    (named,), (lm,) = _load_models([path], args, device, "--baseline")
+    _check_inputs_agree([first, lm], [args.checkpoint[0], path])
+    if lm.num_classes != first.num_classes:
+        raise AnalyzeError(f"--baseline {path} has {lm.num_classes} classes but "
+                           f"{args.checkpoint[0]} has {first.num_classes}: give a baseline "
+                           "trained for the same classes")
+    return named
+
+
 def _class_names(classes: Optional[Sequence[str]], num_classes: int) -> tuple[str, ...]:
     if classes is not None and len(classes) == num_classes:
         return tuple(classes)
@@ -1000,6 +1318,7 @@ def _prepare(analysis: Analysis, args: argparse.Namespace) -> Context:
         else ([], [])
     if judges_loaded:
         _check_inputs_agree([loaded[0], *judges_loaded], [args.checkpoint[0], *judge_paths])
+    baseline = _load_baseline(args, device, loaded[0])
     if analysis.needs_blocks:
         _check_blocks(models, analysis)
     trained_on = loaded[0].trained_on
@@ -1013,13 +1332,14 @@ def _prepare(analysis: Analysis, args: argparse.Namespace) -> Context:
                              batch_size=args.batch_size, workers=args.workers,
                              at_most=args.n_examples is None)
     args.dataset, args.data_dir = dataset, data_dir
-    _check_model_outputs(models + judges, ex.x, ex.y, dataset, device)
+    _check_model_outputs(models + judges + ([baseline] if baseline else []), ex.x, ex.y,
+                         dataset, device)
     norm = _norm(analysis, args)
     eps, eps_source = _eps(analysis, args, norm, models[0], ex.x.shape[1:])
     ctx = Context(args=args, models=models, x=ex.x, y=ex.y, indices=ex.indices,
                   class_names=_class_names(ex.classes, models[0].num_classes), eps=eps,
                   norm=norm, eps_source=eps_source, steps=args.steps, device=device, out=out,
-                  plt=pyplot(), judges=judges)
+                  plt=pyplot(), judges=judges, baseline=baseline)
     if analysis.check is not None:
         analysis.check(ctx)
     return ctx

@@ -14,6 +14,8 @@ Examples::
     python -m advvit.eval --checkpoint best.pth --dataset imagefolder --data-dir /imagenet \\
         --ids-file imagenet_test_image_ids.txt --attack apgd-ce --eps 4/255   # 5 x 100 APGD-CE
     torchrun --nproc-per-node 4 -m advvit.eval ... --attack autoattack    # one shard per rank
+    python -m advvit.eval --checkpoint best.pth --eps 0.1 --corruptions fog,contrast \\
+        --corruption-severities 1,3,5   # + ImageNet-C accuracy on the same examples
 
 Everything is loaded and every argument validated before the first attack runs; a bad argument
 is one error line naming it and the fix (exit status 2).
@@ -36,8 +38,8 @@ from torch import nn
 from . import checks, config
 from .attacks import check_eps
 from .autoattack_adapter import AA_ATTACKS, AutoAttackAdapter, available_backends
-from .report import (EVAL_FORMAT, build_report, envelope, print_table, save_sweep_plot,
-                     save_tensors, sha256_file, write_report)
+from .report import (EVAL_FORMAT, build_report, envelope, print_corruption_table, print_table,
+                     save_sweep_plot, save_tensors, sha256_file, write_report)
 from .robustness import (EnsembleResult, StateMismatchError, merge_outcomes, run_attacks,
                          torch_attack_suite)
 
@@ -54,6 +56,11 @@ __all__ = [
     "load_examples",
     "resolve_device",
     "run_attack",
+    "CORRUPTION_CACHE",
+    "CorruptionSettings",
+    "corruption_settings",
+    "run_corruptions",
+    "check_folder",
     "build_parser",
     "main",
 ]
@@ -62,6 +69,9 @@ TORCH_ATTACKS = ("pgd", "fgsm")
 ENSEMBLES = {"autoattack": "standard", "autoattack-standard": "standard",
              "autoattack-plus": "plus", "autoattack-rand": "rand"}
 ATTACK_CHOICES = (*ENSEMBLES, *AA_ATTACKS, *TORCH_ATTACKS)
+CORRUPTION_CACHE = Path.home() / ".cache" / "advvit" / "corruptions"
+"""The default corruption cache: beside ``advvit.data``'s ``~/.cache/advvit/data``, so every run
+on the same examples (any output folder, either CLI, any model) reuses what was generated."""
 
 
 class EvalError(ValueError):
@@ -289,6 +299,134 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackS
 
 
 # --------------------------------------------------------------------------------------------
+# common corruptions (advvit.analysis.shifts), for this CLI and advvit.analyze
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CorruptionSettings:
+    """What a corruption evaluation runs, validated.
+
+    Attributes:
+        corruptions, severities: the (corruption, severity) grid, in order.
+        cache_dir: the :class:`advvit.analysis.shifts.CorruptionCache` folder.
+        workers: generation processes (None: the cores available; 0: this process).
+    """
+
+    corruptions: tuple[str, ...]
+    severities: tuple[int, ...]
+    cache_dir: Path
+    workers: int | None
+
+    @property
+    def tasks(self) -> int:
+        """(corruption, severity) pairs."""
+        return len(self.corruptions) * len(self.severities)
+
+
+def _parse_corruption_names(text: str, option: str) -> tuple[str, ...]:
+    from .analysis.shifts import CORRUPTIONS
+    if text.strip().lower() == "all":
+        return CORRUPTIONS
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in CORRUPTIONS]
+    if not names or unknown:
+        raise EvalError(f"{option} {','.join(unknown) or repr(text)} is unknown: use all or a comma "
+                        f"list of {', '.join(CORRUPTIONS)}")
+    if len(set(names)) != len(names):
+        raise EvalError(f"{option} {text!r} names a corruption twice")
+    return names
+
+
+def _parse_severities(text: str, option: str) -> tuple[int, ...]:
+    from .analysis.shifts import SEVERITIES
+    if text.strip().lower() == "all":
+        return SEVERITIES
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if not t.isdigit() or int(t) not in SEVERITIES]
+    if not items or bad:
+        raise EvalError(f"{option} {','.join(bad) or repr(text)}: severities are integers 1 to 5, "
+                        "e.g. 1,3,5 or all")
+    if len(set(int(t) for t in items)) != len(items):
+        raise EvalError(f"{option} {text!r} names a severity twice")
+    return tuple(int(t) for t in items)
+
+
+def check_folder(target: str | os.PathLike, option: str) -> Path:
+    """A folder that is there and writable, or can be created (its nearest existing parent is a
+    writable folder).
+
+    Raises:
+        EvalError: the path is a file, or its nearest existing parent is not a writable folder.
+    """
+    out = Path(target)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"{option} {target} is a file: give a folder")
+    existing = next(p for p in (out.resolve(), *out.resolve().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise EvalError(f"{option} {target}: {existing} is not a writable folder")
+    return out
+
+
+def corruption_settings(corruptions: str, severities: str | None, *, cache_dir: str | None,
+                        workers: int | None, seed: int,
+                        options: tuple[str, str, str, str]) -> CorruptionSettings:
+    """Validate a CLI's corruption options (nothing is loaded or generated).
+
+    Args:
+        corruptions: ``all`` or a comma list of :data:`advvit.analysis.shifts.CORRUPTIONS`.
+        severities: ``all`` or a comma list of 1..5 (None: all).
+        cache_dir: the cache folder (None: :data:`CORRUPTION_CACHE`).
+        workers: generation processes (None: the cores available; 0: this process).
+        seed: the run's seed (the corruptions' seed: must be >= 0).
+        options: the names of the corruption, severity, cache and worker options, for messages.
+
+    Raises:
+        EvalError: a bad value (named by its option), or the corruption library is missing.
+    """
+    from .analysis._corruption_compat import CorruptionLibraryMissing, library
+    names_option, severity_option, cache_option, workers_option = options
+    names = _parse_corruption_names(corruptions, names_option)
+    levels = _parse_severities(severities or "all", severity_option)
+    if workers is not None and workers < 0:
+        raise EvalError(f"{workers_option} must be >= 0 (0: in this process), got {workers}")
+    if seed < 0:
+        raise EvalError(f"--seed must be >= 0 with {names_option} (it seeds the corruptions), "
+                        f"got {seed}")
+    folder = check_folder(cache_dir if cache_dir is not None else CORRUPTION_CACHE, cache_option)
+    try:
+        library()
+    except CorruptionLibraryMissing as err:
+        raise EvalError(f"{names_option}: {err}") from None
+    return CorruptionSettings(names, levels, folder, workers)
+
+
+def run_corruptions(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    settings: CorruptionSettings, *, seed: int, dataset: str,
+                    batch_size: int) -> Any:
+    """Accuracy per (corruption, severity) of ``model`` on (x, y), through the disk cache.
+
+    The examples are corrupted as the model takes them (its channels and size), as ImageNet-C
+    corrupts the 224x224 model inputs.
+
+    Args:
+        model: on its device, taking [0, 1] pixels.
+        x, y: the examples (CPU, [0, 1]) and labels.
+        settings: from :func:`corruption_settings`.
+        seed: the corruptions' seed.
+        dataset: the data set and split (``fashion_mnist/val``): part of the cache key.
+        batch_size: examples per forward pass.
+
+    Returns:
+        An :class:`advvit.analysis.shifts.CorruptionAccuracy`.
+    """
+    from .analysis.shifts import CorruptionCache, evaluate_corruptions
+    cache = CorruptionCache(settings.cache_dir, workers=settings.workers)
+    return evaluate_corruptions(model, x, y, corruptions=settings.corruptions,
+                                severities=settings.severities, seed=seed, cache=cache,
+                                dataset=dataset, batch_size=batch_size)
+
+
+# --------------------------------------------------------------------------------------------
 # the CLI
 # --------------------------------------------------------------------------------------------
 
@@ -334,6 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--step-size", help="PGD/FGSM step size (fraction or x/255)")
     a.add_argument("--backend", default="auto", choices=("auto", "pyautoattack", "autoattack"),
                    help="AutoAttack package")
+    c = p.add_argument_group("common corruptions (ImageNet-C, on the same examples)")
+    c.add_argument("--corruptions", nargs="?", const="all", metavar="NAMES|all",
+                   help="also the accuracy under common corruptions: all 15 (the flag alone, or "
+                        "all) or a comma list (gaussian_noise,fog,...); per corruption and "
+                        "severity, and their mean, in the table and the JSON")
+    c.add_argument("--corruption-severities", metavar="LIST",
+                   help="comma list of severities 1-5 (default: all five)")
+    c.add_argument("--corruption-cache-dir", metavar="DIR",
+                   help=f"where corrupted examples are kept (default: {CORRUPTION_CACHE})")
+    c.add_argument("--corruption-workers", type=int, metavar="N",
+                   help="processes generating corruptions (default: the cores available; 0: "
+                        "this process)")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--batch-size", type=int, default=250)
@@ -406,6 +556,7 @@ class _Prepared:
     device: torch.device
     num_classes: int
     meta: dict[str, Any]
+    corruptions: CorruptionSettings | None
 
 
 def _check_writable(target: str | None, option: str) -> None:
@@ -444,9 +595,27 @@ def _check_eps_fits(eps_list: Sequence[float], args: argparse.Namespace,
             raise EvalError(str(err)) from None
 
 
+def _corruption_args(args: argparse.Namespace) -> CorruptionSettings | None:
+    """``--corruptions`` and its options, validated (None without ``--corruptions``)."""
+    if args.corruptions is None:
+        given = [o for o, v in (("--corruption-severities", args.corruption_severities),
+                                ("--corruption-cache-dir", args.corruption_cache_dir),
+                                ("--corruption-workers", args.corruption_workers))
+                 if v is not None]
+        if given:
+            raise EvalError(f"{', '.join(given)} go with --corruptions: add --corruptions "
+                            "(all, or a comma list) or drop them")
+        return None
+    return corruption_settings(args.corruptions, args.corruption_severities,
+                               cache_dir=args.corruption_cache_dir,
+                               workers=args.corruption_workers, seed=args.seed,
+                               options=("--corruptions", "--corruption-severities",
+                                        "--corruption-cache-dir", "--corruption-workers"))
+
+
 def _check_args(args: argparse.Namespace) -> tuple[AttackSpec, list[float], torch.device,
-                                                   list[str] | None]:
-    """The arguments that need nothing loaded -> (attack, eps list, device, ids)."""
+                                                   list[str] | None, CorruptionSettings | None]:
+    """The arguments that need nothing loaded -> (attack, eps list, device, ids, corruptions)."""
     if bool(args.checkpoint) == bool(args.model):
         raise EvalError("give either --checkpoint FILE or --model NAME --weights FILE")
     if args.model and not args.weights:
@@ -474,7 +643,7 @@ def _check_args(args: argparse.Namespace) -> tuple[AttackSpec, list[float], torc
     for option, target in (("--output", args.output), ("--save-adv", args.save_adv),
                            ("--state-path", args.state_path)):
         _check_writable(target, option)
-    return spec, eps_list, device, ids
+    return spec, eps_list, device, ids, _corruption_args(args)
 
 
 @dataclass(frozen=True)
@@ -642,7 +811,7 @@ def _load_examples(args: argparse.Namespace, ids: list[str] | None, in_chans: in
 
 def _prepare(args: argparse.Namespace) -> _Prepared:
     """Validate every argument and load the model and examples, before any attack runs."""
-    spec, eps_list, device, ids = _check_args(args)
+    spec, eps_list, device, ids, corruptions = _check_args(args)
     model, num_classes, in_chans, img_size, model_record = _load_model(args)
     model = model.to(device)
     x, y, indices = _load_examples(args, ids, in_chans, img_size)
@@ -660,7 +829,8 @@ def _prepare(args: argparse.Namespace) -> _Prepared:
                      "sample": "ids-file" if ids is not None else args.sample,
                      "ids_file": args.ids_file, "n_examples": len(indices),
                      "input_shape": list(x.shape[1:])}}
-    return _Prepared(model, x, y, indices, spec, eps_list, device, num_classes, meta)
+    return _Prepared(model, x, y, indices, spec, eps_list, device, num_classes, meta,
+                     corruptions)
 
 
 def _native(ds: Any) -> int:
@@ -699,6 +869,17 @@ def _gather(outcomes: dict[float, EnsembleResult], model_flags: list[checks.Flag
     flags_gathered: list[Any] = [None] * world
     dist.all_gather_object(flags_gathered, model_flags)
     return merged, list(dict.fromkeys(f for fl in flags_gathered for f in fl))
+
+
+def _corruption_entry(prep: _Prepared, args: argparse.Namespace) -> dict[str, Any]:
+    """The corruption results of the report (rank 0 alone, on every example: the corrupted
+    sets come from one cache)."""
+    started = time.perf_counter()
+    result = run_corruptions(prep.model, prep.x, prep.y, prep.corruptions, seed=args.seed,
+                             dataset=f"{args.dataset}/{args.split}", batch_size=args.batch_size)
+    return {**result.to_dict(), "cache_dir": str(prep.corruptions.cache_dir),
+            "workers": prep.corruptions.workers,
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 def _write_outputs(report: dict[str, Any], args: argparse.Namespace, n_eps: int) -> None:
@@ -765,6 +946,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         accel.cleanup(rt)
     if rank != 0:
         return 0
+    corruptions = _corruption_entry(prep, args) if prep.corruptions is not None else None
     first = next(iter(outcomes.values()))
     command = ["python", "-m", "advvit.eval", *(argv if argv is not None else sys.argv[1:])]
     meta = envelope(EVAL_FORMAT, seed=args.seed, model=prep.meta["model"], command=command,
@@ -774,7 +956,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = build_report(outcomes, spec=prep.spec, norm=args.norm, seed=args.seed,
                           model_flags=model_flags, meta=meta, indices=prep.indices,
                           labels=prep.y, per_example=args.per_example)
+    if corruptions is not None:
+        report["corruptions"] = corruptions
     print_table(report)
+    print_corruption_table(report)
     if args.output:
         _write_outputs(report, args, len(outcomes))
     return 0

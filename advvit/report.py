@@ -40,6 +40,7 @@ __all__ = [
     "envelope",
     "build_report",
     "print_table",
+    "print_corruption_table",
     "save_sweep_plot",
     "write_report",
     "save_tensors",
@@ -250,6 +251,27 @@ def print_table(report: Mapping[str, Any], file: Any = None) -> None:
     for w in report["warnings"]:
         print(f"WARNING [{w['code']}] {w['message']}" + (f" ({w['detail']})" if w["detail"] else ""),
               file=out)
+
+
+def print_corruption_table(report: Mapping[str, Any], file: Any = None) -> None:
+    """Print the report's common-corruption accuracies (``report["corruptions"]``, as
+    :meth:`advvit.analysis.shifts.CorruptionAccuracy.to_dict` gives them): one row per
+    corruption, one column per severity, then their mean; nothing when it has none."""
+    c = report.get("corruptions")
+    if not c:
+        return
+    out = file or sys.stdout
+    severities = c["severities"]
+    print(f"\ncommon corruptions  n={c['n']}  seed={c['seed']}  {c['library']}", file=out)
+    print(f"{'corruption':>18} " + "".join(f"{'s' + str(s):>8}" for s in severities)
+          + f"{'mean':>9}", file=out)
+    for name in c["corruptions"]:
+        accs = c["accuracy"][name]
+        print(f"{name:>18} " + "".join(f"{a:>8.2%}" for a in accs)
+              + f"{sum(accs) / len(accs):>9.2%}", file=out)
+    width = 8 * len(severities) + 9  # under the mean column
+    print(f"{'clean (8-bit)':>18} {c['clean_accuracy']:>{width}.2%}", file=out)
+    print(f"{'mean corruption':>18} {c['mean_corruption_accuracy']:>{width}.2%}", file=out)
 
 
 def save_sweep_plot(report: Mapping[str, Any], path: str | Path) -> Path | None:

@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -261,3 +262,136 @@ def test_reports_are_strict_json():
     assert json.loads(json.dumps(value, allow_nan=False)) == \
         {"m": [[1.0, None]], "t": [1, None], "p": "a/b"}
     assert markdown_table(["a"], [[float("nan")]]).splitlines()[-1] == "| n/a |"
+
+
+# ------------------------------------------------------------- corruptions and spatial grids
+
+CORRUPT = ["--corruptions", "gaussian_noise,contrast", "--severities", "1,5",
+           "--corruption-workers", "0", "--n-examples", "8"]
+SPATIAL = ["--max-rotation", "20", "--rotation-steps", "3", "--translation-steps", "3",
+           "--n-examples", "6"]
+
+
+def _pngs_open(out: Path, report: dict) -> None:
+    for figure in report["figures"]:
+        with Image.open(out / figure["file"]) as png:
+            assert png.format == "PNG" and png.size == (figure["width"], figure["height"])
+    md = (out / "report.md").read_text()
+    assert all(f"]({f['file']})" in md for f in report["figures"]) and "| " in md
+
+
+@pytest.mark.slow
+def test_corruptions_end_to_end_with_a_baseline(ckpts, data_dir, tmp_path, capsys):
+    from advvit.analysis.shifts import CorruptionCache, corrupt
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = _args("corruptions", ckpts, data_dir, out, *CORRUPT, "--baseline", str(ckpts[0]),
+                 "--cache-dir", str(cache))
+    assert A.main(argv) == 0
+    report = json.loads((out / "corruptions.json").read_text())
+    assert report["analysis"] == "corruptions" and report["settings"]["eps"] is None
+    assert report["settings"]["baseline"]["sha256"] == hashlib.sha256(ckpts[0].read_bytes()).hexdigest()
+    a, b = report["results"]["models"]["a/best"], report["results"]["models"]["b/best"]
+    assert a["corruptions"] == ["gaussian_noise", "contrast"] and a["severities"] == [1, 5]
+    assert a["mce_percent"] == 100.0 and a["ce_percent"] == {"gaussian_noise": 100.0, "contrast": 100.0}
+    # b's mCE from the JSON's own accuracies, by Hendrycks & Dietterich's formula
+    ce = {c: 100 * sum(1 - v for v in b["accuracy"][c]) / sum(1 - v for v in a["accuracy"][c])
+          for c in a["corruptions"]}
+    assert b["ce_percent"] == pytest.approx(ce) and b["mce_percent"] == pytest.approx(np.mean(list(ce.values())))
+    assert report["results"]["baseline"]["accuracy"] == a["accuracy"]
+    # the numbers are the model's accuracy on the corrupted examples
+    model, _ = C.create_model_from_checkpoint(ckpts[0])
+    ds = D.create_dataset("fashion_mnist", data_dir, split="val")
+    x, y = next(iter(D.create_loader(ds.subset(list(range(8))), img_size=SIZE, in_chans=1,
+                                     batch_size=8, is_training=False)))
+    with torch.no_grad():
+        hit = (model(corrupt(x, "contrast", 5, seed=0)).argmax(1) == y).double().mean().item()
+    assert a["accuracy"]["contrast"][1] == pytest.approx(hit)
+    assert a["mean_corruption_accuracy"] == pytest.approx(np.mean([v for c in a["accuracy"].values() for v in c]))
+    assert [f["file"] for f in report["figures"]] == ["corruptions.png", "corruptions_summary.png"]
+    _pngs_open(out, report)
+    assert "mCE (%)" in (out / "report.md").read_text()
+    assert "images/s" in capsys.readouterr().err
+    # generated once: 4 (corruption, severity) files, reused by a second run
+    (folder,) = cache.iterdir()
+    assert sorted(p.name for p in folder.glob("*.npy")) == sorted(
+        f"{c}-{s}-seed0.npy" for c in ("gaussian_noise", "contrast") for s in (1, 5))
+    assert CorruptionCache(cache).folder("fashion_mnist/val", json.loads(
+        (folder / "manifest.json").read_text())["examples"]["sha256"]) == folder
+    assert A.main(argv) == 0
+    again = json.loads((out / "corruptions.json").read_text())
+    assert again["results"]["models"] == report["results"]["models"]
+
+
+@pytest.mark.slow
+def test_spatial_end_to_end(ckpts, data_dir, tmp_path):
+    from advvit.analysis.shifts import SpatialGrid, evaluate_spatial
+    out = tmp_path / "out"
+    assert A.main(_args("spatial", ckpts, data_dir, out, *SPATIAL)) == 0
+    report = json.loads((out / "spatial.json").read_text())
+    r = report["results"]["a/best"]
+    assert r["rotations"] == [-20.0, 0.0, 20.0] and r["translations_x"] == [-0.1, 0.0, 0.1]
+    assert report["settings"]["points"] == 27 and np.asarray(r["accuracy"]).shape == (3, 3, 3)
+    assert r["accuracy"][1][1][1] == r["clean_accuracy"]  # the identity point
+    assert r["worst_of_grid_accuracy"] <= r["lowest_point"]["accuracy"] == np.min(r["accuracy"])
+    model, _ = C.create_model_from_checkpoint(ckpts[0])
+    ds = D.create_dataset("fashion_mnist", data_dir, split="val")
+    x, y = next(iter(D.create_loader(ds.subset(list(range(6))), img_size=SIZE, in_chans=1,
+                                     batch_size=6, is_training=False)))
+    direct = evaluate_spatial(model, x, y, grid=SpatialGrid((-20.0, 0.0, 20.0), (-0.1, 0.0, 0.1),
+                                                            (-0.1, 0.0, 0.1)))
+    assert r["accuracy"] == direct.accuracy.tolist()
+    assert r["worst_of_grid_accuracy"] == direct.worst_of_grid_accuracy
+    assert [f["file"] for f in report["figures"]] == ["spatial.png", "spatial_summary.png"]
+    _pngs_open(out, report)
+
+
+def test_default_spatial_grid_is_engstroms(ckpts, data_dir, tmp_path):
+    from advvit.analysis.shifts import SpatialGrid
+    args = A.build_parser().parse_args(_args("spatial", ckpts[:1], data_dir, tmp_path))
+    grid = A._spatial_grid(SimpleNamespace(args=args))
+    assert grid.rotations == SpatialGrid().rotations and grid.shape == (31, 5, 5)
+    assert grid.translations_x == pytest.approx(SpatialGrid().translations_x)
+
+
+@pytest.fixture(scope="module")
+def twelve_classes(tmp_path_factory) -> Path:
+    """An untrained 12-class ViT of the same input as the tiny checkpoints (labels 0-9 fit it)."""
+    model = create_model("test_vit", num_classes=12, in_chans=1, img_size=SIZE, patch_size=4)
+    path = tmp_path_factory.mktemp("twelve") / "twelve.pth"
+    C.save_checkpoint(path, C.make_checkpoint(model, C.ModelSpec("test_vit", 12, 1, SIZE, None,
+                                                                 {"patch_size": 4}),
+                                              config={}, epoch=0, step=0))
+    return path
+
+
+@pytest.mark.parametrize("analysis,extra,match", [
+    ("corruptions", ["--corruptions", "gaussian_noise,rain"], "--corruptions rain is unknown"),
+    ("corruptions", ["--severities", "1,6"], "--severities 6: severities are integers 1 to 5"),
+    ("corruptions", ["--severities", "0"], "--severities 0"),
+    ("corruptions", ["--corruptions", "fog,fog"], "names a corruption twice"),
+    ("corruptions", ["--corruption-workers", "-1"], "--corruption-workers must be >= 0"),
+    ("corruptions", ["--eps", "4/255"], "do not apply to corruptions"),
+    ("corruptions", ["--cache-dir", "/proc/version"], "--cache-dir /proc/version is a file"),
+    ("spatial", ["--rotation-steps", "0"], "--rotation-steps must be >= 1"),
+    ("spatial", ["--translation-steps", "0"], "--translation-steps must be >= 1"),
+    ("spatial", ["--max-rotation", "200"], "--max-rotation must be in [0, 180]"),
+    ("spatial", ["--max-translation", "0", "--translation-steps", "3"], "--max-translation 0 has one value"),
+])
+def test_shift_analyses_refuse_bad_input_before_any_work(analysis, extra, match, ckpts, data_dir,
+                                                         tmp_path, capsys):
+    out, cache = tmp_path / "never", tmp_path / "cache"
+    more = ["--cache-dir", str(cache)] if analysis == "corruptions" and "--cache-dir" not in extra else []
+    err = _fails(_args(analysis, ckpts[:1], data_dir, out, *more, *extra), capsys)
+    assert match in err
+    assert not out.exists() and not cache.exists()
+
+
+def test_a_baseline_with_other_classes_is_refused(ckpts, data_dir, twelve_classes, tmp_path, capsys):
+    out = tmp_path / "never"
+    err = _fails(_args("corruptions", ckpts[:1], data_dir, out, *CORRUPT, "--cache-dir",
+                       str(tmp_path / "cache"), "--baseline", str(twelve_classes)), capsys)
+    assert "--baseline" in err and "has 12 classes" in err and "has 10" in err
+    assert not out.exists()
+    err = _fails(_args("corruptions", ckpts[:1], data_dir, out, "--baseline",
+                       str(tmp_path / "missing.pth")), capsys)
+    assert "--baseline" in err and "missing.pth does not exist" in err

@@ -381,3 +381,66 @@ def test_damaged_weights_file_is_one_clear_error(ckpt_path, tmp_path, capsys, na
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert str(junk) in err and "weights_only" not in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------ --corruptions
+
+CORRUPT = ("--corruptions", "gaussian_noise,contrast", "--corruption-severities", "1,5",
+           "--corruption-workers", "0")
+
+
+@pytest.mark.slow
+def test_corruptions_join_the_lp_report_on_the_same_examples(ckpt_path, tmp_path, capsys):
+    from advvit.analysis.shifts import corrupt
+    cache = tmp_path / "cache"
+    report = _run(_base(ckpt_path, tmp_path, "--attack", "fgsm", "--eps", "1/255", *CORRUPT,
+                        "--corruption-cache-dir", str(cache)))
+    c = report["corruptions"]
+    assert c["corruptions"] == ["gaussian_noise", "contrast"] and c["severities"] == [1, 5]
+    assert c["n"] == report["n"] == 24 and c["seed"] == 0
+    assert c["clean_accuracy"] == pytest.approx(report["clean_accuracy"])  # the same examples
+    model, _ = C.create_model_from_checkpoint(ckpt_path)
+    x, y = _test_images(24)
+    with torch.no_grad():
+        hit = (model(corrupt(x, "gaussian_noise", 5, seed=0)).argmax(1) == y).float().mean().item()
+    assert c["accuracy"]["gaussian_noise"][1] == pytest.approx(hit)
+    assert c["mean_corruption_accuracy"] == pytest.approx(np.mean([v for a in c["accuracy"].values() for v in a]))
+    assert c["cache_dir"] == str(cache) and len(list(cache.glob("*/*.npy"))) == 4
+    table = capsys.readouterr().out
+    assert "common corruptions" in table and "gaussian_noise" in table and "mean corruption" in table
+    assert table.index("robust") < table.index("common corruptions")  # next to the Lp results
+
+
+@pytest.mark.slow
+def test_without_corruptions_the_report_has_none(ckpt_path, tmp_path, capsys):
+    report = _run(_base(ckpt_path, tmp_path, "--attack", "fgsm", "--eps", "1/255"))
+    assert "corruptions" not in report and "common corruptions" not in capsys.readouterr().out
+
+
+def test_corruptions_flag_alone_means_all_fifteen():
+    from advvit.analysis.shifts import CORRUPTIONS
+    args = E.build_parser().parse_args(["--checkpoint", "m.pth", "--corruptions", "--eps", "1/255"])
+    assert args.corruptions == "all"
+    assert E._corruption_args(args).corruptions == CORRUPTIONS
+
+
+@pytest.mark.parametrize("change, match", [
+    (("--corruptions", "gaussian_noise,rain"), "--corruptions rain is unknown"),
+    (("--corruptions", "fog", "--corruption-severities", "1,6"),
+     "--corruption-severities 6: severities are integers 1 to 5"),
+    (("--corruptions", "fog", "--corruption-severities", "0"), "--corruption-severities 0"),
+    (("--corruptions", "fog", "--corruption-workers", "-2"), "--corruption-workers must be >= 0"),
+    (("--corruptions", "fog", "--seed", "-1"), "--seed must be >= 0 with --corruptions"),
+    (("--corruptions", "fog", "--corruption-cache-dir", "/proc/version"),
+     "--corruption-cache-dir /proc/version is a file"),
+    (("--corruption-severities", "1",), "go with --corruptions"),
+])
+def test_bad_corruption_options_exit_2_before_any_attack(ckpt_path, tmp_path, capsys, monkeypatch,
+                                                         change, match):
+    attacked = []
+    monkeypatch.setattr(E, "run_attack", lambda *a, **k: attacked.append(1))
+    with pytest.raises(SystemExit) as exit_info:
+        E.main(_base(ckpt_path, tmp_path, "--attack", "fgsm", *change))
+    assert exit_info.value.code == 2
+    assert match in capsys.readouterr().err
+    assert not attacked and not (tmp_path / "report.json").exists()
