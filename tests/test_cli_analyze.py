@@ -349,7 +349,7 @@ def test_default_spatial_grid_is_engstroms(ckpts, data_dir, tmp_path):
     from advvit.analysis.shifts import SpatialGrid
     args = A.build_parser().parse_args(_args("spatial", ckpts[:1], data_dir, tmp_path))
     grid = A._spatial_grid(SimpleNamespace(args=args))
-    assert grid.rotations == SpatialGrid().rotations and grid.shape == (31, 5, 5)
+    assert grid == SpatialGrid() and grid.shape == (31, 5, 5)
     assert grid.translations_x == pytest.approx(SpatialGrid().translations_x)
 
 

@@ -696,7 +696,8 @@ class SpatialGrid:
         """Evenly spaced values in [-max, max] (steps 1: only 0)."""
         def values(limit: float, steps: int) -> Tuple[float, ...]:
             _check_positive("steps", steps)
-            return (0.0,) if steps == 1 else tuple(float(v) for v in np.linspace(-limit, limit, steps))
+            # Rounded so that the grid's values read as written (0.05, not 0.05000000000000002).
+            return (0.0,) if steps == 1 else tuple(round(float(v), 12) for v in np.linspace(-limit, limit, steps))
         translations = values(max_translation, translation_steps)
         return cls(values(max_rotation, rotation_steps), translations, translations)
 
