@@ -176,6 +176,36 @@ def test_adversarial_training_steps_compile_once(rt: accel.Runtime, attack_steps
     assert any(not torch.equal(a, b) for a, b in zip(before, after)), "no parameter was updated"
 
 
+@pytest.mark.parametrize("arch, kwargs", [
+    ("fan_tiny_12_p8_32", dict(depth=1)),               # FAN: BatchNorm in the stem and the MLP
+    ("covit_d1_e128_p4_32", dict(embed_dim=48)),         # token convolution in place of attention
+], ids=["fan", "covit"])
+def test_seed_architectures_train_adversarially_on_xla(rt: accel.Runtime, arch: str,
+                                                       kwargs: dict) -> None:
+    """FAN and the conv-mixing ViT (cut down, for compile time) take FGSM-RS steps on XLA under
+    the trainer's attack policy (train mode: eval-mode BatchNorm has no backward there)."""
+    import advvit.models  # noqa: F401  (registers FAN and CoViT)
+    torch.manual_seed(0)
+    model = accel.wrap_model(timm.create_model(arch, img_size=32, num_classes=10, **kwargs), rt)
+    before = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+    policy = accel.attack_policy(rt)
+    assert policy.mode == "train"
+    loss_fn = AdversarialLoss(eps=8 / 255, steps=1, attack_mode=policy.mode,
+                              on_step=policy.on_step)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(BATCH, 3, 32, 32, generator=gen),
+                torch.randint(0, 10, (BATCH,), generator=gen)) for _ in range(2)]
+    totals, _ = train_one_epoch(
+        model=model, loss_fn=loss_fn, loader=batches,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), rt=rt,
+        eps_schedule=EpsSchedule(eps=8 / 255), epoch=0, step=0,
+        settings=StepSettings(log_interval=1000))
+    assert totals["steps"] == 2 and torch.isfinite(torch.tensor(totals["loss"]))
+    unchanged = [n for n, p in model.named_parameters()
+                 if p.requires_grad and torch.equal(before[n], p.detach().cpu())]
+    assert not unchanged, f"parameters not updated on XLA: {unchanged[:5]}"
+
+
 def _launched(index: int, path: str) -> None:
     rt = accel.setup("auto")
     total = accel.all_reduce_sum(torch.ones(2, device=rt.device) * (rt.rank + 1), rt)
