@@ -50,6 +50,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file, read_sn
 __all__ = [
     "DataInfo",
     "DataNotFoundError",
+    "SplitError",
     "ArrayDataset",
     "SubsetDataset",
     "dataset_info",
@@ -81,6 +82,10 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 
 class DataNotFoundError(FileNotFoundError):
     """A data set is not where it was looked for; the message lists the places and how to get it."""
+
+
+class SplitError(ValueError):
+    """A held-out split that leaves no example on one side (``val_fraction`` too small or large)."""
 
 
 @dataclass(frozen=True)
@@ -482,7 +487,7 @@ def _held_out(n: int, val_fraction: float, split_seed: int) -> Tuple[np.ndarray,
     """Seeded (train, val) index split of ``n`` rows."""
     n_val = int(round(n * val_fraction))
     if n_val < 1 or n_val >= n:
-        raise ValueError(f"val_fraction={val_fraction} of {n} samples leaves {n_val} for validation and "
+        raise SplitError(f"val_fraction={val_fraction} of {n} samples leaves {n_val} for validation and "
                          f"{n - n_val} for training: both need at least one")
     perm = np.random.default_rng(split_seed).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])

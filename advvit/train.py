@@ -74,8 +74,12 @@ class Parts:
 def _build_loaders(cfg: TrainConfig, rt: accel.Runtime, spec: checkpoint.ModelSpec):
     d = cfg.data
     common = dict(class_list=d.class_list, val_fraction=d.val_fraction, split_seed=d.split_seed)
-    train_set = data.create_dataset(d.dataset, d.data_dir, split="train", **common)
-    val_set = data.create_dataset(d.dataset, d.data_dir, split="val", **common)
+    try:
+        train_set = data.create_dataset(d.dataset, d.data_dir, split="train", **common)
+        val_set = data.create_dataset(d.dataset, d.data_dir, split="val", **common)
+    except data.SplitError as err:
+        raise ConfigError("val_fraction", str(err), "raise val_fraction, or 0 for the data "
+                          "set's own evaluation split") from None
     device = rt.device if rt.kind == "cuda" else None
     augment = dict(scale=tuple(d.scale), ratio=tuple(d.ratio), hflip=d.hflip,
                    color_jitter=d.color_jitter or 0.0, auto_augment=d.auto_augment,

@@ -368,3 +368,14 @@ def test_recovery_steps_must_fall_on_log_points(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'recovery_interval_steps'" in err and "multiple of log_interval (4)" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_held_out_split_with_no_example_is_one_config_error(tmp_path, capsys):
+    """val_fraction 0.01 of 48 training images holds out none: exit 2 naming the key, no
+    checkpoint or log written."""
+    assert main(_tiny_args(tmp_path, "--val-fraction", "0.01")) == 2
+    err = capsys.readouterr().err
+    assert "config key 'val_fraction'" in err and "leaves 0 for validation" in err
+    assert "Traceback" not in err
+    run = tmp_path / "runs" / "run"
+    assert not run.exists() or not {"args.yaml", "last.pth", "summary.csv"} & set(os.listdir(run))
