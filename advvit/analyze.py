@@ -32,7 +32,7 @@ import random
 import sys
 import textwrap
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -897,7 +897,7 @@ def _corruptions(ctx: Context) -> Output:
     mces = {name: _mce(r, base) for name, r in results.items()} if base is not None else {}
     mce = {name: m.mce_percent if m is not None else None for name, (m, _) in mces.items()}
     summary = dict(results)
-    if base is not None:
+    if base is not None and ctx.baseline.name not in results:  # listed once when it is a model
         summary[f"{ctx.baseline.name} (baseline)"] = base
     out = Output(settings={"corruptions": list(settings.corruptions),
                            "severities": list(settings.severities),
@@ -1178,11 +1178,12 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
 def _model_names(paths: Sequence[str]) -> list[str]:
     """Short distinct names: file stems, or more of the path where stems repeat."""
     parts = [Path(p).resolve().with_suffix("").parts for p in paths]
-    for depth in range(1, max(len(p) for p in parts) + 1):
+    for depth in range(1, max(len(p) for p in parts)):  # never up to the root's "/"
         names = ["/".join(p[-depth:]) for p in parts]
         if len(set(names)) == len(names):
             return names
-    return [f"{n}#{i}" for i, n in enumerate(names)]
+    # The same file more than once: its stem, numbered.
+    return [f"{p[-1]}#{i}" for i, p in enumerate(parts)]
 
 
 def _check_output(target: str) -> Path:
@@ -1297,7 +1298,14 @@ def _load_baseline(args: argparse.Namespace, device: torch.device,
         raise AnalyzeError(f"--baseline {path} has {lm.num_classes} classes but "
                            f"{args.checkpoint[0]} has {first.num_classes}: give a baseline "
                            "trained for the same classes")
-    return named
+    # Named as the checkpoint it is when it is one of them; otherwise by as much of its path as
+    # tells it apart from them (the file stem alone, "best", would read as one of the models).
+    checkpoints = [Path(p).resolve() for p in args.checkpoint]
+    if Path(path).resolve() in checkpoints:
+        name = _model_names(args.checkpoint)[checkpoints.index(Path(path).resolve())]
+    else:
+        name = _model_names([*args.checkpoint, path])[-1]
+    return replace(named, name=name)
 
 
 def _class_names(classes: Optional[Sequence[str]], num_classes: int) -> tuple[str, ...]:

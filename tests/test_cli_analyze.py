@@ -229,6 +229,7 @@ def test_model_without_blocks_is_refused_by_the_internals_analyses(data_dir, tmp
 def test_model_names_are_short_and_distinct():
     assert A._model_names(["/r/a/best.pth", "/r/b/best.pth"]) == ["a/best", "b/best"]
     assert A._model_names(["/r/x.pth", "/r/y.pth"]) == ["x", "y"]
+    assert A._model_names(["/r/a/best.pth", "/r/a/best.pth"]) == ["best#0", "best#1"]  # no "//r"
 
 
 def test_a_new_analysis_is_one_registration(ckpts, data_dir, tmp_path):
@@ -290,6 +291,9 @@ def test_corruptions_end_to_end_with_a_baseline(ckpts, data_dir, tmp_path, capsy
     report = json.loads((out / "corruptions.json").read_text())
     assert report["analysis"] == "corruptions" and report["settings"]["eps"] is None
     assert report["settings"]["baseline"]["sha256"] == hashlib.sha256(ckpts[0].read_bytes()).hexdigest()
+    # the baseline is one of the models: named as that model, listed once
+    assert report["settings"]["baseline"]["name"] == "a/best"
+    assert "(baseline)" not in (out / "report.md").read_text()
     a, b = report["results"]["models"]["a/best"], report["results"]["models"]["b/best"]
     assert a["corruptions"] == ["gaussian_noise", "contrast"] and a["severities"] == [1, 5]
     assert a["mce_percent"] == 100.0 and a["ce_percent"] == {"gaussian_noise": 100.0, "contrast": 100.0}
