@@ -340,16 +340,12 @@ class AutoAttackAdapter:
         aa.fab.n_restarts = self._fab_restarts
         if self.backend == "pyautoattack":
             with _model_checks_skipped(self._checked):
-                out = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
+                x_adv, y_adv = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
         else:
-            out = aa.run_standard_evaluation(x, y, bs=x.shape[0])
+            # Asked for, the reference package returns the labels it already computed: no
+            # extra forward pass here.
+            x_adv, y_adv = aa.run_standard_evaluation(x, y, bs=x.shape[0], return_labels=True)
         self._checked = True
-        if isinstance(out, tuple):
-            x_adv, y_adv = out[0], out[1]
-        else:  # the reference package returns labels only when asked (return_labels=True)
-            x_adv = out
-            with torch.no_grad():
-                y_adv = self.model(x_adv.to(self.device)).argmax(1)
         return x_adv.detach().cpu(), y_adv.detach().cpu()
 
     @property
