@@ -445,14 +445,15 @@ _HYBRID_CONV = "patch_embed.backbone.stem.0"
 _SMALL = dict(input_size=(3, 32, 32))
 
 # width, depth, heads of the FAN-ViT models; depth, width, heads, ConvNeXt depths of the hybrids.
-_VIT = {"tiny_12": (192, 12, 4), "small_12": (384, 12, 8), "base_18": (448, 18, 8), "large_24": (480, 24, 10)}
+_VIT = {"nano_12": (128, 12, 4), "tiny_12": (192, 12, 4), "small_12": (384, 12, 8), "base_18": (448, 18, 8), "large_24": (480, 24, 10)}
 _HYBRID = {"tiny_8": (192, 8, 8, (3, 3)), "small_12": (384, 10, 8, (3, 3)),
            "base_16": (448, 16, 8, (3, 3)), "large_16": (480, 22, 10, (3, 5))}
 
 default_cfgs = generate_default_cfgs({
-    **{f"fan_{n}_p16_224": _cfg() for n in _VIT},
-    **{f"fan_{n}_p4_32": _cfg(**_SMALL) for n in _VIT},
+    **{f"fan_{n}_p16_224": _cfg() for n in _VIT if n != "nano_12"},
+    **{f"fan_{n}_p4_32": _cfg(**_SMALL) for n in _VIT if n != "nano_12"},
     "fan_tiny_12_p8_32": _cfg(**_SMALL),
+    "fan_nano_12_p8_32": _cfg(**_SMALL),
     **{f"fan_{n}_p4_hybrid": _cfg(first_conv=_HYBRID_CONV) for n in _HYBRID},
     **{f"fan_{n}_p4_hybrid_32": _cfg(first_conv=_HYBRID_CONV, **_SMALL) for n in _HYBRID},
 })
@@ -512,6 +513,13 @@ def fan_tiny_12_p4_32(pretrained: bool = False, **kwargs: Any) -> FAN:
 def fan_tiny_12_p8_32(pretrained: bool = False, **kwargs: Any) -> FAN:
     """FAN-T-ViT at 32x32, 4x4 tokens (the quick CPU model); loads ``fan_tiny_12_p16_224`` weights."""
     return _vit("fan_tiny_12_p8_32", "tiny_12", pretrained, 8, 32, kwargs)
+
+
+@register_model
+def fan_nano_12_p8_32(pretrained: bool = False, **kwargs: Any) -> FAN:
+    """FAN-ViT with XCiT-N12's width, depth and heads (128, 12, 4) at 32x32, 4x4 tokens: the
+    FAN of the architecture comparisons at XCiT-N12's size (no published weights)."""
+    return _vit("fan_nano_12_p8_32", "nano_12", pretrained, 8, 32, kwargs)
 
 
 @register_model

@@ -10,6 +10,9 @@ that timm does not ship, so ``timm.create_model(name)`` finds them afterwards:
 * ``xcit_medium_12_p16_224`` and ``xcit_large_12_p16_224``: the 12-block XCiT-M12 and XCiT-L12.
 * ``cait_s12_224``: the 12-block CaiT-S.
 * ``resnet50_gelu`` and ``resnet18_gelu``: ResNets with GELU activations (Bai et al. 2021).
+* ``deit_nano_12_p8_32``, ``cait_nano_12_p8_32`` and ``resnet18_half_gelu``: DeiT, CaiT and a
+  half-width ResNet-18 (GELU) of XCiT-N12's size (2.4M, 2.8M, 2.8M against 2.9M parameters at
+  1 channel / 10 classes) for comparing architectures under one recipe at 32x32.
 
 Inputs are always pixels in [0, 1]. A model trained on normalized inputs carries the normalization
 inside (``NormalizedModel``), so attacks and AutoAttack see the same [0, 1] box as the data.
@@ -31,6 +34,7 @@ from timm.models.cait import checkpoint_filter_fn as _cait_filter_fn
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.xcit import ConvPatchEmbed, Xcit
 from timm.models.xcit import checkpoint_filter_fn as _xcit_filter_fn
+from timm.models.vision_transformer import VisionTransformer
 
 from .checkpoint import CheckpointError, state_dict_misfit
 
@@ -113,6 +117,13 @@ default_cfgs = generate_default_cfgs({
     "resnet18_gelu": _cfg(
         first_conv="conv1", classifier="fc", pool_size=(7, 7), crop_pct=0.875,
         interpolation="bicubic", fixed_input_size=False),
+    "deit_nano_12_p8_32": _cfg(input_size=(3, 32, 32), mean=_CIFAR_MEAN, std=_CIFAR_STD,
+                               first_conv="patch_embed.proj"),
+    "cait_nano_12_p8_32": _cfg(input_size=(3, 32, 32), mean=_CIFAR_MEAN, std=_CIFAR_STD,
+                               first_conv="patch_embed.proj"),
+    "resnet18_half_gelu": _cfg(
+        input_size=(3, 32, 32), mean=_CIFAR_MEAN, std=_CIFAR_STD, first_conv="conv1",
+        classifier="fc", pool_size=(1, 1), fixed_input_size=False),
 })
 
 
@@ -288,6 +299,35 @@ def resnet18_gelu(pretrained: bool = False, **kwargs: Any) -> ResNet:
     kwargs.setdefault("act_layer", "gelu")  # timm's GELU takes inplace=, as ResNet passes
     return build_model_with_cfg(ResNet, "resnet18_gelu", pretrained,
                                 **dict(dict(block=BasicBlock, layers=(2, 2, 2, 2)), **kwargs))
+
+
+# XCiT-N12's width, depth and heads, so an architecture comparison changes the token mixing only.
+_NANO = dict(patch_size=8, embed_dim=128, depth=12, num_heads=4)
+
+
+@register_model
+def deit_nano_12_p8_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT (plain ViT, class token) with XCiT-N12's width and depth, patch 8 at 32x32."""
+    return build_model_with_cfg(VisionTransformer, "deit_nano_12_p8_32", pretrained,
+                                **dict(dict(_NANO, img_size=32), **kwargs))
+
+
+@register_model
+def cait_nano_12_p8_32(pretrained: bool = False, **kwargs: Any) -> Cait:
+    """CaiT with XCiT-N12's width, 12 self-attention and 2 class-attention blocks (as XCiT)."""
+    return build_model_with_cfg(
+        Cait, "cait_nano_12_p8_32", pretrained, pretrained_filter_fn=_cait_filter_fn,
+        feature_cfg=dict(out_indices=kwargs.pop("out_indices", 3), feature_cls="getter"),
+        **dict(dict(_NANO, img_size=32, depth_token_only=2, init_values=1e-5), **kwargs))
+
+
+@register_model
+def resnet18_half_gelu(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-18 at half width (32-256 channels) with GELU: a CNN of XCiT-N12's size."""
+    kwargs.setdefault("act_layer", "gelu")
+    return build_model_with_cfg(
+        ResNet, "resnet18_half_gelu", pretrained,
+        **dict(dict(block=BasicBlock, layers=(2, 2, 2, 2), channels=(32, 64, 128, 256)), **kwargs))
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def meta(name, **kw):
 
 
 def test_every_variant_is_in_timms_registry_and_advvits_list():
-    assert set(F.REGISTERED) == set(VIT + HYBRID + SMALL_VIT + SMALL_HYBRID + ("fan_tiny_12_p8_32",))
+    assert set(F.REGISTERED) == set(VIT + HYBRID + SMALL_VIT + SMALL_HYBRID
+                                    + ("fan_tiny_12_p8_32", "fan_nano_12_p8_32"))
     assert set(F.REGISTERED) <= set(timm.list_models("fan_*"))
     assert set(F.REGISTERED) <= set(M.iter_registered())
 

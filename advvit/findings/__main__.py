@@ -1,0 +1,77 @@
+"""``python -m advvit.findings {plan,run,report} [EXPERIMENT ...]``.
+
+``plan`` prints every unit with its state and estimated minutes; ``run`` runs what is not done
+(then writes the results); ``report`` writes ``docs/findings/<id>.json`` and its figure from
+what has finished. EXPERIMENT is a file stem (``02_eps_warmup``) or a claim number; none: all.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import List, Optional, Sequence
+
+from .plan import plan_lines
+from .results import write_result, build_result
+from .runner import RunFailed, run_experiment
+from .spec import FindingsError, load_experiments
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m advvit.findings", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=("plan", "run", "report"))
+    p.add_argument("experiments", nargs="*", help="file stems or claim numbers (default: all)")
+    p.add_argument("--configs", default="configs/findings", help="folder of experiment files")
+    p.add_argument("--root", default="output/findings",
+                   help="run folders, resolved configs and analyses go here")
+    p.add_argument("--results", default="docs/findings", help="where <id>.json and <id>.png go")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS of the runs (default: torch's)")
+    p.add_argument("--yes", action="store_true", help="run without printing the plan first")
+    return p
+
+
+def _command(args: argparse.Namespace, exp_id: str) -> str:
+    words = ["python", "-m", "advvit.findings", "run", exp_id]
+    if args.configs != "configs/findings":
+        words += ["--configs", args.configs]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _report(exps, args) -> None:
+    for exp in exps:
+        data = build_result(exp, args.root, _command(args, exp.id))
+        path = write_result(data, args.results)
+        print(f"claim {exp.claim} ({exp.id}): {data['verdict']} -> {path}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        exps = load_experiments(args.configs, args.experiments)
+    except FindingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.action == "report":
+        _report(exps, args)
+        return 0
+    if args.action == "plan" or not args.yes:
+        lines, _ = plan_lines(exps, args.root)
+        print("\n".join(lines))
+    if args.action == "plan":
+        return 0
+    env = None if args.threads is None else {"OMP_NUM_THREADS": str(args.threads)}
+    for exp in exps:
+        print(f"claim {exp.claim} ({exp.id})")
+        try:
+            run_experiment(exp, args.root, env=env)
+        except RunFailed as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        _report([exp], args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

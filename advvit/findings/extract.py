@@ -1,0 +1,141 @@
+"""The numbers a finding's tests compare, read from the evaluation and analysis JSON files.
+
+An evaluation gives ``clean`` and ``robust`` accuracy. Each analysis has one extractor, which
+reads the analysis's JSON and returns, per measured model, the named metrics its claim needs;
+the models are the analysis's ``--checkpoint`` list in order, which the runner built from the
+experiment's settings.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Mapping, Sequence
+
+__all__ = ["eval_metrics", "EXTRACTORS", "extract", "ExtractError"]
+
+Metrics = Dict[str, float]
+
+
+class ExtractError(ValueError):
+    """An evaluation or analysis file lacks what its claim needs."""
+
+
+def eval_metrics(report: Mapping[str, Any]) -> Metrics:
+    """``clean`` and ``robust`` accuracy from an ``advvit-eval/1`` report."""
+    if report.get("format") != "advvit-eval/1":
+        raise ExtractError(f"not an advvit-eval/1 report (format {report.get('format')!r})")
+    robust = report["robust_accuracy"]
+    robust = robust.get("value") if isinstance(robust, dict) else robust
+    if robust is None:
+        raise ExtractError("the report has no robust accuracy (did the attack fail?)")
+    return {"clean": float(report["clean_accuracy"]), "robust": float(robust)}
+
+
+def _mean(values: Sequence[float]) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else math.nan
+
+
+def _jacobian(result: Mapping[str, Any]) -> Metrics:
+    """``first`` / ``last`` block's spectral norm, the largest and mean of the blocks between,
+    and ``ends_min`` (the smaller of first and last: above ``middle_max`` means both ends are
+    the most sensitive blocks, the Cauchy-problem paper's claim)."""
+    sigma = [float(s) for s in result["sigma_mean"]]
+    if len(sigma) < 3:
+        raise ExtractError("fewer than 3 blocks: no middle to compare the ends with")
+    middle = sigma[1:-1]
+    return {"first": sigma[0], "last": sigma[-1], "middle_max": max(middle),
+            "middle_mean": _mean(middle), "ends_min": min(sigma[0], sigma[-1])}
+
+
+def _lesions(result: Mapping[str, Any]) -> Metrics:
+    """Mean accuracy drop (intact minus lesioned, clean and PGD) per lesion kind over the blocks
+    that have the part (``attn_drop``, ``mlp_drop``, ``block_drop``, ...; ``robust_`` in front
+    for PGD), and the largest single-block drop (``block_drop_max``)."""
+    out: Metrics = {}
+    for prefix, key, base in (("", "clean_accuracy", "baseline_clean"),
+                              ("robust_", "robust_accuracy", "baseline_robust")):
+        for kind, row in zip(result["kinds"], result[key]):
+            drops = [float(result[base]) - a for a in row if a is not None]
+            out[f"{prefix}{kind}_drop"] = _mean(drops)
+            if kind == "block":
+                out[f"{prefix}block_drop_max"] = max(drops)
+    return out
+
+
+def _corruptions(result: Mapping[str, Any]) -> Metrics:
+    """Mean accuracy over corruptions x severities, and its ratio to clean accuracy."""
+    mean, clean = float(result["mean_corruption_accuracy"]), float(result["clean_accuracy"])
+    return {"mean": mean, "clean": clean, "relative": mean / clean if clean else math.nan}
+
+
+def _per_model(fn: Callable[[Mapping[str, Any]], Metrics]) -> Callable[..., List[Metrics]]:
+    def extract_all(report: Mapping[str, Any], settings: Sequence[str]) -> List[Metrics]:
+        results = report["results"]
+        results = results.get("models", results)
+        return [fn(results[name]) for name in report["model_names"]]
+    extract_all.__doc__ = fn.__doc__
+    return extract_all
+
+
+def _transfer(report: Mapping[str, Any], settings: Sequence[str]) -> List[Metrics]:
+    """Per source model: the accuracy of the other models on the examples that fooled it
+    (``transfer_accuracy``), averaged over targets of the same setting (``within``: another
+    seed of the same architecture) and of the other settings (``cross``). Higher accuracy
+    means the examples transfer worse. Needs the models of at least two seeds per setting for
+    ``within``."""
+    r = report["results"]
+    matrix = r["transfer_accuracy"]
+    out = []
+    for i, source in enumerate(settings):
+        within = [matrix[i][j] for j, t in enumerate(settings) if j != i and t == source]
+        cross = [matrix[i][j] for j, t in enumerate(settings) if t != source]
+        out.append({"within": _mean(within), "cross": _mean(cross),
+                    "white_box": float(r["accuracy"][i][i]), "fooled": float(r["n_fooled"][i])})
+    return out
+
+
+def _semantic(report: Mapping[str, Any], settings: Sequence[str]) -> List[Metrics]:
+    """Per source model: the judges' mean top-1 and top-k accuracy on its perturbation images
+    (chance is one over the classes), and the same on random-noise controls."""
+    rows = report["results"]["rows"]
+    k = report["settings"].get("k", 5)
+    out = []
+    for name in report["model_names"]:
+        mine = [row for row in rows if row["source"] == name]
+        if not mine:
+            raise ExtractError(f"no semantic rows for source {name!r}")
+        out.append({"top1": _mean([row["perturbation_top1"] for row in mine]),
+                    f"top{k}": _mean([row[f"perturbation_top{k}"] for row in mine]),
+                    "random_top1": _mean([row["random_top1"] for row in mine])})
+    return out
+
+
+EXTRACTORS: Dict[str, Callable[[Mapping[str, Any], Sequence[str]], List[Metrics]]] = {
+    "jacobian": _per_model(_jacobian),
+    "lesions": _per_model(_lesions),
+    "corruptions": _per_model(_corruptions),
+    "transfer": _transfer,
+    "semantic": _semantic,
+}
+
+
+def extract(command: str, report: Mapping[str, Any], settings: Sequence[str]) -> List[Metrics]:
+    """The metrics of each model of an ``advvit-analyze/1`` report, in checkpoint order.
+
+    Args:
+        command: the analyze sub-command that wrote it.
+        report: the parsed JSON.
+        settings: the setting each checkpoint was trained with, in order.
+
+    Raises:
+        ExtractError: the file is not such a report, or lacks a needed field.
+    """
+    if report.get("format") != "advvit-analyze/1" or report.get("analysis") != command:
+        raise ExtractError(f"not an advvit-analyze/1 {command} report")
+    if len(report["model_names"]) != len(settings):
+        raise ExtractError(f"{len(report['model_names'])} models in the report, "
+                           f"{len(settings)} checkpoints given")
+    try:
+        return EXTRACTORS[command](report, settings)
+    except (KeyError, IndexError, TypeError) as err:
+        raise ExtractError(f"{command} report lacks {err}") from None

@@ -1,0 +1,201 @@
+"""A finding's result: its measurements gathered from the finished units, the tests' verdicts,
+and the file ``docs/findings/<experiment>.json`` (format ``advvit-findings/1``) with one figure.
+
+The JSON records every per-seed number and where it came from (run folder, evaluation or
+analysis file), so a reader can check a verdict against the runs behind it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .. import __version__
+from ..io import atomic_write_json
+from . import verdict as V
+from .extract import eval_metrics, extract
+from .plan import Unit, status, units
+from .spec import Experiment, MetricRef
+
+__all__ = ["collect", "build_result", "validate_result", "write_result", "FORMAT", "SchemaError"]
+
+FORMAT = "advvit-findings/1"
+# (setting, seed, source) -> metric -> value
+Measurements = Dict[Tuple[str, int, str], Dict[str, float]]
+
+
+class SchemaError(ValueError):
+    """A findings file does not have the advvit-findings/1 shape."""
+
+
+def _load(path: str) -> Dict[str, Any]:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def collect(exp: Experiment, root: str) -> Tuple[Measurements, List[Dict[str, Any]]]:
+    """The measurements of every finished unit, and one record per run and measurement."""
+    found: Measurements = {}
+    records: List[Dict[str, Any]] = []
+    for u in units(exp, root):
+        if u.kind == "train" or status(u) != "done":
+            continue
+        if u.kind == "eval":
+            per = [eval_metrics(_load(u.output))]
+            settings: Sequence[str] = (u.setting,)
+            seeds: Sequence[int] = (u.seed,)
+        else:
+            settings, seeds = u.settings, u.seeds
+            per = extract(exp.analysis(u.source).command, _load(u.output), settings)
+        for setting, seed, metrics, ckpt in zip(settings, seeds, per, u.checkpoints):
+            found[(setting, seed, u.source)] = metrics
+            records.append({"setting": setting, "seed": seed, "source": u.source,
+                            "file": u.output, "checkpoint": ckpt, "metrics": metrics})
+    return found, records
+
+
+def _samples(found: Measurements, ref: MetricRef, seeds: Sequence[int]) -> List[float]:
+    return [found[(ref.setting, s, ref.source)][ref.metric] for s in seeds
+            if (ref.setting, s, ref.source) in found
+            and ref.metric in found[(ref.setting, s, ref.source)]]
+
+
+def _train_seconds(exp: Experiment, root: str) -> Dict[str, float]:
+    out = {}
+    for u in units(exp, root):
+        if u.kind == "train" and status(u) == "done":
+            out[f"{u.setting} s{u.seed}"] = float(_load(u.output).get("seconds", 0.0))
+    return out
+
+
+def build_result(exp: Experiment, root: str, command: str) -> Dict[str, Any]:
+    """The ``advvit-findings/1`` record of ``exp`` from what has finished under ``root``.
+
+    Tests whose samples are missing (units not run yet) are reported as ``not run``, and the
+    claim's verdict is then ``cannot tell``.
+    """
+    found, records = collect(exp, root)
+    summaries: Dict[str, Dict[str, Any]] = {}
+    tests: List[Dict[str, Any]] = []
+    results: List[V.TestResult] = []
+    for t in exp.tests:
+        samples = {str(r): _samples(found, r, exp.seeds) for r in t.refs()}
+        for ref, vals in samples.items():
+            if vals:
+                summaries[ref] = V.summarize(vals).to_dict()
+        missing = [r for r, v in samples.items() if len(v) < len(exp.seeds)]
+        entry: Dict[str, Any] = {"name": t.name, "kind": t.kind, "note": t.note,
+                                 "refs": list(samples), "min_effect": t.min_effect}
+        if t.threshold is not None:
+            entry["threshold"] = t.threshold
+        if missing:
+            entry.update(verdict="not run", why=f"missing seeds of {', '.join(missing)}")
+            tests.append(entry)
+            continue
+        if t.kind == "greater":
+            r = V.greater(t.name, V.summarize(samples[str(t.higher)]),
+                          V.summarize(samples[str(t.lower)]), min_effect=t.min_effect,
+                          labels=(str(t.higher), str(t.lower)))
+        elif t.kind == "close":
+            r = V.close(t.name, V.summarize(samples[str(t.higher)]),
+                        V.summarize(samples[str(t.lower)]), t.threshold,
+                        labels=(str(t.higher), str(t.lower)))
+        else:
+            r = V.below(t.name, V.summarize(samples[str(t.value)]), t.threshold,
+                        min_effect=t.min_effect, label=str(t.value))
+        results.append(r)
+        tests.append({**entry, **r.to_dict()})
+    complete = len(results) == len(exp.tests)
+    return {
+        "format": FORMAT, "id": exp.id, "claim": exp.claim, "title": exp.title,
+        "paper": exp.paper, "setting": exp.setting, "notes": exp.notes,
+        "waits_for": exp.waits_for, "command": command, "seeds": list(exp.seeds),
+        "settings": {s.name: {"train": dict(s.train), "finetune_from": s.finetune_from}
+                     for s in exp.settings},
+        "complete": complete,
+        "verdict": V.combine(results) if complete else "not run" if not results else V.CANNOT_TELL,
+        "tests": tests, "summaries": summaries, "measurements": records,
+        "train_seconds": _train_seconds(exp, root),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        "advvit": __version__,
+    }
+
+
+_REQUIRED = {"format": str, "id": str, "claim": int, "title": str, "paper": str, "setting": str,
+             "command": str, "seeds": list, "settings": dict, "complete": bool, "verdict": str,
+             "tests": list, "summaries": dict, "measurements": list, "train_seconds": dict,
+             "created": str}
+_TEST_REQUIRED = {"name": str, "kind": str, "verdict": str, "refs": list, "why": str}
+_SUMMARY_REQUIRED = ("n", "mean", "std", "min", "max", "values")
+_VERDICTS = (*V.VERDICTS, "not run")
+
+
+def validate_result(data: Mapping[str, Any]) -> None:
+    """Check a findings record's shape.
+
+    Raises:
+        SchemaError: naming the first field that is missing or of the wrong type or value.
+    """
+    def need(obj: Mapping[str, Any], spec: Mapping[str, type], where: str) -> None:
+        for key, tp in spec.items():
+            if key not in obj:
+                raise SchemaError(f"{where}: missing '{key}'")
+            if not isinstance(obj[key], tp) or (tp is int and isinstance(obj[key], bool)):
+                raise SchemaError(f"{where}.{key}: expected {tp.__name__}, "
+                                  f"got {type(obj[key]).__name__}")
+    need(data, _REQUIRED, "finding")
+    if data["format"] != FORMAT:
+        raise SchemaError(f"finding.format: expected {FORMAT}, got {data['format']!r}")
+    if data["verdict"] not in _VERDICTS:
+        raise SchemaError(f"finding.verdict: {data['verdict']!r} is not one of {_VERDICTS}")
+    for i, t in enumerate(data["tests"]):
+        need(t, _TEST_REQUIRED, f"finding.tests[{i}]")
+        if t["verdict"] not in _VERDICTS:
+            raise SchemaError(f"finding.tests[{i}].verdict: {t['verdict']!r}")
+    for ref, s in data["summaries"].items():
+        for key in _SUMMARY_REQUIRED:
+            if key not in s:
+                raise SchemaError(f"finding.summaries[{ref}]: missing '{key}'")
+        if len(s["values"]) != s["n"]:
+            raise SchemaError(f"finding.summaries[{ref}]: {len(s['values'])} values, n {s['n']}")
+    for i, m in enumerate(data["measurements"]):
+        need(m, {"setting": str, "seed": int, "source": str, "metrics": dict},
+             f"finding.measurements[{i}]")
+
+
+def _figure(data: Mapping[str, Any], path: str) -> Optional[str]:
+    """One panel per test: each side's seeds as dots over its mean +- std bar."""
+    tests = [t for t in data["tests"] if all(r in data["summaries"] for r in t["refs"])]
+    if not tests:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(tests), figsize=(3.2 * len(tests) + 0.8, 3.4), squeeze=False)
+    for ax, t in zip(axes[0], tests):
+        for x, ref in enumerate(t["refs"]):
+            s = data["summaries"][ref]
+            ax.bar(x, s["mean"], yerr=s["std"], color="#9ecae1" if x else "#3182bd", capsize=4)
+            ax.scatter([x] * len(s["values"]), s["values"], color="black", s=12, zorder=3)
+        if t.get("threshold") is not None and t["kind"] == "below":
+            ax.axhline(t["threshold"], color="red", lw=1, ls="--")
+        ax.set_xticks(range(len(t["refs"])))
+        ax.set_xticklabels([r.replace("@", "\n@") for r in t["refs"]], fontsize=7)
+        ax.set_title(f"{t['name']}: {t['verdict']}", fontsize=9)
+    fig.suptitle(f"claim {data['claim']}: {data['title']} ({data['verdict']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return os.path.basename(path)
+
+
+def write_result(data: Dict[str, Any], folder: str) -> str:
+    """Validate ``data``, draw its figure and write ``<folder>/<id>.json``; returns the path."""
+    validate_result(data)
+    os.makedirs(folder, exist_ok=True)
+    data["figure"] = _figure(data, os.path.join(folder, f"{data['id']}.png"))
+    path = os.path.join(folder, f"{data['id']}.json")
+    atomic_write_json(path, data, indent=1)
+    return path

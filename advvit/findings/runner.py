@@ -1,0 +1,129 @@
+"""Runs an experiment's units one at a time, skipping the done ones and resuming the killed ones.
+
+Each unit is a child process (``python -m advvit.train`` / ``advvit.eval`` / ``advvit.analyze``)
+with its output in a log file beside what it writes, so a run of many hours can be followed
+with ``tail -f`` and a failure is reported with the end of its log. A killed runner loses
+nothing: training resumes from its last checkpoint or recovery point, an evaluation from its
+state file, and a finished unit is never run again.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import yaml
+
+from ..io import atomic_write_json, atomic_write_text
+from .plan import Unit, status, units
+from .spec import Experiment
+
+__all__ = ["RunFailed", "run_unit", "run_experiment", "log_path"]
+
+Say = Callable[[str], None]
+
+
+class RunFailed(RuntimeError):
+    """A unit's command exited non-zero: names the unit, its exit status and its log."""
+
+    def __init__(self, unit: Unit, returncode: int, log: str) -> None:
+        self.unit, self.returncode, self.log = unit, returncode, log
+        super().__init__(f"{unit.key} failed (exit {returncode}); the end of {log}:\n{_tail(log)}")
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def log_path(unit: Unit) -> str:
+    """Where a unit's output goes: in the run folder for training, else beside its report."""
+    if unit.kind == "train":
+        return os.path.join(unit.folder, "findings_train.log")
+    return os.path.splitext(unit.output)[0] + ".log"
+
+
+def _prepare(unit: Unit) -> None:
+    os.makedirs(unit.folder, exist_ok=True)
+    if unit.kind == "train":
+        config_path = unit.command[unit.command.index("--config") + 1]
+        os.makedirs(os.path.dirname(config_path), exist_ok=True)
+        atomic_write_text(config_path, yaml.safe_dump(unit.config, sort_keys=False))
+
+
+def _run(argv: List[str], log: str, env: Optional[Mapping[str, str]]) -> int:
+    with open(log, "a") as fh:
+        fh.write(f"\n# {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(argv)}\n")
+        fh.flush()
+        # Its own process group, so an interrupted runner stops the whole child tree (loader
+        # workers included) and leaves no orphan writing into a run folder.
+        # Unbuffered, so the log shows progress as it happens, not in 8 KB blocks.
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                start_new_session=True)
+        try:
+            return proc.wait()
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise
+
+
+def run_unit(unit: Unit, *, python: str = sys.executable,
+             env: Optional[Mapping[str, str]] = None) -> float:
+    """Run one unit to completion; returns its wall seconds.
+
+    Raises:
+        RunFailed: the command exited non-zero (nothing is marked done).
+    """
+    _prepare(unit)
+    log = log_path(unit)
+    start = time.monotonic()
+    rc = _run([python, *unit.command], log, env)
+    seconds = time.monotonic() - start
+    if rc != 0:
+        raise RunFailed(unit, rc, log)
+    if unit.kind == "train":
+        if not os.path.isfile(os.path.join(unit.folder, "best.pth")):
+            raise RunFailed(unit, rc, log)
+        atomic_write_json(unit.output, {"seconds": round(seconds, 3), "command": unit.command,
+                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                        "config": unit.config}, indent=1)
+    elif not os.path.isfile(unit.output):
+        raise RunFailed(unit, rc, log)
+    return seconds
+
+
+def run_experiment(exp: Experiment, root: str, *, say: Say = print, python: str = sys.executable,
+                   env: Optional[Mapping[str, str]] = None,
+                   runner: Callable[..., float] = run_unit) -> Dict[str, float]:
+    """Run every unit of ``exp`` that is not done, in order; returns seconds per unit key run.
+
+    ``runner`` runs one unit (tests give a fake one).
+    """
+    ran: Dict[str, float] = {}
+    for unit in units(exp, root):
+        state = status(unit)
+        if state == "done":
+            say(f"  skip  {unit.key} (done)")
+            continue
+        say(f"  {'resume' if state == 'partial' else 'run'}   {unit.key} (~{unit.minutes:g} min), "
+            f"log {log_path(unit)}")
+        ran[unit.key] = runner(unit, python=python, env=env)
+        say(f"  done  {unit.key} in {ran[unit.key] / 60:.1f} min")
+    return ran
+
+
+def run_all(experiments: Sequence[Experiment], root: str, **kwargs) -> Dict[str, Dict[str, float]]:
+    """:func:`run_experiment` for each experiment in turn."""
+    return {e.id: run_experiment(e, root, **kwargs) for e in experiments}

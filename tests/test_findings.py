@@ -1,0 +1,381 @@
+"""The findings runner: experiment files, plan, skip and resume, verdicts, extractors, schema."""
+import json
+import os
+import re
+import textwrap
+
+import pytest
+import yaml
+
+from advvit.findings import extract as X
+from advvit.findings import verdict as V
+from advvit.findings.__main__ import main as findings_main
+from advvit.findings.plan import TRAIN_MARKER, plan_lines, status, units
+from advvit.findings.results import SchemaError, build_result, validate_result, write_result
+from advvit.findings.runner import RunFailed, run_experiment
+from advvit.findings.spec import FindingsError, load_experiment, load_experiments
+from advvit.train import KILL_ENV
+from test_data import make_idx_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(ROOT, "configs", "findings")
+
+
+# ------------------------------------------------------------------------------------------
+# Experiment files
+# ------------------------------------------------------------------------------------------
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def _train_config(tmp_path, **extra):
+    data = tmp_path / "fmnist"
+    if not data.exists():
+        make_idx_folder(data, n_train=32, n_test=16)
+    values = {"dataset": "fashion_mnist", "data_dir": str(data), "model": "xcit_nano_12_p8_32",
+              "img_size": 32, "batch_size": 8, "workers": 0, "epochs": 1, "warmup_epochs": 0,
+              "cooldown_epochs": 0, "min_lr": 0.0, "eps": 8 / 255, "eps_warmup_epochs": 0.0,
+              "log_interval": 1, "tensorboard": False, "max_steps_per_epoch": 3,
+              "eval_batches": 1, "smoothing": 0.0, **extra}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def _tiny_experiment(tmp_path, seeds="[0]", extra=""):
+    train = _train_config(tmp_path)
+    data = tmp_path / "fmnist"
+    return _write(tmp_path / "exp" / "t1_tiny.yaml", f"""\
+        claim: 99
+        title: weight decay 0.5 beats 0 on a tiny run
+        paper: none
+        setting: two settings, a few steps
+        train_config: {train}
+        seeds: {seeds}
+        settings:
+          wd0:
+            train: {{weight_decay: 0.0}}
+            minutes: 0.2
+          wd05:
+            train: {{weight_decay: 0.5}}
+            minutes: 0.2
+        evals:
+          pgd:
+            args: [--dataset, fashion_mnist, --data-dir, {data}, --split, test, --n-examples,
+                   "8", --attack, pgd, --steps, "1", --eps, 8/255, --batch-size, "8"]
+            minutes: 0.1
+        tests:
+          - {{name: robust, higher: pgd.robust@wd05, lower: pgd.robust@wd0}}
+        {extra}""")
+
+
+def test_every_shipped_experiment_loads_and_plans():
+    exps = load_experiments(SHIPPED)
+    assert sorted({e.claim for e in exps}) == list(range(1, 13))
+    for e in exps:
+        assert len(e.seeds) >= 2, e.id
+        assert units(e, "/nonexistent")
+    lines, total = plan_lines(exps, "/nonexistent")
+    assert total > 0 and lines[-1].startswith("total still to run")
+
+
+def test_shipped_experiments_that_train_the_same_share_one_run():
+    a = load_experiment(os.path.join(SHIPPED, "01_architectures.yaml"))
+    b = load_experiment(os.path.join(SHIPPED, "02_eps_warmup.yaml"))
+    folder = {u.key: u.folder for u in units(a, "r") + units(b, "r") if u.kind == "train"}
+    assert folder["train xcit s0"] == folder["train warmup s0"]
+    assert folder["train xcit s0"] != folder["train xcit s1"]
+    assert folder["train xcit s0"] != folder["train none s0"]
+
+
+@pytest.mark.parametrize("change, key", [
+    ("settings:\n  wd0: {trian: {}}\n", "settings.wd0.trian"),
+    ("tests:\n  - {higher: pgd.robust@nope, lower: pgd.robust@wd0}\n", "tests[0]"),
+    ("tests:\n  - {higher: pgd.robustness@wd05, lower: pgd.robust@wd0}\n", "tests[0]"),
+    ("tests:\n  - {higher: pgd-robust, lower: pgd.robust@wd0}\n", "tests[0].higher"),
+    ("tests:\n  - {kind: below, value: pgd.robust@wd0}\n", "tests[0].threshold"),
+    ("seeds: zero\n", "seeds"),
+    ("settings:\n  wd0: {train: {seed: 3}}\n", "settings.wd0.train.seed"),
+    ("settings:\n  wd0: {finetune_from: wd9}\n", "settings.wd0.finetune_from"),
+    ("colour: red\n", "colour"),
+])
+def test_bad_experiment_files_name_the_key(tmp_path, change, key):
+    path = _tiny_experiment(tmp_path)
+    raw = yaml.safe_load(open(path))
+    raw.update(yaml.safe_load(change))
+    with open(path, "w") as fh:
+        yaml.safe_dump(raw, fh)
+    with pytest.raises(FindingsError, match=re.escape(f"key '{key}'")):
+        load_experiment(path, defaults={})
+
+
+def test_a_missing_training_config_is_refused(tmp_path):
+    path = _tiny_experiment(tmp_path)
+    os.remove(tmp_path / "train.yaml")
+    with pytest.raises(FindingsError, match="train_config.*no such file"):
+        load_experiment(path, defaults={})
+
+
+def test_the_cli_refuses_an_unknown_experiment_with_exit_2(tmp_path, capsys):
+    _tiny_experiment(tmp_path)
+    assert findings_main(["plan", "nope", "--configs", str(tmp_path / "exp")]) == 2
+    assert "no experiment 'nope'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# Plan and skip, with a runner that only writes each unit's output
+# ------------------------------------------------------------------------------------------
+
+def _fake_runner(calls):
+    def run(unit, **_):
+        calls.append(unit.key)
+        os.makedirs(os.path.dirname(unit.output), exist_ok=True)
+        if unit.kind == "eval":
+            payload = {"format": "advvit-eval/1", "clean_accuracy": 0.5,
+                       "robust_accuracy": {"value": 0.25 if "wd0 " in unit.key + " " else 0.3}}
+        else:
+            payload = {"seconds": 1.0}
+        with open(unit.output, "w") as fh:
+            json.dump(payload, fh)
+        return 1.0
+    return run
+
+
+def test_plan_orders_training_first_and_skips_what_is_done(tmp_path):
+    exp = load_experiment(_tiny_experiment(tmp_path), defaults={})
+    root = str(tmp_path / "root")
+    calls = []
+    run_experiment(exp, root, runner=_fake_runner(calls), say=lambda s: None)
+    assert calls == ["train wd0 s0", "train wd05 s0", "eval pgd wd0 s0", "eval pgd wd05 s0"]
+    again = []
+    run_experiment(exp, root, runner=_fake_runner(again), say=lambda s: None)
+    assert again == []
+    lines, total = plan_lines([exp], root)
+    assert total == 0 and all("done" in line for line in lines if line.startswith("    "))
+
+
+def test_a_training_run_with_a_checkpoint_but_no_marker_is_partial(tmp_path):
+    exp = load_experiment(_tiny_experiment(tmp_path), defaults={})
+    train = units(exp, str(tmp_path / "root"))[0]
+    assert status(train) == "pending"
+    os.makedirs(train.folder)
+    open(os.path.join(train.folder, "recovery.pth"), "wb").close()
+    assert status(train) == "partial"
+    lines, _ = plan_lines([exp], str(tmp_path / "root"))
+    assert any("train wd0 s0" in line and "partial" in line for line in lines)
+
+
+def test_finetuned_settings_train_after_their_source_and_point_at_it(tmp_path):
+    path = _tiny_experiment(tmp_path)
+    raw = yaml.safe_load(open(path))
+    raw["settings"] = {"tuned": {"finetune_from": "base", "train": {"lr": 1e-4}}, "base": {}}
+    raw["tests"] = [{"higher": "pgd.robust@tuned", "lower": "pgd.robust@base"}]
+    with open(path, "w") as fh:
+        yaml.safe_dump(raw, fh)
+    exp = load_experiment(path, defaults={})
+    trains = [u for u in units(exp, "r") if u.kind == "train"]
+    assert [u.setting for u in trains] == ["base", "tuned"]
+    assert trains[1].config["finetune"] == os.path.join(trains[0].folder, "best.pth")
+    assert trains[1].needs == (trains[0].key,)
+
+
+# ------------------------------------------------------------------------------------------
+# The real commands, end to end: run, result file, skip, and resume after a kill
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_tiny_experiment_runs_end_to_end_and_writes_a_valid_result(tmp_path):
+    exp = load_experiment(_tiny_experiment(tmp_path), defaults={})
+    root, results = str(tmp_path / "root"), str(tmp_path / "docs")
+    ran = run_experiment(exp, root, say=lambda s: None, env={"OMP_NUM_THREADS": "1"})
+    assert list(ran) == [u.key for u in units(exp, root)]
+    for u in units(exp, root):
+        assert status(u) == "done", u.key
+    marker = json.load(open(units(exp, root)[0].output))
+    assert marker["config"]["weight_decay"] == 0.0 and marker["seconds"] > 0
+    data = build_result(exp, root, "python -m advvit.findings run t1_tiny")
+    path = write_result(data, results)
+    saved = json.load(open(path))
+    validate_result(saved)
+    assert saved["complete"] and saved["figure"] == "t1_tiny.png"
+    assert os.path.isfile(os.path.join(results, "t1_tiny.png"))
+    # One seed: no spread, so no verdict either way.
+    assert saved["verdict"] == V.CANNOT_TELL and saved["tests"][0]["verdict"] == V.CANNOT_TELL
+    assert {m["setting"] for m in saved["measurements"]} == {"wd0", "wd05"}
+    assert run_experiment(exp, root, say=lambda s: None) == {}
+
+
+@pytest.mark.slow
+def test_a_killed_training_run_is_resumed_not_restarted(tmp_path):
+    exp = load_experiment(_tiny_experiment(tmp_path), defaults={})
+    raw = yaml.safe_load(open(tmp_path / "train.yaml"))
+    raw.update(max_steps_per_epoch=4, recovery_interval_steps=1)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(raw))
+    exp = load_experiment(exp.path, defaults={})
+    root = str(tmp_path / "root")
+    first = units(exp, root)[0]
+    with pytest.raises(RunFailed, match="train wd0 s0 failed"):
+        run_experiment(exp, root, say=lambda s: None,
+                       env={KILL_ENV: "recovery_saved:2", "OMP_NUM_THREADS": "1"})
+    assert status(first) == "partial"
+    assert not os.path.exists(first.output)
+    run_experiment(exp, root, say=lambda s: None, env={"OMP_NUM_THREADS": "1"})
+    assert status(first) == "done"
+    history = yaml.safe_load(open(os.path.join(first.folder, "resume_history.yaml")))
+    assert history and history[0]["checkpoint"].endswith("recovery.pth") and history[0]["step"] >= 1
+
+
+# ------------------------------------------------------------------------------------------
+# Verdicts on made-up numbers
+# ------------------------------------------------------------------------------------------
+
+S = V.summarize
+
+
+@pytest.mark.parametrize("higher, lower, expected", [
+    ([0.60, 0.62], [0.50, 0.52], V.HOLDS),                # 10 points, spread 1.4
+    ([0.50, 0.52], [0.60, 0.62], V.DOES_NOT_HOLD),        # the opposite, clearly
+    ([0.601, 0.602], [0.600, 0.601], V.DOES_NOT_HOLD),    # 0.1 point, tight: no effect worth it
+    ([0.60, 0.70], [0.58, 0.62], V.CANNOT_TELL),          # within the noise
+    ([0.70], [0.50], V.CANNOT_TELL),                      # one seed: no spread
+])
+def test_greater_verdicts(higher, lower, expected):
+    assert V.greater("t", S(higher), S(lower), min_effect=0.01).verdict == expected
+
+
+def test_greater_reports_the_difference_and_its_standard_error():
+    r = V.greater("t", S([0.6, 0.8]), S([0.4, 0.4]), min_effect=0.01)
+    assert r.difference == pytest.approx(0.3)
+    assert r.se == pytest.approx(0.1)        # sample variance 0.02 over 2 seeds, plus 0
+    assert r.verdict == V.HOLDS              # 0.3 - 2 * 0.1 > 0
+    wide = V.greater("t", S([0.5, 0.9]), S([0.4, 0.4]), min_effect=0.01)
+    assert wide.se == pytest.approx(0.2) and wide.verdict == V.CANNOT_TELL   # 0.3 - 0.4 < 0
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([0.01, 0.02], V.HOLDS), ([0.09, 0.10], V.DOES_NOT_HOLD), ([0.02, 0.09], V.CANNOT_TELL)])
+def test_below_verdicts(values, expected):
+    assert V.below("t", S(values), 0.05).verdict == expected
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    ([0.800, 0.802], [0.801, 0.803], V.HOLDS), ([0.80, 0.81], [0.70, 0.71], V.DOES_NOT_HOLD),
+    ([0.80, 0.84], [0.79, 0.80], V.CANNOT_TELL)])
+def test_close_verdicts(a, b, expected):
+    assert V.close("t", S(a), S(b), 0.01).verdict == expected
+
+
+def test_combine_needs_every_test_to_hold():
+    def r(v):
+        return V.TestResult("t", "greater", v, 0.0, 0.0, "")
+    assert V.combine([r(V.HOLDS), r(V.HOLDS)]) == V.HOLDS
+    assert V.combine([r(V.HOLDS), r(V.CANNOT_TELL)]) == V.CANNOT_TELL
+    assert V.combine([r(V.CANNOT_TELL), r(V.DOES_NOT_HOLD)]) == V.DOES_NOT_HOLD
+    assert V.combine([]) == V.CANNOT_TELL
+
+
+def test_summaries_refuse_nan():
+    with pytest.raises(ValueError):
+        S([0.5, float("nan")])
+
+
+# ------------------------------------------------------------------------------------------
+# Extractors on reports with known numbers
+# ------------------------------------------------------------------------------------------
+
+def _analysis(command, results, names):
+    return {"format": "advvit-analyze/1", "analysis": command, "model_names": names,
+            "results": results, "settings": {"k": 5}}
+
+
+def test_jacobian_extractor_compares_the_ends_with_the_middle():
+    report = _analysis("jacobian", {"m": {"sigma_mean": [5.0, 2.0, 3.0, 1.0, 4.0]}}, ["m"])
+    [m] = X.extract("jacobian", report, ["s"])
+    assert m == {"first": 5.0, "last": 4.0, "middle_max": 3.0, "middle_mean": 2.0, "ends_min": 4.0}
+
+
+def test_lesion_extractor_averages_drops_over_the_blocks_with_the_part():
+    result = {"kinds": ["attn", "lpi", "mlp", "block"], "baseline_clean": 0.8,
+              "baseline_robust": 0.5,
+              "clean_accuracy": [[0.6, 0.7], [0.8, None], [0.75, 0.8], [0.5, 0.7]],
+              "robust_accuracy": [[0.4, 0.5], [0.5, None], [0.5, 0.5], [0.3, 0.5]]}
+    [m] = X.extract("lesions", _analysis("lesions", {"m": result}, ["m"]), ["s"])
+    assert m["attn_drop"] == pytest.approx(0.15) and m["lpi_drop"] == pytest.approx(0.0)
+    assert m["mlp_drop"] == pytest.approx(0.025) and m["block_drop"] == pytest.approx(0.2)
+    assert m["block_drop_max"] == pytest.approx(0.3)
+    assert m["robust_attn_drop"] == pytest.approx(0.05)
+
+
+def test_transfer_extractor_separates_within_and_cross_architecture():
+    # models: a0, a1 (setting a), b0, b1 (setting b); entry [i][j]: target j on source i's.
+    matrix = [[0.0, 0.2, 0.8, 0.6], [0.4, 0.0, 0.7, 0.9], [0.5, 0.3, 0.0, 0.1], [0.6, 0.6, 0.3, 0.0]]
+    report = _analysis("transfer", {"transfer_accuracy": matrix, "accuracy": matrix,
+                                    "n_fooled": [9, 9, 9, 9]}, ["a0", "a1", "b0", "b1"])
+    out = X.extract("transfer", report, ["a", "a", "b", "b"])
+    assert out[0]["within"] == pytest.approx(0.2) and out[0]["cross"] == pytest.approx(0.7)
+    assert out[3]["within"] == pytest.approx(0.3) and out[3]["cross"] == pytest.approx(0.6)
+
+
+def test_semantic_extractor_averages_over_judges():
+    rows = [{"source": "r", "judge": j, "perturbation_top1": p, "perturbation_top5": p + 0.3,
+             "random_top1": 0.1} for j, p in (("j1", 0.4), ("j2", 0.2))]
+    rows += [{"source": "c", "judge": "j1", "perturbation_top1": 0.1, "perturbation_top5": 0.5,
+              "random_top1": 0.1}]
+    report = _analysis("semantic", {"rows": rows}, ["r", "c"])
+    out = X.extract("semantic", report, ["robust", "clean"])
+    assert out[0]["top1"] == pytest.approx(0.3) and out[1]["top1"] == pytest.approx(0.1)
+
+
+def test_extractors_refuse_the_wrong_report():
+    with pytest.raises(X.ExtractError, match="not an advvit-analyze/1 jacobian"):
+        X.extract("jacobian", _analysis("lesions", {}, []), [])
+    with pytest.raises(X.ExtractError, match="2 models in the report, 1 checkpoints"):
+        X.extract("jacobian", _analysis("jacobian", {}, ["a", "b"]), ["s"])
+    with pytest.raises(X.ExtractError, match="no robust accuracy"):
+        X.eval_metrics({"format": "advvit-eval/1", "clean_accuracy": 0.5,
+                        "robust_accuracy": {"value": None}})
+
+
+# ------------------------------------------------------------------------------------------
+# The result file's schema
+# ------------------------------------------------------------------------------------------
+
+def _result(tmp_path):
+    exp = load_experiment(_tiny_experiment(tmp_path, seeds="[0, 1]"), defaults={})
+    root = str(tmp_path / "root")
+    run_experiment(exp, root, runner=_fake_runner([]), say=lambda s: None)
+    return build_result(exp, root, "cmd")
+
+
+def test_a_built_result_passes_its_schema_and_counts_the_seeds(tmp_path):
+    data = _result(tmp_path)
+    validate_result(data)
+    assert data["summaries"]["pgd.robust@wd05"]["values"] == [0.3, 0.3]
+    # 0.30 against 0.25 on both seeds: no spread at all, a clear 5-point difference.
+    assert data["verdict"] == V.HOLDS and data["tests"][0]["difference"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.pop("verdict"), "missing 'verdict'"),
+    (lambda d: d.update(verdict="probably"), "finding.verdict"),
+    (lambda d: d.update(claim="one"), "finding.claim: expected int"),
+    (lambda d: d["tests"][0].update(verdict="maybe"), r"tests\[0\].verdict"),
+    (lambda d: d["summaries"]["pgd.robust@wd05"].update(n=3), "3"),
+    (lambda d: d.update(format="other/1"), "finding.format"),
+])
+def test_the_schema_rejects_broken_results(tmp_path, mutate, message):
+    data = _result(tmp_path)
+    mutate(data)
+    with pytest.raises(SchemaError, match=message):
+        validate_result(data)
+
+
+def test_missing_seeds_make_a_test_not_run(tmp_path):
+    exp = load_experiment(_tiny_experiment(tmp_path, seeds="[0, 1]"), defaults={})
+    data = build_result(exp, str(tmp_path / "nothing"), "cmd")
+    validate_result(data)
+    assert data["verdict"] == "not run" and not data["complete"]
+    assert data["tests"][0]["verdict"] == "not run"
