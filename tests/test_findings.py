@@ -379,3 +379,16 @@ def test_missing_seeds_make_a_test_not_run(tmp_path):
     validate_result(data)
     assert data["verdict"] == "not run" and not data["complete"]
     assert data["tests"][0]["verdict"] == "not run"
+
+
+def test_experiments_run_in_the_order_asked_and_claim_numbers_select_all_of_a_claim():
+    ids = [e.id for e in load_experiments(SHIPPED, ["09_block_sensitivity", "1", "02_eps_warmup"])]
+    assert ids == ["09_block_sensitivity", "01_architectures", "01b_resnet", "02_eps_warmup"]
+
+
+def test_run_skips_an_experiment_that_waits_for_something(tmp_path, capsys):
+    _tiny_experiment(tmp_path, extra="waits_for: a data set")
+    assert findings_main(["run", "--configs", str(tmp_path / "exp"), "--yes",
+                          "--root", str(tmp_path / "root")]) == 0
+    assert "skipped, waits for a data set" in capsys.readouterr().out
+    assert not (tmp_path / "root").exists()

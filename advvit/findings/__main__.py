@@ -1,7 +1,8 @@
 """``python -m advvit.findings {plan,run,report} [EXPERIMENT ...]``.
 
 ``plan`` prints every unit with its state and estimated minutes; ``run`` runs what is not done
-(then writes the results); ``report`` writes ``docs/findings/<id>.json`` and its figure from
+(then writes the results; an experiment that ``waits_for`` something is skipped); ``report``
+writes ``docs/findings/<id>.json`` and its figure from
 what has finished. EXPERIMENT is a file stem (``02_eps_warmup``) or a claim number; none: all.
 """
 from __future__ import annotations
@@ -63,6 +64,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     env = None if args.threads is None else {"OMP_NUM_THREADS": str(args.threads)}
     for exp in exps:
+        if exp.waits_for:
+            print(f"claim {exp.claim} ({exp.id}): skipped, waits for {exp.waits_for}")
+            continue
         print(f"claim {exp.claim} ({exp.id})")
         try:
             run_experiment(exp, args.root, env=env)

@@ -422,7 +422,7 @@ def load_experiment(path: str, defaults: Optional[Mapping[str, Any]] = None) -> 
 
 def load_experiments(folder: str, only: Sequence[str] = ()) -> List[Experiment]:
     """Every experiment in ``folder`` (sorted by file name), or the ones named in ``only``
-    (ids like ``02_eps_warmup``, or claim numbers)."""
+    (ids like ``02_eps_warmup``, or claim numbers), in that order."""
     if not os.path.isdir(folder):
         raise FindingsError(folder, "folder", "no such folder")
     defaults_path = os.path.join(folder, DEFAULTS_NAME)
@@ -432,11 +432,13 @@ def load_experiments(folder: str, only: Sequence[str] = ()) -> List[Experiment]:
     exps = [load_experiment(p, defaults) for p in paths]
     if not only:
         return exps
-    chosen = [e for e in exps if e.id in only or str(e.claim) in only]
-    missing = [o for o in only if not any(o in (e.id, str(e.claim)) for e in exps)]
-    if missing:
-        raise FindingsError(folder, "only", f"no experiment {missing[0]!r}",
-                            f"known: {', '.join(e.id for e in exps)}")
+    chosen: List[Experiment] = []
+    for name in only:
+        found = [e for e in exps if name in (e.id, str(e.claim))]
+        if not found:
+            raise FindingsError(folder, "only", f"no experiment {name!r}",
+                                f"known: {', '.join(e.id for e in exps)}")
+        chosen += [e for e in found if e not in chosen]
     return chosen
 
 
