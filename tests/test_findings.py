@@ -392,3 +392,22 @@ def test_run_skips_an_experiment_that_waits_for_something(tmp_path, capsys):
                           "--root", str(tmp_path / "root")]) == 0
     assert "skipped, waits for a data set" in capsys.readouterr().out
     assert not (tmp_path / "root").exists()
+
+
+def test_report_writes_records_and_the_page_and_keeps_a_fuller_record(tmp_path, capsys):
+    _tiny_experiment(tmp_path, seeds="[0, 1]")
+    exp = load_experiments(str(tmp_path / "exp"))[0]
+    root, docs = tmp_path / "root", tmp_path / "docs" / "findings"
+    run_experiment(exp, str(root), runner=_fake_runner([]), say=lambda s: None)
+    args = ["report", "--configs", str(tmp_path / "exp"), "--root", str(root),
+            "--results", str(docs)]
+    assert findings_main(args) == 0
+    page = (tmp_path / "docs" / "findings.md").read_text()
+    assert "## Claim 99: weight decay 0.5 beats 0 on a tiny run" in page
+    assert "**Verdict: holds.**" in page and "| `pgd.robust@wd05` | 0.3000 +- 0.0000" in page
+    assert "![claim 99](findings/t1_tiny.png)" in page
+    # A checkout without the runs keeps the record it has instead of writing an empty one.
+    assert findings_main([*args[:-4], "--root", str(tmp_path / "empty"), "--results",
+                          str(docs)]) == 0
+    assert "kept" in capsys.readouterr().out
+    assert json.load(open(docs / "t1_tiny.json"))["verdict"] == V.HOLDS

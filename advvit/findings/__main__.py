@@ -2,18 +2,23 @@
 
 ``plan`` prints every unit with its state and estimated minutes; ``run`` runs what is not done
 (then writes the results; an experiment that ``waits_for`` something is skipped); ``report``
-writes ``docs/findings/<id>.json`` and its figure from
-what has finished. EXPERIMENT is a file stem (``02_eps_warmup``) or a claim number; none: all.
+writes ``docs/findings/<id>.json`` and its figure from what has finished, and
+``docs/findings.md`` from every record. EXPERIMENT is a file stem (``02_eps_warmup``) or a
+claim number; none: all.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
+from ..io import atomic_write_text
+from .markdown import render
 from .plan import plan_lines
-from .results import write_result, build_result
+from .results import build_result, validate_result, write_result
 from .runner import RunFailed, run_experiment
 from .spec import FindingsError, load_experiments
 
@@ -41,10 +46,32 @@ def _command(args: argparse.Namespace, exp_id: str) -> str:
 
 
 def _report(exps, args) -> None:
+    """Write each experiment's record (keeping a file with more measurements than the runs
+    under --root have: a fresh checkout has the records but not the runs), then findings.md
+    from every record."""
     for exp in exps:
         data = build_result(exp, args.root, _command(args, exp.id))
+        path = os.path.join(args.results, f"{exp.id}.json")
+        if os.path.isfile(path):
+            with open(path) as fh:
+                old = json.load(fh)
+            if len(old.get("measurements", [])) > len(data["measurements"]):
+                print(f"claim {exp.claim} ({exp.id}): kept {path} ({len(old['measurements'])} "
+                      f"measurements; {len(data['measurements'])} under {args.root})")
+                continue
         path = write_result(data, args.results)
         print(f"claim {exp.claim} ({exp.id}): {data['verdict']} -> {path}")
+    records = []
+    for exp in load_experiments(args.configs):
+        path = os.path.join(args.results, f"{exp.id}.json")
+        if os.path.isfile(path):
+            with open(path) as fh:
+                records.append(json.load(fh))
+    for record in records:
+        validate_result(record)
+    page = os.path.join(os.path.dirname(os.path.abspath(args.results)), "findings.md")
+    atomic_write_text(page, render(records))
+    print(f"{len(records)} records -> {page}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
