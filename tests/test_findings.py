@@ -12,7 +12,7 @@ from advvit.findings import verdict as V
 from advvit.findings.__main__ import main as findings_main
 from advvit.findings.plan import TRAIN_MARKER, plan_lines, status, units
 from advvit.findings.results import SchemaError, build_result, validate_result, write_result
-from advvit.findings.runner import RunFailed, run_experiment
+from advvit.findings.runner import RunFailed, run_experiment, run_unit
 from advvit.findings.spec import FindingsError, load_experiment, load_experiments
 from advvit.train import KILL_ENV
 from test_data import make_idx_folder
@@ -411,3 +411,28 @@ def test_report_writes_records_and_the_page_and_keeps_a_fuller_record(tmp_path, 
                           str(docs)]) == 0
     assert "kept" in capsys.readouterr().out
     assert json.load(open(docs / "t1_tiny.json"))["verdict"] == V.HOLDS
+
+
+def test_a_preparation_runs_first_and_only_while_what_it_creates_is_missing(tmp_path):
+    script = tmp_path / "make.py"
+    script.write_text("import pathlib, sys\npathlib.Path(sys.argv[1]).write_text('data')\n")
+    made = tmp_path / "data" / "ready.txt"
+    made.parent.mkdir()
+    extra = f"prepare: {{args: [{script}, {made}], creates: {made}}}"
+    exp = load_experiment(_tiny_experiment(tmp_path, extra=extra), defaults={})
+    prep = units(exp, str(tmp_path / "root"))[0]
+    assert prep.kind == "prepare" and status(prep) == "pending"
+    run_unit(prep)
+    assert made.read_text() == "data" and status(prep) == "done"
+    calls = []
+    run_experiment(exp, str(tmp_path / "root"), runner=_fake_runner(calls), say=lambda s: None)
+    assert calls[0] == "train wd0 s0"
+
+
+def test_a_preparation_that_creates_nothing_fails(tmp_path):
+    script = tmp_path / "noop.py"
+    script.write_text("")
+    extra = f"prepare: {{args: [{script}], creates: {tmp_path / 'never.txt'}}}"
+    exp = load_experiment(_tiny_experiment(tmp_path, extra=extra), defaults={})
+    with pytest.raises(RunFailed, match="prepare noop.py failed"):
+        run_unit(units(exp, str(tmp_path / "root"))[0])

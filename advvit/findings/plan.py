@@ -38,7 +38,7 @@ class Unit:
     """One command of an experiment.
 
     Attributes:
-        kind: ``train``, ``eval`` or ``analysis``.
+        kind: ``prepare``, ``train``, ``eval`` or ``analysis``.
         key: a readable id, unique within the experiment (``train warmup s0``).
         command: the argv (without the interpreter).
         output: the file whose existence means done.
@@ -152,14 +152,20 @@ def _analysis_unit(exp: Experiment, spec: AnalysisSpec, trains: Sequence[Unit], 
 
 
 def units(exp: Experiment, root: str) -> List[Unit]:
-    """Every unit of ``exp`` in run order: training, then evaluations, then analyses.
+    """Every unit of ``exp`` in run order: its preparation, training, evaluations, analyses.
 
     Args:
         exp: the experiment.
         root: the folder for run folders, resolved configs and analyses (``output/findings``).
     """
     trains = _train_units(exp, root)
-    out: List[Unit] = list(trains.values())
+    out: List[Unit] = []
+    if exp.prepare:
+        out.append(Unit(kind="prepare", key=f"prepare {os.path.basename(exp.prepare[0])}",
+                        command=list(exp.prepare), output=exp.prepare_creates,
+                        folder=os.path.dirname(exp.prepare_creates) or ".", minutes=0.5,
+                        setting=None, seed=-1))
+    out += list(trains.values())
     for seed in exp.seeds:
         for s in exp.settings:
             run = exp.evals_of(s.name)

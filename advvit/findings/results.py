@@ -39,7 +39,7 @@ def collect(exp: Experiment, root: str) -> Tuple[Measurements, List[Dict[str, An
     found: Measurements = {}
     records: List[Dict[str, Any]] = []
     for u in units(exp, root):
-        if u.kind == "train" or status(u) != "done":
+        if u.kind in ("prepare", "train") or status(u) != "done":
             continue
         if u.kind == "eval":
             per = [eval_metrics(_load(u.output))]

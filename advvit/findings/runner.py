@@ -46,6 +46,8 @@ def log_path(unit: Unit) -> str:
     """Where a unit's output goes: in the run folder for training, else beside its report."""
     if unit.kind == "train":
         return os.path.join(unit.folder, "findings_train.log")
+    if unit.kind == "prepare":
+        return os.path.join(unit.folder, "findings_prepare.log")
     return os.path.splitext(unit.output)[0] + ".log"
 
 

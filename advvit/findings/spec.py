@@ -148,6 +148,8 @@ class Experiment:
     tests: Tuple[TestSpec, ...]
     waits_for: str = ""
     notes: str = ""
+    prepare: Tuple[str, ...] = ()
+    prepare_creates: str = ""
 
     def evals_of(self, setting: str) -> Tuple[str, ...]:
         """The names of the evaluations run on ``setting``."""
@@ -358,9 +360,23 @@ def _check_refs(exp: Experiment) -> None:
                                     f"does not run on {ref.setting!r}", "add it to its settings")
 
 
+def _prepare(raw: Any, where: str) -> Dict[str, Any]:
+    """``prepare: {args: [script.py, ...], creates: PATH}``: a Python script the runner runs
+    first when PATH is missing (e.g. writing an offline data set)."""
+    if raw is None:
+        return {}
+    raw = _mapping(raw, where, "prepare")
+    _known(raw, ("args", "creates"), where, "prepare.")
+    args = _args(raw.get("args"), where, "prepare.args")
+    if not args or not isinstance(raw.get("creates"), str):
+        raise FindingsError(where, "prepare", "needs args (a script and its options) and creates "
+                            "(the path that exists once it has run)")
+    return {"prepare": args, "prepare_creates": raw["creates"]}
+
+
 _TOP_KEYS = ("claim", "title", "paper", "setting", "train_config", "common", "seeds", "settings",
              "evals", "use_evals", "analyses", "tests", "minutes_per_run", "min_effect",
-             "waits_for", "notes")
+             "waits_for", "notes", "prepare")
 
 
 def load_experiment(path: str, defaults: Optional[Mapping[str, Any]] = None) -> Experiment:
@@ -415,7 +431,8 @@ def load_experiment(path: str, defaults: Optional[Mapping[str, Any]] = None) -> 
         use_evals=tuple(use),
         analyses=_analyses(raw.get("analyses"), path, [s.name for s in settings]),
         tests=_tests(merged.get("tests"), path, float(merged.get("min_effect", 0.01))),
-        waits_for=str(merged.get("waits_for", "")), notes=str(merged.get("notes", "")))
+        waits_for=str(merged.get("waits_for", "")), notes=str(merged.get("notes", "")),
+        **_prepare(raw.get("prepare"), path))
     _check_refs(exp)
     return exp
 
