@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import struct
 import subprocess
 import sys
@@ -124,6 +125,10 @@ FAST = {
     "lesions": ["--n-examples", "6", "--steps", "2", "--kinds", "attn,block"],
 }
 
+FIGURES = {"class-viz": ["class_viz.png"],
+           "similarity": ["similarity.png", "similarity_correlation.png"]}  # CKA and correlation
+"""Each analysis's figure files where they are not just ``<analysis>.png``."""
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("analysis", list(FAST))
@@ -139,13 +144,40 @@ def test_every_analysis_end_to_end(analysis, ckpts, data_dir, tmp_path, capsys):
     assert report["data"]["dataset"] == "fashion_mnist"
     assert report["data"]["classes"][1] == "Trouser"  # class names from the data set
     assert report["results"]
-    (figure,) = report["figures"]
-    with Image.open(out / figure["file"]) as png:
-        assert png.format == "PNG" and png.size == (figure["width"], figure["height"])
-    md = (out / "report.md").read_text()
-    assert f"]({figure['file']})" in md and f"({analysis}.json)" in md and "| " in md
+    assert [f["file"] for f in report["figures"]] == FIGURES.get(analysis, [f"{analysis}.png"])
+    _pngs_open(out, report)
+    assert f"({analysis}.json)" in (out / "report.md").read_text()
     if analysis in ("perturbations", "class-viz", "semantic", "transfer"):
         assert "images/s" in capsys.readouterr().err  # progress on the attack work
+
+
+def test_similarity_figures_draw_cka_and_correlation():
+    from advvit.analysis.internals import LayerSimilarity, SimilarityMatrices
+    from advvit.report import pyplot
+    g = torch.Generator().manual_seed(0)
+
+    def matrices(low: float) -> SimilarityMatrices:
+        rand = lambda: torch.rand(3, 3, generator=g, dtype=torch.float64)  # noqa: E731
+        corr = low + (1 - low) * rand()
+        corr[0, 1] = math.nan  # outputs of different shapes: a blank cell
+        return SimilarityMatrices(correlation=corr, cka=rand())
+
+    def similarities(low: float) -> tuple[LayerSimilarity, LayerSimilarity]:
+        return tuple(LayerSimilarity(blocks=("b0", "b1", "b2"), tokens=matrices(low),
+                                     class_token=matrices(low), n=4) for _ in range(2))
+    ctx = SimpleNamespace(models=[None, None], plt=pyplot())
+    # the colour scale is CKA's 0..1, and -1..1 only where a correlation is negative
+    for measure, low, vmin in (("cka", -1, 0), ("correlation", -1, -1), ("correlation", 0.2, 0)):
+        a, b = similarities(low)
+        fig = A._similarity_figure(ctx, {"a": a, "b": b}, measure)
+        shown = [ax.images[0] for ax in fig.axes if ax.images]  # colour bars hold no image
+        # rows: all tokens, class token; a column per model (axes in row-major order)
+        want = [getattr(s, measure) for s in (a.tokens, b.tokens, a.class_token, b.class_token)]
+        assert len(shown) == 4
+        for image, matrix in zip(shown, want):
+            assert np.allclose(image.get_array(), matrix.numpy(), equal_nan=True)
+            assert image.get_clim() == (vmin, 1)
+        ctx.plt.close(fig)
 
 
 @pytest.mark.slow
