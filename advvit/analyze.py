@@ -706,18 +706,43 @@ def _similarity(ctx: Context) -> Output:
                          else math.nan, float(s.tokens.cka[0, -1])]
                         for name, s in results.items()]))
     if ctx.plt is not None:
-        fig, axes = _model_axes(ctx, 2, width=4.6, height=4.0)
-        for m, (name, s) in enumerate(results.items()):
-            for row, (matrices, what) in enumerate(((s.tokens, "all tokens"),
-                                                    (s.class_token, "class token"))):
-                heatmap(axes[row, m], matrices.cka, row_labels=s.blocks, col_labels=s.blocks,
-                        xlabel="block", ylabel="block", colorbar="linear CKA", vmin=0, vmax=1,
-                        fmt="{:.2f}", annotate=len(s.blocks) <= 12)
-                axes[row, m].set_title(f"{name}: {what}", fontsize=9)
-        fig.tight_layout()
-        out.save(fig, ctx.out, "similarity.png", "linear CKA between block outputs (top: all tokens, "
-                            "bottom: class token), one column per model")
+        out.save(_similarity_figure(ctx, results, "cka"), ctx.out, "similarity.png",
+                 "linear CKA between block outputs (top: all tokens, bottom: class token), one "
+                 "column per model")
+        out.save(_similarity_figure(ctx, results, "correlation"), ctx.out,
+                 "similarity_correlation.png",
+                 "correlation between block outputs (top: all tokens, bottom: class token; blank: "
+                 "outputs of different shapes), one column per model")
     return out
+
+
+SIMILARITY_MEASURES = {"cka": "linear CKA", "correlation": "correlation"}
+"""The similarity heatmaps: the measure (a ``SimilarityMatrices`` field) and its colour bar."""
+
+
+def _similarity_scale(results: dict[str, Any], measure: str) -> float:
+    """The low end of the colour scale: 0 (CKA's range), or -1 where a correlation is negative;
+    one scale for every panel, so that models compare by colour."""
+    values = torch.cat([getattr(m, measure).flatten() for s in results.values()
+                        for m in (s.tokens, s.class_token)])
+    values = values[~values.isnan()]
+    return -1.0 if values.numel() and float(values.min()) < 0 else 0.0
+
+
+def _similarity_figure(ctx: Context, results: dict[str, Any], measure: str) -> Any:
+    """One ``measure`` of :data:`SIMILARITY_MEASURES`: rows all tokens and class token, a column
+    per model."""
+    label, vmin = SIMILARITY_MEASURES[measure], _similarity_scale(results, measure)
+    fig, axes = _model_axes(ctx, 2, width=4.6, height=4.0)
+    for m, (name, s) in enumerate(results.items()):
+        for row, (matrices, what) in enumerate(((s.tokens, "all tokens"),
+                                                (s.class_token, "class token"))):
+            heatmap(axes[row, m], getattr(matrices, measure), row_labels=s.blocks,
+                    col_labels=s.blocks, xlabel="block", ylabel="block", colorbar=label,
+                    vmin=vmin, vmax=1, fmt="{:.2f}", annotate=len(s.blocks) <= 12)
+            axes[row, m].set_title(f"{name}: {what}", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def _lesion_options(p: argparse.ArgumentParser) -> None:

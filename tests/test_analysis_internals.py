@@ -401,6 +401,24 @@ def test_lesion_study_on_a_zero_initialised_block_equals_the_intact_model():
     assert {r["robust_drop"] for r in rows if r["block"] == "blocks.1"} == {0.0}
 
 
+def test_lesion_study_by_default_skips_a_block_lesion_that_repeats_a_branch():
+    # FAN-hybrid: ConvNeXt blocks (one branch: removing the block is removing "conv") before a
+    # FAN block, which has a distinct "block" lesion.
+    model = trained_like(TINY["fan-hybrid"]())
+    x, y = images(2), torch.arange(2)
+    study = lesion_study(model, x, y, eps=0.0, steps=1)
+    assert study.kinds == ("conv", "attn", "mlp", "block")
+    ran = lambda s, kind: [b for b, v in zip(s.blocks, s.clean_accuracy[s.kinds.index(kind)])  # noqa: E731
+                           if not math.isnan(v)]
+    convnext = [b.name for b in blocks(model) if b.kind == "convnext"]
+    assert len(convnext) == 2 and ran(study, "conv") == convnext
+    assert ran(study, "block") == ["blocks.0", "cls_attn_blocks.0"]
+    assert len(study.rows()) == 2 + 2 * 2 + 2
+    # asked for, the block lesion applies to every block
+    asked = lesion_study(model, x, y, eps=0.0, steps=1, kinds=["block"])
+    assert ran(asked, "block") == list(asked.blocks)
+
+
 def test_lesion_study_with_eps_zero_gives_clean_accuracy_as_robust():
     model = trained_like(TINY["resnet-basic"]())
     x, y = images(4), torch.arange(4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import struct
 import subprocess
 import sys
@@ -124,6 +125,10 @@ FAST = {
     "lesions": ["--n-examples", "6", "--steps", "2", "--kinds", "attn,block"],
 }
 
+FIGURES = {"class-viz": ["class_viz.png"],
+           "similarity": ["similarity.png", "similarity_correlation.png"]}  # CKA and correlation
+"""Each analysis's figure files where they are not just ``<analysis>.png``."""
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("analysis", list(FAST))
@@ -139,13 +144,128 @@ def test_every_analysis_end_to_end(analysis, ckpts, data_dir, tmp_path, capsys):
     assert report["data"]["dataset"] == "fashion_mnist"
     assert report["data"]["classes"][1] == "Trouser"  # class names from the data set
     assert report["results"]
-    (figure,) = report["figures"]
-    with Image.open(out / figure["file"]) as png:
-        assert png.format == "PNG" and png.size == (figure["width"], figure["height"])
-    md = (out / "report.md").read_text()
-    assert f"]({figure['file']})" in md and f"({analysis}.json)" in md and "| " in md
+    assert [f["file"] for f in report["figures"]] == FIGURES.get(analysis, [f"{analysis}.png"])
+    _pngs_open(out, report)
+    assert f"({analysis}.json)" in (out / "report.md").read_text()
     if analysis in ("perturbations", "class-viz", "semantic", "transfer"):
         assert "images/s" in capsys.readouterr().err  # progress on the attack work
+
+
+def test_similarity_figures_draw_cka_and_correlation():
+    from advvit.analysis.internals import LayerSimilarity, SimilarityMatrices
+    from advvit.report import pyplot
+    g = torch.Generator().manual_seed(0)
+
+    def matrices(low: float) -> SimilarityMatrices:
+        rand = lambda: torch.rand(3, 3, generator=g, dtype=torch.float64)  # noqa: E731
+        corr = low + (1 - low) * rand()
+        corr[0, 1] = math.nan  # outputs of different shapes: a blank cell
+        return SimilarityMatrices(correlation=corr, cka=rand())
+
+    def similarities(low: float) -> tuple[LayerSimilarity, LayerSimilarity]:
+        return tuple(LayerSimilarity(blocks=("b0", "b1", "b2"), tokens=matrices(low),
+                                     class_token=matrices(low), n=4) for _ in range(2))
+    ctx = SimpleNamespace(models=[None, None], plt=pyplot())
+    # the colour scale is CKA's 0..1, and -1..1 only where a correlation is negative
+    for measure, low, vmin in (("cka", -1, 0), ("correlation", -1, -1), ("correlation", 0.2, 0)):
+        a, b = similarities(low)
+        fig = A._similarity_figure(ctx, {"a": a, "b": b}, measure)
+        shown = [ax.images[0] for ax in fig.axes if ax.images]  # colour bars hold no image
+        # rows: all tokens, class token; a column per model (axes in row-major order)
+        want = [getattr(s, measure) for s in (a.tokens, b.tokens, a.class_token, b.class_token)]
+        assert len(shown) == 4
+        for image, matrix in zip(shown, want):
+            assert np.allclose(image.get_array(), matrix.numpy(), equal_nan=True)
+            assert image.get_clim() == (vmin, 1)
+        ctx.plt.close(fig)
+
+
+# Tiny models of each architecture, the sizes of tests/test_analysis_blocks.py's but by timm
+# name, so that a checkpoint rebuilds them: 16x16 grey inputs, width 16, 2 blocks (+ class
+# attention).
+_WIDTH16 = dict(embed_dim=16, num_heads=2)
+TINY_ARCHS = {
+    "vit": ("vit_tiny_patch16_224", dict(patch_size=4, depth=2, **_WIDTH16), ["blocks.0", "blocks.1"]),
+    "deit-distilled": ("deit_tiny_distilled_patch16_224", dict(patch_size=4, depth=2, **_WIDTH16),
+                       ["blocks.0", "blocks.1"]),
+    "cait": ("cait_xxs24_224", dict(patch_size=4, depth=2, depth_token_only=1, **_WIDTH16),
+             ["blocks.0", "blocks.1", "blocks_token_only.0"]),
+    "xcit": ("xcit_nano_12_p8_32", dict(depth=2, cls_attn_layers=1, **_WIDTH16),
+             ["blocks.0", "blocks.1", "cls_attn_blocks.0"]),
+    "resnet": ("test_resnet", dict(channels=(8, 16, 16, 16), stem_width=8),  # Basic and Bottleneck
+               ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]),
+    "fan": ("fan_tiny_12_p4_32", dict(depth=2, cls_attn_layers=1, **_WIDTH16),
+            ["blocks.0", "blocks.1", "cls_attn_blocks.0"]),
+    "fan-hybrid": ("fan_tiny_8_p4_hybrid", dict(depth=1, cls_attn_layers=1, hybrid_depths=(1, 1),
+                                                hybrid_dims=(4, 8), hybrid_stem_stride=1, **_WIDTH16),
+                   ["patch_embed.backbone.stages.0.blocks.0", "patch_embed.backbone.stages.1.blocks.0",
+                    "blocks.0", "cls_attn_blocks.0"]),
+    "covit": ("covit_d2_e128_p4_32", dict(kernel_sizes=((3, 5), (1, 3)), **_WIDTH16),
+              ["blocks.0", "blocks.1"]),
+}
+"""name -> (timm name, its arguments, the blocks advvit.analysis.blocks lists, in order)."""
+
+BLOCK_ANALYSES = {
+    "jacobian": ["--n-examples", "4", "--steps", "3"],
+    "propagation": ["--n-examples", "4", "--steps", "2"],
+    "similarity": ["--n-examples", "4"],
+    "lesions": ["--n-examples", "4", "--steps", "1"],
+}
+
+
+def _finite(values) -> np.ndarray:
+    """A JSON list of numbers as a float array, checked finite (a null, JSON's NaN, fails)."""
+    array = np.asarray(values, dtype=float)
+    assert np.isfinite(array).all(), array
+    return array
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(TINY_ARCHS))
+def test_block_analyses_end_to_end_on_every_supported_architecture(arch, data_dir, tmp_path):
+    from advvit.analysis import blocks
+    timm_name, model_args, names = TINY_ARCHS[arch]
+    ckpt = _train_checkpoint(tmp_path / "tiny.pth", data_dir, timm_name, 0, 2, **model_args)
+    found = blocks(C.create_model_from_checkpoint(ckpt)[0])
+    assert [b.name for b in found] == names
+    L = len(names)
+    results = {}
+    for analysis, extra in BLOCK_ANALYSES.items():
+        out = tmp_path / analysis
+        assert A.main(_args(analysis, [ckpt], data_dir, out, *extra)) == 0
+        report = json.loads((out / f"{analysis}.json").read_text())
+        assert [f["file"] for f in report["figures"]] == FIGURES.get(analysis, [f"{analysis}.png"])
+        _pngs_open(out, report)
+        (results[analysis],) = report["results"].values()
+        assert results[analysis]["blocks"] == names  # one entry per block, in forward order
+
+    jac = results["jacobian"]
+    assert _finite(jac["sigma_mean"]).shape == (L,) and (np.asarray(jac["sigma_mean"]) > 0).all()
+    assert _finite(jac["sigma_std"]).shape == (L,)
+    assert L <= jac["jvp_passes"] <= 3 * L  # 1 to --steps power steps per block, one batch
+
+    effects = results["propagation"]["effects"]
+    assert list(effects) == ["fgsm", "random(fgsm)", "pgd-2", "random(pgd-2)"]
+    for e in effects.values():
+        assert _finite(e["mean"]).shape == (L,) and (np.asarray(e["mean"]) > 0).all()
+
+    sim = results["similarity"]
+    for measure in ("cka", "correlation"):
+        tokens = _finite(np.diag(np.asarray(sim["tokens"][measure], dtype=float)))
+        assert tokens == pytest.approx(np.ones(L))  # each block's output with itself
+    cka = _finite(sim["tokens"]["cka"])  # every pair of blocks has a CKA, whatever the shapes
+    assert cka.shape == (L, L) and np.allclose(cka, cka.T)
+    has_class_token = [b.class_token is not None for b in found]
+    assert np.isfinite(np.diag(np.asarray(sim["class_token"]["cka"], dtype=float))).tolist() \
+        == has_class_token
+
+    les = results["lesions"]
+    kinds = list(dict.fromkeys(k for b in found for k in b.lesion_kinds))
+    assert les["kinds"] == kinds
+    assert [(r["kind"], r["block"]) for r in les["rows"]] == \
+        [(k, b.name) for k in kinds for b in found if k in b.lesion_kinds]
+    accuracies = [r[key] for r in les["rows"] for key in ("clean", "robust")]
+    assert all(0 <= a <= 1 for a in accuracies + [les["baseline_clean"], les["baseline_robust"]])
 
 
 @pytest.mark.slow

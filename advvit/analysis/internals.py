@@ -791,7 +791,10 @@ def lesion_study(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: st
         x: (n, C, H, W) inputs in [0, 1]; y: (n,) labels.
         eps, norm, steps, step_size: the PGD attack (eps 0: robust accuracy = clean accuracy).
         kinds: lesion kinds (default: every kind some block has, in the order of
-            ``Block.lesion_kinds``); a block without a kind gets NaN.
+            ``Block.lesion_kinds``, each block lesioned by its own ``lesion_kinds``: no
+            ``"block"`` lesion that only repeats a one-branch block's branch); a block without a
+            kind gets NaN. Kinds given explicitly apply to every block that has the part
+            (``"block"``: every block).
         seed: seeds PGD's random start (per batch, the same for every lesion).
         batch_size: inputs per batch.
     """
@@ -799,7 +802,8 @@ def lesion_study(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: st
     check_attack_args(eps, steps, norm, step_size)
     check_eps(eps, norm, input_shape=tuple(x.shape[1:]))
     all_blocks = model_blocks(model)
-    if kinds is None:
+    chosen = kinds is not None
+    if not chosen:
         kinds = list(dict.fromkeys(k for b in all_blocks for k in b.lesion_kinds))
     known = {k for b in all_blocks for k in b.part_names + ("block",)}
     unknown = [k for k in kinds if k not in known]
@@ -813,7 +817,7 @@ def lesion_study(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: st
     robust = torch.full_like(clean, math.nan)
     for k, kind in enumerate(kinds):
         for b, block in enumerate(all_blocks):
-            if kind != "block" and kind not in block.part_names:
+            if kind not in (block.part_names + ("block",) if chosen else block.lesion_kinds):
                 continue
             with lesion(net, block, kind) as lesioned:
                 clean[k, b], robust[k, b] = _accuracies(lesioned, x, y, **settings)
