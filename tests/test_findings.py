@@ -436,3 +436,17 @@ def test_a_preparation_that_creates_nothing_fails(tmp_path):
     exp = load_experiment(_tiny_experiment(tmp_path, extra=extra), defaults={})
     with pytest.raises(RunFailed, match="prepare noop.py failed"):
         run_unit(units(exp, str(tmp_path / "root"))[0])
+
+
+def test_a_bad_training_setting_is_refused_before_anything_runs(tmp_path, capsys):
+    path = _tiny_experiment(tmp_path)
+    raw = yaml.safe_load(open(path))
+    raw["settings"]["wd05"]["train"]["model"] = "xcit_nano_12_p8_33"
+    with open(path, "w") as fh:
+        yaml.safe_dump(raw, fh)
+    root = tmp_path / "root"
+    assert findings_main(["run", "--configs", str(tmp_path / "exp"), "--root", str(root),
+                          "--yes"]) == 2
+    err = capsys.readouterr().err
+    assert "key 'settings.wd05.train'" in err and "config key 'model'" in err
+    assert not root.exists()

@@ -19,7 +19,7 @@ from ..io import atomic_write_text
 from .markdown import render
 from .plan import plan_lines
 from .results import build_result, validate_result, write_result
-from .runner import RunFailed, run_experiment
+from .runner import RunFailed, check_configs, run_experiment
 from .spec import FindingsError, load_experiments
 
 
@@ -84,6 +84,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.action == "report":
         _report(exps, args)
         return 0
+    try:
+        for exp in exps:
+            if not exp.waits_for:
+                check_configs(exp, args.root)
+    except FindingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.action == "plan" or not args.yes:
         lines, _ = plan_lines(exps, args.root)
         print("\n".join(lines))

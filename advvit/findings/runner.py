@@ -19,9 +19,9 @@ import yaml
 
 from ..io import atomic_write_json, atomic_write_text
 from .plan import Unit, status, units
-from .spec import Experiment
+from .spec import Experiment, FindingsError
 
-__all__ = ["RunFailed", "run_unit", "run_experiment", "log_path"]
+__all__ = ["RunFailed", "run_unit", "run_experiment", "run_all", "check_configs", "log_path"]
 
 Say = Callable[[str], None]
 
@@ -104,6 +104,24 @@ def run_unit(unit: Unit, *, python: str = sys.executable,
     elif not os.path.isfile(unit.output):
         raise RunFailed(unit, rc, log)
     return seconds
+
+
+def check_configs(exp: Experiment, root: str) -> None:
+    """Validate every training config of ``exp`` as ``advvit.train`` would, before any run.
+
+    Raises:
+        FindingsError: naming the experiment, the setting and the config error.
+    """
+    from ..config import ConfigError, config_from_dict
+    from ..preflight import validate
+    for u in units(exp, root):
+        if u.kind != "train":
+            continue
+        values = {k: v for k, v in u.config.items() if k != "finetune"}
+        try:
+            validate(config_from_dict(values), world_size=1)
+        except ConfigError as err:
+            raise FindingsError(exp.path, f"settings.{u.setting}.train", str(err)) from None
 
 
 def run_experiment(exp: Experiment, root: str, *, say: Say = print, python: str = sys.executable,
