@@ -10,7 +10,7 @@ import yaml
 from advvit.findings import extract as X
 from advvit.findings import verdict as V
 from advvit.findings.__main__ import main as findings_main
-from advvit.findings.plan import TRAIN_MARKER, plan_lines, status, units
+from advvit.findings.plan import plan_lines, status, units
 from advvit.findings.results import SchemaError, build_result, validate_result, write_result
 from advvit.findings.runner import RunFailed, run_experiment, run_unit
 from advvit.findings.spec import FindingsError, load_experiment, load_experiments

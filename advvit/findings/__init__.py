@@ -7,4 +7,6 @@ what is done, estimates), :mod:`.runner` (runs them, skip and resume), :mod:`.ex
 from the reports), :mod:`.verdict` (statistics and verdicts), :mod:`.results` (the
 ``docs/findings/<id>.json`` files and figures).
 """
-from .spec import Experiment, FindingsError, load_experiment, load_experiments  # noqa: F401
+from .spec import Experiment, FindingsError, load_experiment, load_experiments
+
+__all__ = ["Experiment", "FindingsError", "load_experiment", "load_experiments"]

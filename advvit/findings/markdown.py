@@ -6,7 +6,7 @@ experiment's notes (what the scale can and cannot decide). Claims not run yet sa
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, List, Mapping, Sequence
 
 __all__ = ["render"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
@@ -65,7 +65,6 @@ class Unit:
     settings: Tuple[str, ...] = ()
     seeds: Tuple[int, ...] = ()
     needs: Tuple[str, ...] = ()
-    partial: bool = field(default=False)
 
 
 def train_values(exp: Experiment, setting: SettingSpec, seed: int,

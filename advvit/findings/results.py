@@ -15,7 +15,7 @@ from .. import __version__
 from ..io import atomic_write_json
 from . import verdict as V
 from .extract import eval_metrics, extract
-from .plan import Unit, status, units
+from .plan import status, units
 from .spec import Experiment, MetricRef
 
 __all__ = ["collect", "build_result", "validate_result", "write_result", "FORMAT", "SchemaError"]

@@ -132,11 +132,16 @@ def run_experiment(exp: Experiment, root: str, *, say: Say = print, python: str 
     ``runner`` runs one unit (tests give a fake one).
     """
     ran: Dict[str, float] = {}
-    for unit in units(exp, root):
+    todo = units(exp, root)
+    by_key = {u.key: u for u in todo}
+    for unit in todo:
         state = status(unit)
         if state == "done":
             say(f"  skip  {unit.key} (done)")
             continue
+        missing = [k for k in unit.needs if status(by_key[k]) != "done"]
+        if missing:
+            raise RuntimeError(f"{unit.key} needs {', '.join(missing)} first")
         say(f"  {'resume' if state == 'partial' else 'run'}   {unit.key} (~{unit.minutes:g} min), "
             f"log {log_path(unit)}")
         ran[unit.key] = runner(unit, python=python, env=env)
