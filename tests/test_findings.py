@@ -83,7 +83,7 @@ def test_every_shipped_experiment_loads_and_plans():
 
 
 def test_shipped_experiments_that_train_the_same_share_one_run():
-    a = load_experiment(os.path.join(SHIPPED, "01_architectures.yaml"))
+    a = load_experiment(os.path.join(SHIPPED, "01_deit.yaml"))
     b = load_experiment(os.path.join(SHIPPED, "02_eps_warmup.yaml"))
     folder = {u.key: u.folder for u in units(a, "r") + units(b, "r") if u.kind == "train"}
     assert folder["train xcit s0"] == folder["train warmup s0"]
@@ -383,7 +383,7 @@ def test_missing_seeds_make_a_test_not_run(tmp_path):
 
 def test_experiments_run_in_the_order_asked_and_claim_numbers_select_all_of_a_claim():
     ids = [e.id for e in load_experiments(SHIPPED, ["09_block_sensitivity", "1", "02_eps_warmup"])]
-    assert ids == ["09_block_sensitivity", "01_architectures", "01b_resnet", "02_eps_warmup"]
+    assert ids == ["09_block_sensitivity", "01_cait", "01_deit", "01_resnet", "02_eps_warmup"]
 
 
 def test_run_skips_an_experiment_that_waits_for_something(tmp_path, capsys):
