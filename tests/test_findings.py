@@ -129,13 +129,17 @@ def test_the_cli_refuses_an_unknown_experiment_with_exit_2(tmp_path, capsys):
 # Plan and skip, with a runner that only writes each unit's output
 # ------------------------------------------------------------------------------------------
 
-def _fake_runner(calls):
+def _fake_runner(calls, robust=None):
+    """Writes each unit's output; ``robust(unit)`` gives an evaluation's robust accuracy
+    (default 0.25 for wd0, 0.3 otherwise)."""
     def run(unit, **_):
         calls.append(unit.key)
         os.makedirs(os.path.dirname(unit.output), exist_ok=True)
         if unit.kind == "eval":
+            value = (robust(unit) if robust is not None
+                     else 0.25 if "wd0 " in unit.key + " " else 0.3)
             payload = {"format": "advvit-eval/1", "clean_accuracy": 0.5,
-                       "robust_accuracy": {"value": 0.25 if "wd0 " in unit.key + " " else 0.3}}
+                       "robust_accuracy": {"value": value}}
         else:
             payload = {"seconds": 1.0}
         with open(unit.output, "w") as fh:
@@ -371,6 +375,37 @@ def test_the_schema_rejects_broken_results(tmp_path, mutate, message):
     mutate(data)
     with pytest.raises(SchemaError, match=message):
         validate_result(data)
+
+
+def _with_tests(path, tests):
+    raw = yaml.safe_load(open(path))
+    raw["tests"] = tests
+    with open(path, "w") as fh:
+        yaml.safe_dump(raw, fh)
+    return path
+
+
+def test_a_value_clearly_under_a_below_threshold_holds_whatever_the_min_effect(tmp_path):
+    # 0.25 +- 0 against 0.255: under the threshold beyond any noise. The experiment's
+    # min_effect (0.01) is for greater tests; on top of a threshold it turned this into
+    # "does not hold".
+    path = _with_tests(_tiny_experiment(tmp_path, seeds="[0, 1]"),
+                       [{"name": "low", "kind": "below", "value": "pgd.robust@wd0",
+                         "threshold": 0.255}])
+    exp = load_experiment(path, defaults={"min_effect": 0.01})
+    assert exp.tests[0].min_effect == 0.0
+    root = str(tmp_path / "root")
+    run_experiment(exp, root, runner=_fake_runner([]), say=lambda s: None)
+    data = build_result(exp, root, "cmd")
+    assert data["tests"][0]["verdict"] == V.HOLDS and data["verdict"] == V.HOLDS
+
+
+def test_a_min_effect_on_a_threshold_test_is_refused(tmp_path):
+    path = _with_tests(_tiny_experiment(tmp_path),
+                       [{"kind": "below", "value": "pgd.robust@wd0", "threshold": 0.1,
+                         "min_effect": 0.02}])
+    with pytest.raises(FindingsError, match=re.escape("key 'tests[0].min_effect'")):
+        load_experiment(path, defaults={})
 
 
 def test_missing_seeds_make_a_test_not_run(tmp_path):

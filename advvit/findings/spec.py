@@ -113,8 +113,10 @@ class TestSpec:
     """One test of the claim.
 
     ``greater``: ``higher`` is above ``lower`` by more than the noise. ``below``: ``value`` is
-    under ``threshold``. ``close``: ``higher`` and ``lower`` differ by less than ``threshold``. ``min_effect`` is the smallest difference worth the claim: a measured
-    difference whose upper bound is below it says the claim does not hold here.
+    under ``threshold``. ``close``: ``higher`` and ``lower`` differ by less than ``threshold``.
+    ``min_effect`` (``greater`` only; 0 for the others, whose threshold is the claim) is the
+    smallest difference worth the claim: a measured difference whose upper bound is below it
+    says the claim does not hold here.
     """
     name: str
     kind: str
@@ -326,8 +328,14 @@ def _tests(raw: Any, where: str, default_min_effect: float) -> Tuple[TestSpec, .
         if kind != "greater" and (isinstance(threshold, bool)
                                   or not isinstance(threshold, (int, float))):
             raise FindingsError(where, key + ".threshold", f"a {kind} test needs a number")
-        min_effect = spec.get("min_effect", default_min_effect)
-        if not isinstance(min_effect, (int, float)) or min_effect < 0:
+        # A below or close test's threshold is the claim itself: a margin on top of it would
+        # judge a value clearly under the threshold as "does not hold".
+        if kind != "greater" and "min_effect" in spec:
+            raise FindingsError(where, key + ".min_effect", f"a {kind} test has no min_effect",
+                                "its threshold says what the claim needs")
+        min_effect = spec.get("min_effect", default_min_effect) if kind == "greater" else 0.0
+        if isinstance(min_effect, bool) or not isinstance(min_effect, (int, float)) \
+                or min_effect < 0:
             raise FindingsError(where, key + ".min_effect", f"{min_effect!r} is not a number >= 0")
         out.append(TestSpec(name=_name(spec.get("name", f"test{i}"), where, key + ".name"),
                             kind=kind, threshold=None if threshold is None else float(threshold),
