@@ -98,6 +98,7 @@ def test_shipped_experiments_that_train_the_same_share_one_run():
     ("tests:\n  - {higher: pgd-robust, lower: pgd.robust@wd0}\n", "tests[0].higher"),
     ("tests:\n  - {kind: below, value: pgd.robust@wd0}\n", "tests[0].threshold"),
     ("seeds: zero\n", "seeds"),
+    ("seeds: [0, 0]\n", "seeds"),
     ("settings:\n  wd0: {train: {seed: 3}}\n", "settings.wd0.train.seed"),
     ("settings:\n  wd0: {finetune_from: wd9}\n", "settings.wd0.finetune_from"),
     ("colour: red\n", "colour"),

@@ -414,8 +414,12 @@ def load_experiment(path: str, defaults: Optional[Mapping[str, Any]] = None) -> 
         raise FindingsError(path, "train_config", f"no such file: {merged['train_config']}",
                             "run from the repository root")
     seeds = merged.get("seeds", [0, 1])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise FindingsError(path, "seeds", f"{seeds!r} is not a list of integers")
+    if len(set(seeds)) != len(seeds):
+        # One run counted twice is two identical samples: a spread of 0 that no seed measured.
+        raise FindingsError(path, "seeds", f"{seeds!r} repeats a seed", "list each seed once")
     all_evals = _evals(defaults.get("evals"), path)
     all_evals.update(_evals(raw.get("evals"), path))
     use = merged.get("use_evals", list(all_evals))
