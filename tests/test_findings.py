@@ -409,6 +409,27 @@ def test_a_min_effect_on_a_threshold_test_is_refused(tmp_path):
         load_experiment(path, defaults={})
 
 
+def test_an_undefined_metric_makes_a_test_cannot_tell_and_the_record_strict_json(tmp_path):
+    # A metric averaged over nothing is NaN (transfer with no fooled example, a lesion kind no
+    # block has); it used to abort the whole report inside summarize.
+    exp = load_experiment(_tiny_experiment(tmp_path, seeds="[0, 1]"), defaults={})
+    root = str(tmp_path / "root")
+    run_experiment(exp, root, say=lambda s: None, runner=_fake_runner(
+        [], robust=lambda u: float("nan") if u.key == "eval pgd wd0 s1" else 0.3))
+    data = build_result(exp, root, "cmd")
+    assert data["verdict"] == V.CANNOT_TELL and data["complete"]
+    assert data["tests"][0]["verdict"] == V.CANNOT_TELL
+    assert "pgd.robust@wd0 is undefined on seeds [1]" in data["tests"][0]["why"]
+    assert "pgd.robust@wd0" not in data["summaries"] and "pgd.robust@wd05" in data["summaries"]
+    path = write_result(data, str(tmp_path / "docs"))
+    def no_nan(name):
+        raise AssertionError(f"{name} in a findings record")
+    saved = json.loads(open(path).read(), parse_constant=no_nan)
+    validate_result(saved)
+    assert [m["metrics"]["robust"] for m in saved["measurements"]
+            if m["setting"] == "wd0"] == [0.3, None]
+
+
 def test_missing_seeds_make_a_test_not_run(tmp_path):
     exp = load_experiment(_tiny_experiment(tmp_path, seeds="[0, 1]"), defaults={})
     data = build_result(exp, str(tmp_path / "nothing"), "cmd")

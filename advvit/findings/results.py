@@ -7,6 +7,7 @@ analysis file), so a reader can check a verdict against the runs behind it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -51,7 +52,8 @@ def collect(exp: Experiment, root: str) -> Tuple[Measurements, List[Dict[str, An
         for setting, seed, metrics, ckpt in zip(settings, seeds, per, u.checkpoints):
             found[(setting, seed, u.source)] = metrics
             records.append({"setting": setting, "seed": seed, "source": u.source,
-                            "file": u.output, "checkpoint": ckpt, "metrics": metrics})
+                            "file": u.output, "checkpoint": ckpt,
+                            "metrics": _finite_or_none(metrics)})
     return found, records
 
 
@@ -59,6 +61,15 @@ def _samples(found: Measurements, ref: MetricRef, seeds: Sequence[int]) -> List[
     return [found[(ref.setting, s, ref.source)][ref.metric] for s in seeds
             if (ref.setting, s, ref.source) in found
             and ref.metric in found[(ref.setting, s, ref.source)]]
+
+
+def _nan_seeds(values: Sequence[float], seeds: Sequence[int]) -> List[int]:
+    return [seed for seed, v in zip(seeds, values) if not math.isfinite(v)]
+
+
+def _finite_or_none(metrics: Mapping[str, float]) -> Dict[str, Optional[float]]:
+    """Strict JSON has no NaN: an undefined metric is recorded as null."""
+    return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
 
 
 def _train_seconds(exp: Experiment, root: str) -> Dict[str, float]:
@@ -81,8 +92,9 @@ def build_result(exp: Experiment, root: str, command: str) -> Dict[str, Any]:
     results: List[V.TestResult] = []
     for t in exp.tests:
         samples = {str(r): _samples(found, r, exp.seeds) for r in t.refs()}
+        undefined = [r for r, v in samples.items() if not all(math.isfinite(x) for x in v)]
         for ref, vals in samples.items():
-            if vals:
+            if vals and ref not in undefined:
                 summaries[ref] = V.summarize(vals).to_dict()
         missing = [r for r, v in samples.items() if len(v) < len(exp.seeds)]
         entry: Dict[str, Any] = {"name": t.name, "kind": t.kind, "note": t.note,
@@ -92,6 +104,14 @@ def build_result(exp: Experiment, root: str, command: str) -> Dict[str, Any]:
         if missing:
             entry.update(verdict="not run", why=f"missing seeds of {', '.join(missing)}")
             tests.append(entry)
+            continue
+        if undefined:
+            # A metric with nothing to average (no examples fooled the source, no block with
+            # the part): the measurement exists and decides nothing.
+            why = "; ".join(f"{r} is undefined on seeds {_nan_seeds(samples[r], exp.seeds)}"
+                            for r in undefined)
+            results.append(V.TestResult(t.name, t.kind, V.CANNOT_TELL, math.nan, None, why))
+            tests.append({**entry, "verdict": V.CANNOT_TELL, "why": why})
             continue
         if t.kind == "greater":
             r = V.greater(t.name, V.summarize(samples[str(t.higher)]),
