@@ -113,6 +113,22 @@ def test_bad_experiment_files_name_the_key(tmp_path, change, key):
         load_experiment(path, defaults={})
 
 
+@pytest.mark.parametrize("metric, ok", [("ends_min", True), ("ends_mn", False)])
+def test_an_analysis_metric_the_extractor_does_not_give_is_refused(tmp_path, metric, ok):
+    # A misspelt metric used to load, run every unit and then read as "not run" forever.
+    path = _tiny_experiment(tmp_path)
+    raw = yaml.safe_load(open(path))
+    raw["analyses"] = {"jac": {"command": "jacobian"}}
+    raw["tests"] = [{"higher": f"jac.{metric}@wd0", "lower": "jac.middle_max@wd0"}]
+    with open(path, "w") as fh:
+        yaml.safe_dump(raw, fh)
+    if ok:
+        assert load_experiment(path, defaults={}).tests[0].higher.metric == metric
+    else:
+        with pytest.raises(FindingsError, match=r"key 'tests\[0\]'.*jacobian measures no 'ends_mn'"):
+            load_experiment(path, defaults={})
+
+
 def test_a_missing_training_config_is_refused(tmp_path):
     path = _tiny_experiment(tmp_path)
     os.remove(tmp_path / "train.yaml")
@@ -332,6 +348,29 @@ def test_semantic_extractor_averages_over_judges():
     report = _analysis("semantic", {"rows": rows}, ["r", "c"])
     out = X.extract("semantic", report, ["robust", "clean"])
     assert out[0]["top1"] == pytest.approx(0.3) and out[1]["top1"] == pytest.approx(0.1)
+
+
+def test_every_metric_an_extractor_gives_is_a_known_metric():
+    assert set(X.METRICS) == set(X.EXTRACTORS)
+    given = {
+        "jacobian": X.extract("jacobian", _analysis(
+            "jacobian", {"m": {"sigma_mean": [5.0, 2.0, 3.0]}}, ["m"]), ["s"]),
+        "lesions": X.extract("lesions", _analysis("lesions", {"m": {
+            "kinds": ["attn", "lpi", "mlp", "conv", "block"], "baseline_clean": 0.8,
+            "baseline_robust": 0.5, "clean_accuracy": [[0.6]] * 5,
+            "robust_accuracy": [[0.4]] * 5}}, ["m"]), ["s"]),
+        "corruptions": X.extract("corruptions", _analysis("corruptions", {"models": {"m": {
+            "mean_corruption_accuracy": 0.5, "clean_accuracy": 0.8}}}, ["m"]), ["s"]),
+        "transfer": X.extract("transfer", _analysis("transfer", {
+            "transfer_accuracy": [[0.0]], "accuracy": [[0.1]], "n_fooled": [3]}, ["m"]), ["s"]),
+        "semantic": X.extract("semantic", _analysis("semantic", {"rows": [
+            {"source": "m", "judge": "j", "perturbation_top1": 0.1, "perturbation_top5": 0.5,
+             "random_top1": 0.1}]}, ["m"]), ["s"]),
+    }
+    for command, [metrics] in given.items():
+        for name in metrics:
+            assert X.known_metric(command, name), (command, name)
+    assert not X.known_metric("lesions", "attention_drop")
 
 
 def test_extractors_refuse_the_wrong_report():

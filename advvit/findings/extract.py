@@ -8,9 +8,11 @@ experiment's settings.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Dict, List, Mapping, Sequence
 
-__all__ = ["eval_metrics", "EXTRACTORS", "extract", "ExtractError"]
+__all__ = ["eval_metrics", "EXTRACTORS", "METRICS", "known_metric", "extract",
+           "ExtractError"]
 
 Metrics = Dict[str, float]
 
@@ -117,6 +119,24 @@ EXTRACTORS: Dict[str, Callable[[Mapping[str, Any], Sequence[str]], List[Metrics]
     "transfer": _transfer,
     "semantic": _semantic,
 }
+
+
+# The metric names each extractor gives, for checking an experiment's references before any
+# run (a misspelt one would otherwise read as "not run" forever). Lesion kinds are the block
+# parts of advvit.analysis.blocks and the whole block.
+_LESION = r"(robust_)?((attn|lpi|mlp|conv|block)_drop|block_drop_max)"
+METRICS: Dict[str, str] = {
+    "jacobian": r"first|last|middle_max|middle_mean|ends_min",
+    "lesions": _LESION,
+    "corruptions": r"mean|clean|relative",
+    "transfer": r"within|cross|white_box|fooled",
+    "semantic": r"top\d+|random_top1",
+}
+
+
+def known_metric(command: str, metric: str) -> bool:
+    """Whether ``command``'s extractor gives a metric named ``metric``."""
+    return re.fullmatch(METRICS[command], metric) is not None
 
 
 def extract(command: str, report: Mapping[str, Any], settings: Sequence[str]) -> List[Metrics]:

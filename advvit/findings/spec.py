@@ -344,6 +344,7 @@ def _tests(raw: Any, where: str, default_min_effect: float) -> Tuple[TestSpec, .
 
 
 def _check_refs(exp: Experiment) -> None:
+    from .extract import METRICS, known_metric
     sources = {e.name: ("eval", None) for e in exp.evals}
     sources.update({a.name: ("analysis", a) for a in exp.analyses})
     names = [s.name for s in exp.settings]
@@ -363,6 +364,10 @@ def _check_refs(exp: Experiment) -> None:
             if kind == "eval" and ref.metric not in ("clean", "robust"):
                 raise FindingsError(exp.path, f"tests[{i}]", f"{ref}: an evaluation measures "
                                     "clean and robust", f"write {ref.source}.robust@{ref.setting}")
+            if analysis is not None and not known_metric(analysis.command, ref.metric):
+                raise FindingsError(exp.path, f"tests[{i}]", f"{ref}: {analysis.command} "
+                                    f"measures no {ref.metric!r}",
+                                    f"its metrics: {METRICS[analysis.command]}")
             if analysis is not None and analysis.settings and ref.setting not in analysis.settings:
                 raise FindingsError(exp.path, f"tests[{i}]", f"{ref}: analysis {ref.source!r} "
                                     f"does not run on {ref.setting!r}", "add it to its settings")
