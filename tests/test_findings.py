@@ -14,6 +14,7 @@ from advvit.findings.plan import plan_lines, status, units
 from advvit.findings.results import SchemaError, build_result, validate_result, write_result
 from advvit.findings.runner import RunFailed, run_experiment, run_unit
 from advvit.findings.spec import FindingsError, load_experiment, load_experiments
+from advvit.report import sha256_file
 from advvit.train import KILL_ENV
 from test_data import make_idx_folder
 
@@ -157,6 +158,9 @@ def _fake_runner(calls, robust=None):
                      else 0.25 if "wd0 " in unit.key + " " else 0.3)
             payload = {"format": "advvit-eval/1", "clean_accuracy": 0.5,
                        "robust_accuracy": {"value": value}}
+            if os.path.isfile(unit.checkpoints[0]):
+                payload["model"] = {"path": unit.checkpoints[0],
+                                    "sha256": sha256_file(unit.checkpoints[0])}
         else:
             payload = {"seconds": 1.0}
         with open(unit.output, "w") as fh:
@@ -187,6 +191,51 @@ def test_a_training_run_with_a_checkpoint_but_no_marker_is_partial(tmp_path):
     assert status(train) == "partial"
     lines, _ = plan_lines([exp], str(tmp_path / "root"))
     assert any("train wd0 s0" in line and "partial" in line for line in lines)
+
+
+def test_a_measurement_of_a_checkpoint_that_changed_since_is_rerun(tmp_path):
+    # An evaluation's JSON outlived its checkpoint (the run resumed and finished after it, or
+    # was retrained): it used to stay "done" and its old number went into the verdict.
+    exp = load_experiment(_tiny_experiment(tmp_path), defaults={})
+    root = str(tmp_path / "root")
+    trains = [u for u in units(exp, root) if u.kind == "train"]
+    for t in trains:
+        os.makedirs(t.folder)
+        with open(os.path.join(t.folder, "best.pth"), "wb") as fh:
+            fh.write(b"first")
+    run_experiment(exp, root, runner=_fake_runner([]), say=lambda s: None)
+    ev = next(u for u in units(exp, root) if u.key == "eval pgd wd0 s0")
+    assert status(ev) == "done"
+    with open(os.path.join(trains[0].folder, "best.pth"), "wb") as fh:
+        fh.write(b"second")
+    open(ev.output + ".state", "w").close()
+    assert status(ev) == "stale"
+    lines, _ = plan_lines([exp], root)
+    assert any("eval pgd wd0 s0" in line and "stale" in line for line in lines)
+    said, calls = [], []
+    run_experiment(exp, root, runner=_fake_runner(calls), say=said.append)
+    assert calls == ["eval pgd wd0 s0"] and any("rerun" in line for line in said)
+    assert not os.path.exists(ev.output + ".state") and status(ev) == "done"
+
+
+def test_a_semantic_analysis_is_stale_when_a_judge_changed(tmp_path):
+    exp = load_experiment(os.path.join(SHIPPED, "05_semantic.yaml"))
+    root = str(tmp_path / "root")
+    unit = next(u for u in units(exp, root) if u.kind == "analysis" and u.seed == 0)
+    judges = [unit.command[i + 1] for i, w in enumerate(unit.command) if w == "--judge"]
+    assert len(judges) == 2
+    for path in (*unit.checkpoints, *judges):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(path.encode())
+    os.makedirs(unit.folder)
+    with open(unit.output, "w") as fh:
+        json.dump({"models": [{"sha256": sha256_file(p)} for p in unit.checkpoints],
+                   "judges": [{"sha256": sha256_file(p)} for p in judges]}, fh)
+    assert status(unit) == "done"
+    with open(judges[1], "wb") as fh:
+        fh.write(b"retrained")
+    assert status(unit) == "stale"
 
 
 def test_finetuned_settings_train_after_their_source_and_point_at_it(tmp_path):

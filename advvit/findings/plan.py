@@ -14,10 +14,11 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from ..report import sha256_file
 from .spec import AnalysisSpec, EvalSpec, Experiment, SettingSpec
 
 __all__ = ["Unit", "units", "status", "plan_lines", "TRAIN_MARKER", "EXPERIMENT_LIMIT_MINUTES",
@@ -186,9 +187,57 @@ def units(exp: Experiment, root: str) -> List[Unit]:
     return out
 
 
+_HASHES: Dict[Tuple[str, int, int], str] = {}
+
+
+def _sha256(path: str) -> Optional[str]:
+    """The file's sha256 (cached while its size and mtime stay), None when it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
+
+
+def _measured_files(unit: Unit) -> List[str]:
+    """The checkpoints a measurement reads: its models, then an analysis's judges."""
+    c = unit.command
+    return [*unit.checkpoints, *(c[i + 1] for i, w in enumerate(c[:-1]) if w == "--judge")]
+
+
+def _recorded_hashes(report: Mapping[str, Any], kind: str) -> List[Any]:
+    models = [report.get("model")] if kind == "eval" else [*report.get("models", []),
+                                                            *report.get("judges", [])]
+    return [m.get("sha256") if isinstance(m, dict) else None for m in models]
+
+
+def _stale(unit: Unit) -> bool:
+    """Whether a finished measurement read other checkpoint files than those there now (a
+    training run resumed and finished after it, or retrained)."""
+    try:
+        with open(unit.output) as fh:
+            recorded = _recorded_hashes(json.load(fh), unit.kind)
+    except (OSError, ValueError):
+        return True
+    files = _measured_files(unit)
+    if len(recorded) != len(files):
+        return True
+    # A checkpoint not there cannot be compared; its training unit runs first and the
+    # measurement is checked again then.
+    return any(now is not None and now != then
+               for now, then in zip(map(_sha256, files), recorded))
+
+
 def status(unit: Unit) -> str:
-    """``done``, ``partial`` (a killed training run, resumed next) or ``pending``."""
+    """``done``, ``partial`` (a killed training run or AutoAttack evaluation, resumed next),
+    ``stale`` (a measurement of a checkpoint that has changed since: run again) or
+    ``pending``."""
     if os.path.isfile(unit.output):
+        if unit.kind in ("eval", "analysis") and _stale(unit):
+            return "stale"
         return "done"
     if unit.kind == "train" and any(os.path.isfile(os.path.join(unit.folder, f))
                                     for f in ("last.pth", "recovery.pth")):

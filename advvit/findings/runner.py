@@ -106,6 +106,14 @@ def run_unit(unit: Unit, *, python: str = sys.executable,
     return seconds
 
 
+def _discard(unit: Unit) -> None:
+    """Remove a stale measurement's report, and its AutoAttack state: that state holds the old
+    checkpoint's results and would be resumed against the new one."""
+    for path in (unit.output, unit.output + ".state"):
+        if os.path.isfile(path):
+            os.remove(path)
+
+
 def check_configs(exp: Experiment, root: str) -> None:
     """Validate every training config of ``exp`` as ``advvit.train`` would, before any run.
 
@@ -142,8 +150,10 @@ def run_experiment(exp: Experiment, root: str, *, say: Say = print, python: str 
         missing = [k for k in unit.needs if status(by_key[k]) != "done"]
         if missing:
             raise RuntimeError(f"{unit.key} needs {', '.join(missing)} first")
-        say(f"  {'resume' if state == 'partial' else 'run'}   {unit.key} (~{unit.minutes:g} min), "
-            f"log {log_path(unit)}")
+        if state == "stale":
+            _discard(unit)
+        verb = {"partial": "resume", "stale": "rerun (its checkpoint changed)"}.get(state, "run")
+        say(f"  {verb}   {unit.key} (~{unit.minutes:g} min), log {log_path(unit)}")
         ran[unit.key] = runner(unit, python=python, env=env)
         say(f"  done  {unit.key} in {ran[unit.key] / 60:.1f} min")
     return ran
