@@ -583,6 +583,20 @@ def test_a_preparation_that_creates_nothing_fails(tmp_path):
         run_unit(units(exp, str(tmp_path / "root"))[0])
 
 
+def test_a_misspelt_evaluation_option_is_refused_before_anything_runs(tmp_path, capsys):
+    path = _tiny_experiment(tmp_path)
+    raw = yaml.safe_load(open(path))
+    raw["evals"]["pgd"]["args"][raw["evals"]["pgd"]["args"].index("--n-examples")] = "--n-exampels"
+    with open(path, "w") as fh:
+        yaml.safe_dump(raw, fh)
+    root = tmp_path / "root"
+    assert findings_main(["run", "--configs", str(tmp_path / "exp"), "--root", str(root),
+                          "--yes"]) == 2
+    err = capsys.readouterr().err
+    assert "key 'evals.pgd.args'" in err and "--n-exampels" in err
+    assert not root.exists()
+
+
 def test_a_bad_training_setting_is_refused_before_anything_runs(tmp_path, capsys):
     path = _tiny_experiment(tmp_path)
     raw = yaml.safe_load(open(path))

@@ -114,6 +114,23 @@ def _discard(unit: Unit) -> None:
             os.remove(path)
 
 
+def _check_options(exp: Experiment, unit: Unit) -> None:
+    """Parse a measurement's command line as its command will, so a misspelt option fails now
+    rather than after the training runs it waits for."""
+    import contextlib
+    import io
+    from .. import analyze, eval as evaluate
+    parser = (evaluate if unit.kind == "eval" else analyze).build_parser()
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            parser.parse_args(unit.command[2:])
+    except SystemExit:
+        key = f"{'evals' if unit.kind == 'eval' else 'analyses'}.{unit.source}.args"
+        message = errors.getvalue().strip().splitlines()
+        raise FindingsError(exp.path, key, message[-1] if message else "bad options") from None
+
+
 def check_configs(exp: Experiment, root: str) -> None:
     """Validate every training config of ``exp`` as ``advvit.train`` would, before any run.
 
@@ -123,6 +140,8 @@ def check_configs(exp: Experiment, root: str) -> None:
     from ..config import ConfigError, config_from_dict
     from ..preflight import validate
     for u in units(exp, root):
+        if u.kind in ("eval", "analysis"):
+            _check_options(exp, u)
         if u.kind != "train":
             continue
         values = {k: v for k, v in u.config.items() if k != "finetune"}
