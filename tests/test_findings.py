@@ -103,6 +103,14 @@ def test_shipped_experiments_that_train_the_same_share_one_run():
     ("settings:\n  wd0: {train: {seed: 3}}\n", "settings.wd0.train.seed"),
     ("settings:\n  wd0: {finetune_from: wd9}\n", "settings.wd0.finetune_from"),
     ("colour: red\n", "colour"),
+    ("claim: true\n", "claim"),
+    ("use_evals: pgd\n", "use_evals"),
+    ("tests:\n  - {kind: close, higher: pgd.robust@wd05, lower: pgd.robust@wd0, threshold: 0}\n",
+     "tests[0].threshold"),
+    ("settings:\n  a: {}\n  b: {finetune_from: a}\n  c: {finetune_from: b}\n",
+     "settings.c.finetune_from"),
+    ("settings:\n  a: {finetune_from: a}\n", "settings.a.finetune_from"),
+    ("analyses:\n  pgd: {command: jacobian}\n", "analyses.pgd"),
 ])
 def test_bad_experiment_files_name_the_key(tmp_path, change, key):
     path = _tiny_experiment(tmp_path)
@@ -156,7 +164,7 @@ def _fake_runner(calls, robust=None):
         if unit.kind == "eval":
             value = (robust(unit) if robust is not None
                      else 0.25 if "wd0 " in unit.key + " " else 0.3)
-            payload = {"format": "advvit-eval/1", "clean_accuracy": 0.5,
+            payload = {"format": "advvit-eval/1", "clean_accuracy": 0.5, "n": 10 ** 6,
                        "robust_accuracy": {"value": value}}
             if os.path.isfile(unit.checkpoints[0]):
                 payload["model"] = {"path": unit.checkpoints[0],
@@ -609,3 +617,25 @@ def test_a_bad_training_setting_is_refused_before_anything_runs(tmp_path, capsys
     err = capsys.readouterr().err
     assert "key 'settings.wd05.train'" in err and "config key 'model'" in err
     assert not root.exists()
+
+
+def test_the_test_sets_sampling_noise_widens_the_band():
+    # Seeds agree to 0.1 point, but 100 test examples leave ~5 points of sampling noise.
+    hi, lo = [0.600, 0.601], [0.550, 0.551]
+    assert V.greater("t", S(hi, [10 ** 6] * 2), S(lo, [10 ** 6] * 2),
+                     min_effect=0.01).verdict == V.HOLDS
+    small = V.greater("t", S(hi, [100, 100]), S(lo, [100, 100]), min_effect=0.01)
+    assert small.verdict == V.CANNOT_TELL
+    s = S([0.5, 0.5], [100, 100])
+    assert s.sampling_var == pytest.approx(0.25 / 100 / 2)
+    with pytest.raises(ValueError, match="one positive example count per value"):
+        S([0.5, 0.5], [100])
+
+
+def test_a_record_keeps_each_evaluations_example_count(tmp_path):
+    data = _result(tmp_path)
+    evals = [m for m in data["measurements"] if m["source"] == "pgd"]
+    assert evals and all(m["n_examples"] == 10 ** 6 for m in evals)
+    assert all("#examples" not in m["metrics"] for m in evals)
+    assert data["summaries"]["pgd.robust@wd05"]["sampling_var"] == pytest.approx(
+        0.3 * 0.7 / 10 ** 6 / 2)

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from .. import __version__
 from ..io import atomic_write_json
 from . import verdict as V
-from .extract import eval_metrics, extract
+from .extract import ExtractError, eval_metrics, extract
 from .plan import status, units
 from .spec import Experiment, MetricRef
 
@@ -36,14 +36,20 @@ def _load(path: str) -> Dict[str, Any]:
 
 
 def collect(exp: Experiment, root: str) -> Tuple[Measurements, List[Dict[str, Any]]]:
-    """The measurements of every finished unit, and one record per run and measurement."""
+    """The measurements of every finished unit, and one record per run and measurement.
+
+    An evaluation's measurements also carry ``n``, its number of test examples (under a key
+    no metric reference can name: references take letters, digits, _ and - only)."""
     found: Measurements = {}
     records: List[Dict[str, Any]] = []
     for u in units(exp, root):
         if u.kind in ("prepare", "train") or status(u) != "done":
             continue
         if u.kind == "eval":
-            per = [eval_metrics(_load(u.output))]
+            report = _load(u.output)
+            if not isinstance(report.get("n"), int):
+                raise ExtractError(f"{u.output}: the evaluation report has no example count 'n'")
+            per = [{**eval_metrics(report), _EXAMPLES: report["n"]}]
             settings: Sequence[str] = (u.setting,)
             seeds: Sequence[int] = (u.seed,)
         else:
@@ -51,10 +57,26 @@ def collect(exp: Experiment, root: str) -> Tuple[Measurements, List[Dict[str, An
             per = extract(exp.analysis(u.source).command, _load(u.output), settings)
         for setting, seed, metrics, ckpt in zip(settings, seeds, per, u.checkpoints):
             found[(setting, seed, u.source)] = metrics
-            records.append({"setting": setting, "seed": seed, "source": u.source,
-                            "file": u.output, "checkpoint": ckpt,
-                            "metrics": _finite_or_none(metrics)})
+            record = {"setting": setting, "seed": seed, "source": u.source, "file": u.output,
+                      "checkpoint": ckpt,
+                      "metrics": _finite_or_none({k: v for k, v in metrics.items()
+                                                  if k != _EXAMPLES})}
+            if _EXAMPLES in metrics:
+                record["n_examples"] = metrics[_EXAMPLES]
+            records.append(record)
     return found, records
+
+
+_EXAMPLES = "#examples"
+
+
+def _summary(found: Measurements, ref: MetricRef, seeds: Sequence[int]) -> V.Summary:
+    """The summary of a reference's samples; an evaluation's accuracies with their sampling
+    variance."""
+    values = _samples(found, ref, seeds)
+    runs = [found[(ref.setting, s, ref.source)] for s in seeds if (ref.setting, s, ref.source) in found]
+    examples = [int(m[_EXAMPLES]) for m in runs] if runs and all(_EXAMPLES in m for m in runs) else None
+    return V.summarize(values, examples)
 
 
 def _samples(found: Measurements, ref: MetricRef, seeds: Sequence[int]) -> List[float]:
@@ -93,9 +115,10 @@ def build_result(exp: Experiment, root: str, command: str) -> Dict[str, Any]:
     for t in exp.tests:
         samples = {str(r): _samples(found, r, exp.seeds) for r in t.refs()}
         undefined = [r for r, v in samples.items() if not all(math.isfinite(x) for x in v)]
+        refs = {str(r): r for r in t.refs()}
         for ref, vals in samples.items():
             if vals and ref not in undefined:
-                summaries[ref] = V.summarize(vals).to_dict()
+                summaries[ref] = _summary(found, refs[ref], exp.seeds).to_dict()
         missing = [r for r, v in samples.items() if len(v) < len(exp.seeds)]
         entry: Dict[str, Any] = {"name": t.name, "kind": t.kind, "note": t.note,
                                  "refs": list(samples), "min_effect": t.min_effect}
@@ -113,16 +136,16 @@ def build_result(exp: Experiment, root: str, command: str) -> Dict[str, Any]:
             results.append(V.TestResult(t.name, t.kind, V.CANNOT_TELL, math.nan, None, why))
             tests.append({**entry, "verdict": V.CANNOT_TELL, "why": why})
             continue
+        def summary(ref: MetricRef) -> V.Summary:
+            return _summary(found, ref, exp.seeds)
         if t.kind == "greater":
-            r = V.greater(t.name, V.summarize(samples[str(t.higher)]),
-                          V.summarize(samples[str(t.lower)]), min_effect=t.min_effect,
+            r = V.greater(t.name, summary(t.higher), summary(t.lower), min_effect=t.min_effect,
                           labels=(str(t.higher), str(t.lower)))
         elif t.kind == "close":
-            r = V.close(t.name, V.summarize(samples[str(t.higher)]),
-                        V.summarize(samples[str(t.lower)]), t.threshold,
+            r = V.close(t.name, summary(t.higher), summary(t.lower), t.threshold,
                         labels=(str(t.higher), str(t.lower)))
         else:
-            r = V.below(t.name, V.summarize(samples[str(t.value)]), t.threshold,
+            r = V.below(t.name, summary(t.value), t.threshold,
                         min_effect=t.min_effect, label=str(t.value))
         results.append(r)
         tests.append({**entry, **r.to_dict()})

@@ -301,6 +301,14 @@ def _settings(raw: Any, where: str, default_minutes: float) -> Tuple[SettingSpec
         if s.finetune_from is not None and s.finetune_from not in names:
             raise FindingsError(where, f"settings.{s.name}.finetune_from",
                                 f"no setting {s.finetune_from!r}", f"settings are {', '.join(names)}")
+    by_name = {s.name: s for s in out}
+    for s in out:
+        # One level: a setting fine-tunes from one trained from scratch (the runner trains
+        # the sources first), never from itself or from another fine-tuned setting.
+        if s.finetune_from is not None and by_name[s.finetune_from].finetune_from is not None:
+            raise FindingsError(where, f"settings.{s.name}.finetune_from",
+                                f"{s.finetune_from!r} is itself fine-tuned",
+                                "fine-tune from a setting trained from scratch")
     return tuple(out)
 
 
@@ -328,6 +336,9 @@ def _tests(raw: Any, where: str, default_min_effect: float) -> Tuple[TestSpec, .
         if kind != "greater" and (isinstance(threshold, bool)
                                   or not isinstance(threshold, (int, float))):
             raise FindingsError(where, key + ".threshold", f"a {kind} test needs a number")
+        if kind == "close" and not threshold > 0:
+            raise FindingsError(where, key + ".threshold", f"{threshold!r}: a close test's "
+                                "tolerance must be above 0 (else it can never hold)")
         # A below or close test's threshold is the claim itself: a margin on top of it would
         # judge a value clearly under the threshold as "does not hold".
         if kind != "greater" and "min_effect" in spec:
@@ -346,7 +357,11 @@ def _tests(raw: Any, where: str, default_min_effect: float) -> Tuple[TestSpec, .
 def _check_refs(exp: Experiment) -> None:
     from .extract import METRICS, known_metric
     sources = {e.name: ("eval", None) for e in exp.evals}
-    sources.update({a.name: ("analysis", a) for a in exp.analyses})
+    for a in exp.analyses:
+        if a.name in sources:
+            raise FindingsError(exp.path, f"analyses.{a.name}", "an evaluation has this name",
+                                "name the analysis differently")
+        sources[a.name] = ("analysis", a)
     names = [s.name for s in exp.settings]
     for i, test in enumerate(exp.tests):
         for ref in test.refs():
@@ -413,7 +428,7 @@ def load_experiment(path: str, defaults: Optional[Mapping[str, Any]] = None) -> 
     for key in ("claim", "title", "paper", "setting", "train_config"):
         if key not in merged:
             raise FindingsError(path, key, "missing")
-    if not isinstance(merged["claim"], int):
+    if not isinstance(merged["claim"], int) or isinstance(merged["claim"], bool):
         raise FindingsError(path, "claim", "must be the claim's number")
     if not os.path.isfile(merged["train_config"]):
         raise FindingsError(path, "train_config", f"no such file: {merged['train_config']}",
@@ -428,6 +443,8 @@ def load_experiment(path: str, defaults: Optional[Mapping[str, Any]] = None) -> 
     all_evals = _evals(defaults.get("evals"), path)
     all_evals.update(_evals(raw.get("evals"), path))
     use = merged.get("use_evals", list(all_evals))
+    if not isinstance(use, list):
+        raise FindingsError(path, "use_evals", f"{use!r} is not a list", "write [apgd]")
     for name in use:
         if name not in all_evals:
             raise FindingsError(path, "use_evals", f"no evaluation {name!r}",

@@ -1,8 +1,13 @@
 """From samples over seeds to a verdict: holds, does not hold, or cannot tell at this scale.
 
 A ``greater`` test compares two settings' samples: the difference of their means against
-twice its standard error (the seeds' spread; with one seed there is no spread, so no verdict
-either way except "cannot tell"). It **holds** when the difference is above twice its standard
+twice its standard error: the seeds' spread (Welch: unpooled variances), plus, for accuracies
+measured on a finite test set, its binomial sampling variance p(1 - p) / n_examples (every seed
+is scored on the same test images, so their spread leaves that noise out; adding it as if the
+two settings' test sets were independent is the conservative side). With one seed there is no
+spread, so no verdict either way except "cannot tell". Two standard errors is a rule of thumb:
+with two seeds per side a 95% t-interval would be 4 to 13 standard errors wide, so a verdict
+from two seeds is a reading of this scale, not a significance test. It **holds** when the difference is above twice its standard
 error and at least ``min_effect``; it **does not hold** when the opposite is as clear, or when
 even the upper end of the interval is below ``min_effect`` (the seeds agree there is no effect
 worth the claim); otherwise we **cannot tell** at this scale. A ``below`` test does the same for
@@ -24,18 +29,20 @@ __all__ = ["Summary", "TestResult", "summarize", "greater", "below", "close", "c
 
 HOLDS, DOES_NOT_HOLD, CANNOT_TELL = "holds", "does not hold", "cannot tell"
 VERDICTS = (HOLDS, DOES_NOT_HOLD, CANNOT_TELL)
-Z = 2.0  # standard errors: about a 95% interval for the difference of two means
+Z = 2.0  # standard errors either side: the rule of thumb above
 
 
 @dataclass(frozen=True)
 class Summary:
-    """Mean and spread of one metric over seeds."""
+    """Mean and spread of one metric over seeds; ``sampling_var``: the variance of the mean
+    from the finite test set (0 where the metric is not a proportion of examples)."""
     n: int
     mean: float
     std: float
     min: float
     max: float
     values: tuple
+    sampling_var: float = 0.0
 
     def to_dict(self) -> Dict[str, Any]:
         return {**asdict(self), "values": list(self.values)}
@@ -55,19 +62,31 @@ class TestResult:
         return asdict(self)
 
 
-def summarize(values: Sequence[float]) -> Summary:
-    """Mean, sample standard deviation (0 for one value), range."""
+def summarize(values: Sequence[float], examples: Optional[Sequence[int]] = None) -> Summary:
+    """Mean, sample standard deviation (0 for one value), range.
+
+    Args:
+        values: one value per seed.
+        examples: for accuracies, the test examples behind each value: adds their binomial
+            sampling variance of the mean, mean(p (1 - p) / n) / seeds.
+    """
     vals = [float(v) for v in values]
     if not vals or any(math.isnan(v) for v in vals):
         raise ValueError(f"need finite values to summarize, got {vals}")
     std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return Summary(len(vals), statistics.fmean(vals), std, min(vals), max(vals), tuple(vals))
+    sampling = 0.0
+    if examples is not None:
+        if len(examples) != len(vals) or any(n < 1 for n in examples):
+            raise ValueError(f"need one positive example count per value, got {examples}")
+        sampling = statistics.fmean(p * (1 - p) / n for p, n in zip(vals, examples)) / len(vals)
+    return Summary(len(vals), statistics.fmean(vals), std, min(vals), max(vals), tuple(vals),
+                   sampling)
 
 
 def _se(*samples: Summary) -> Optional[float]:
     if any(s.n < 2 for s in samples):
         return None
-    return math.sqrt(sum(s.std ** 2 / s.n for s in samples))
+    return math.sqrt(sum(s.std ** 2 / s.n + s.sampling_var for s in samples))
 
 
 def _decide(name: str, kind: str, diff: float, se: Optional[float], min_effect: float,
