@@ -208,25 +208,30 @@ def validate_result(data: Mapping[str, Any]) -> None:
 
 
 def _figure(data: Mapping[str, Any], path: str) -> Optional[str]:
-    """One panel per test: each side's seeds as dots over its mean +- std bar."""
+    """One panel per test: each side's seeds as dots, its mean with a band of 2 standard errors
+    (seeds' spread and test-set sampling), on an axis zoomed to the numbers."""
     tests = [t for t in data["tests"] if all(r in data["summaries"] for r in t["refs"])]
     if not tests:
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(tests), figsize=(3.2 * len(tests) + 0.8, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tests), figsize=(2.9 * len(tests) + 0.8, 3.4), squeeze=False)
     for ax, t in zip(axes[0], tests):
         for x, ref in enumerate(t["refs"]):
             s = data["summaries"][ref]
-            ax.bar(x, s["mean"], yerr=s["std"], color="#9ecae1" if x else "#3182bd", capsize=4)
-            ax.scatter([x] * len(s["values"]), s["values"], color="black", s=12, zorder=3)
+            se = math.sqrt(s["std"] ** 2 / s["n"] + s.get("sampling_var", 0.0))
+            color = "#3182bd" if x == 0 else "#e6550d"
+            ax.errorbar(x, s["mean"], yerr=V.Z * se, fmt="_", color=color, markersize=22,
+                        capsize=6, lw=1.5)
+            ax.scatter([x] * len(s["values"]), s["values"], color="black", s=14, zorder=3)
         if t.get("threshold") is not None and t["kind"] == "below":
             ax.axhline(t["threshold"], color="red", lw=1, ls="--")
+        ax.set_xlim(-0.6, len(t["refs"]) - 0.4)
         ax.set_xticks(range(len(t["refs"])))
         ax.set_xticklabels([r.replace("@", "\n@") for r in t["refs"]], fontsize=7)
         ax.set_title(f"{t['name']}: {t['verdict']}", fontsize=9)
-    fig.suptitle(f"claim {data['claim']}: {data['title']} ({data['verdict']})", fontsize=10)
+    fig.suptitle(f"claim {data['claim']}: {data['title']} ({data['verdict']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)
