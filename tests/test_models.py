@@ -9,7 +9,8 @@ from advvit import models as M
 
 REGISTERED = ("xcit_nano_12_p4_32", "xcit_nano_12_p8_32", "xcit_small_12_p4_32", "xcit_small_12_p8_32",
               "xcit_medium_12_p4_32", "xcit_large_12_p4_32", "xcit_medium_12_p16_224",
-              "xcit_large_12_p16_224", "cait_s12_224", "resnet50_gelu", "resnet18_gelu")
+              "xcit_large_12_p16_224", "cait_s12_224", "resnet50_gelu", "resnet18_gelu",
+              "deit_nano_12_p8_32", "cait_nano_12_p8_32", "resnet18_half_gelu")
 
 
 def n_params(model):
@@ -20,6 +21,18 @@ def test_variants_are_in_timms_registry():
     names = set(timm.list_models())
     assert set(REGISTERED) <= names
     assert set(M.iter_registered()) == set(REGISTERED) | set(M.fan.REGISTERED) | set(M.covit.REGISTERED)
+
+
+@pytest.mark.parametrize("arch, count", [("xcit_nano_12_p8_32", 2_925_226),
+                                         ("deit_nano_12_p8_32", 2_391_434),
+                                         ("cait_nano_12_p8_32", 2_791_914),
+                                         ("resnet18_half_gelu", 2_811_274),
+                                         ("fan_nano_12_p8_32", 3_229_354)])
+def test_the_architecture_comparison_models_are_xcit_nanos_size(arch, count):
+    # The counts the findings' claim 1 and 12 settings state (1 channel, 10 classes, 32x32).
+    model = M.create_model(arch, num_classes=10, in_chans=1, img_size=32)
+    assert M.count_parameters(model) == count
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("arch, millions", sorted(M.THESIS_PARAM_COUNTS.items()))
