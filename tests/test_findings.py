@@ -639,3 +639,36 @@ def test_a_record_keeps_each_evaluations_example_count(tmp_path):
     assert all("#examples" not in m["metrics"] for m in evals)
     assert data["summaries"]["pgd.robust@wd05"]["sampling_var"] == pytest.approx(
         0.3 * 0.7 / 10 ** 6 / 2)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_runner_and_its_running_unit(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    _tiny_experiment(tmp_path)
+    raw = yaml.safe_load(open(tmp_path / "train.yaml"))
+    raw.update(max_steps_per_epoch=400, log_interval=1)   # long enough to be caught running
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(raw))
+    root = tmp_path / "root"
+    # SIGINT ignored, as a shell leaves it for a background job: SIGTERM must still work.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "advvit.findings", "run", "--yes", "--configs",
+         str(tmp_path / "exp"), "--root", str(root)], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    exp = load_experiments(str(tmp_path / "exp"))[0]
+    train = units(exp, str(root))[0]
+    log = os.path.join(train.folder, "findings_train.log")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (os.path.isfile(log) and "step" in open(log).read()):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "run again to resume" in err
+    assert not os.path.exists(train.output)
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", train.command[3]], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "the training process outlived the runner"

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -74,6 +75,15 @@ def _report(exps, args) -> None:
     print(f"{len(records)} records -> {page}")
 
 
+def _stop_on_signals() -> None:
+    """SIGTERM (and SIGINT, which a shell ignores in background jobs) stop the runner as ^C
+    does: the running unit's process group is stopped with it, nothing is marked done."""
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -97,6 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.action == "plan":
         return 0
     env = None if args.threads is None else {"OMP_NUM_THREADS": str(args.threads)}
+    _stop_on_signals()
     for exp in exps:
         if exp.waits_for:
             print(f"claim {exp.claim} ({exp.id}): skipped, waits for {exp.waits_for}")
@@ -107,6 +118,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except RunFailed as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt as err:
+            print(f"stopped ({err or 'interrupted'}); run again to resume", file=sys.stderr)
+            return 130
         _report([exp], args)
     return 0
 
