@@ -591,31 +591,30 @@ def test_a_preparation_that_creates_nothing_fails(tmp_path):
         run_unit(units(exp, str(tmp_path / "root"))[0])
 
 
-def test_a_misspelt_evaluation_option_is_refused_before_anything_runs(tmp_path, capsys):
-    path = _tiny_experiment(tmp_path)
-    raw = yaml.safe_load(open(path))
-    raw["evals"]["pgd"]["args"][raw["evals"]["pgd"]["args"].index("--n-examples")] = "--n-exampels"
-    with open(path, "w") as fh:
-        yaml.safe_dump(raw, fh)
-    root = tmp_path / "root"
-    assert findings_main(["run", "--configs", str(tmp_path / "exp"), "--root", str(root),
-                          "--yes"]) == 2
-    err = capsys.readouterr().err
-    assert "key 'evals.pgd.args'" in err and "--n-exampels" in err
-    assert not root.exists()
+def _misspell_option(raw):
+    args = raw["evals"]["pgd"]["args"]
+    args[args.index("--n-examples")] = "--n-exampels"
 
 
-def test_a_bad_training_setting_is_refused_before_anything_runs(tmp_path, capsys):
-    path = _tiny_experiment(tmp_path)
-    raw = yaml.safe_load(open(path))
+def _unknown_model(raw):
     raw["settings"]["wd05"]["train"]["model"] = "xcit_nano_12_p8_33"
+
+
+@pytest.mark.parametrize("spoil, key, detail", [
+    (_misspell_option, "evals.pgd.args", "--n-exampels"),
+    (_unknown_model, "settings.wd05.train", "config key 'model'"),
+])
+def test_bad_commands_are_refused_before_anything_runs(tmp_path, capsys, spoil, key, detail):
+    path = _tiny_experiment(tmp_path)
+    raw = yaml.safe_load(open(path))
+    spoil(raw)
     with open(path, "w") as fh:
         yaml.safe_dump(raw, fh)
     root = tmp_path / "root"
     assert findings_main(["run", "--configs", str(tmp_path / "exp"), "--root", str(root),
                           "--yes"]) == 2
     err = capsys.readouterr().err
-    assert "key 'settings.wd05.train'" in err and "config key 'model'" in err
+    assert f"key '{key}'" in err and detail in err
     assert not root.exists()
 
 
