@@ -21,7 +21,7 @@ from ..io import atomic_write_json, atomic_write_text
 from .plan import Unit, status, units
 from .spec import Experiment, FindingsError
 
-__all__ = ["RunFailed", "run_unit", "run_experiment", "run_all", "check_configs", "log_path"]
+__all__ = ["RunFailed", "run_unit", "run_experiment", "check_configs", "log_path"]
 
 Say = Callable[[str], None]
 
@@ -176,8 +176,3 @@ def run_experiment(exp: Experiment, root: str, *, say: Say = print, python: str 
         ran[unit.key] = runner(unit, python=python, env=env)
         say(f"  done  {unit.key} in {ran[unit.key] / 60:.1f} min")
     return ran
-
-
-def run_all(experiments: Sequence[Experiment], root: str, **kwargs) -> Dict[str, Dict[str, float]]:
-    """:func:`run_experiment` for each experiment in turn."""
-    return {e.id: run_experiment(e, root, **kwargs) for e in experiments}

@@ -16,7 +16,6 @@ any run starts.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -491,8 +490,3 @@ def load_experiments(folder: str, only: Sequence[str] = ()) -> List[Experiment]:
                                 f"known: {', '.join(e.id for e in exps)}")
         chosen += [e for e in found if e not in chosen]
     return chosen
-
-
-def replace(exp: Experiment, **changes: Any) -> Experiment:
-    """A copy with some fields changed (for tests and the CLI's --seeds)."""
-    return dataclasses.replace(exp, **changes)
