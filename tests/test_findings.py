@@ -671,3 +671,31 @@ def test_sigterm_stops_the_runner_and_its_running_unit(tmp_path):
     time.sleep(1)
     left = subprocess.run(["pgrep", "-f", train.command[3]], capture_output=True, text=True)
     assert left.stdout.strip() == "", "the training process outlived the runner"
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_set_aside_not_deleted(tmp_path):
+    from advvit.findings.runner import set_aside_leftovers
+    exp = load_experiment(_tiny_experiment(tmp_path), defaults={})
+    train = units(exp, str(tmp_path / "root"))[0]
+    assert set_aside_leftovers(train) is None                  # no folder yet
+    os.makedirs(train.folder)
+    (tmp_path / "root" / "runs" / os.path.basename(train.folder) / "args.yaml").write_text("a: 1\n")
+    aside = set_aside_leftovers(train)
+    assert aside and not os.path.exists(train.folder)
+    assert open(os.path.join(aside, "args.yaml")).read() == "a: 1\n"
+    os.makedirs(train.folder)
+    open(os.path.join(train.folder, "recovery.pth"), "wb").close()
+    assert status(train) == "partial" and set_aside_leftovers(train) is None   # resumable: kept
+
+
+def test_a_run_folder_whose_lock_is_held_is_left_alone(tmp_path):
+    from advvit import rundir
+    from advvit.findings.runner import set_aside_leftovers
+    exp = load_experiment(_tiny_experiment(tmp_path), defaults={})
+    train = units(exp, str(tmp_path / "root"))[0]
+    lock = rundir.acquire(train.folder)          # a run training there right now
+    try:
+        (tmp_path / "root" / "runs" / os.path.basename(train.folder) / "args.yaml").write_text("")
+        assert set_aside_leftovers(train) is None and os.path.isdir(train.folder)
+    finally:
+        lock.release()

@@ -17,11 +17,14 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 import yaml
 
+from .. import rundir
+from ..config import ConfigError
 from ..io import atomic_write_json, atomic_write_text
 from .plan import Unit, status, units
 from .spec import Experiment, FindingsError
 
-__all__ = ["RunFailed", "run_unit", "run_experiment", "check_configs", "log_path"]
+__all__ = ["RunFailed", "run_unit", "run_experiment", "check_configs", "log_path",
+           "set_aside_leftovers"]
 
 Say = Callable[[str], None]
 
@@ -49,6 +52,28 @@ def log_path(unit: Unit) -> str:
     if unit.kind == "prepare":
         return os.path.join(unit.folder, "findings_prepare.log")
     return os.path.splitext(unit.output)[0] + ".log"
+
+
+def set_aside_leftovers(unit: Unit) -> Optional[str]:
+    """A training run killed before its first checkpoint has nothing to resume, and
+    ``advvit.train`` refuses a folder with run files but no checkpoint: its folder is renamed
+    (kept, with its log) so the run starts over. Returns the new name, or None."""
+    folder = unit.folder
+    if unit.kind != "train" or not os.path.isdir(folder) or status(unit) != "pending":
+        return None
+    if not os.listdir(folder):
+        return None
+    # A run still training there holds the folder's lock: leave it to advvit.train to name.
+    try:
+        lock = rundir.acquire(folder)
+    except ConfigError:
+        return None
+    try:
+        aside = f"{folder}.abandoned-{time.strftime('%Y%m%dT%H%M%S')}"
+        os.replace(folder, aside)
+    finally:
+        lock.release()
+    return aside
 
 
 def _prepare(unit: Unit) -> None:
@@ -88,8 +113,12 @@ def run_unit(unit: Unit, *, python: str = sys.executable,
     Raises:
         RunFailed: the command exited non-zero (nothing is marked done).
     """
+    aside = set_aside_leftovers(unit)
     _prepare(unit)
     log = log_path(unit)
+    if aside is not None:
+        with open(log, "a") as fh:
+            fh.write(f"# the files of a run killed before its first checkpoint: {aside}\n")
     start = time.monotonic()
     rc = _run([python, *unit.command], log, env)
     seconds = time.monotonic() - start
@@ -137,7 +166,7 @@ def check_configs(exp: Experiment, root: str) -> None:
     Raises:
         FindingsError: naming the experiment, the setting and the config error.
     """
-    from ..config import ConfigError, config_from_dict
+    from ..config import config_from_dict
     from ..preflight import validate
     for u in units(exp, root):
         if u.kind in ("eval", "analysis"):
