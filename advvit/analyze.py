@@ -218,7 +218,8 @@ class Analysis:
         default_examples: ``--n-examples`` when not given.
         needs_blocks: it looks inside the model (``advvit.analysis.blocks`` must know it).
         check: validates the analysis's own options once everything is loaded, before any
-            work (raises :class:`AnalyzeError`).
+            work (raises :class:`AnalyzeError`; what it returns is ignored, so a settings
+            parser serves as its check).
     """
 
     name: str
@@ -229,7 +230,7 @@ class Analysis:
     min_examples: Optional[int] = 1
     default_examples: int = 64
     needs_blocks: bool = False
-    check: Optional[Callable[[Context], None]] = None
+    check: Optional[Callable[[Context], Any]] = None
 
 
 ANALYSES: dict[str, Analysis] = {}
@@ -239,7 +240,7 @@ ANALYSES: dict[str, Analysis] = {}
 def register(name: str, help: str, *, options: Optional[OptionsFn] = None,
              eps: Optional[str] = "attack", min_examples: Optional[int] = 1,
              default_examples: int = 64, needs_blocks: bool = False,
-             check: Optional[Callable[[Context], None]] = None) -> Callable[[RunFn], RunFn]:
+             check: Optional[Callable[[Context], Any]] = None) -> Callable[[RunFn], RunFn]:
     """Register ``fn(ctx) -> Output`` as the sub-command ``name`` (see :class:`Analysis`)."""
     if eps not in ("attack", "class-viz", None):
         raise ValueError(f"eps must be 'attack', 'class-viz' or None, got {eps!r}")
@@ -897,13 +898,9 @@ def _corruption_bars(ctx: Context, summary: dict[str, Any], mce: dict[str, Optio
     return fig
 
 
-def _check_corruptions(ctx: Context) -> None:
-    _corruption_settings(ctx)
-
-
 @register("corruptions", "accuracy under ImageNet-C corruptions x severities, mean, mCE (Hendrycks "
           "& Dietterich)", options=_corruption_options,
-          eps=None, default_examples=1000, check=_check_corruptions)
+          eps=None, default_examples=1000, check=_corruption_settings)
 def _corruptions(ctx: Context) -> Output:
     settings = _corruption_settings(ctx)
     dataset = f"{ctx.args.dataset}/{ctx.args.split}"
@@ -1060,13 +1057,9 @@ def _spatial_bars(ctx: Context, results: dict[str, Any]) -> Any:
     return fig
 
 
-def _check_spatial(ctx: Context) -> None:
-    _spatial_grid(ctx)
-
-
 @register("spatial", "accuracy over a rotation x translation grid, and its worst case (Engstrom "
           "et al.)", options=_spatial_options, eps=None, default_examples=256,
-          check=_check_spatial)
+          check=_spatial_grid)
 def _spatial(ctx: Context) -> Output:
     from .analysis.shifts import evaluate_spatial
     grid = _spatial_grid(ctx)
