@@ -116,10 +116,15 @@ def _train_units(exp: Experiment, root: str) -> Dict[Tuple[str, int], Unit]:
 def _eval_unit(spec: EvalSpec, train: Unit) -> Unit:
     out = os.path.join(train.folder, "findings", f"eval-{spec.name}-{_digest(spec.args)}.json")
     checkpoint = os.path.join(train.folder, _CHECKPOINT)
+    from ..eval import EvalError, parse_attack
     args = list(spec.args)
     attack = args[args.index("--attack") + 1] if "--attack" in args else "autoattack"
-    # AutoAttack's attacks resume from a state file; PGD and FGSM are short and rerun.
-    state = [] if attack in ("pgd", "fgsm") else ["--state-path", out + ".state"]
+    # advvit.eval resumes AutoAttack runs from a state file and refuses one for the rest.
+    try:
+        resumable = parse_attack(attack).kind == "autoattack"
+    except EvalError:
+        resumable = False  # check_configs names the bad option before anything runs
+    state = ["--state-path", out + ".state"] if resumable else []
     return Unit(kind="eval", key=f"eval {spec.name} {train.setting} s{train.seed}",
                 command=["-m", "advvit.eval", "--checkpoint", checkpoint, *args,
                          "--output", out, *state],
