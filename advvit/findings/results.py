@@ -13,7 +13,7 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .. import __version__
-from ..io import atomic_write_json
+from ..io import atomic_write, atomic_write_json
 from . import verdict as V
 from .extract import ExtractError, eval_metrics, extract
 from .plan import status, units
@@ -233,9 +233,8 @@ def _figure(data: Mapping[str, Any], path: str) -> Optional[str]:
         ax.set_title(f"{t['name']}: {t['verdict']}", fontsize=9)
     fig.suptitle(f"claim {data['claim']}: {data['title']} ({data['verdict']})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
     return os.path.basename(path)
 
 
