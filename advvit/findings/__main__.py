@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from ..io import atomic_write_text
 from .markdown import render
 from .plan import plan_lines
-from .results import build_result, validate_result, write_result
+from .results import build_result, rebuild_result, validate_result, write_result
 from .runner import RunFailed, check_configs, run_experiment
 from .spec import FindingsError, load_experiments
 
@@ -47,9 +47,9 @@ def _command(args: argparse.Namespace, exp_id: str) -> str:
 
 
 def _report(exps, args) -> None:
-    """Write each experiment's record (keeping a file with more measurements than the runs
-    under --root have: a fresh checkout has the records but not the runs), then findings.md
-    from every record."""
+    """Write each experiment's record, then findings.md from every record. Where the file
+    already there holds more measurements than the runs under --root (a fresh checkout has the
+    records but not the runs), its measurements are judged anew instead."""
     for exp in exps:
         data = build_result(exp, args.root, _command(args, exp.id))
         path = os.path.join(args.results, f"{exp.id}.json")
@@ -57,9 +57,10 @@ def _report(exps, args) -> None:
             with open(path) as fh:
                 old = json.load(fh)
             if len(old.get("measurements", [])) > len(data["measurements"]):
-                print(f"claim {exp.claim} ({exp.id}): kept {path} ({len(old['measurements'])} "
-                      f"measurements; {len(data['measurements'])} under {args.root})")
-                continue
+                print(f"claim {exp.claim} ({exp.id}): judged anew from the "
+                      f"{len(old['measurements'])} measurements in {path} "
+                      f"({len(data['measurements'])} under {args.root})")
+                data = rebuild_result(exp, old, _command(args, exp.id))
         path = write_result(data, args.results)
         print(f"claim {exp.claim} ({exp.id}): {data['verdict']} -> {path}")
     records = []

@@ -19,7 +19,7 @@ from .extract import ExtractError, eval_metrics, extract
 from .plan import status, units
 from .spec import Experiment, MetricRef
 
-__all__ = ["collect", "build_result", "validate_result", "write_result", "FORMAT", "SchemaError"]
+__all__ = ["collect", "build_result", "rebuild_result", "validate_result", "write_result", "FORMAT", "SchemaError"]
 
 FORMAT = "advvit-findings/1"
 # (setting, seed, source) -> metric -> value
@@ -109,6 +109,30 @@ def build_result(exp: Experiment, root: str, command: str) -> Dict[str, Any]:
     claim's verdict is then ``cannot tell``.
     """
     found, records = collect(exp, root)
+    return _judge(exp, found, records, _train_seconds(exp, root), command)
+
+
+def rebuild_result(exp: Experiment, record: Mapping[str, Any], command: str) -> Dict[str, Any]:
+    """``exp``'s record judged anew from the measurements an earlier record holds (a checkout
+    with the records but not the runs): the current tests, verdict rule and notes applied to the
+    same numbers.
+
+    Raises:
+        SchemaError: ``record`` is not an ``advvit-findings/1`` record.
+    """
+    validate_result(record)
+    found: Measurements = {}
+    for m in record["measurements"]:
+        metrics = {k: (math.nan if v is None else float(v)) for k, v in m["metrics"].items()}
+        if "n_examples" in m:
+            metrics[_EXAMPLES] = int(m["n_examples"])
+        found[(m["setting"], m["seed"], m["source"])] = metrics
+    return _judge(exp, found, [dict(m) for m in record["measurements"]],
+                  dict(record["train_seconds"]), command)
+
+
+def _judge(exp: Experiment, found: Measurements, records: List[Dict[str, Any]],
+           train_seconds: Dict[str, float], command: str) -> Dict[str, Any]:
     summaries: Dict[str, Dict[str, Any]] = {}
     tests: List[Dict[str, Any]] = []
     results: List[V.TestResult] = []
@@ -159,7 +183,7 @@ def build_result(exp: Experiment, root: str, command: str) -> Dict[str, Any]:
         "complete": complete,
         "verdict": V.combine(results) if complete else "not run" if not results else V.CANNOT_TELL,
         "tests": tests, "summaries": summaries, "measurements": records,
-        "train_seconds": _train_seconds(exp, root),
+        "train_seconds": train_seconds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
         "advvit": __version__,
     }

@@ -2,9 +2,10 @@
 
 A ``greater`` test compares two settings' samples: the difference of their means against
 twice its standard error: the seeds' spread (Welch: unpooled variances), plus, for accuracies
-measured on a finite test set, its binomial sampling variance p(1 - p) / n_examples (every seed
-is scored on the same test images, so their spread leaves that noise out; adding it as if the
-two settings' test sets were independent is the conservative side). With one seed there is no
+measured on a finite test set, its binomial sampling variance p(1 - p) / n_examples. Every seed
+is scored on the same test images, so their spread leaves that noise out, and more seeds do not
+shrink it: p(1 - p) / n is its bound, reached when the seeds are right on the same images, and
+adding it for both settings as if their test sets were independent is the conservative side. With one seed there is no
 spread, so no verdict either way except "cannot tell". Two standard errors is a rule of thumb:
 with two seeds per side a 95% t-interval would be 4 to 13 standard errors wide, so a verdict
 from two seeds is a reading of this scale, not a significance test. It **holds** when the difference is above twice its standard
@@ -67,8 +68,9 @@ def summarize(values: Sequence[float], examples: Optional[Sequence[int]] = None)
 
     Args:
         values: one value per seed.
-        examples: for accuracies, the test examples behind each value: adds their binomial
-            sampling variance of the mean, mean(p (1 - p) / n) / seeds.
+        examples: for accuracies, the test examples behind each value: adds the binomial
+            sampling variance of the mean, mean(p (1 - p) / n), not divided by the number of
+            seeds since they share the test images.
     """
     vals = [float(v) for v in values]
     if not vals or any(math.isnan(v) for v in vals):
@@ -78,7 +80,7 @@ def summarize(values: Sequence[float], examples: Optional[Sequence[int]] = None)
     if examples is not None:
         if len(examples) != len(vals) or any(n < 1 for n in examples):
             raise ValueError(f"need one positive example count per value, got {examples}")
-        sampling = statistics.fmean(p * (1 - p) / n for p, n in zip(vals, examples)) / len(vals)
+        sampling = statistics.fmean(p * (1 - p) / n for p, n in zip(vals, examples))
     return Summary(len(vals), statistics.fmean(vals), std, min(vals), max(vals), tuple(vals),
                    sampling)
 
