@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -240,7 +241,8 @@ def _figure(data: Mapping[str, Any], path: str) -> Optional[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(tests), figsize=(2.9 * len(tests) + 0.8, 3.4), squeeze=False)
+    width = 2.9 * len(tests) + 0.8
+    fig, axes = plt.subplots(1, len(tests), figsize=(width, 3.4), squeeze=False)
     for ax, t in zip(axes[0], tests):
         for x, ref in enumerate(t["refs"]):
             s = data["summaries"][ref]
@@ -255,7 +257,10 @@ def _figure(data: Mapping[str, Any], path: str) -> Optional[str]:
         ax.set_xticks(range(len(t["refs"])))
         ax.set_xticklabels([r.replace("@", "\n@") for r in t["refs"]], fontsize=7)
         ax.set_title(f"{t['name']}: {t['verdict']}", fontsize=9)
-    fig.suptitle(f"claim {data['claim']}: {data['title']} ({data['verdict']})", fontsize=9)
+    # A long title wrapped to the figure's width (~13 characters an inch at 9 points) instead of
+    # cut off at both edges.
+    fig.suptitle(textwrap.fill(f"claim {data['claim']}: {data['title']} ({data['verdict']})",
+                               int(13 * width)), fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)
