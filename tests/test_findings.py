@@ -190,6 +190,24 @@ def test_plan_orders_training_first_and_skips_what_is_done(tmp_path):
     assert total == 0 and all("done" in line for line in lines if line.startswith("    "))
 
 
+def test_an_experiments_length_is_measured_where_its_units_are_done(tmp_path):
+    exp = load_experiment(_tiny_experiment(tmp_path), defaults={})
+    root = str(tmp_path / "root")
+    # Declared: two trainings of 0.2 min and two evaluations of 0.1 min.
+    assert "alone ~0.6 min; still to run ~0.6 min" in plan_lines([exp], root)[0][1]
+    fake = _fake_runner([])
+
+    def slow_training(unit, **kw):
+        fake(unit, **kw)
+        if unit.kind == "train":   # 25 minutes each, measured: over the 45-minute limit
+            with open(unit.output, "w") as fh:
+                json.dump({"seconds": 1500.0}, fh)
+        return 1.0
+    run_experiment(exp, root, runner=slow_training, say=lambda s: None)
+    head = plan_lines([exp], root)[0][1]
+    assert "alone ~50.2 min; still to run ~0 min  [over the 45-minute limit]" in head
+
+
 def test_a_training_run_with_a_checkpoint_but_no_marker_is_partial(tmp_path):
     exp = load_experiment(_tiny_experiment(tmp_path), defaults={})
     train = units(exp, str(tmp_path / "root"))[0]

@@ -278,11 +278,12 @@ def plan_lines(experiments: Sequence[Experiment], root: str) -> Tuple[List[str],
         whole = 0.0
         for u in units(exp, root):
             state = status(u)
-            whole += u.minutes
             shared = u.output in seen
             seen.add(u.output)
+            took = _seconds_done(u) if state == "done" else None
+            # The experiment's whole length, checked against the limit, is measured where done.
+            whole += u.minutes if took is None else took / 60
             if state == "done":
-                took = _seconds_done(u)
                 note = f"done{'' if took is None else f' in {took / 60:.1f} min'}"
             else:
                 note = f"{state}, ~{u.minutes:g} min" + (" (shared, counted above)" if shared else "")
@@ -293,7 +294,7 @@ def plan_lines(experiments: Sequence[Experiment], root: str) -> Tuple[List[str],
         head = f"claim {exp.claim} ({exp.id}): {exp.title}"
         wait = f"  [waits for: {exp.waits_for}]" if exp.waits_for else ""
         lines.append(f"{head}{wait}")
-        lines.append(f"  alone ~{whole:g} min; still to run ~{todo:g} min{flag}")
+        lines.append(f"  alone ~{whole:.1f} min; still to run ~{todo:g} min{flag}")
         lines += body
         total += todo
     lines.append(f"total still to run: ~{total:g} min ({total / 60:.1f} h)")
