@@ -426,3 +426,14 @@ def test_real_fashion_mnist_learns():
         for x, y in D.create_loader(test, img_size=28, in_chans=1, batch_size=500, is_training=False):
             correct += (model(x).argmax(1) == y).sum().item()
     assert correct / 2000 > 0.75
+
+
+def test_randaugments_strongest_posterize_runs_and_blacks_the_image_out():
+    # timm's increasing posterize keeps 4 - 4 * magnitude / 10 bits: 0 at magnitude 10, which
+    # `rand-m9-mstd0.5-inc1` reaches; Pillow 13 raises there mid-epoch (pyproject pins < 13).
+    from timm.data.auto_augment import AugmentOp
+    img = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    out = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(img)
+    assert np.array_equal(np.asarray(out), np.zeros((8, 8, 3), np.uint8))
+    kept = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(img)   # 2 bits: 200 -> 192
+    assert np.asarray(kept).max() == 192
