@@ -18,8 +18,9 @@ settings over seeds on the real Fashion-MNIST (quickstart-sized models, a few hu
 2 CPU cores) and measures them with `advvit.eval` (APGD-CE on 1,000 test images unless said) or
 `advvit.analyze`. A test compares the difference of the means over seeds against twice its
 standard error (the seeds' spread, plus for an evaluation's accuracies the binomial sampling noise
-of its test images, which every seed shares, so more seeds do not shrink it): **holds** (the claimed direction, beyond the noise
-and by at least the smallest effect the claim is worth), **does not hold** (the opposite beyond
+of its test images, which every seed shares, so more seeds do not shrink it): **holds** (the
+claimed direction, beyond the noise and by at least the smallest effect the claim is worth),
+**does not hold** (the opposite beyond
 the noise, or an effect too small to matter), **cannot tell** (within the noise at this scale),
 **not run** (its units have not run yet: `python -m advvit.findings plan` lists them with their
 estimated minutes). With two seeds, two standard errors is a rule of thumb, not a significance

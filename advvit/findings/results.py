@@ -20,7 +20,8 @@ from .extract import ExtractError, eval_metrics, extract
 from .plan import status, units
 from .spec import Experiment, MetricRef
 
-__all__ = ["collect", "build_result", "rebuild_result", "validate_result", "write_result", "FORMAT", "SchemaError"]
+__all__ = ["collect", "build_result", "rebuild_result", "validate_result", "write_result", "FORMAT",
+           "SchemaError"]
 
 FORMAT = "advvit-findings/1"
 # (setting, seed, source) -> metric -> value

@@ -5,8 +5,8 @@ twice its standard error: the seeds' spread (Welch: unpooled variances), plus, f
 measured on a finite test set, its binomial sampling variance p(1 - p) / n_examples. Every seed
 is scored on the same test images, so their spread leaves that noise out, and more seeds do not
 shrink it: p(1 - p) / n is its bound, reached when the seeds are right on the same images, and
-adding it for both settings as if their test sets were independent is the conservative side. With one seed there is no
-spread, so no verdict either way except "cannot tell". Two standard errors is a rule of thumb:
+adding it for both settings as if their test sets were independent is the conservative side.
+With one seed there is no spread, so no verdict either way except "cannot tell". Two standard errors is a rule of thumb:
 with two seeds per side a 95% t-interval would be 4 to 13 standard errors wide, so a verdict
 from two seeds is a reading of this scale, not a significance test. It **holds** when the difference is above twice its standard
 error and at least ``min_effect``; it **does not hold** when the opposite is as clear, or when
