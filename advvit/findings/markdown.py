@@ -20,9 +20,8 @@ settings over seeds on the real Fashion-MNIST (quickstart-sized models, a few hu
 standard error (the seeds' spread, plus for an evaluation's accuracies the binomial sampling noise
 of its test images, which every seed shares, so more seeds do not shrink it): **holds** (the
 claimed direction, beyond the noise and by at least the smallest effect the claim is worth),
-**does not hold** (the opposite beyond
-the noise, or an effect too small to matter), **cannot tell** (within the noise at this scale),
-**not run** (its units have not run yet: `python -m advvit.findings plan` lists them with their
+**does not hold** (the opposite beyond the noise, or an effect too small to matter), **cannot
+tell** (within the noise at this scale), **not run** (its units have not run yet: `python -m advvit.findings plan` lists them with their
 estimated minutes). With two seeds, two standard errors is a rule of thumb, not a significance
 test. Numbers are accuracies in [0, 1] unless named otherwise. A claim that does not hold here is
 reported as such; no setting was tuned to make one hold.

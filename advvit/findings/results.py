@@ -247,7 +247,7 @@ def _figure(data: Mapping[str, Any], path: str) -> Optional[str]:
     for ax, t in zip(axes[0], tests):
         for x, ref in enumerate(t["refs"]):
             s = data["summaries"][ref]
-            se = math.sqrt(s["std"] ** 2 / s["n"] + s.get("sampling_var", 0.0))
+            se = math.sqrt(V.mean_variance(s["std"], s["n"], s.get("sampling_var", 0.0)))
             color = "#3182bd" if x == 0 else "#e6550d"
             ax.errorbar(x, s["mean"], yerr=V.Z * se, fmt="_", color=color, markersize=22,
                         capsize=6, lw=1.5)

@@ -25,8 +25,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["Summary", "TestResult", "summarize", "greater", "below", "close", "combine", "HOLDS",
-           "DOES_NOT_HOLD", "CANNOT_TELL", "VERDICTS", "Z"]
+__all__ = ["Summary", "TestResult", "summarize", "mean_variance", "greater", "below", "close",
+           "combine", "HOLDS", "DOES_NOT_HOLD", "CANNOT_TELL", "VERDICTS", "Z"]
 
 HOLDS, DOES_NOT_HOLD, CANNOT_TELL = "holds", "does not hold", "cannot tell"
 VERDICTS = (HOLDS, DOES_NOT_HOLD, CANNOT_TELL)
@@ -85,10 +85,16 @@ def summarize(values: Sequence[float], examples: Optional[Sequence[int]] = None)
                    sampling)
 
 
+def mean_variance(std: float, n: int, sampling_var: float = 0.0) -> float:
+    """The variance of a mean over ``n`` seeds: their spread ``std ** 2 / n`` plus the test
+    set's sampling variance (which the seeds share)."""
+    return std ** 2 / n + sampling_var
+
+
 def _se(*samples: Summary) -> Optional[float]:
     if any(s.n < 2 for s in samples):
         return None
-    return math.sqrt(sum(s.std ** 2 / s.n + s.sampling_var for s in samples))
+    return math.sqrt(sum(mean_variance(s.std, s.n, s.sampling_var) for s in samples))
 
 
 def _decide(name: str, kind: str, diff: float, se: Optional[float], min_effect: float,
