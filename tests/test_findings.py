@@ -208,6 +208,13 @@ def test_an_experiments_length_is_measured_where_its_units_are_done(tmp_path):
     assert "alone ~50.2 min; still to run ~0 min  [over the 45-minute limit]" in head
 
 
+def test_an_experiment_can_change_a_shared_evaluations_estimate_alone():
+    shared = load_experiment(os.path.join(SHIPPED, "01_deit.yaml"))
+    own = load_experiment(os.path.join(SHIPPED, "08_attention_vs_conv.yaml"))
+    a, b = (next(e for e in x.evals if e.name == "apgd") for x in (shared, own))
+    assert (a.args, a.minutes) == (b.args, 3.6) and b.minutes == 2
+
+
 def test_a_training_run_with_a_checkpoint_but_no_marker_is_partial(tmp_path):
     exp = load_experiment(_tiny_experiment(tmp_path), defaults={})
     train = units(exp, str(tmp_path / "root"))[0]

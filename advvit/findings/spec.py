@@ -439,8 +439,13 @@ def load_experiment(path: str, defaults: Optional[Mapping[str, Any]] = None) -> 
     if len(set(seeds)) != len(seeds):
         # One run counted twice is two identical samples: a spread of 0 that no seed measured.
         raise FindingsError(path, "seeds", f"{seeds!r} repeats a seed", "list each seed once")
-    all_evals = _evals(defaults.get("evals"), path)
-    all_evals.update(_evals(raw.get("evals"), path))
+    # An experiment's entry for a shared evaluation is laid over it key by key, so that
+    # `apgd: {minutes: 2}` changes only the estimate.
+    raw_evals = dict(_mapping(defaults.get("evals"), path, "evals"))
+    for name, spec in _mapping(raw.get("evals"), path, "evals").items():
+        base = raw_evals.get(name)
+        raw_evals[name] = {**base, **spec} if isinstance(base, dict) and isinstance(spec, dict) else spec
+    all_evals = _evals(raw_evals, path)
     use = merged.get("use_evals", list(all_evals))
     if not isinstance(use, list):
         raise FindingsError(path, "use_evals", f"{use!r} is not a list", "write [apgd]")
