@@ -21,8 +21,8 @@ import yaml
 from ..report import sha256_file
 from .spec import AnalysisSpec, EvalSpec, Experiment, SettingSpec
 
-__all__ = ["Unit", "units", "status", "plan_lines", "TRAIN_MARKER", "EXPERIMENT_LIMIT_MINUTES",
-           "train_values"]
+__all__ = ["Unit", "units", "status", "plan_lines", "log_path", "journal_path", "read_journal",
+           "TRAIN_MARKER", "EXPERIMENT_LIMIT_MINUTES", "train_values"]
 
 TRAIN_MARKER = "findings_done.json"
 EXPERIMENT_LIMIT_MINUTES = 45.0
@@ -252,7 +252,38 @@ def status(unit: Unit) -> str:
     return "pending"
 
 
+def log_path(unit: Unit) -> str:
+    """Where a unit's output goes: in the run folder for training, else beside its report."""
+    if unit.kind == "train":
+        return os.path.join(unit.folder, "findings_train.log")
+    if unit.kind == "prepare":
+        return os.path.join(unit.folder, "findings_prepare.log")
+    return os.path.splitext(unit.output)[0] + ".log"
+
+
+def journal_path(unit: Unit) -> str:
+    """The file beside a unit's log that holds the seconds of all its attempts so far."""
+    return log_path(unit) + ".seconds"
+
+
+def read_journal(unit: Unit) -> Tuple[float, int]:
+    """The seconds a unit's attempts have run so far, and how many attempts there were
+    (``(0.0, 0)`` when it never ran or its journal is unreadable)."""
+    try:
+        with open(journal_path(unit)) as fh:
+            data = json.load(fh)
+        seconds, attempts = float(data["seconds"]), int(data["attempts"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return 0.0, 0
+    return seconds, attempts
+
+
 def _seconds_done(unit: Unit) -> Optional[float]:
+    # The journal counts every attempt, killed ones included; a report written by a resumed
+    # evaluation counts only its last.
+    journal = read_journal(unit)[0]
+    if journal > 0:
+        return journal
     try:
         with open(unit.output) as fh:
             data = json.load(fh)

@@ -3,11 +3,15 @@
 Each unit is a child process (``python -m advvit.train`` / ``advvit.eval`` / ``advvit.analyze``)
 with its output in a log file beside what it writes, so a run of many hours can be followed
 with ``tail -f`` and a failure is reported with the end of its log. A killed runner loses
-nothing: training resumes from its last checkpoint or recovery point, an evaluation from its
-state file, and a finished unit is never run again.
+nothing: its child is stopped with it (even by SIGKILL: the child asks the kernel for SIGTERM when
+its parent dies, and a training child writes a recovery point on SIGTERM), training resumes from
+its last checkpoint or recovery point, an evaluation from its state file, and a finished unit is
+never run again. A unit's time is that of all its attempts: a journal beside its log is updated
+every few seconds while it runs, so a killed attempt's time is counted too.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -20,13 +24,20 @@ import yaml
 from .. import rundir
 from ..config import ConfigError
 from ..io import atomic_write_json, atomic_write_text
-from .plan import Unit, status, units
+from .plan import Unit, journal_path, log_path, read_journal, status, units
 from .spec import Experiment, FindingsError
 
 __all__ = ["RunFailed", "run_unit", "run_experiment", "check_configs", "log_path",
            "set_aside_leftovers"]
 
 Say = Callable[[str], None]
+
+# How often a running unit's time is written down: what a SIGKILLed runner can lose of it.
+HEARTBEAT_SECONDS = 5.0
+# How long a unit waits for a run folder whose lock is still held by a stopping run (a child of
+# a runner that was killed, writing its recovery point).
+LOCK_WAIT_SECONDS = 120.0
+_PR_SET_PDEATHSIG = 1
 
 
 class RunFailed(RuntimeError):
@@ -45,13 +56,48 @@ def _tail(path: str, lines: int = 20) -> str:
         return "(no log)"
 
 
-def log_path(unit: Unit) -> str:
-    """Where a unit's output goes: in the run folder for training, else beside its report."""
-    if unit.kind == "train":
-        return os.path.join(unit.folder, "findings_train.log")
-    if unit.kind == "prepare":
-        return os.path.join(unit.folder, "findings_prepare.log")
-    return os.path.splitext(unit.output)[0] + ".log"
+def _record_seconds(unit: Unit, seconds: float, attempts: int) -> None:
+    atomic_write_json(journal_path(unit), {"seconds": round(seconds, 3), "attempts": attempts})
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGTERM when the runner dies, SIGKILL included.
+
+    The child has its own session (so the runner can stop its whole tree), which also takes it
+    out of the terminal's and the scheduler's reach: without this a killed runner leaves it
+    running as an orphan, holding its run folder's lock.
+    """
+    def setup() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):  # not Linux: the runner's own handlers still stop it
+            return
+        if os.getppid() != parent:  # the runner died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return setup
+
+
+def _wait_for_lock(folder: str, say: Say, timeout: float = LOCK_WAIT_SECONDS) -> None:
+    """Wait while a stopping run still holds ``folder``'s lock (at most ``timeout`` seconds).
+
+    If it is still held then, ``advvit.train`` refuses the folder with its own message.
+    """
+    if not os.path.isfile(os.path.join(folder, rundir.LOCK)):
+        return
+    deadline = time.monotonic() + timeout
+    told = False
+    while True:
+        try:
+            rundir.acquire(folder).release()
+            return
+        except ConfigError:
+            if time.monotonic() >= deadline:
+                return
+            if not told:
+                say(f"  wait  {folder} is locked by a run that is stopping: up to {timeout:g} s")
+                told = True
+        time.sleep(0.5)
 
 
 def set_aside_leftovers(unit: Unit) -> Optional[str]:
@@ -84,7 +130,8 @@ def _prepare(unit: Unit) -> None:
         atomic_write_text(config_path, yaml.safe_dump(unit.config, sort_keys=False))
 
 
-def _run(argv: List[str], log: str, env: Optional[Mapping[str, str]]) -> int:
+def _run(argv: List[str], log: str, env: Optional[Mapping[str, str]],
+         heartbeat: Callable[[], None]) -> int:
     with open(log, "a") as fh:
         fh.write(f"\n# {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(argv)}\n")
         fh.flush()
@@ -93,9 +140,13 @@ def _run(argv: List[str], log: str, env: Optional[Mapping[str, str]]) -> int:
         # Unbuffered, so the log shows progress as it happens, not in 8 KB blocks.
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
         try:
-            return proc.wait()
+            while True:
+                try:
+                    return proc.wait(timeout=HEARTBEAT_SECONDS)
+                except subprocess.TimeoutExpired:
+                    heartbeat()
         except BaseException:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -107,21 +158,32 @@ def _run(argv: List[str], log: str, env: Optional[Mapping[str, str]]) -> int:
 
 
 def run_unit(unit: Unit, *, python: str = sys.executable,
-             env: Optional[Mapping[str, str]] = None) -> float:
-    """Run one unit to completion; returns its wall seconds.
+             env: Optional[Mapping[str, str]] = None, say: Say = print) -> float:
+    """Run one unit to completion; returns the wall seconds of all its attempts.
 
     Raises:
         RunFailed: the command exited non-zero (nothing is marked done).
     """
+    if unit.kind == "train":
+        _wait_for_lock(unit.folder, say)
     aside = set_aside_leftovers(unit)
     _prepare(unit)
     log = log_path(unit)
     if aside is not None:
         with open(log, "a") as fh:
             fh.write(f"# the files of a run killed before its first checkpoint: {aside}\n")
+    before, attempts = read_journal(unit)
+    attempts += 1
     start = time.monotonic()
-    rc = _run([python, *unit.command], log, env)
-    seconds = time.monotonic() - start
+
+    def heartbeat() -> None:
+        _record_seconds(unit, before + time.monotonic() - start, attempts)
+
+    try:
+        rc = _run([python, *unit.command], log, env, heartbeat)
+    finally:
+        seconds = before + time.monotonic() - start
+        _record_seconds(unit, seconds, attempts)
     if rc != 0:
         raise RunFailed(unit, rc, log)
     if unit.kind == "train":
@@ -136,9 +198,9 @@ def run_unit(unit: Unit, *, python: str = sys.executable,
 
 
 def _discard(unit: Unit) -> None:
-    """Remove a stale measurement's report, and its AutoAttack state: that state holds the old
-    checkpoint's results and would be resumed against the new one."""
-    for path in (unit.output, unit.output + ".state"):
+    """Remove a stale measurement's report, its AutoAttack state (it holds the old checkpoint's
+    results and would be resumed against the new one) and its time journal."""
+    for path in (unit.output, unit.output + ".state", journal_path(unit)):
         if os.path.isfile(path):
             os.remove(path)
 
@@ -202,6 +264,6 @@ def run_experiment(exp: Experiment, root: str, *, say: Say = print, python: str 
             _discard(unit)
         verb = {"partial": "resume", "stale": "rerun (its checkpoint changed)"}.get(state, "run")
         say(f"  {verb}   {unit.key} (~{unit.minutes:g} min), log {log_path(unit)}")
-        ran[unit.key] = runner(unit, python=python, env=env)
+        ran[unit.key] = runner(unit, python=python, env=env, say=say)
         say(f"  done  {unit.key} in {ran[unit.key] / 60:.1f} min")
     return ran
