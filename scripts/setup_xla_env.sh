@@ -34,6 +34,16 @@ import advvit, timm, yaml, pytest, torch_xla  # noqa: E401,F401
 import advvit.accel
 if not advvit.__file__.startswith("'"$ROOT"'"):
     sys.exit(f"advvit is imported from {advvit.__file__}, not from '"$ROOT"'")
+# advvit goes in without its dependency list, so nothing else holds the others to its bounds
+# (torchvision alone would bring a Pillow that advvit excludes).
+from packaging.requirements import Requirement
+for line in md.requires("advvit") or []:
+    req = Requirement(line)
+    if req.marker is not None or req.name in ("torch", "torchvision"):
+        continue
+    have = md.version(req.name)
+    if not req.specifier.contains(have, prereleases=True):
+        sys.exit(f"{req.name} {have} does not meet advvit'"'"'s requirement {req}")
 '
 
 if [ -x "$VENV/bin/python" ] && PJRT_DEVICE=CPU "$VENV/bin/python" -c "$CHECK" >/dev/null 2>&1; then
@@ -47,12 +57,22 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip install --quiet)
 
+# advvit's own runtime requirements (pyproject.toml, the one list), less torch and torchvision,
+# which are pinned here. They are constraints from the first install on, so torchvision cannot
+# bring in a Pillow that advvit excludes.
+DEPS="$("$PYTHON_BIN" - "$ROOT/pyproject.toml" <<'PY'
+import re, sys, tomllib
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+print("\n".join(d for d in deps if re.match(r"[A-Za-z0-9_.-]+", d).group(0) not in ("torch", "torchvision")))
+PY
+)"
 CONSTRAINTS="$(mktemp)"
 trap 'rm -f "$CONSTRAINTS"' EXIT
 cat > "$CONSTRAINTS" <<EOF
 torch==$TORCH_VERSION
 torchvision==$TORCHVISION_VERSION
 torch-xla==$TORCH_XLA_VERSION
+$DEPS
 EOF
 
 echo "setup_xla_env: installing torch $TORCH_VERSION, torchvision $TORCHVISION_VERSION," \
@@ -63,8 +83,8 @@ echo "setup_xla_env: installing torch $TORCH_VERSION, torchvision $TORCHVISION_V
 # The project itself without its dependency list (which would let pip reconsider torch), then its
 # runtime and test dependencies under the same torch constraint.
 "${PIP[@]}" --no-deps -e "$ROOT"
-"${PIP[@]}" -c "$CONSTRAINTS" "timm>=1.0.15" "pyyaml>=6" "safetensors>=0.4" numpy \
-    "tensorboard>=2.14" "pyautoattack>=0.2" "pytest>=7" "hypothesis>=6"
+# shellcheck disable=SC2086
+"${PIP[@]}" -c "$CONSTRAINTS" $DEPS "pytest>=7" "hypothesis>=6"
 
 if ! PJRT_DEVICE=CPU "$VENV/bin/python" -c "$CHECK"; then
     echo "setup_xla_env: $VENV failed its check" >&2
