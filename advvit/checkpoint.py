@@ -476,7 +476,8 @@ def check_finite_weights(state_dict: Mapping[str, Any], *, where: str = "checkpo
     if bad:
         first, count = next(iter(bad.items()))
         more = (f"; {len(bad)} tensors, {sum(bad.values())} values in all" if len(bad) > 1 else "")
-        raise CheckpointError(f"{where}: {count} non-finite values (NaN or infinite) in tensor {first}{more}: "
+        values = "value" if count == 1 else "values"
+        raise CheckpointError(f"{where}: {count} non-finite {values} (NaN or infinite) in tensor {first}{more}: "
                               f"the weights diverged before they were saved; {_OTHER_CHECKPOINT}")
 
 

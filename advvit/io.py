@@ -127,7 +127,7 @@ def folder_instead_of_file(path: PathLike, example: str) -> Optional[str]:
     p = Path(path)
     if not p.is_dir():
         return None
-    return f"{p} is a folder, but a file is expected (e.g. {p / example} inside it)"
+    return f"{p} is a folder, not a file: give a file inside it (e.g. {p / example})"
 
 
 class FileInUseError(RuntimeError):

@@ -27,8 +27,8 @@ import torch
 import yaml
 
 from .config import FIELDS, ConfigError
-from .io import (FileInUseError, FileLock, atomic_write, atomic_write_text, lock_file,
-                 remove_stale_tmp)
+from .io import (FileInUseError, FileLock, atomic_write, atomic_write_text,
+                 folder_instead_of_file, lock_file, remove_stale_tmp)
 
 __all__ = ["LOCK", "LAST", "BEST", "RECOVERY", "HISTORY", "RUN_FILES", "OVERRIDABLE",
            "RunLock", "lock_run_dir", "refuse_leftovers", "choose_resume", "config_changes",
@@ -163,6 +163,9 @@ def choose_resume(run_dir: str, resume: Optional[str]) -> Optional[str]:
                                   or checkpoint_step(recovery) > checkpoint_step(last)):
             return str(recovery)
         return str(last) if last.exists() else None
+    folder = folder_instead_of_file(resume, LAST)
+    if folder:
+        raise ConfigError("resume", folder, "or 'auto' for the run folder's own")
     if not os.path.isfile(resume):
         raise ConfigError("resume", f"no such checkpoint: {resume}", "give a last.pth or 'auto'")
     return resume

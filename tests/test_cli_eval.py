@@ -240,6 +240,40 @@ def test_bad_input_gets_one_clear_error(ckpt_path, tmp_path, capsys, change, mat
     assert not (tmp_path / "report.json").exists()
 
 
+def _refused(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        E.main(args)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_folder_damaged_or_non_finite_weights_are_refused(ckpt_path, tmp_path, capsys):
+    from test_checkpoint import _flip_bytes_of
+
+    err = _refused(_base(tmp_path, tmp_path, "--attack", "fgsm"), capsys)
+    assert f"--checkpoint {tmp_path} is a folder" in err and str(tmp_path / "best.pth") in err
+    ckpt = C.load_checkpoint(ckpt_path)
+    key = max(ckpt["model"], key=lambda k: ckpt["model"][k].numel())
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(ckpt_path.read_bytes())
+    _flip_bytes_of(damaged, ckpt["model"][key])
+    err = _refused(_base(damaged, tmp_path, "--attack", "fgsm"), capsys)
+    assert f"--checkpoint: {damaged} (model): tensors fail their checksum: ['{key}']" in err
+    nan = tmp_path / "nan.pth"
+    ckpt["model"][key][0] = float("nan")
+    C.save_checkpoint(nan, ckpt)
+    err = _refused(_base(nan, tmp_path, "--attack", "fgsm"), capsys)
+    assert f"--checkpoint: {nan} (model): " in err and f"non-finite values (NaN or infinite) in tensor {key}" in err
+    weights = tmp_path / "nan_weights.pth"
+    torch.save(ckpt["model"], weights)
+    args = _base(nan, tmp_path, "--attack", "fgsm")
+    i = args.index("--checkpoint")
+    args[i:i + 2] = ["--model", "test_vit", "--weights", str(weights), "--img-size", "32"]
+    err = _refused(args, capsys)
+    assert f"--weights: {weights}: " in err and "non-finite values" in err
+    assert not (tmp_path / "report.json").exists()
+
+
 def test_mismatched_data_is_refused(tmp_path, capsys):
     """A 5-class model on a 10-class data set: refused before any attack."""
     model = create_model("test_vit", num_classes=5, in_chans=1, img_size=32)
