@@ -498,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--batch-size", type=int, default=250)
     r.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    r.add_argument("--state-path", help="AutoAttack state file: an interrupted run resumes from it")
+    r.add_argument("--state-path", help="AutoAttack state file: an interrupted run resumes from "
+                   "it (the same model weights, examples and attack only; one run at a time)")
     r.add_argument("--output", help="JSON report path (missing folders are created)")
     r.add_argument("--save-adv", help="save adversarial examples (.pt) here")
     r.add_argument("--per-example", action="store_true",
@@ -946,8 +947,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              state_path=_state_path(args, eps, len(prep.eps_list), rank, world),
                              keep_adv=bool(args.save_adv) and eps == prep.eps_list[0],
                              num_classes=prep.num_classes, backend=args.backend)
-        except StateMismatchError as err:  # raised before the attack starts
-            parser.error(f"--state-path: {err}")
+        except StateMismatchError as err:  # raised before this eps is attacked
+            if not outcomes:
+                parser.error(f"--state-path: {err}")
+            done = ", ".join(f"{e:.6g}" for e in outcomes)
+            print(f"error: --state-path: {err}. The evaluations at eps {done} are complete in "
+                  "their state files: a rerun resumes them", file=sys.stderr)
+            return 1
         out.positions = positions
         outcomes[eps] = out
     if args.save_adv:

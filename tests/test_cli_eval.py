@@ -327,6 +327,58 @@ def test_state_path_resumes_and_refuses_another_run(ckpt_path, tmp_path, capsys)
     assert "belongs to another evaluation" in capsys.readouterr().err
 
 
+def _aa_args(ckpt: Path, tmp_path: Path, state: Path, *extra: str) -> list[str]:
+    return _base(ckpt, tmp_path, "--attack", "apgd-ce", "--steps", "1", "--restarts", "1",
+                 "--state-path", str(state), *extra)
+
+
+def test_a_state_file_of_a_changed_checkpoint_is_refused(ckpt_path, tmp_path, capsys):
+    state = tmp_path / "aa_state.json"
+    changed = tmp_path / "changed.pth"
+    changed.write_bytes(ckpt_path.read_bytes())
+    _run(_aa_args(changed, tmp_path, state, "--eps", "2/255"))
+    ckpt = C.load_checkpoint(changed)
+    ckpt["model"]["head.bias"] += 0.01  # retrained in place: same path, other weights
+    C.save_checkpoint(changed, ckpt)
+    before = state.read_bytes()
+    err = _refused(_aa_args(changed, tmp_path, state, "--eps", "2/255"), capsys)
+    assert f"--state-path: state file {state} belongs to another evaluation (it was written " \
+           "for other model weights" in err and "delete it" in err
+    assert state.read_bytes() == before
+    # One file, two models: its EMA weights, and with --no-ema its raw ones.
+    ckpt["ema"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    C.save_checkpoint(changed, ckpt)
+    state.unlink()
+    _run(_aa_args(changed, tmp_path, state, "--eps", "2/255"))
+    err = _refused(_aa_args(changed, tmp_path, state, "--eps", "2/255", "--no-ema"), capsys)
+    assert "written for other model weights" in err
+
+
+def test_a_state_path_holding_random_bytes_is_refused_and_kept(ckpt_path, tmp_path, capsys):
+    state = tmp_path / "aa_state.json"
+    junk = os.urandom(2048)
+    state.write_bytes(junk)
+    err = _refused(_aa_args(ckpt_path, tmp_path, state, "--eps", "2/255"), capsys)
+    assert f"--state-path: {state} is not an advvit evaluation state file" in err
+    assert "give another --state-path" in err and "Traceback" not in err
+    assert state.read_bytes() == junk and not (tmp_path / "report.json").exists()
+
+
+def test_a_sweep_stopped_by_a_state_file_keeps_the_eps_it_evaluated(ckpt_path, tmp_path, capsys):
+    state = tmp_path / "aa_state.json"
+    args = _aa_args(ckpt_path, tmp_path, state, "--eps-sweep", "0,2/255")
+    _run(args)
+    first, second = Path(f"{state}.eps0"), Path(f"{state}.eps0.00784314")
+    kept = first.read_bytes()
+    second.write_bytes(b"\x00garbage")
+    (tmp_path / "report.json").unlink()
+    assert E.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{second} is not an advvit evaluation state file" in err
+    assert "eps 0 are complete in their state files: a rerun resumes them" in err
+    assert first.read_bytes() == kept and not (tmp_path / "report.json").exists()
+
+
 def test_data_set_defaults_to_the_checkpoints_training_data(ckpt_path, tmp_path):
     args = _base(ckpt_path, tmp_path, "--attack", "pgd", "--steps", "2", "--eps", "4/255")
     for flag in ("--dataset", "--data-dir"):
