@@ -33,8 +33,8 @@ import hashlib
 import json
 import os
 import pickle
-import random
 import pickletools
+import random
 import re
 import warnings
 import zlib
@@ -478,7 +478,8 @@ def check_finite_weights(state_dict: Mapping[str, Any], *, where: str = "checkpo
         more = (f"; {len(bad)} tensors, {sum(bad.values())} values in all" if len(bad) > 1 else "")
         values = "value" if count == 1 else "values"
         raise CheckpointError(f"{where}: {count} non-finite {values} (NaN or infinite) in tensor {first}{more}: "
-                              f"the weights diverged before they were saved; {_OTHER_CHECKPOINT}")
+                              f"such weights give no meaningful result (a run that diverged, or an altered file); "
+                              f"{_OTHER_CHECKPOINT}")
 
 
 def _weight_parts(ckpt: Mapping[str, Any]) -> list[str]:
