@@ -9,7 +9,13 @@ A checkpoint is a ``torch.save``d dict of plain data (loadable with ``weights_on
             created (UTC, ISO 8601)
     config: the resolved run config, as plain data
     epoch, step, best_metric
+    checksums: {"algorithm": "crc32", "model": {key: crc}, "ema": {key: crc}}, written by
+            ``save_checkpoint``: a CRC-32 of each weight tensor (dtype, shape and bytes)
     optional: optimizer, scheduler, scaler, ema (state dicts), rng (python, numpy, torch, cuda)
+
+Loading verifies the checksums (a mismatch is a damaged file, named with its tensors) and
+refuses weights holding NaN or infinite values, for files written before the checksums too:
+such a file is never evaluated, analysed, resumed or fine-tuned from.
 
 The normalization is part of the model, not of the data: inputs are always [0, 1] pixels, and
 ``spec.normalize`` says whether the model maps them with ``(x - mean) / std`` inside. A loader
@@ -23,12 +29,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import enum
+import hashlib
 import json
 import os
 import pickle
+import pickletools
 import random
 import re
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -37,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .io import atomic_write
+from .io import atomic_write, folder_instead_of_file
 
 __all__ = [
     "FORMAT",
@@ -51,6 +60,9 @@ __all__ = [
     "create_model_from_checkpoint",
     "state_dict_misfit",
     "check_state_dict_fits",
+    "weights_checksums",
+    "weights_digest",
+    "check_finite_weights",
     "restore_rng_state",
     "rng_state",
     "export_timm",
@@ -60,6 +72,10 @@ FORMAT = "advvit-checkpoint"
 FORMAT_VERSION = 1
 _REQUIRED = ("format", "format_version", "model", "spec", "meta")
 _SPEC_FIELDS = ("arch", "num_classes", "in_chans", "img_size", "normalize")
+_WEIGHTS = ("model", "ema")  # the state dicts that hold weights: checksummed, checked finite
+_CHECKSUM = "crc32"
+# What to do with a checkpoint whose weights cannot be used.
+_OTHER_CHECKPOINT = "use another checkpoint (e.g. the run's best.pth or last.pth)"
 
 PathLike = Union[str, os.PathLike]
 
@@ -126,7 +142,10 @@ class ModelSpec:
 # --------------------------------------------------------------------------------------------
 
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (see ``atomic_write``).
+    """Write ``state`` to ``path`` atomically (see ``atomic_write``), with its weights' checksums.
+
+    The ``model`` and ``ema`` weights are written from the CPU (copied there once, where they are
+    on a device) and their ``checksums`` are added; ``state`` itself is not changed.
 
     Args:
         path: destination file; its folder is created if missing.
@@ -135,7 +154,33 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint path {path} is a folder: give a file name, e.g. {path}/last.pth")
+    state = dict(state)
+    checksums: Dict[str, Any] = {}
+    for part in _weight_parts(state):
+        state[part] = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state[part].items()}
+        checksums[part] = weights_checksums(state[part])
+    if checksums:
+        state["checksums"] = {"algorithm": _CHECKSUM, **checksums}
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _tensor_crc(t: torch.Tensor) -> int:
+    """CRC-32 of a tensor's dtype, shape and bytes (as stored: the same on every device)."""
+    head = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode())
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return zlib.crc32(flat.view(torch.uint8).numpy(), head) if flat.numel() else head
+
+
+def weights_checksums(state_dict: Mapping[str, Any]) -> Dict[str, int]:
+    """A CRC-32 of each tensor of ``state_dict`` (dtype, shape, bytes), by key, in its order."""
+    return {k: _tensor_crc(v) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+
+
+def weights_digest(state_dict: Mapping[str, Any]) -> str:
+    """One sha256 naming a set of weights (over the keys and their tensors' CRC-32s), cheap enough
+    to key what was computed from them (an evaluation's state file)."""
+    listed = json.dumps(list(weights_checksums(state_dict).items()))
+    return hashlib.sha256(listed.encode()).hexdigest()
 
 
 def _plain(obj: Any, where: str = "config") -> Any:
@@ -332,38 +377,133 @@ def _load_failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
 
 
-def load_file(path: PathLike, *, weights_only: bool = True, what: str = "file") -> Any:
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """The globals (classes, functions) a plain pickle file refers to, read without running it.
+
+    torch's safe unpickler reads no pickle protocol above 2, so a ``pickle.dump``ed file fails
+    there before its globals are seen; ``pickletools`` lists them. [] for anything that is not
+    one whole pickle (a torch zip file, random bytes).
+    """
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    names.append(".".join(strings[-2:]) if len(strings) >= 2 else "a global")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+            if f.read(1):
+                return []
+    except Exception:  # noqa: BLE001  (anything but a pickle makes pickletools raise anything)
+        return []
+    return names
+
+
+def _refused_objects(err: BaseException, path: Path) -> Optional[str]:
+    """What a file the safe unpickler refused holds beyond plain data, or None when it was
+    refused for being damaged."""
+    found = _REFUSED_GLOBAL.search(str(err))
+    if found:
+        return found.group(1)
+    names = list(dict.fromkeys(_pickle_globals(path)))
+    return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "") if names else None
+
+
+def load_file(path: PathLike, *, weights_only: bool = True, what: str = "file",
+              example: str = "best.pth") -> Any:
     """``torch.load`` a file on the CPU with one clear error for every way it can fail.
 
     Args:
         path: the file.
         weights_only: torch's safe unpickler (plain data and tensors only).
         what: what the file is meant to be, for the messages ("checkpoint", "weights file").
+        example: a file name for the message when ``path`` is a folder.
 
     Raises:
         CheckpointError: missing, a folder, truncated or corrupt, or holding objects other than
             plain data; never with torch's advice to retry with ``weights_only=False``.
     """
     p = Path(path)
+    folder = folder_instead_of_file(p, example)
+    if folder:
+        raise CheckpointError(f"{what} {folder}")
     if not p.exists():
         raise CheckpointError(f"{what} {p} does not exist")
     if not p.is_file():
-        raise CheckpointError(f"{what} path {p} is not a file (a folder?): give the .pth file")
+        raise CheckpointError(f"{what} {p} is not a regular file: give the .pth file")
     try:
         with warnings.catch_warnings():
             # Random bytes can read as a newer pickle protocol; the error below says it all.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(p, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as e:
-        # torch wraps every failure of its safe unpickler alike; only a refused global means
-        # the file is whole but holds objects beyond plain data.
-        if weights_only and "Unsupported global" in str(e):
-            raise CheckpointError(f"{p} holds objects other than plain data and tensors ({_load_failure(e)}); "
-                                  "advvit checkpoints never do, so save_checkpoint did not write it: save the "
-                                  "weights again with advvit.checkpoint.make_checkpoint + save_checkpoint") from None
+        # torch wraps every failure of its safe unpickler alike: a refused global, or a plain
+        # pickle naming globals, means the file is whole but holds objects beyond plain data.
+        objects = _refused_objects(e, p) if weights_only else None
+        if objects:
+            convert = ("save the weights with advvit.checkpoint.make_checkpoint + save_checkpoint"
+                       if what == "checkpoint" else "save its tensors with torch.save or safetensors")
+            raise CheckpointError(f"{p} holds objects other than plain data and tensors ({objects}), which "
+                                  "advvit will not load: loading them could run code, and the files "
+                                  "save_checkpoint writes never hold any. If you trust its source, convert "
+                                  f"it: load it with torch.load's full unpickler in Python, then {convert}") from None
         raise CheckpointError(f"{p} is truncated or corrupt ({_load_failure(e)})") from None
     except Exception as e:  # noqa: BLE001  (random bytes make the unpickler raise anything)
         raise CheckpointError(f"{p} is truncated or corrupt ({_load_failure(e)})") from None
+
+
+def check_finite_weights(state_dict: Mapping[str, Any], *, where: str = "checkpoint") -> None:
+    """Raise unless every floating-point tensor of ``state_dict`` is finite.
+
+    Weights holding NaN or infinity give no meaningful evaluation (a constant prediction reads
+    as chance accuracy) and train on at absurd losses: they are refused wherever they are loaded.
+
+    Raises:
+        CheckpointError: naming the first tensor with non-finite values and how many it holds.
+    """
+    bad: Dict[str, int] = {}
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
+            count = int(value.numel() - torch.isfinite(value).sum())
+            if count:
+                bad[key] = count
+    if bad:
+        first, count = next(iter(bad.items()))
+        more = (f"; {len(bad)} tensors, {sum(bad.values())} values in all" if len(bad) > 1 else "")
+        values = "value" if count == 1 else "values"
+        raise CheckpointError(f"{where}: {count} non-finite {values} (NaN or infinite) in tensor {first}{more}: "
+                              f"such weights give no meaningful result (a run that diverged, or an altered file); "
+                              f"{_OTHER_CHECKPOINT}")
+
+
+def _weight_parts(ckpt: Mapping[str, Any]) -> list[str]:
+    """The weight state dicts a checkpoint holds ("model", and "ema" where saved)."""
+    return [part for part in _WEIGHTS if isinstance(ckpt.get(part), Mapping) and ckpt[part]]
+
+
+def _check_checksums(ckpt: Mapping[str, Any], where: str) -> None:
+    """Compare the weights with the checksums ``save_checkpoint`` stored (none in older files)."""
+    sums = ckpt.get("checksums")
+    if sums is None:
+        return  # written before checksums were stored: nothing to verify
+    if not isinstance(sums, Mapping) or sums.get("algorithm") != _CHECKSUM:
+        raise CheckpointError(f"{where}: its weights' checksums are unreadable: the file is damaged; {_OTHER_CHECKPOINT}")
+    for part in _weight_parts(ckpt):
+        stored = sums.get(part)
+        if not isinstance(stored, Mapping):
+            continue
+        # Keys added or removed are left to check_state_dict_fits, which names them.
+        damaged = [k for k, crc in weights_checksums(ckpt[part]).items() if k in stored and stored[k] != crc]
+        if damaged:
+            raise CheckpointError(f"{where} ({part}): {_listed('tensors fail their checksum:', damaged, 3)}: the "
+                                  f"file is damaged (changed after it was written); {_OTHER_CHECKPOINT}, or copy "
+                                  "it again from its source")
 
 
 def load_checkpoint(path: PathLike, *, expected_arch: Optional[str] = None,
@@ -381,11 +521,15 @@ def load_checkpoint(path: PathLike, *, expected_arch: Optional[str] = None,
 
     Raises:
         CheckpointError: not a file, truncated or corrupt, not an advvit checkpoint, a newer
-            format, missing fields, or another architecture than ``expected_arch``.
+            format, missing fields, weights that fail their checksums or hold NaN / infinite
+            values, or another architecture than ``expected_arch``.
     """
     p = Path(path)
     ckpt = load_file(p, weights_only=weights_only, what="checkpoint")
     ckpt = _validate(ckpt, str(p))
+    _check_checksums(ckpt, str(p))
+    for part in _weight_parts(ckpt):
+        check_finite_weights(ckpt[part], where=f"{p} ({part})")
     if expected_arch is not None and ckpt["spec"]["arch"] != expected_arch:
         raise CheckpointError(f"{p} holds a {ckpt['spec']['arch']!r} model, expected {expected_arch!r}")
     return ckpt

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from .attacks import check_eps
-from .io import atomic_write_text
+from .io import atomic_write_text, folder_instead_of_file
 from .losses import DEFAULT_STEPS
 
 __all__ = [
@@ -429,6 +429,9 @@ def _build(values: Dict[str, Any]) -> TrainConfig:
 
 def load_yaml(path: str) -> Dict[str, Any]:
     """Read a config file; unknown keys are errors, with the nearest known key suggested."""
+    folder = folder_instead_of_file(path, "config.yaml")
+    if folder:
+        raise ConfigError("config", folder)
     if not os.path.isfile(path):
         raise ConfigError("config", f"no such file: {path}")
     with open(path) as fh:

@@ -50,6 +50,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file, read_sn
 __all__ = [
     "DataInfo",
     "DataNotFoundError",
+    "DataError",
     "SplitError",
     "ArrayDataset",
     "SubsetDataset",
@@ -82,6 +83,11 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 
 class DataNotFoundError(FileNotFoundError):
     """A data set is not where it was looked for; the message lists the places and how to get it."""
+
+
+class DataError(ValueError):
+    """A data set's file is there but cannot be used: truncated, corrupt, or holding objects
+    other than data; the message names the file and what to do."""
 
 
 class SplitError(ValueError):
@@ -186,7 +192,7 @@ def _plain_copy_of_gzip(path: Path, tmp: Path) -> Path:
         with gzip.open(path, "rb") as src, open(out, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: gzip data is truncated or corrupt ({e}); fetch the file again") from None
+        raise DataError(f"{path}: gzip data is truncated or corrupt ({e}); fetch the file again") from None
     return out
 
 
@@ -199,18 +205,18 @@ def _check_idx_header(plain: Path, shown: Path) -> None:
     with open(plain, "rb") as f:
         head = f.read(4)
         if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_ITEMSIZE or not 1 <= head[3] <= 3:
-            raise ValueError(f"{shown}: not an idx file (magic {head.hex()})")
+            raise DataError(f"{shown}: not an idx file (magic {head.hex()})")
         dims = f.read(4 * head[3])
     if len(dims) < 4 * head[3]:
-        raise ValueError(f"{shown}: idx header is truncated")
+        raise DataError(f"{shown}: idx header is truncated")
     shape = struct.unpack(f">{head[3]}I", dims)
     expected = int(np.prod(shape)) * _IDX_ITEMSIZE[head[2]]
     held = plain.stat().st_size - 4 - len(dims)
     if held < expected:
-        raise ValueError(f"{shown}: idx data is truncated: header says {shape}, file holds "
+        raise DataError(f"{shown}: idx data is truncated: header says {shape}, file holds "
                          f"{held // _IDX_ITEMSIZE[head[2]]} values")
     if held > expected:
-        raise ValueError(f"{shown}: idx file is longer than its header {shape} says ({held - expected} extra bytes)")
+        raise DataError(f"{shown}: idx file is longer than its header {shape} says ({held - expected} extra bytes)")
 
 
 def _read_idx_with(reader: Callable[[str], torch.Tensor], path: Union[str, Path]) -> torch.Tensor:
@@ -224,7 +230,7 @@ def _read_idx_with(reader: Callable[[str], torch.Tensor], path: Union[str, Path]
         try:
             return reader(str(plain))
         except (TypeError, ValueError) as e:  # torchvision's dtype / dimension checks
-            raise ValueError(f"{path}: {e}") from None
+            raise DataError(f"{path}: {e}") from None
 
 
 def read_idx(path: Union[str, Path]) -> np.ndarray:
@@ -269,8 +275,12 @@ def _read_idx_split(name: str, folder: Path, split: str) -> ArrayDataset:
     images = _read_idx_with(read_image_file, _idx_file(folder, img_stem)).numpy()
     labels = _read_idx_with(read_label_file, _idx_file(folder, lab_stem)).numpy()
     if labels.shape != (images.shape[0],):
-        raise ValueError(f"{folder}: idx images {images.shape} and labels {labels.shape} do not pair up")
+        raise DataError(f"{folder}: idx images {images.shape} and labels {labels.shape} do not pair up")
     return ArrayDataset(images, labels, _STATIC_INFO[name].classes)
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A CIFAR batch names a class or function beyond numpy's arrays."""
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -289,16 +299,20 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch file")
+        raise _RefusedGlobal(f"global {module}.{name} is not allowed in a CIFAR batch file")
 
 
 def _unpickle(data: bytes, where: str) -> dict:
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except _RefusedGlobal as e:
+        raise DataError(f"{where}: holds objects other than arrays ({e}), which advvit will not "
+                        "load: loading them could run code, and the CIFAR release's batches hold "
+                        "none; fetch the data set again from its release") from None
     except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise ValueError(f"{where}: not a readable CIFAR batch ({e})") from None
+        raise DataError(f"{where}: not a readable CIFAR batch ({e})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: a CIFAR batch is a dict, got {type(obj).__name__}")
+        raise DataError(f"{where}: a CIFAR batch is a dict, got {type(obj).__name__}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
@@ -336,7 +350,7 @@ def _cifar_source(name: str, folder: Path) -> Optional[Callable[[str], Optional[
             except KeyError:
                 return None
             except (tarfile.TarError, OSError, EOFError) as e:
-                raise ValueError(f"{archive}: truncated or corrupt archive ({e})") from None
+                raise DataError(f"{archive}: truncated or corrupt archive ({e})") from None
         return read
     return None
 
@@ -371,7 +385,7 @@ def read_cifar(name: str, folder: Union[str, Path], split: str) -> Tuple[np.ndar
         # torchvision's rule: CIFAR-10 batches hold "labels", CIFAR-100 ones "fine_labels".
         lab = batch.get("labels", batch.get("fine_labels"))
         if data.ndim != 2 or data.shape[1] != 3072 or lab is None or len(lab) != data.shape[0]:
-            raise ValueError(f"{folder}/{member}: expected 'data' (N, 3072) and N labels, got data "
+            raise DataError(f"{folder}/{member}: expected 'data' (N, 3072) and N labels, got data "
                              f"{getattr(data, 'shape', None)}")
         images.append(data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(np.asarray(lab, dtype=np.int64))

@@ -38,6 +38,7 @@ from torch import nn
 from . import checks, config
 from .attacks import check_eps
 from .autoattack_adapter import AA_ATTACKS, AutoAttackAdapter, available_backends
+from .io import folder_instead_of_file
 from .report import (EVAL_FORMAT, build_report, envelope, print_corruption_table, print_table,
                      save_sweep_plot, save_tensors, sha256_file, write_report)
 from .robustness import (EnsembleResult, StateMismatchError, merge_outcomes, run_attacks,
@@ -163,15 +164,24 @@ def parse_attack(text: str, *, steps: int | None = None, restarts: int | None = 
     return AttackSpec(text, "autoattack", "custom", names, steps, restarts)
 
 
+def _input_file(path: str | os.PathLike, option: str, *, example: str) -> Path:
+    """The file an option names, or EvalError: it does not exist, or it is a folder."""
+    p = Path(path)
+    folder = folder_instead_of_file(p, example)
+    if folder:
+        raise EvalError(f"{option} {folder}")
+    if not p.is_file():
+        raise EvalError(f"{option} {p} does not exist")
+    return p
+
+
 def read_ids_file(path: str | os.PathLike) -> list[str]:
     """Read a file of example ids: one integer index or one relative image path per line.
 
     Blank lines and lines starting with '#' are skipped (RobustBench's ImageNet subset files are
     plain relative paths, e.g. ``n01440764/ILSVRC2012_val_00000293.JPEG``).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise EvalError(f"--ids-file {p} does not exist")
+    p = _input_file(path, "--ids-file", example="imagenet_test_image_ids.txt")
     ids = [line.strip() for line in p.read_text().splitlines()]
     ids = [i for i in ids if i and not i.startswith("#")]
     if not ids:
@@ -488,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--batch-size", type=int, default=250)
     r.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    r.add_argument("--state-path", help="AutoAttack state file: an interrupted run resumes from it")
+    r.add_argument("--state-path", help="AutoAttack state file: an interrupted run resumes from "
+                   "it (the same model weights, examples and attack only; one run at a time)")
     r.add_argument("--output", help="JSON report path (missing folders are created)")
     r.add_argument("--save-adv", help="save adversarial examples (.pt) here")
     r.add_argument("--per-example", action="store_true",
@@ -506,7 +517,8 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
         raise EvalError(f"{name} {text!r} must be comma-separated numbers") from None
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path) -> Any:
+    """What a ``--weights`` file holds (safetensors, or a torch file of plain data)."""
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file as load_safetensors
@@ -516,15 +528,24 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
             raise EvalError(f"--weights {path} is not a readable safetensors file ({err})") from None
     from .checkpoint import CheckpointError, load_file
     try:
-        state = load_file(path, what="weights file")
+        return load_file(path, what="weights file", example="model.safetensors")
     except CheckpointError as err:
         raise EvalError(f"--weights: {err}") from None
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from .checkpoint import CheckpointError, check_finite_weights
+    state = _read_weights(path)
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict):
         raise EvalError(f"--weights {path} holds no state dict")
+    try:
+        check_finite_weights(state, where=str(path))
+    except CheckpointError as err:
+        raise EvalError(f"--weights: {err}") from None
     return state
 
 
@@ -678,9 +699,7 @@ def load_checkpoint_model(path: str | os.PathLike, *, use_ema: bool = True,
         EvalError: the file is missing or does not load (the message says why).
     """
     from .checkpoint import CheckpointError, create_model_from_checkpoint, load_checkpoint
-    path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"{option} {path} does not exist")
+    path = _input_file(path, option, example="best.pth")
     try:
         ckpt = load_checkpoint(path)
         model, mspec = create_model_from_checkpoint(ckpt, use_ema=use_ema)
@@ -716,9 +735,7 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, int, int, int | No
         return (loaded.model, loaded.num_classes, loaded.in_chans, loaded.img_size,
                 loaded.record)
     from .models import create_model, unwrap
-    path = Path(args.weights)
-    if not path.is_file():
-        raise EvalError(f"--weights {path} does not exist")
+    path = _input_file(args.weights, "--weights", example="model.safetensors")
     if args.dataset is None:
         raise EvalError("--dataset is needed with --model/--weights")
     info = advdata.dataset_info(args.dataset, args.data_dir)
@@ -930,8 +947,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              state_path=_state_path(args, eps, len(prep.eps_list), rank, world),
                              keep_adv=bool(args.save_adv) and eps == prep.eps_list[0],
                              num_classes=prep.num_classes, backend=args.backend)
-        except StateMismatchError as err:  # raised before the attack starts
-            parser.error(f"--state-path: {err}")
+        except StateMismatchError as err:  # raised before this eps is attacked
+            if not outcomes:
+                parser.error(f"--state-path: {err}")
+            done = ", ".join(f"{e:.6g}" for e in outcomes)
+            print(f"error: --state-path: {err}. The evaluations at eps {done} are complete in "
+                  "their state files: a rerun resumes them", file=sys.stderr)
+            return 1
         out.positions = positions
         outcomes[eps] = out
     if args.save_adv:

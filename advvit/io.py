@@ -5,18 +5,27 @@ atomic), is flushed and fsynced, then replaces the destination with ``os.replace
 fsynced after. A failure or a kill at any point leaves the previous file whole. A kill can leave
 the temporary file behind: :func:`remove_stale_tmp` clears those on the next start.
 
+A file only one process may use at a time (a run folder, an evaluation state file) is guarded by
+:func:`lock_file`: an exclusive ``fcntl.flock`` on a lock file that names its holder (pid, host,
+start time). The operating system drops the lock when the process ends, however it ends; a clean
+release also empties the file, so a non-empty lock file that can be taken names a holder that was
+killed or crashed, and is taken over (:attr:`FileLock.stale` says whose it was).
+
 This module imports the standard library only.
 """
 from __future__ import annotations
 
+import datetime as _dt
+import fcntl
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, List, Union
+from typing import IO, Any, Callable, List, Optional, Union
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "remove_stale_tmp",
-           "TMP_SUFFIX"]
+           "TMP_SUFFIX", "FileLock", "FileInUseError", "lock_file", "folder_instead_of_file"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 TMP_SUFFIX = ".tmp"
@@ -106,3 +115,102 @@ def remove_stale_tmp(folder: PathLike) -> List[Path]:
             except OSError:
                 pass
     return removed
+
+
+def folder_instead_of_file(path: PathLike, example: str) -> Optional[str]:
+    """The message for a folder given where a file is expected; None when ``path`` is no folder.
+
+    Args:
+        path: what was given.
+        example: a file name such a folder may hold (``best.pth``), shown as the fix.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    return f"{p} is a folder, not a file: give a file inside it (e.g. {p / example})"
+
+
+class FileInUseError(RuntimeError):
+    """Another process holds the lock.
+
+    Attributes:
+        path: the lock file.
+        holder: what the lock file says about its holder ("pid N on HOST, started T"), or "".
+    """
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by {holder or 'another process'}")
+        self.path, self.holder = path, holder
+
+
+class FileLock:
+    """An exclusive lock, held from :func:`lock_file` until :meth:`release`.
+
+    Attributes:
+        path: the lock file.
+        stale: what the lock file said when it was taken over from a holder that did not release
+            it (killed or crashed), or None.
+    """
+
+    def __init__(self, path: Optional[Path], fd: Optional[int], stale: Optional[str]) -> None:
+        self.path, self._fd, self.stale = path, fd, stale
+
+    @classmethod
+    def none(cls) -> "FileLock":
+        """The lock of a process that does not lock (ranks other than 0)."""
+        return cls(None, None, None)
+
+    def release(self) -> None:
+        """Empty the lock file (a clean exit) and unlock; safe to call twice."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "FileLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    raw = os.read(fd, 4096).decode("utf-8", "replace").strip()
+    try:
+        info = json.loads(raw)
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+    except (ValueError, KeyError, TypeError):
+        return raw
+
+
+def lock_file(path: PathLike) -> FileLock:
+    """Take the exclusive lock of ``path`` (created, with its folder, if missing).
+
+    The lock file is never removed: a process that opened it just before the removal would lock
+    a file no other process sees.
+
+    Raises:
+        FileInUseError: another process holds it (never waits).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise FileInUseError(path, holder) from None
+    previous = _read_holder(fd)
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": started}).encode())
+    os.fsync(fd)
+    return FileLock(path, fd, previous or None)

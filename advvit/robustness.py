@@ -7,6 +7,10 @@ AutoAttack's own ensemble loop does: each attack sees only the examples still ro
 attacks before it, cut into fixed batches, and the attack that first breaks an example is
 recorded. After every batch the progress goes to a JSON state file, so an interrupted evaluation
 resumes to exactly the result of an uninterrupted one (each attack re-seeds itself per batch).
+The state file records what it is the progress of (the model's weights, the data, the attacks,
+eps, seed, batch size) and is resumed only by the same evaluation; while a run uses it, it holds
+the lock of ``<state file>.lock`` (:func:`advvit.io.lock_file`), so a second run on it at the
+same time is refused and a lock left by a killed run is taken over.
 
 Two cases give a result without attacking:
 
@@ -18,20 +22,22 @@ Two cases give a result without attacking:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .attacks import check_eps, fgsm, model_mode, pgd
+from .checkpoint import weights_digest
 from .checks import missing_input_gradient
-from .io import atomic_write_json
+from .io import FileInUseError, atomic_write_json, lock_file
 
 __all__ = [
     "AttackFn",
@@ -53,10 +59,12 @@ AttackFn = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Ten
 STATE_FORMAT = "advvit-autoattack-state/1"
 
 RAN, FAILED, SKIPPED = "ran", "failed", "skipped"
+_STATE_KEYS = ("config", "clean", "robust", "broken_by", "done", "current")
 
 
 class StateMismatchError(ValueError):
-    """A state file belongs to another evaluation (other model inputs, attacks, eps or seed)."""
+    """A state file this evaluation cannot use: it belongs to another evaluation (other model
+    weights, inputs, attacks, eps or seed), is not a state file, or another run is using it."""
 
 
 @dataclass(frozen=True)
@@ -215,30 +223,58 @@ def _fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _state_config(suite: AttackSuite, fingerprint: str, n: int, batch_size: int) -> dict:
+def _state_config(suite: AttackSuite, fingerprint: str, n: int, batch_size: int,
+                  model: str | None) -> dict:
     return {"backend": suite.backend, "version": suite.version, "attacks": suite.names,
             "settings": suite.settings, "eps": suite.eps, "norm": suite.norm,
-            "seed": suite.seed, "batch_size": batch_size, "n": n, "data": fingerprint}
+            "seed": suite.seed, "batch_size": batch_size, "n": n, "data": fingerprint,
+            "model": model}
 
 
 def _load_state(path: Path | None, config: dict) -> dict | None:
     if path is None or not path.exists():
         return None
     try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        state = json.loads(path.read_bytes())
+    except OSError as err:
         raise StateMismatchError(f"state file {path} cannot be read ({err}): delete it to "
                                  "start the evaluation afresh") from err
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+    except ValueError:  # not JSON, or not even text
+        state = None
+    if (not isinstance(state, dict) or state.get("format") != STATE_FORMAT
+            or any(k not in state for k in _STATE_KEYS) or not isinstance(state["config"], dict)):
         raise StateMismatchError(f"{path} is not an advvit evaluation state file: give "
-                                 "another --state-path")
-    saved = state.get("config", {})
+                                 "another --state-path (or delete it, if it is a damaged one)")
+    saved = state["config"]
+    if saved.get("model") != config["model"]:
+        why = ("it predates state files recording the model, so it cannot be matched to this one"
+               if saved.get("model") is None else "it was written for other model weights: the "
+               "checkpoint changed since, or another model is evaluated")
+        raise StateMismatchError(f"state file {path} belongs to another evaluation ({why}): "
+                                 "delete it to evaluate this model afresh, or give another "
+                                 "state path")
     differs = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
     if differs:
         raise StateMismatchError(
             f"state file {path} belongs to another evaluation (differs in "
             f"{', '.join(differs)}): give another state path or delete it")
     return state
+
+
+@contextlib.contextmanager
+def _state_lock(path: Path | None) -> Iterator[None]:
+    """Hold the state file's lock for the run; refuse one that another run holds."""
+    if path is None:
+        yield
+        return
+    try:
+        lock = lock_file(path.with_name(path.name + ".lock"))
+    except FileInUseError as err:
+        raise StateMismatchError(f"state file {path} is in use by another evaluation "
+                                 f"({err.holder or 'holder unknown'}): wait for it to finish, "
+                                 "or give another state path") from None
+    with lock:
+        yield
 
 
 def _save_state(path: Path | None, state: dict) -> None:
@@ -292,7 +328,8 @@ def run_attacks(
         suite: the attacks (:func:`torch_attack_suite`, ``AutoAttackAdapter.suite``).
         batch_size: how many examples each attack call gets.
         state_path: JSON file recording progress after every batch; an existing one for the
-            same data and suite is resumed, one for another raises :class:`StateMismatchError`.
+            same model weights, data and suite is resumed, one for another raises
+            :class:`StateMismatchError`, as does one another run is using.
         keep_adv: return the adversarial examples (memory: one copy of x).
         stop_after_batches: stop after this many attack batches, leaving the state file for a
             later resume (time-boxed jobs, tests); the result covers the work done so far.
@@ -300,12 +337,13 @@ def run_attacks(
 
     Raises:
         ValueError: mismatched shapes, values outside [0, 1], a bad batch size or eps.
-        StateMismatchError: ``state_path`` belongs to another evaluation.
+        StateMismatchError: ``state_path`` belongs to another evaluation, is not a state
+            file, or is in use by another run.
     """
     _check_inputs(x, y, batch_size, suite)
     x, y = x.detach().cpu(), y.detach().cpu().long()
     path = Path(state_path) if state_path is not None else None
-    with model_mode(model, "eval"):
+    with model_mode(model, "eval"), _state_lock(path):
         return _Run(model, x, y, suite, batch_size, torch.device(device), path, keep_adv,
                     stop_after_batches, on_batch).run()
 
@@ -323,7 +361,9 @@ class _Run:
         self.model, self.x, self.y, self.suite = model, x, y, suite
         self.batch_size, self.device, self.path = batch_size, device, path
         self.stop_after_batches, self.on_batch = stop_after_batches, on_batch
-        config = _state_config(suite, _fingerprint(x, y), x.shape[0], batch_size)
+        # Keyed by the weights, so a state is never resumed for a model that has changed.
+        model_key = weights_digest(model.state_dict()) if path is not None else None
+        config = _state_config(suite, _fingerprint(x, y), x.shape[0], batch_size, model_key)
         state = _load_state(path, config)
         # Adversarial examples are not kept in the state file (for ImageNet they would be
         # gigabytes): those found before an interruption are missing from x_adv.

@@ -1,11 +1,9 @@
 """The run folder: who may write into it, what a new or resumed run finds there, what it records.
 
-One training run owns its folder (``output/<experiment>``) while it runs: it holds an exclusive
-``fcntl.flock`` on ``<folder>/.lock`` (the file names the holder: pid, host, start time), so a
-second run into the same folder stops with one message before any work. The operating system
-drops the lock when the process ends, however it ends; a clean exit also empties the file, so a
-non-empty lock file that can be taken names a run that was killed or crashed, and is taken over
-with a note. Only the main process (rank 0) locks and writes.
+One training run owns its folder (``output/<experiment>``) while it runs: it holds the lock of
+``<folder>/.lock`` (:func:`advvit.io.lock_file`: the file names the holder), so a second run into
+the same folder stops with one message before any work. A lock left by a run that was killed or
+crashed is taken over with a note. Only the main process (rank 0) locks and writes.
 
 A new run refuses a folder that already holds run files (``summary.csv``, ``args.yaml``, ``tb/``,
 ``best.pth``, ``resume_history.yaml``) unless it resumes one of its checkpoints: appending to
@@ -20,11 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import fcntl
-import json
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -32,7 +27,8 @@ import torch
 import yaml
 
 from .config import FIELDS, ConfigError
-from .io import atomic_write, atomic_write_text, remove_stale_tmp
+from .io import (FileInUseError, FileLock, atomic_write, atomic_write_text,
+                 folder_instead_of_file, lock_file, remove_stale_tmp)
 
 __all__ = ["LOCK", "LAST", "BEST", "RECOVERY", "HISTORY", "RUN_FILES", "OVERRIDABLE",
            "RunLock", "lock_run_dir", "refuse_leftovers", "choose_resume", "config_changes",
@@ -77,66 +73,18 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-class RunLock:
-    """An exclusive lock on a run folder, held from :func:`lock_run_dir` until :meth:`release`.
-
-    Attributes:
-        path: the lock file.
-        stale: what the lock file said when it was taken over from a run that did not release it
-            (killed or crashed), or None.
-    """
-
-    def __init__(self, path: Optional[Path], fd: Optional[int], stale: Optional[str]) -> None:
-        self.path, self._fd, self.stale = path, fd, stale
-
-    @classmethod
-    def none(cls) -> "RunLock":
-        """The lock of a process that does not lock (ranks other than 0)."""
-        return cls(None, None, None)
-
-    def release(self) -> None:
-        """Empty the lock file (a clean exit) and unlock; safe to call twice."""
-        if self._fd is None:
-            return
-        try:
-            os.ftruncate(self._fd, 0)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-
-def _read_holder(fd: int) -> str:
-    os.lseek(fd, 0, os.SEEK_SET)
-    raw = os.read(fd, 4096).decode("utf-8", "replace").strip()
-    try:
-        info = json.loads(raw)
-        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
-    except (ValueError, KeyError, TypeError):
-        return raw
+RunLock = FileLock
+"""A run folder's lock (see :func:`advvit.io.lock_file`)."""
 
 
 def acquire(run_dir: str) -> RunLock:
     """Take the folder's lock (creating the folder) or raise ``ConfigError`` naming the holder."""
-    folder = Path(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = _read_holder(fd)
-        os.close(fd)
+        return lock_file(Path(run_dir) / LOCK)
+    except FileInUseError as err:
         raise ConfigError("experiment", f"the run folder {run_dir} is in use by another training "
-                          f"run ({holder or 'holder unknown'})",
+                          f"run ({err.holder or 'holder unknown'})",
                           "wait for it to finish, or set another experiment / output") from None
-    previous = _read_holder(fd)
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "started": _now()}).encode())
-    os.fsync(fd)
-    return RunLock(path, fd, previous or None)
 
 
 def lock_run_dir(run_dir: str, *, is_main: bool, say=print) -> RunLock:
@@ -215,6 +163,9 @@ def choose_resume(run_dir: str, resume: Optional[str]) -> Optional[str]:
                                   or checkpoint_step(recovery) > checkpoint_step(last)):
             return str(recovery)
         return str(last) if last.exists() else None
+    folder = folder_instead_of_file(resume, LAST)
+    if folder:
+        raise ConfigError("resume", folder, "or 'auto' for the run folder's own")
     if not os.path.isfile(resume):
         raise ConfigError("resume", f"no such checkpoint: {resume}", "give a last.pth or 'auto'")
     return resume

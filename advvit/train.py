@@ -145,7 +145,8 @@ def build(cfg: TrainConfig) -> Parts:
     """Validate everything that can be checked, then build every part of the run.
 
     Raises:
-        ConfigError, data.DataNotFoundError, checkpoint.CheckpointError: before any training.
+        ConfigError, data.DataNotFoundError, data.DataError, checkpoint.CheckpointError: before
+            any training.
     """
     rt = accel.setup(cfg.run.device)
     _seed_everything(cfg.run.seed + rt.rank)
@@ -642,7 +643,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             accel.launch_xla(_xla_process, args=(argv,))
             return 0
         train(cfg)
-    except (ConfigError, data.DataNotFoundError, checkpoint.CheckpointError,
+    except (ConfigError, data.DataNotFoundError, data.DataError, checkpoint.CheckpointError,
             accel.AccelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

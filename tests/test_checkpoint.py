@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -211,6 +212,88 @@ def test_no_load_error_advises_the_unsafe_unpickler(tmp_path):
             assert not [w for w in caught if "pickle protocol" in str(w.message)], kind
             seen += "truncated or corrupt" in msg
     assert seen >= 14  # all but a blob that happened to load as some other object
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(C.CheckpointError) as e:
+        C.load_checkpoint(tmp_path)
+    assert "is a folder" in str(e.value) and str(tmp_path / "best.pth") in str(e.value)
+
+
+class _RunsCode:
+    """A pickle that would run a shell command when unpickled with the full unpickler."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_code_is_named_as_such_not_as_corrupt(tmp_path):
+    marker = tmp_path / "code-ran"
+    saved = tmp_path / "torch_save.pth"
+    torch.save({"model": _RunsCode(marker)}, saved)
+    dumped = tmp_path / "pickle_dump.pth"  # protocol 4: torch's safe unpickler stops at its framing
+    dumped.write_bytes(pickle.dumps({"model": _RunsCode(marker)}, protocol=4))
+    for path in (saved, dumped):
+        with pytest.raises(C.CheckpointError) as e:
+            C.load_checkpoint(path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path} holds objects other than plain data and tensors"), msg
+        assert "system" in msg and "will not load" in msg and "full unpickler" in msg
+        assert "truncated" not in msg and "corrupt" not in msg and "weights_only" not in msg
+    assert not marker.exists()
+
+
+def _flip_bytes_of(path, tensor):
+    """Flip bytes inside one tensor's data in the file: torch reads it back without noticing."""
+    blob = bytearray(path.read_bytes())
+    at = blob.find(tensor.contiguous().numpy().tobytes())
+    assert at >= 0
+    for i in range(at + 4, at + 12):
+        blob[i] ^= 0x5A
+    path.write_bytes(bytes(blob))
+
+
+def test_damaged_weights_fail_their_checksum(tmp_path):
+    path, model, _ = _ckpt(tmp_path)
+    ckpt = C.load_checkpoint(path)
+    assert ckpt["checksums"]["algorithm"] == "crc32"
+    assert list(ckpt["checksums"]["model"]) == list(ckpt["model"])
+    key = max(ckpt["model"], key=lambda k: ckpt["model"][k].numel())
+    _flip_bytes_of(path, ckpt["model"][key])
+    assert torch.load(path, weights_only=True)["model"][key].shape  # torch itself takes it
+    with pytest.raises(C.CheckpointError) as e:
+        C.load_checkpoint(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path} (model): tensors fail their checksum: ['{key}']")
+    assert "damaged" in msg and "best.pth" in msg and "\n" not in msg
+
+
+def test_non_finite_weights_are_refused_with_or_without_checksums(tmp_path):
+    model, spec, _ = _trained()
+    with torch.no_grad():
+        M.unwrap(model).fc.weight[0, :3] = float("nan")
+        M.unwrap(model).fc.bias[1] = float("inf")
+    state = C.make_checkpoint(model, spec, config={}, epoch=1, step=2)
+    C.save_checkpoint(tmp_path / "new.pth", state)
+    torch.save(state, tmp_path / "old.pth")  # as written before checksums were stored
+    for name in ("new.pth", "old.pth"):
+        with pytest.raises(C.CheckpointError) as e:
+            C.load_checkpoint(tmp_path / name)
+        msg = str(e.value)
+        assert msg.startswith(f"{tmp_path / name} (model): 3 non-finite values (NaN or infinite) in "
+                              "tensor fc.weight; 2 tensors, 4 values in all"), msg
+        assert "another checkpoint" in msg and "best.pth" in msg
+    good, _, _ = _trained()
+    ema_bad = C.make_checkpoint(good, spec, config={}, epoch=1, step=2, ema=model)
+    C.save_checkpoint(tmp_path / "ema.pth", ema_bad)
+    with pytest.raises(C.CheckpointError, match=r"ema.pth \(ema\): 3 non-finite values"):
+        C.load_checkpoint(tmp_path / "ema.pth")
+    old_good = C.make_checkpoint(good, spec, config={}, epoch=1, step=2)
+    torch.save(old_good, tmp_path / "old_good.pth")
+    assert "checksums" not in C.load_checkpoint(tmp_path / "old_good.pth")  # loads, nothing to verify
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,3 +515,36 @@ def test_trainer_refuses_a_finetune_source_that_cannot_be_adapted(tmp_path, caps
     assert "missing keys ['cls_token'" in err and "unexpected keys ['conv1.weight'" in err
     assert "own architecture" in err and "Traceback" not in err
     assert not (tmp_path / "runs" / "run" / "args.yaml").exists()
+
+
+def test_trainer_refuses_damaged_or_non_finite_weights_before_any_step(tmp_path, capsys, no_training):
+    from advvit import train
+    from advvit.config import config_to_dict, load_config
+
+    args = _train_args(tmp_path)
+    spec = C.ModelSpec("xcit_nano_12_p8_32", 10, 1, 32, None)
+    model = M.create_model(spec.arch, num_classes=10, in_chans=1, img_size=32)
+    with torch.no_grad():
+        model.head.weight[0, :2] = float("nan")
+    last = tmp_path / "runs" / "run" / "last.pth"
+    C.save_checkpoint(last, C.make_checkpoint(model, spec, config=config_to_dict(load_config(args)),
+                                              epoch=0, step=2))
+    assert train.main(args + ["--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {last} (model): 2 non-finite values (NaN or infinite) in tensor head.weight")
+    assert "another checkpoint" in err and "last good" not in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert not (last.parent / "args.yaml").exists()
+
+    assert train.main(_train_args(tmp_path, "--experiment", "ft", "--finetune", str(last))) == 2
+    assert capsys.readouterr().err.startswith(f"error: {last} (model): 2 non-finite values")
+
+    with torch.no_grad():
+        model.head.weight.zero_()
+    C.save_checkpoint(last, C.make_checkpoint(model, spec, config=config_to_dict(load_config(args)),
+                                              epoch=0, step=2))
+    _flip_bytes_of(last, C.load_checkpoint(last)["model"]["pos_embed.token_projection.weight"])
+    assert train.main(args + ["--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {last} (model): tensors fail their checksum")
+    assert "damaged" in err and "Traceback" not in err and err.count("\n") == 1

@@ -338,6 +338,22 @@ def test_checkpoint_that_does_not_load_is_refused(ckpts, data_dir, tmp_path, cap
     assert "missing.pth does not exist" in err
 
 
+def test_a_folder_or_non_finite_weights_are_refused_for_every_model_option(ckpts, data_dir, tmp_path,
+                                                                           capsys):
+    folder = ckpts[0].parent
+    err = _fails(_args("semantic", [ckpts[0]], data_dir, tmp_path / "o", "--judge", str(folder)), capsys)
+    assert f"--judge {folder} is a folder" in err and str(folder / "best.pth") in err
+    err = _fails(_args("transfer", [ckpts[0], folder], data_dir, tmp_path / "o"), capsys)
+    assert f"--checkpoint {folder} is a folder" in err
+    ckpt = C.load_checkpoint(ckpts[0])
+    next(iter(ckpt["model"].values())).view(-1)[0] = float("nan")
+    nan = tmp_path / "nan.pth"
+    C.save_checkpoint(nan, ckpt)
+    err = _fails(_args("corruptions", ckpts[:1], data_dir, tmp_path / "o", "--baseline", str(nan)), capsys)
+    assert f"--baseline: {nan} (model): 1 non-finite value (NaN or infinite)" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_model_without_blocks_is_refused_by_the_internals_analyses(data_dir, tmp_path, capsys):
     cnn = _train_checkpoint(tmp_path / "effnet.pth", data_dir, "test_efficientnet", 0, 1)
     for analysis in ("jacobian", "propagation", "similarity", "lesions"):

@@ -240,6 +240,40 @@ def test_bad_input_gets_one_clear_error(ckpt_path, tmp_path, capsys, change, mat
     assert not (tmp_path / "report.json").exists()
 
 
+def _refused(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        E.main(args)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_folder_damaged_or_non_finite_weights_are_refused(ckpt_path, tmp_path, capsys):
+    from test_checkpoint import _flip_bytes_of
+
+    err = _refused(_base(tmp_path, tmp_path, "--attack", "fgsm"), capsys)
+    assert f"--checkpoint {tmp_path} is a folder" in err and str(tmp_path / "best.pth") in err
+    ckpt = C.load_checkpoint(ckpt_path)
+    key = max(ckpt["model"], key=lambda k: ckpt["model"][k].numel())
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(ckpt_path.read_bytes())
+    _flip_bytes_of(damaged, ckpt["model"][key])
+    err = _refused(_base(damaged, tmp_path, "--attack", "fgsm"), capsys)
+    assert f"--checkpoint: {damaged} (model): tensors fail their checksum: ['{key}']" in err
+    nan = tmp_path / "nan.pth"
+    ckpt["model"][key][0] = float("nan")
+    C.save_checkpoint(nan, ckpt)
+    err = _refused(_base(nan, tmp_path, "--attack", "fgsm"), capsys)
+    assert f"--checkpoint: {nan} (model): " in err and f"non-finite values (NaN or infinite) in tensor {key}" in err
+    weights = tmp_path / "nan_weights.pth"
+    torch.save(ckpt["model"], weights)
+    args = _base(nan, tmp_path, "--attack", "fgsm")
+    i = args.index("--checkpoint")
+    args[i:i + 2] = ["--model", "test_vit", "--weights", str(weights), "--img-size", "32"]
+    err = _refused(args, capsys)
+    assert f"--weights: {weights}: " in err and "non-finite values" in err
+    assert not (tmp_path / "report.json").exists()
+
+
 def test_mismatched_data_is_refused(tmp_path, capsys):
     """A 5-class model on a 10-class data set: refused before any attack."""
     model = create_model("test_vit", num_classes=5, in_chans=1, img_size=32)
@@ -291,6 +325,58 @@ def test_state_path_resumes_and_refuses_another_run(ckpt_path, tmp_path, capsys)
     with pytest.raises(SystemExit):
         E.main(args)
     assert "belongs to another evaluation" in capsys.readouterr().err
+
+
+def _aa_args(ckpt: Path, tmp_path: Path, state: Path, *extra: str) -> list[str]:
+    return _base(ckpt, tmp_path, "--attack", "apgd-ce", "--steps", "1", "--restarts", "1",
+                 "--state-path", str(state), *extra)
+
+
+def test_a_state_file_of_a_changed_checkpoint_is_refused(ckpt_path, tmp_path, capsys):
+    state = tmp_path / "aa_state.json"
+    changed = tmp_path / "changed.pth"
+    changed.write_bytes(ckpt_path.read_bytes())
+    _run(_aa_args(changed, tmp_path, state, "--eps", "2/255"))
+    ckpt = C.load_checkpoint(changed)
+    ckpt["model"]["head.bias"] += 0.01  # retrained in place: same path, other weights
+    C.save_checkpoint(changed, ckpt)
+    before = state.read_bytes()
+    err = _refused(_aa_args(changed, tmp_path, state, "--eps", "2/255"), capsys)
+    assert f"--state-path: state file {state} belongs to another evaluation (it was written " \
+           "for other model weights" in err and "delete it" in err
+    assert state.read_bytes() == before
+    # One file, two models: its EMA weights, and with --no-ema its raw ones.
+    ckpt["ema"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    C.save_checkpoint(changed, ckpt)
+    state.unlink()
+    _run(_aa_args(changed, tmp_path, state, "--eps", "2/255"))
+    err = _refused(_aa_args(changed, tmp_path, state, "--eps", "2/255", "--no-ema"), capsys)
+    assert "written for other model weights" in err
+
+
+def test_a_state_path_holding_random_bytes_is_refused_and_kept(ckpt_path, tmp_path, capsys):
+    state = tmp_path / "aa_state.json"
+    junk = os.urandom(2048)
+    state.write_bytes(junk)
+    err = _refused(_aa_args(ckpt_path, tmp_path, state, "--eps", "2/255"), capsys)
+    assert f"--state-path: {state} is not an advvit evaluation state file" in err
+    assert "give another --state-path" in err and "Traceback" not in err
+    assert state.read_bytes() == junk and not (tmp_path / "report.json").exists()
+
+
+def test_a_sweep_stopped_by_a_state_file_keeps_the_eps_it_evaluated(ckpt_path, tmp_path, capsys):
+    state = tmp_path / "aa_state.json"
+    args = _aa_args(ckpt_path, tmp_path, state, "--eps-sweep", "0,2/255")
+    _run(args)
+    first, second = Path(f"{state}.eps0"), Path(f"{state}.eps0.00784314")
+    kept = first.read_bytes()
+    second.write_bytes(b"\x00garbage")
+    (tmp_path / "report.json").unlink()
+    assert E.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{second} is not an advvit evaluation state file" in err
+    assert "eps 0 are complete in their state files: a rerun resumes them" in err
+    assert first.read_bytes() == kept and not (tmp_path / "report.json").exists()
 
 
 def test_data_set_defaults_to_the_checkpoints_training_data(ckpt_path, tmp_path):

@@ -59,6 +59,13 @@ def test_wrong_yaml_types_are_refused(tmp_path):
         load_config(["--config", _write(tmp_path, epochs="many")])
 
 
+def test_a_folder_given_as_the_config_file_is_named_a_folder(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", str(tmp_path)])
+    assert f"{tmp_path} is a folder, not a file" in str(e.value)
+    assert str(tmp_path / "config.yaml") in str(e.value)
+
+
 def test_missing_or_broken_config_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(["--config", str(tmp_path / "nope.yaml")])

@@ -1,5 +1,6 @@
 """Data: each on-disk format written small here and read back through the training code path."""
 import gzip
+import os
 import pickle
 import struct
 import tarfile
@@ -196,6 +197,24 @@ def test_cifar_from_tar_gz(tmp_path):
     np.testing.assert_array_equal(ds.targets, written["train"][1])
 
 
+class RunsCode:
+    """Unpickled without restriction, it would create ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_unsafe_cifar_batch(folder: Path, member: str) -> Path:
+    """Replace a CIFAR batch by a pickle that would run code; returns the marker it would make."""
+    marker = folder / "code-ran"
+    with open(folder / member, "wb") as f:
+        pickle.dump({b"data": RunsCode(marker), b"labels": [0]}, f)
+    return marker
+
+
 def test_cifar_pickle_with_code_is_refused(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     make_cifar_folder(folder, "cifar10")
@@ -208,6 +227,12 @@ def test_cifar_pickle_with_code_is_refused(tmp_path):
         pickle.dump({b"data": Evil(), b"labels": [0]}, f)
     with pytest.raises(ValueError, match="not allowed"):
         D.create_dataset("cifar10", tmp_path, split="test")
+    marker = write_unsafe_cifar_batch(folder, "data_batch_2")
+    with pytest.raises(D.DataError) as e:
+        D.create_dataset("cifar10", tmp_path, split="train")
+    assert str(e.value).startswith(f"{folder}/data_batch_2: holds objects other than arrays")
+    assert "system is not allowed" in str(e.value) and "fetch the data set again" in str(e.value)
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------------------------------------

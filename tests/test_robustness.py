@@ -1,7 +1,13 @@
 """The one evaluation runner (advvit.robustness) with advvit.attacks' PGD / FGSM plugged in."""
 from __future__ import annotations
 
+import copy
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +16,8 @@ from torch import nn
 
 import advvit  # noqa: F401
 from advvit import robustness as R
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,3 +122,65 @@ def test_merge_keeps_a_shards_failure(trained):
     (a,) = merged.attacks
     assert (a.status, a.reason) == ("failed", "no gradient")
     assert a.n_attacked == whole.attacks[0].n_attacked
+
+
+def _pgd(model):
+    return R.torch_attack_suite(model, "pgd", eps=0.1, steps=1, seed=5)
+
+
+def test_a_state_file_is_never_resumed_for_changed_weights(trained, tmp_path):
+    model, x, y = trained
+    state = tmp_path / "state.json"
+    R.run_attacks(model, x, y, _pgd(model), batch_size=8, state_path=state, stop_after_batches=1)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed[1].bias[0] += 1e-3  # one weight moved: another model
+    before = state.read_bytes()
+    with pytest.raises(R.StateMismatchError, match="written for other model weights.*delete it"):
+        R.run_attacks(changed, x, y, _pgd(changed), batch_size=8, state_path=state)
+    assert state.read_bytes() == before  # kept as it was
+    R.run_attacks(model, x, y, _pgd(model), batch_size=8, state_path=state)  # its own model resumes
+    saved = json.loads(state.read_text())
+    saved["config"].pop("model")  # as written before states recorded the model
+    state.write_text(json.dumps(saved))
+    with pytest.raises(R.StateMismatchError, match="predates state files recording the model"):
+        R.run_attacks(model, x, y, _pgd(model), batch_size=8, state_path=state)
+
+
+def test_a_state_file_in_use_is_refused_and_a_killed_runs_lock_taken_over(trained, tmp_path):
+    model, x, y = trained
+    state = tmp_path / "state.json"
+    refused = []
+
+    def second_run(attack, batch, n_batches):
+        if batch == 0:  # the first run holds the state file now
+            with pytest.raises(R.StateMismatchError) as e:
+                R.run_attacks(model, x, y, _pgd(model), batch_size=8, state_path=state)
+            refused.append(str(e.value))
+
+    first = R.run_attacks(model, x, y, _pgd(model), batch_size=8, state_path=state,
+                          on_batch=second_run)
+    (msg,) = refused
+    assert f"state file {state} is in use by another evaluation (pid {os.getpid()}" in msg
+    assert "give another state path" in msg
+    # A run killed while it held the lock blocks nothing.
+    hold = ("import sys, time\nfrom advvit import io\nio.lock_file(sys.argv[1])\n"
+            "print('locked', flush=True)\ntime.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", hold, f"{state}.lock"], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = R.run_attacks(model, x, y, _pgd(model), batch_size=8, state_path=state)
+    assert torch.equal(again.robust, first.robust)
+
+
+def test_a_state_path_that_is_no_state_file_is_refused_and_kept(trained, tmp_path):
+    model, x, y = trained
+    for name, content in (("random.bin", os.urandom(512)), ("notes.json", b'{"a": 1}'),
+                          ("text.txt", "ça".encode("latin-1"))):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(R.StateMismatchError, match="is not an advvit evaluation state file"):
+            R.run_attacks(model, x, y, _pgd(model), batch_size=8, state_path=path)
+        assert path.read_bytes() == content

@@ -126,3 +126,10 @@ def test_under_torchrun_rank_0_locks_and_every_rank_stops_alike(tmp_path):
     assert out.returncode != 0
     assert "in use by another training run" in out.stderr  # rank 0
     assert "the main process refused the run folder" in out.stderr  # rank 1, not left waiting
+
+
+def test_a_folder_given_to_resume_is_named_a_folder(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        rundir.choose_resume(str(tmp_path / "run"), str(tmp_path))
+    assert f"{tmp_path} is a folder, not a file" in str(e.value)
+    assert str(tmp_path / "last.pth") in str(e.value) and "'auto'" in str(e.value)

@@ -16,7 +16,7 @@ from advvit import accel, checkpoint, engine, train
 from advvit.losses import LossOutput
 from advvit.schedules import create_eps_schedule
 from advvit.train import KILL_ENV, main
-from test_data import make_cifar_folder, make_idx_folder, make_imagefolder
+from test_data import make_cifar_folder, make_idx_folder, make_imagefolder, write_unsafe_cifar_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
@@ -377,5 +377,19 @@ def test_a_held_out_split_with_no_example_is_one_config_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "config key 'val_fraction'" in err and "leaves 0 for validation" in err
     assert "Traceback" not in err
+    run = tmp_path / "runs" / "run"
+    assert not run.exists() or not {"args.yaml", "last.pth", "summary.csv"} & set(os.listdir(run))
+
+
+def test_a_cifar_batch_that_would_run_code_is_one_data_error(tmp_path, capsys):
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    make_cifar_folder(folder, n_per_batch=4)
+    marker = write_unsafe_cifar_batch(folder, "data_batch_3")
+    args = _tiny_args(tmp_path)
+    args[args.index("--dataset") + 1], args[args.index("--data-dir") + 1] = "cifar10", str(tmp_path / "cifar")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {folder}/data_batch_3: holds objects other than arrays")
+    assert "Traceback" not in err and err.count("\n") == 1 and not marker.exists()
     run = tmp_path / "runs" / "run"
     assert not run.exists() or not {"args.yaml", "last.pth", "summary.csv"} & set(os.listdir(run))
