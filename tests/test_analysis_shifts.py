@@ -329,6 +329,47 @@ def test_the_transform_rotates_counter_clockwise_and_translates_by_a_fraction_of
     assert torch.allclose(spatial_transform(x, 0.0, 0.0, 2 / 28), down, atol=1e-5)
 
 
+def _bilinear_zero_padded(image, rotation, tx, ty):
+    """Reference: each output pixel samples R^-1 (p - t) bilinearly, source pixels outside being 0.
+
+    ``image`` ``(H, W)``; coordinates from the image centre, x right, y down, pixel centres at
+    half-integers; R rotates counter-clockwise on screen.
+    """
+    h, w = image.shape
+    a = np.radians(rotation)
+    out = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            px, py = j + 0.5 - w / 2 - tx * w, i + 0.5 - h / 2 - ty * h
+            sx = np.cos(a) * px - np.sin(a) * py + w / 2 - 0.5  # source column, in pixel indices
+            sy = np.sin(a) * px + np.cos(a) * py + h / 2 - 0.5
+            c0, r0 = int(np.floor(sx)), int(np.floor(sy))
+            fx, fy = sx - c0, sy - r0
+            for r, c, weight in ((r0, c0, (1 - fy) * (1 - fx)), (r0, c0 + 1, (1 - fy) * fx),
+                                 (r0 + 1, c0, fy * (1 - fx)), (r0 + 1, c0 + 1, fy * fx)):
+                if 0 <= r < h and 0 <= c < w:
+                    out[i, j] += weight * image[r, c]
+    return out
+
+
+@pytest.mark.parametrize("rotation,tx,ty", [(30.0, 0.1, 0.1), (-16.0, -0.05, 0.1), (7.0, 0.0, -0.1),
+                                            (0.0, 0.5 / 28, 0.0)])
+def test_the_transform_is_bilinear_with_plain_zero_padding_at_the_edge_too(rotation, tx, ty):
+    torch.manual_seed(0)
+    images = torch.cat([torch.ones(1, 1, 28, 28), torch.rand(2, 1, 28, 28)]).double()
+    out = spatial_transform(images, rotation, tx, ty)
+    for image, got in zip(images, out):
+        want = _bilinear_zero_padded(image[0].numpy(), rotation, tx, ty)
+        np.testing.assert_allclose(got[0].numpy(), want, atol=1e-9)
+    ones = out[0, 0]
+    edge = (ones > 1e-9) & (ones < 1 - 1e-9)
+    assert int(edge.sum()) > 20  # the edge ring is in the comparison, not only the interior
+    if rotation == 0.0:
+        # Half a pixel right: the first column is half black, half image (not the quarter of a
+        # transform that weights the zero-padded value by its coverage once more).
+        assert torch.allclose(ones[:, 0], torch.full((28,), 0.5, dtype=torch.float64))
+
+
 def test_a_grid_of_only_the_identity_gives_the_clean_accuracy(fmnist):
     x, y = fmnist
     model = NearestMean(x, y)
