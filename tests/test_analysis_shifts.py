@@ -2,6 +2,7 @@
 import json
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,6 +83,27 @@ def test_frost_keeps_its_decoded_photographs_with_identical_results_and_opencv_u
     assert impl.cv2.imread(impl.__file__.replace("corruptions.py", "frost/frost2.png")).any()
     monkeypatch.setattr(impl, "cv2", cv2)  # the library as published: decoding every call
     assert all(torch.equal(k, corrupt(x, "frost", s, seed=2)) for k, s in zip(kept, SEVERITIES))
+
+
+def test_frost_draws_from_imagenet_cs_five_photographs_only(fmnist, monkeypatch):
+    from PIL import Image
+    impl = sys.modules[compat.library().__name__ + ".corruptions"]
+    read, kept_read = [], impl.cv2.imread
+    monkeypatch.setattr(impl.cv2, "imread", lambda path, *a: read.append(Path(path).name) or kept_read(path, *a))
+    image = np.repeat(fmnist[0][0].permute(1, 2, 0).numpy(), 3, axis=-1)
+    release_sixth = 0
+    for seed in range(60):
+        out = compat.apply(image, "frost", 3, seed)
+        # The release draws its photograph first, from all six: randint(6) after seeding.
+        if np.random.RandomState(seed).randint(6) == 5:
+            release_sixth += 1
+        else:  # a seed drawing one of the five gives the release's own result
+            np.random.seed(seed)
+            assert np.array_equal(out, np.uint8(impl.frost(Image.fromarray(image), 3))), seed
+    assert release_sixth > 0  # the release would have used the sixth photograph for these
+    used = set(read)
+    assert used == {"frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg"}, used
+    assert compat.library_version().endswith("(frost: 5 photographs)")
 
 
 def test_a_missing_library_says_how_to_install_it(monkeypatch):
