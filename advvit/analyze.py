@@ -625,15 +625,18 @@ def _jacobian(ctx: Context) -> Output:
                                  "sigma_mean": j.mean, "sigma_std": j.std,
                                  "sigma_all_tokens_mean": j.sigma_all_tokens.mean(0),
                                  "converged": float(j.converged.double().mean()),
+                                 "converged_all_tokens": float(j.converged_all_tokens.double().mean()),
                                  "bound_mean": j.bound.mean(0) if j.bound is not None else None,
                                  "jvp_passes": j.jvp_passes, "vjp_passes": j.vjp_passes,
                                  "seconds": j.seconds}
                           for name, j in results.items()})
     out.tables.append(("Largest singular value of each block's Jacobian (mean over inputs; path: the "
                        "output rows differentiated, class-token for blocks that update it alone)",
-                       ["model", "block", "path", "mean", "std", "all tokens", "converged (%)"],
+                       ["model", "block", "path", "mean", "std", "converged (%)", "all tokens",
+                        "all tokens converged (%)"],
                        [[name, b, j.paths[k], float(j.mean[k]), float(j.std[k]),
-                         float(j.sigma_all_tokens[:, k].mean()), _pct(j.converged[:, k].double().mean())]
+                         _pct(j.converged[:, k].double().mean()), float(j.sigma_all_tokens[:, k].mean()),
+                         _pct(j.converged_all_tokens[:, k].double().mean())]
                         for name, j in results.items() for k, b in enumerate(j.blocks)]))
     if ctx.plt is not None:
         fig, ax = ctx.plt.subplots(figsize=(7, 4))

@@ -97,7 +97,7 @@ def test_power_iteration_matches_the_svd_of_the_full_jacobian(arch):
     model = trained_like(TINY[arch]())
     x = images(3)  # a batch of 2 and a batch of 1: the batched iteration is per example
     result = jacobian_norms(model, x, max_steps=2000, tol=1e-7, bound=True, batch_size=2)
-    assert bool(result.converged.all())
+    assert bool(result.converged.all()) and bool(result.converged_all_tokens.all())
     for col, call in enumerate(block_calls(model, x)):
         for i in range(len(x)):
             one = call.example(i)
@@ -147,7 +147,7 @@ def test_a_class_attention_block_reports_its_class_token_path(arch):
         for t in range(1, tokens):
             expected[t - 1, :, t] = torch.autograd.functional.jacobian(carried, z[t])
         assert torch.allclose(jac[width:].reshape(expected.shape), expected, atol=1e-5)
-    assert bool(result.converged[:, col].all())
+    assert bool(result.converged[:, col].all()) and bool(result.converged_all_tokens[:, col].all())
 
 
 def test_a_linear_layer_gives_its_weight_spectral_norm():

@@ -201,8 +201,8 @@ class JacobianNorms:
             path is ``"all-tokens"``; for a class-token path it includes the patch tokens'
             path to themselves (XCiT's class-attention blocks double them, and the last block's
             never reach the head).
-        converged: (n, L) whether power iteration met ``tol`` within ``max_steps`` (both
-            iterations, where a block has two).
+        converged: (n, L) whether power iteration for ``sigma`` met ``tol`` within ``max_steps``.
+        converged_all_tokens: (n, L) the same for ``sigma_all_tokens``.
         steps: (n, L) the power-iteration step at which ``sigma`` converged (``max_steps`` if not).
         bound: (n, L) sqrt(||J||_1 ||J||_inf) of the path's Jacobian, or None when not asked for.
         jvp_passes: batched block jvp passes run (one per power-iteration step and batch).
@@ -216,6 +216,7 @@ class JacobianNorms:
     sigma: Tensor
     sigma_all_tokens: Tensor
     converged: Tensor
+    converged_all_tokens: Tensor
     steps: Tensor
     bound: Optional[Tensor]
     jvp_passes: int
@@ -377,6 +378,7 @@ def jacobian_norms(model: nn.Module, x: Tensor, *, blocks: Optional[Sequence[Blo
     sigma = torch.zeros(n, L)
     sigma_all = torch.zeros(n, L)
     converged = torch.zeros(n, L, dtype=torch.bool)
+    converged_all = torch.zeros(n, L, dtype=torch.bool)
     steps = torch.zeros(n, L, dtype=torch.long)
     bounds = torch.zeros(n, L) if bound else None
     n_jvp = n_vjp = 0
@@ -388,14 +390,12 @@ def jacobian_norms(model: nn.Module, x: Tensor, *, blocks: Optional[Sequence[Blo
                 whole, z = call.function(), call.stream
                 v0 = _start_vector(seed, call.block.index, range(sl.start, sl.stop), z)
                 s, c, k, a, b = power_iteration(whole, z, v0, max_steps=max_steps, tol=tol)
-                sigma_all[sl, col] = s.cpu()
+                sigma_all[sl, col], converged_all[sl, col] = s.cpu(), c.cpu()
                 n_jvp, n_vjp = n_jvp + a, n_vjp + b
                 fn = whole
                 if paths[col] == "class-token":
                     fn = _token_rows(whole, call.block.class_token)
-                    whole_converged = c
                     s, c, k, a, b = power_iteration(fn, z, v0, max_steps=max_steps, tol=tol)
-                    c = c & whole_converged
                     n_jvp, n_vjp = n_jvp + a, n_vjp + b
                 sigma[sl, col], converged[sl, col], steps[sl, col] = s.cpu(), c.cpu(), k.cpu()
                 if bounds is not None:
@@ -403,7 +403,7 @@ def jacobian_norms(model: nn.Module, x: Tensor, *, blocks: Optional[Sequence[Blo
                     bounds[sl, col] = bnd.cpu()
                     n_vjp += passes
     return JacobianNorms(blocks=tuple(b.name for b in all_blocks), paths=paths, sigma=sigma,
-                         sigma_all_tokens=sigma_all, converged=converged,
+                         sigma_all_tokens=sigma_all, converged=converged, converged_all_tokens=converged_all,
                          steps=steps, bound=bounds, jvp_passes=n_jvp, vjp_passes=n_vjp,
                          seconds=time.perf_counter() - started)
 
