@@ -621,30 +621,43 @@ def _jacobian(ctx: Context) -> Output:
         m.model, ctx.x, max_steps=steps, bound=ctx.args.bound, seed=ctx.args.seed,
         batch_size=ctx.args.batch_size)) for m in ctx.models}
     out = Output(settings={"max_steps": steps, "bound": ctx.args.bound},
-                 results={name: {"blocks": list(j.blocks), "sigma_mean": j.mean, "sigma_std": j.std,
+                 results={name: {"blocks": list(j.blocks), "paths": list(j.paths),
+                                 "sigma_mean": j.mean, "sigma_std": j.std,
+                                 "sigma_all_tokens_mean": j.sigma_all_tokens.mean(0),
                                  "converged": float(j.converged.double().mean()),
+                                 "converged_all_tokens": float(j.converged_all_tokens.double().mean()),
                                  "bound_mean": j.bound.mean(0) if j.bound is not None else None,
                                  "jvp_passes": j.jvp_passes, "vjp_passes": j.vjp_passes,
                                  "seconds": j.seconds}
                           for name, j in results.items()})
-    out.tables.append(("Largest singular value of each block's Jacobian (mean over inputs)",
-                       ["model", "block", "mean", "std", "converged (%)"],
-                       [[name, b, float(j.mean[k]), float(j.std[k]),
-                         _pct(j.converged[:, k].double().mean())]
+    out.tables.append(("Largest singular value of each block's Jacobian (mean over inputs; path: the "
+                       "output rows differentiated, class-token for blocks that update it alone)",
+                       ["model", "block", "path", "mean", "std", "converged (%)", "all tokens",
+                        "all tokens converged (%)"],
+                       [[name, b, j.paths[k], float(j.mean[k]), float(j.std[k]),
+                         _pct(j.converged[:, k].double().mean()), float(j.sigma_all_tokens[:, k].mean()),
+                         _pct(j.converged_all_tokens[:, k].double().mean())]
                         for name, j in results.items() for k, b in enumerate(j.blocks)]))
     if ctx.plt is not None:
         fig, ax = ctx.plt.subplots(figsize=(7, 4))
+        class_token_paths = False
         for name, j in results.items():
             xs = range(len(j.blocks))
             line = ax.plot(xs, j.mean.numpy(), marker="o", label=name)[0]
             ax.fill_between(xs, (j.mean - j.std).numpy(), (j.mean + j.std).numpy(),
                             color=line.get_color(), alpha=0.2)
+            cls = [k for k, path in enumerate(j.paths) if path == "class-token"]
+            if cls:
+                class_token_paths = True
+                ax.plot(cls, j.sigma_all_tokens[:, cls].mean(0).numpy(), ls="none", marker="o", mfc="none",
+                        color=line.get_color(), label=f"{name}: class-attention over all tokens (patch path in)")
             if j.bound is not None:
                 ax.plot(xs, j.bound.mean(0).numpy(), ls="--", color=line.get_color(),
                         label=f"{name}: sqrt(||J||_1 ||J||_inf)")
         _block_axis(ax, next(iter(results.values())).blocks)
         ax.set_ylabel(r"$\|J\|_2$ of the block (mean ± std)")
-        ax.set_title(f"block Jacobian spectral norm, n={len(ctx.y)} inputs", fontsize=9)
+        path = "; class-attention blocks: class-token path" if class_token_paths else ""
+        ax.set_title(f"block Jacobian spectral norm{path}, n={len(ctx.y)} inputs", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
         out.save(fig, ctx.out, "jacobian.png", "per-block Jacobian spectral norm, one line per model")

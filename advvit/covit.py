@@ -8,8 +8,12 @@ and 'same' padding, and a linear projection mixes the heads, where attention has
 projection. Heads are as many as kernel sizes; the public code's default is four heads of kernel 3.
 The head is the mean of all tokens (class token included), LayerNorm, linear.
 
-Both are timm ``VisionTransformer``s, built the same way, so the two differ only in the token
-mixer: ``covit_d{D}_e{E}_*`` (convolution) and ``vit_d{D}_e{E}_*`` (attention), depth D in 1-12,
+Both are timm ``VisionTransformer``s, built the same way and as the public code builds its
+models: LayerNorm with PyTorch's default eps 1e-5 (timm's ViT default is 1e-6), class token and
+position embedding drawn from N(0, 1) and every layer with PyTorch's default initialisation
+(timm's ViT draws Linear weights from a truncated normal of std 0.02 with zero biases, the
+position embedding with std 0.02, the class token with std 1e-6). So the two differ only in the
+token mixer: ``covit_d{D}_e{E}_*`` (convolution) and ``vit_d{D}_e{E}_*`` (attention), depth D in 1-12,
 width E in 128 / 256 / 512, four heads, learned position embeddings, patch 16 at 224x224
 (``*_p16_224``, the paper's setting) or patch 4 at 32x32 (``*_p4_32``). "Attention vs convolution"
 is the ``model:`` key of a config. At equal shape the attention twin has ``2.25 E^2 + 2 E`` more
@@ -33,7 +37,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter_fn
 
 __all__ = ["TokenConv1d", "ConvMixBlock", "per_layer_kernel_sizes", "REGISTERED", "DEPTHS", "WIDTHS",
-           "DEFAULT_KERNEL_SIZES"]
+           "DEFAULT_KERNEL_SIZES", "LAYER_NORM_EPS"]
 
 KernelSizes = Union[Sequence[int], Sequence[Sequence[int]]]
 
@@ -41,6 +45,7 @@ DEPTHS = tuple(range(1, 13))
 WIDTHS = (128, 256, 512)
 NUM_HEADS = 4
 DEFAULT_KERNEL_SIZES = (3, 3, 3, 3)  # the public code's default kernel_size_group: 4 heads of kernel 3
+LAYER_NORM_EPS = 1e-5  # the public code's nn.LayerNorm default
 
 
 class TokenConv1d(nn.Module):
@@ -156,8 +161,11 @@ REGISTERED = tuple(default_cfgs)
 
 def _create(variant: str, pretrained: bool, *, conv: bool, depth: int, width: int, patch: int, img: int,
             kwargs: Dict[str, Any]) -> VisionTransformer:
+    # weight_init="reset" keeps every layer's own (PyTorch default) initialisation; only the
+    # class token and the position embedding are drawn by timm, and are redrawn below.
     args = dict(patch_size=patch, img_size=img, embed_dim=width, depth=depth, num_heads=NUM_HEADS,
-                class_token=True, global_pool="avg", pool_include_prefix=True)
+                class_token=True, global_pool="avg", pool_include_prefix=True,
+                norm_layer=partial(nn.LayerNorm, eps=LAYER_NORM_EPS), weight_init="reset")
     args.update(kwargs)
     kernel_sizes = args.pop("kernel_sizes", None)
     if conv:
@@ -165,8 +173,13 @@ def _create(variant: str, pretrained: bool, *, conv: bool, depth: int, width: in
         args["block_fn"] = partial(ConvMixBlock, kernel_sizes=table)
     elif kernel_sizes is not None:
         raise ValueError(f"{variant} is the attention twin: kernel_sizes is a covit_* argument")
-    return build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=_vit_filter_fn,
-                                **args)
+    model = build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=_vit_filter_fn,
+                                 **args)
+    if not pretrained:  # (pretrained weights, as an exported model's, are loaded by now)
+        with torch.no_grad():  # the public code's torch.randn parameters
+            nn.init.normal_(model.cls_token, std=1.0)
+            nn.init.normal_(model.pos_embed, std=1.0)
+    return model
 
 
 def _entrypoint(name: str) -> Callable[..., VisionTransformer]:

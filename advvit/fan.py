@@ -481,25 +481,37 @@ def _hybrid(variant: str, size: str, pretrained: bool, stem_stride: int, img_siz
 
 @register_model
 def fan_tiny_12_p16_224(pretrained: bool = False, **kwargs: Any) -> FAN:
-    """FAN-T-ViT: width 192, 12 blocks, 4 heads (7.3M parameters)."""
+    """FAN-T-ViT: width 192, 12 blocks, 4 heads.
+
+    7.32M parameters, as the public code's model; the paper gives 7.3M.
+    """
     return _vit("fan_tiny_12_p16_224", "tiny_12", pretrained, 16, 224, kwargs)
 
 
 @register_model
 def fan_small_12_p16_224(pretrained: bool = False, **kwargs: Any) -> FAN:
-    """FAN-S-ViT: width 384, 12 blocks, 8 heads (28.0M parameters)."""
+    """FAN-S-ViT: width 384, 12 blocks, 8 heads.
+
+    28.35M parameters, as the public code's model; the paper gives 28.0M.
+    """
     return _vit("fan_small_12_p16_224", "small_12", pretrained, 16, 224, kwargs)
 
 
 @register_model
 def fan_base_18_p16_224(pretrained: bool = False, **kwargs: Any) -> FAN:
-    """FAN-B-ViT: width 448, 18 blocks, 8 heads (54.0M parameters)."""
+    """FAN-B-ViT: width 448, 18 blocks, 8 heads.
+
+    54.35M parameters, as the public code's model; the paper gives 54.0M.
+    """
     return _vit("fan_base_18_p16_224", "base_18", pretrained, 16, 224, kwargs)
 
 
 @register_model
 def fan_large_24_p16_224(pretrained: bool = False, **kwargs: Any) -> FAN:
-    """FAN-L-ViT: width 480, 24 blocks, 10 heads (80.5M parameters)."""
+    """FAN-L-ViT: width 480, 24 blocks, 10 heads.
+
+    80.57M parameters, as the public code's model; the paper gives 80.5M.
+    """
     return _vit("fan_large_24_p16_224", "large_24", pretrained, 16, 224, kwargs)
 
 
@@ -542,25 +554,37 @@ def fan_large_24_p4_32(pretrained: bool = False, **kwargs: Any) -> FAN:
 
 @register_model
 def fan_tiny_8_p4_hybrid(pretrained: bool = False, **kwargs: Any) -> FAN:
-    """FAN-T-Hybrid: ConvNeXt stages 3-3, then 8 FAN blocks of width 192, 8 heads (7.4M parameters)."""
+    """FAN-T-Hybrid: ConvNeXt stages 3-3, then 8 FAN blocks of width 192, 8 heads.
+
+    7.47M parameters, as the public code's model; the paper gives 7.4M.
+    """
     return _hybrid("fan_tiny_8_p4_hybrid", "tiny_8", pretrained, 4, 224, kwargs)
 
 
 @register_model
 def fan_small_12_p4_hybrid(pretrained: bool = False, **kwargs: Any) -> FAN:
-    """FAN-S-Hybrid: ConvNeXt stages 3-3, then 10 FAN blocks of width 384, 8 heads (26.3M parameters)."""
+    """FAN-S-Hybrid: ConvNeXt stages 3-3, then 10 FAN blocks of width 384, 8 heads.
+
+    26.12M parameters, as the public code's model; the paper gives 26.3M.
+    """
     return _hybrid("fan_small_12_p4_hybrid", "small_12", pretrained, 4, 224, kwargs)
 
 
 @register_model
 def fan_base_16_p4_hybrid(pretrained: bool = False, **kwargs: Any) -> FAN:
-    """FAN-B-Hybrid: ConvNeXt stages 3-3, then 16 FAN blocks of width 448, 8 heads (50.4M parameters)."""
+    """FAN-B-Hybrid: ConvNeXt stages 3-3, then 16 FAN blocks of width 448, 8 heads.
+
+    50.48M parameters, as the public code's model; the paper gives 50.4M.
+    """
     return _hybrid("fan_base_16_p4_hybrid", "base_16", pretrained, 4, 224, kwargs)
 
 
 @register_model
 def fan_large_16_p4_hybrid(pretrained: bool = False, **kwargs: Any) -> FAN:
-    """FAN-L-Hybrid: ConvNeXt stages 3-5, then 22 FAN blocks of width 480, 10 heads (76.8M parameters)."""
+    """FAN-L-Hybrid: ConvNeXt stages 3-5, then 22 FAN blocks of width 480, 10 heads.
+
+    76.86M parameters, as the public code's model; the paper gives 76.8M.
+    """
     return _hybrid("fan_large_16_p4_hybrid", "large_16", pretrained, 4, 224, kwargs)
 
 

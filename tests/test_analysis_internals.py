@@ -97,17 +97,57 @@ def test_power_iteration_matches_the_svd_of_the_full_jacobian(arch):
     model = trained_like(TINY[arch]())
     x = images(3)  # a batch of 2 and a batch of 1: the batched iteration is per example
     result = jacobian_norms(model, x, max_steps=2000, tol=1e-7, bound=True, batch_size=2)
-    assert bool(result.converged.all())
+    assert bool(result.converged.all()) and bool(result.converged_all_tokens.all())
     for col, call in enumerate(block_calls(model, x)):
         for i in range(len(x)):
             one = call.example(i)
             jac = torch.autograd.functional.jacobian(one.function(), one.stream)
-            jac = jac.reshape(one.output.numel(), one.stream.numel())
+            whole = torch.linalg.svdvals(jac.reshape(one.output.numel(), one.stream.numel()))[0]
+            assert abs(result.sigma_all_tokens[i, col] - whole) <= 1e-3 * whole, (call.block.name, i)
+            if result.paths[col] == "class-token":  # the class token's output rows only
+                jac = jac[:, call.block.class_token]
+            jac = jac.reshape(-1, one.stream.numel())
             exact = torch.linalg.svdvals(jac)[0]
             assert abs(result.sigma[i, col] - exact) <= 1e-3 * exact, (call.block.name, i)
             bound = (jac.abs().sum(0).max() * jac.abs().sum(1).max()).sqrt()
             assert result.bound[i, col] == pytest.approx(float(bound), rel=1e-4)
             assert result.bound[i, col] >= exact * (1 - 1e-5)
+
+
+@pytest.mark.parametrize("arch", ["xcit", "fan"])
+def test_a_class_attention_block_reports_its_class_token_path(arch):
+    model = trained_like(TINY[arch]())
+    x = images(2)
+    (cls_block,) = model.cls_attn_blocks
+    inputs = []
+    handle = cls_block.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach().clone()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    result = jacobian_norms(model, x, max_steps=2000, tol=1e-7)
+    col = result.blocks.index("cls_attn_blocks.0")
+    assert result.paths[col] == "class-token"
+    assert set(result.paths[:col]) == {"all-tokens"}
+    for i, z in enumerate(inputs[0]):
+        tokens, width = z.shape
+        with torch.no_grad():
+            jac = torch.autograd.functional.jacobian(cls_block, z[None])[0, :, :, 0]  # (N, C, N, C)
+        jac = jac.reshape(tokens * width, tokens * width)
+        class_rows = torch.linalg.matrix_norm(jac[:width], ord=2)  # the class token's output
+        assert float(result.sigma[i, col]) == pytest.approx(float(class_rows), rel=1e-4)
+        assert float(result.sigma_all_tokens[i, col]) == pytest.approx(
+            float(torch.linalg.matrix_norm(jac, ord=2)), rel=1e-4)
+        # Why the whole output misleads: each patch token comes out as 2 (z + gamma1 * norm1(z))
+        # (FAN's tokens_norm: 2 norm2(...)), from its own input alone; the patch rows are that
+        # map's Jacobian, block-diagonal.
+        def carried(v):
+            v = v + cls_block.gamma1 * cls_block.norm1(v)
+            return 2 * (cls_block.norm2(v) if cls_block.tokens_norm else v)
+        expected = torch.zeros(tokens - 1, width, tokens, width)
+        for t in range(1, tokens):
+            expected[t - 1, :, t] = torch.autograd.functional.jacobian(carried, z[t])
+        assert torch.allclose(jac[width:].reshape(expected.shape), expected, atol=1e-5)
+    assert bool(result.converged[:, col].all()) and bool(result.converged_all_tokens[:, col].all())
 
 
 def test_a_linear_layer_gives_its_weight_spectral_norm():

@@ -2,6 +2,7 @@
 import json
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,6 +83,27 @@ def test_frost_keeps_its_decoded_photographs_with_identical_results_and_opencv_u
     assert impl.cv2.imread(impl.__file__.replace("corruptions.py", "frost/frost2.png")).any()
     monkeypatch.setattr(impl, "cv2", cv2)  # the library as published: decoding every call
     assert all(torch.equal(k, corrupt(x, "frost", s, seed=2)) for k, s in zip(kept, SEVERITIES))
+
+
+def test_frost_draws_from_imagenet_cs_five_photographs_only(fmnist, monkeypatch):
+    from PIL import Image
+    impl = sys.modules[compat.library().__name__ + ".corruptions"]
+    read, kept_read = [], impl.cv2.imread
+    monkeypatch.setattr(impl.cv2, "imread", lambda path, *a: read.append(Path(path).name) or kept_read(path, *a))
+    image = np.repeat(fmnist[0][0].permute(1, 2, 0).numpy(), 3, axis=-1)
+    release_sixth = 0
+    for seed in range(60):
+        out = compat.apply(image, "frost", 3, seed)
+        # The release draws its photograph first, from all six: randint(6) after seeding.
+        if np.random.RandomState(seed).randint(6) == 5:
+            release_sixth += 1
+        else:  # a seed drawing one of the five gives the release's own result
+            np.random.seed(seed)
+            assert np.array_equal(out, np.uint8(impl.frost(Image.fromarray(image), 3))), seed
+    assert release_sixth > 0  # the release would have used the sixth photograph for these
+    used = set(read)
+    assert used == {"frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg"}, used
+    assert compat.library_version().endswith("(frost: 5 photographs)")
 
 
 def test_a_missing_library_says_how_to_install_it(monkeypatch):
@@ -327,6 +349,47 @@ def test_the_transform_rotates_counter_clockwise_and_translates_by_a_fraction_of
     down = torch.zeros_like(x)
     down[..., 2:, :] = x[..., :-2, :]
     assert torch.allclose(spatial_transform(x, 0.0, 0.0, 2 / 28), down, atol=1e-5)
+
+
+def _bilinear_zero_padded(image, rotation, tx, ty):
+    """Reference: each output pixel samples R^-1 (p - t) bilinearly, source pixels outside being 0.
+
+    ``image`` ``(H, W)``; coordinates from the image centre, x right, y down, pixel centres at
+    half-integers; R rotates counter-clockwise on screen.
+    """
+    h, w = image.shape
+    a = np.radians(rotation)
+    out = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            px, py = j + 0.5 - w / 2 - tx * w, i + 0.5 - h / 2 - ty * h
+            sx = np.cos(a) * px - np.sin(a) * py + w / 2 - 0.5  # source column, in pixel indices
+            sy = np.sin(a) * px + np.cos(a) * py + h / 2 - 0.5
+            c0, r0 = int(np.floor(sx)), int(np.floor(sy))
+            fx, fy = sx - c0, sy - r0
+            for r, c, weight in ((r0, c0, (1 - fy) * (1 - fx)), (r0, c0 + 1, (1 - fy) * fx),
+                                 (r0 + 1, c0, fy * (1 - fx)), (r0 + 1, c0 + 1, fy * fx)):
+                if 0 <= r < h and 0 <= c < w:
+                    out[i, j] += weight * image[r, c]
+    return out
+
+
+@pytest.mark.parametrize("rotation,tx,ty", [(30.0, 0.1, 0.1), (-16.0, -0.05, 0.1), (7.0, 0.0, -0.1),
+                                            (0.0, 0.5 / 28, 0.0)])
+def test_the_transform_is_bilinear_with_plain_zero_padding_at_the_edge_too(rotation, tx, ty):
+    torch.manual_seed(0)
+    images = torch.cat([torch.ones(1, 1, 28, 28), torch.rand(2, 1, 28, 28)]).double()
+    out = spatial_transform(images, rotation, tx, ty)
+    for image, got in zip(images, out):
+        want = _bilinear_zero_padded(image[0].numpy(), rotation, tx, ty)
+        np.testing.assert_allclose(got[0].numpy(), want, atol=1e-9)
+    ones = out[0, 0]
+    edge = (ones > 1e-9) & (ones < 1 - 1e-9)
+    assert int(edge.sum()) > 20  # the edge ring is in the comparison, not only the interior
+    if rotation == 0.0:
+        # Half a pixel right: the first column is half black, half image (not the quarter of a
+        # transform that weights the zero-padded value by its coverage once more).
+        assert torch.allclose(ones[:, 0], torch.full((28,), 0.5, dtype=torch.float64))
 
 
 def test_a_grid_of_only_the_identity_gives_the_clean_accuracy(fmnist):

@@ -242,7 +242,11 @@ def test_block_analyses_end_to_end_on_every_supported_architecture(arch, data_di
     jac = results["jacobian"]
     assert _finite(jac["sigma_mean"]).shape == (L,) and (np.asarray(jac["sigma_mean"]) > 0).all()
     assert _finite(jac["sigma_std"]).shape == (L,)
-    assert L <= jac["jvp_passes"] <= 3 * L  # 1 to --steps power steps per block, one batch
+    # 1 to --steps power steps per block and path (class-token blocks: also all tokens), one batch
+    paths = len(jac["paths"]) + jac["paths"].count("class-token")
+    assert paths <= jac["jvp_passes"] <= 3 * paths
+    assert _finite(jac["sigma_all_tokens_mean"]).shape == (L,) and 0 <= jac["converged_all_tokens"] <= 1
+    assert jac["paths"] == ["class-token" if b.layout.class_token_update else "all-tokens" for b in found]
 
     effects = results["propagation"]["effects"]
     assert list(effects) == ["fgsm", "random(fgsm)", "pgd-2", "random(pgd-2)"]

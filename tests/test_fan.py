@@ -1,5 +1,6 @@
 """FAN (NVlabs/FAN): registered names, parameter counts, released key names, 32x32 variants, training."""
 import json
+import re
 
 import pytest
 import torch
@@ -47,6 +48,10 @@ def test_parameter_counts_match_the_public_code_and_the_paper(name):
     assert count == PUBLIC_CODE_COUNTS[name]
     paper = PAPER_MILLIONS[name] * 1e6
     assert abs(count - paper) / paper <= PAPER_TOLERANCE.get(name, 0.01), f"{name}: {count / 1e6:.2f}M"
+    # The docstring gives both: the count of the model built here and the paper's.
+    said = re.search(r"([\d.]+)M parameters, as the public code's model; the paper gives ([\d.]+)M",
+                     " ".join(getattr(F, name).__doc__.split()))
+    assert said and float(said[1]) == round(count / 1e6, 2) and float(said[2]) == PAPER_MILLIONS[name], name
 
 
 @pytest.mark.parametrize("small, big", list(zip(SMALL_VIT + SMALL_HYBRID + ("fan_tiny_12_p8_32",),

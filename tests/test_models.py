@@ -35,6 +35,16 @@ def test_the_architecture_comparison_models_are_xcit_nanos_size(arch, count):
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("arch, init", [("cait_s12_224", 1.0), ("cait_nano_12_p8_32", 1e-5)])
+def test_cait_layer_scale_starts_as_trained(arch, init):
+    # cait_s12_224: the thesis's code (init_values=1.0); the findings' CaiT: timm's 1e-5, as its
+    # claim 1 record was trained (listed there as a deviation).
+    model = timm.create_model(arch, depth=1, depth_token_only=1)
+    gammas = [p for n, p in model.named_parameters() if ".gamma_" in n]
+    assert len(gammas) == 4  # two per block: one self-attention, one class-attention block
+    assert all(torch.equal(g.detach(), torch.full_like(g, init)) for g in gammas)
+
+
 @pytest.mark.parametrize("arch, millions", sorted(M.THESIS_PARAM_COUNTS.items()))
 def test_parameter_counts_match_the_thesis(arch, millions):
     # Built on the meta device: shapes only, no memory, no init time.

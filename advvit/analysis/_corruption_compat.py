@@ -8,11 +8,20 @@ earlier ``imagecorruptions`` 1.1.2 no longer imports on current dependencies (``
 is gone from setuptools >= 81, ``np.float_`` from numpy 2, ``multichannel=`` from scikit-image);
 the maintained release fixes those. What remains is handled here:
 
-* Randomness. Thirteen corruptions draw from numpy's global legacy RNG, glass blur from numba's
-  own RNG (seeded through its ``seed`` argument, else from an unseeded ``default_rng``) and
-  impulse noise from scikit-image's ``rng`` (its ``seed`` argument, else unseeded).
-  :func:`apply` seeds all three from one integer and restores the global numpy state after, so
-  a caller's ``np.random`` stream is untouched.
+* Randomness. Seven corruptions draw from numpy's global legacy RNG (gaussian and shot noise,
+  motion blur's angle, snow, frost's photograph and crop, fog's plasma fractal, elastic
+  transform's displacements), glass blur from numba's own RNG (seeded through its ``seed``
+  argument, else from an unseeded ``default_rng``) and impulse noise from scikit-image's ``rng``
+  (its ``seed`` argument, else unseeded); the other six are deterministic. :func:`apply` seeds
+  all three from one integer and restores the global numpy state after, so a caller's
+  ``np.random`` stream is untouched.
+* Frost's photographs. The release draws one of its six photographs (``randint(6)``), where
+  ImageNet-C's ``make_imagenet_c.py`` and ``imagecorruptions`` 1.1.2 draw from the first five
+  (``randint(5)``; the sixth ships unused). The photograph is frost's first draw, so
+  :func:`apply` keeps ImageNet-C's five by rejection: a seed whose first ``randint(6)`` is the
+  sixth is replaced by the next seed derived from it that draws one of the five (uniform over
+  them; every other seed, 5 in 6, gives the release's own result). :func:`library_version`
+  says so, so corrupted sets made without it are not mixed with these.
 * Sizes below 32 pixels. The library's ``corrupt()`` refuses them, although every corruption
   function runs at any size from 8x8 up (checked at 8 ... 224, square and not); :func:`apply`
   calls the functions themselves, then converts to uint8 as ``corrupt()`` does.
@@ -37,10 +46,13 @@ from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 
-__all__ = ["DISTRIBUTION", "CorruptionLibraryMissing", "library", "library_version", "corruption_names",
+__all__ = ["DISTRIBUTION", "FROST_PHOTOGRAPHS", "CorruptionLibraryMissing", "library", "library_version", "corruption_names",
            "apply"]
 
 DISTRIBUTION = "imagecorruptions-imaug"
+FROST_PHOTOGRAPHS = 5
+"""ImageNet-C's frost photographs (``make_imagenet_c.py``: ``randint(5)``); the release has six."""
+_RELEASE_FROST_PHOTOGRAPHS = 6
 _INSTALL_HINT = ("the common corruptions need the imagecorruptions-imaug package: "
                  "pip install 'advvit[corruptions]' (or pip install imagecorruptions-imaug)")
 
@@ -87,12 +99,14 @@ class _OpenCVKeepingImages:
 
 
 def library_version() -> str:
-    """``"imagecorruptions-imaug 1.1.5"``: recorded with every corrupted set and result."""
+    """``"imagecorruptions-imaug 1.1.5 (frost: 5 photographs)"``: recorded with every corrupted
+    set and result (the note: frost as ImageNet-C draws it, see the module's docstring)."""
     library()
     try:
-        return f"{DISTRIBUTION} {metadata.version(DISTRIBUTION)}"
+        version = metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:  # imported from a source tree, not installed
-        return f"{DISTRIBUTION} unknown"
+        version = "unknown"
+    return f"{DISTRIBUTION} {version} (frost: {FROST_PHOTOGRAPHS} photographs)"
 
 
 def corruption_names() -> Tuple[str, ...]:
@@ -121,6 +135,8 @@ def apply(image: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
     from PIL import Image
 
     fn, takes_seed = _function(name)
+    if name == "frost":
+        seed = _frost_seed(seed)
     kwargs: Dict[str, int] = {"seed": seed} if takes_seed else {}
     saved = np.random.get_state()
     try:
@@ -129,3 +145,13 @@ def apply(image: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
     finally:
         np.random.set_state(saved)
     return np.uint8(np.asarray(out))
+
+
+def _frost_seed(seed: int) -> int:
+    """``seed``, or else the first seed derived from it, whose first ``randint(6)`` (the
+    release's photograph) is one of ImageNet-C's first five."""
+    candidate, k = seed, 0
+    while np.random.RandomState(candidate).randint(_RELEASE_FROST_PHOTOGRAPHS) >= FROST_PHOTOGRAPHS:
+        k += 1
+        candidate = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+    return candidate

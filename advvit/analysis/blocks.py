@@ -90,12 +90,18 @@ class BlockLayout:
             False where the shortcut itself does something (a ResNet block's downsampling
             shortcut and its activation after the addition): removing such a block removes all
             its parts and keeps the shortcut path.
+        class_token_update: the block's work is the class token's update alone: its output's
+            other tokens are its input's patch tokens carried along, each on its own, never
+            mixed (XCiT's and FAN's class-attention blocks). Analyses of what the block does
+            to the class token (the Jacobian norms) read the output's class-token rows
+            (``Block.class_token``).
     """
 
     kind: str
     parts: Tuple[Part, ...]
     stream_arg: int = 0
     identity_skip: bool = True
+    class_token_update: bool = False
 
 
 @dataclass(frozen=True)
@@ -346,8 +352,8 @@ def _fan_hybrid_stages(model: FAN) -> BlockNames:
 # Block types: the parts of each block class
 # --------------------------------------------------------------------------------------------
 
-def _attn_mlp(block: nn.Module, kind: str, stream_arg: int = 0) -> BlockLayout:
-    return BlockLayout(kind=kind, stream_arg=stream_arg, parts=(
+def _attn_mlp(block: nn.Module, kind: str, stream_arg: int = 0, class_token_update: bool = False) -> BlockLayout:
+    return BlockLayout(kind=kind, stream_arg=stream_arg, class_token_update=class_token_update, parts=(
         Part("attn", TOKEN_MIXING, block.attn), Part("mlp", CHANNEL, block.mlp)))
 
 
@@ -394,8 +400,10 @@ def _xca_block(block: XCABlock) -> BlockLayout:
 @register_block_type(ClassAttentionBlock)
 def _xcit_class_attention_block(block: ClassAttentionBlock) -> BlockLayout:
     # Zeroing ClassAttn zeroes the class token's update only: timm adds gamma1 * norm1(x) to the
-    # patch tokens outside the attention module, and that stays (it is not attention).
-    return _attn_mlp(block, "class-attention")
+    # patch tokens outside the attention module, and that stays (it is not attention). The
+    # patch tokens come out as 2 (x + gamma1 * norm1(x)) (the second residual adds them to
+    # themselves), token by token: bookkeeping, not the block's work, hence class_token_update.
+    return _attn_mlp(block, "class-attention", class_token_update=True)
 
 
 def _resnet_layout(block: nn.Module, kind: str, last_bn: nn.Module) -> BlockLayout:

@@ -8,7 +8,8 @@ model runs in eval mode (its train/eval modes are restored afterwards), and rand
 from ``seed``.
 
 * :func:`jacobian_norms`: the largest singular value of each block's Jacobian at real inputs
-  (the Cauchy-problem view of a ViT: a perturbation grows block by block by at most these).
+  (the Cauchy-problem view of a ViT: a perturbation grows block by block by at most these);
+  for XCiT's and FAN's class-attention blocks, of the class token's path.
 * :func:`propagation`: how much an FGSM, PGD or random input perturbation changes each block's
   output, relative to that output.
 * :func:`layer_similarity`: correlation and linear CKA between all blocks' outputs, over all
@@ -191,10 +192,19 @@ class JacobianNorms:
 
     Attributes:
         blocks: block names, in order (the columns below).
-        sigma: (n, L) the largest singular value of block l's Jacobian at input i.
-        converged: (n, L) whether power iteration met ``tol`` within ``max_steps``.
-        steps: (n, L) the power-iteration step at which it converged (``max_steps`` if not).
-        bound: (n, L) sqrt(||J||_1 ||J||_inf), or None when not asked for.
+        paths: per block, the Jacobian ``sigma`` is of: ``"all-tokens"`` (the block's whole
+            output, every token or the whole feature map, w.r.t. its stream) or
+            ``"class-token"`` (the class token's output rows w.r.t. the whole input: blocks that
+            update the class token alone, see ``BlockLayout.class_token_update``).
+        sigma: (n, L) the largest singular value of block l's Jacobian (its path) at input i.
+        sigma_all_tokens: (n, L) the same for the block's whole output: ``sigma`` where the
+            path is ``"all-tokens"``; for a class-token path it includes the patch tokens'
+            path to themselves (XCiT's class-attention blocks double them, and the last block's
+            never reach the head).
+        converged: (n, L) whether power iteration for ``sigma`` met ``tol`` within ``max_steps``.
+        converged_all_tokens: (n, L) the same for ``sigma_all_tokens``.
+        steps: (n, L) the power-iteration step at which ``sigma`` converged (``max_steps`` if not).
+        bound: (n, L) sqrt(||J||_1 ||J||_inf) of the path's Jacobian, or None when not asked for.
         jvp_passes: batched block jvp passes run (one per power-iteration step and batch).
         vjp_passes: batched block vjp passes run (power iteration, plus one per Jacobian row
             for the bound).
@@ -202,8 +212,11 @@ class JacobianNorms:
     """
 
     blocks: Tuple[str, ...]
+    paths: Tuple[str, ...]
     sigma: Tensor
+    sigma_all_tokens: Tensor
     converged: Tensor
+    converged_all_tokens: Tensor
     steps: Tensor
     bound: Optional[Tensor]
     jvp_passes: int
@@ -301,6 +314,18 @@ def _start_vector(seed: int, block_index: int, indices: range, like: Tensor) -> 
     return torch.stack(vs).to(like.device, like.dtype)
 
 
+def _jacobian_path(block: Block) -> str:
+    """``"class-token"`` for a block that updates the class token alone, else ``"all-tokens"``."""
+    return "class-token" if block.layout.class_token_update and block.class_token is not None else "all-tokens"
+
+
+def _token_rows(fn: Callable[[Tensor], Tensor], token: int) -> Callable[[Tensor], Tensor]:
+    """``fn`` with only token ``token`` of its (B, N, C) output kept, as (B, 1, C)."""
+    def rows(z: Tensor) -> Tensor:
+        return fn(z)[:, token:token + 1]
+    return rows
+
+
 def jacobian_norms(model: nn.Module, x: Tensor, *, blocks: Optional[Sequence[Block]] = None,
                    max_steps: int = 200, tol: float = 1e-5, bound: bool = False,
                    bound_chunk: int = 64, seed: int = 0, batch_size: int = 32) -> JacobianNorms:
@@ -312,7 +337,10 @@ def jacobian_norms(model: nn.Module, x: Tensor, *, blocks: Optional[Sequence[Blo
     in eval mode every supported block treats examples independently: LayerNorm and attention
     work within an example, the BatchNorm of XCiT and FAN uses its running statistics). A class-attention
     block of CaiT is differentiated w.r.t. the class token it updates, the patch tokens it reads
-    held fixed; XCiT's class-attention blocks map all tokens to all tokens.
+    held fixed. XCiT's (and FAN's) class-attention blocks map all tokens to all tokens but
+    update only the class token, passing the patch tokens on doubled, token by token; their
+    ``sigma`` is the class-token path (the class token's output w.r.t. all input tokens), the
+    whole output's norm kept beside it (``sigma_all_tokens``: one more power iteration).
 
     Cost per block and batch: one vjp linearization, then one jvp (forward-mode, about two
     forwards) and one vjp (about two forwards) per step, ``steps`` steps; nothing is stored
@@ -346,8 +374,11 @@ def jacobian_norms(model: nn.Module, x: Tensor, *, blocks: Optional[Sequence[Blo
     started = time.perf_counter()
     device = device_of(model)
     n, L = len(x), len(all_blocks)
+    paths = tuple(_jacobian_path(b) for b in all_blocks)
     sigma = torch.zeros(n, L)
+    sigma_all = torch.zeros(n, L)
     converged = torch.zeros(n, L, dtype=torch.bool)
+    converged_all = torch.zeros(n, L, dtype=torch.bool)
     steps = torch.zeros(n, L, dtype=torch.long)
     bounds = torch.zeros(n, L) if bound else None
     n_jvp = n_vjp = 0
@@ -356,16 +387,23 @@ def jacobian_norms(model: nn.Module, x: Tensor, *, blocks: Optional[Sequence[Blo
         for sl in batches(n, batch_size):
             calls = block_calls(net, x[sl].to(device), blocks=all_blocks)
             for col, call in enumerate(calls):
-                fn, z = call.function(), call.stream
+                whole, z = call.function(), call.stream
                 v0 = _start_vector(seed, call.block.index, range(sl.start, sl.stop), z)
-                s, c, k, a, b = power_iteration(fn, z, v0, max_steps=max_steps, tol=tol)
-                sigma[sl, col], converged[sl, col], steps[sl, col] = s.cpu(), c.cpu(), k.cpu()
+                s, c, k, a, b = power_iteration(whole, z, v0, max_steps=max_steps, tol=tol)
+                sigma_all[sl, col], converged_all[sl, col] = s.cpu(), c.cpu()
                 n_jvp, n_vjp = n_jvp + a, n_vjp + b
+                fn = whole
+                if paths[col] == "class-token":
+                    fn = _token_rows(whole, call.block.class_token)
+                    s, c, k, a, b = power_iteration(fn, z, v0, max_steps=max_steps, tol=tol)
+                    n_jvp, n_vjp = n_jvp + a, n_vjp + b
+                sigma[sl, col], converged[sl, col], steps[sl, col] = s.cpu(), c.cpu(), k.cpu()
                 if bounds is not None:
                     bnd, passes = abs_norm_bound(fn, z, chunk_size=bound_chunk)
                     bounds[sl, col] = bnd.cpu()
                     n_vjp += passes
-    return JacobianNorms(blocks=tuple(b.name for b in all_blocks), sigma=sigma, converged=converged,
+    return JacobianNorms(blocks=tuple(b.name for b in all_blocks), paths=paths, sigma=sigma,
+                         sigma_all_tokens=sigma_all, converged=converged, converged_all_tokens=converged_all,
                          steps=steps, bound=bounds, jvp_passes=n_jvp, vjp_passes=n_vjp,
                          seconds=time.perf_counter() - started)
 

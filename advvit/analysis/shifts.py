@@ -51,8 +51,11 @@ Spatial
     translated to every point of a :class:`SpatialGrid` (default: rotations -30..30 degrees in 2
     degree steps, translations -10..10% of the side in 5% steps along each axis, 31 x 5 x 5 =
     775 points); an image counts as robust only when it is classified correctly at every point.
-    The transform is torchvision's ``transforms.v2.functional.affine`` (rotation about the
-    centre, then translation; bilinear; zero (black) padding, as Engstrom et al.).
+    The transform (:func:`spatial_transform`) rotates about the centre, then translates, sampling
+    bilinearly from the image zero (black) padded, as Engstrom et al.'s code does: a pixel's value
+    is the bilinear interpolation of its four source neighbours, those outside the image being 0.
+    (torchvision's ``affine`` with ``fill=0`` multiplies that once more by the interpolated
+    coverage, darkening the moved image's one-pixel edge twice.)
 """
 from __future__ import annotations
 
@@ -73,8 +76,6 @@ from typing import Any, Deque, Dict, Iterable, Iterator, List, Mapping, Optional
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from advvit.analysis import _corruption_compat as compat
 from advvit.attacks import model_mode
@@ -712,7 +713,7 @@ class SpatialGrid:
 
 
 def spatial_transform(images: Tensor, rotation: float, tx: float, ty: float) -> Tensor:
-    """Rotate about the centre, then translate: torchvision's affine, bilinear, zero padding.
+    """Rotate about the centre, then translate: bilinear, zero padding.
 
     Args:
         images: ``(N, C, H, W)`` floating point.
@@ -725,9 +726,18 @@ def spatial_transform(images: Tensor, rotation: float, tx: float, ty: float) -> 
     if rotation == 0.0 and tx == 0.0 and ty == 0.0:
         return images
     height, width = images.shape[-2:]
-    # torchvision's affine angle is clockwise; its translation is in pixels.
-    return TF.affine(images, angle=-float(rotation), translate=[float(tx) * width, float(ty) * height],
-                     scale=1.0, shear=[0.0, 0.0], interpolation=InterpolationMode.BILINEAR, fill=0.0)
+    # Each output pixel p (x right, y down, from the image centre) samples the source at
+    # R^-1 (p - t), R the counter-clockwise rotation, t the translation; affine_grid's
+    # coordinates are these divided by half the width / height (align_corners=False: the image's
+    # outer edges at -1 and 1, so pixel centres sit where the pixels are).
+    angle = math.radians(float(rotation))
+    cos, sin = math.cos(angle), math.sin(angle)
+    aspect = height / width
+    theta = torch.tensor([[cos, -sin * aspect, -2.0 * (cos * tx - sin * ty * aspect)],
+                          [sin / aspect, cos, -2.0 * (sin * tx / aspect + cos * ty)]],
+                         dtype=images.dtype, device=images.device)
+    grid = nn.functional.affine_grid(theta.expand(len(images), 2, 3), list(images.shape), align_corners=False)
+    return nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 @dataclass(frozen=True)
