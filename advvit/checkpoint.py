@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .io import atomic_write, folder_instead_of_file
+from .io import atomic_write, input_file_problem
 
 __all__ = [
     "FORMAT",
@@ -430,13 +430,9 @@ def load_file(path: PathLike, *, weights_only: bool = True, what: str = "file",
             plain data; never with torch's advice to retry with ``weights_only=False``.
     """
     p = Path(path)
-    folder = folder_instead_of_file(p, example)
-    if folder:
-        raise CheckpointError(f"{what} {folder}")
-    if not p.exists():
-        raise CheckpointError(f"{what} {p} does not exist")
-    if not p.is_file():
-        raise CheckpointError(f"{what} {p} is not a regular file: give the .pth file")
+    problem = input_file_problem(p, example)
+    if problem:
+        raise CheckpointError(f"{what} {problem}")
     try:
         with warnings.catch_warnings():
             # Random bytes can read as a newer pickle protocol; the error below says it all.

@@ -38,7 +38,7 @@ from torch import nn
 from . import checks, config
 from .attacks import check_eps
 from .autoattack_adapter import AA_ATTACKS, AutoAttackAdapter, available_backends
-from .io import folder_instead_of_file
+from .io import input_file_problem
 from .report import (EVAL_FORMAT, build_report, envelope, print_corruption_table, print_table,
                      save_sweep_plot, save_tensors, sha256_file, write_report)
 from .robustness import (EnsembleResult, StateMismatchError, merge_outcomes, run_attacks,
@@ -166,13 +166,10 @@ def parse_attack(text: str, *, steps: int | None = None, restarts: int | None = 
 
 def _input_file(path: str | os.PathLike, option: str, *, example: str) -> Path:
     """The file an option names, or EvalError: it does not exist, or it is a folder."""
-    p = Path(path)
-    folder = folder_instead_of_file(p, example)
-    if folder:
-        raise EvalError(f"{option} {folder}")
-    if not p.is_file():
-        raise EvalError(f"{option} {p} does not exist")
-    return p
+    problem = input_file_problem(path, example)
+    if problem:
+        raise EvalError(f"{option} {problem}")
+    return Path(path)
 
 
 def read_ids_file(path: str | os.PathLike) -> list[str]:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import IO, Any, Callable, List, Optional, Union
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "remove_stale_tmp",
-           "TMP_SUFFIX", "FileLock", "FileInUseError", "lock_file", "folder_instead_of_file"]
+           "TMP_SUFFIX", "FileLock", "FileInUseError", "lock_file", "folder_instead_of_file",
+           "input_file_problem"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 TMP_SUFFIX = ".tmp"
@@ -128,6 +129,25 @@ def folder_instead_of_file(path: PathLike, example: str) -> Optional[str]:
     if not p.is_dir():
         return None
     return f"{p} is a folder, not a file: give a file inside it (e.g. {p / example})"
+
+
+def input_file_problem(path: PathLike, example: str) -> Optional[str]:
+    """What is wrong with ``path`` as a file to read (a folder, missing, not a regular file), or
+    None when it is a regular file; each caller raises it as its own error.
+
+    Args:
+        path: what was given.
+        example: a file name such a folder may hold (``best.pth``), shown as the fix.
+    """
+    p = Path(path)
+    folder = folder_instead_of_file(p, example)
+    if folder:
+        return folder
+    if not p.exists():
+        return f"{p} does not exist"
+    if not p.is_file():
+        return f"{p} is not a regular file"
+    return None
 
 
 class FileInUseError(RuntimeError):
