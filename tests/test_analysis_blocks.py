@@ -19,8 +19,8 @@ from advvit.analysis.blocks import (
     UnsupportedArchitectureError, blocks, eager_model, find_block, register_architecture,
     register_block_type, supported_architectures)
 from advvit.analysis.internals import lesion
-from advvit.covit import ConvMixBlock, TokenConv1d
-from advvit.fan import FAN
+from advvit.models.covit import ConvMixBlock, TokenConv1d
+from advvit.models.fan import FAN
 from advvit.models import NormalizedModel
 
 

@@ -17,8 +17,8 @@ from advvit.analysis.internals import (
     block_calls, jacobian_norms, layer_similarity, lesion, lesion_study, linear_cka, propagation,
     relative_change, representation_correlation)
 from advvit.attacks import fgsm
-from advvit.covit import ConvMixBlock
-from advvit.fan import FAN
+from advvit.models.covit import ConvMixBlock
+from advvit.models.fan import FAN
 from advvit.models import NormalizedModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,7 +5,7 @@ from torch import nn
 
 import advvit  # noqa: F401  (before timm: the torchvision guard)
 import timm
-from advvit import covit as CV
+from advvit.models import covit as CV
 from advvit import models as M
 from arch_checks import adversarial_step_changes_every_parameter, export_and_reload, n_params, \
     params_without_gradient

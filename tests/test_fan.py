@@ -7,7 +7,7 @@ import torch
 
 import advvit  # noqa: F401  (before timm: the torchvision guard)
 import timm
-from advvit import fan as F
+from advvit.models import fan as F
 from advvit import models as M
 from arch_checks import adversarial_step_changes_every_parameter, export_and_reload, n_params, \
     params_without_gradient

@@ -36,8 +36,8 @@ from timm.models.vision_transformer import Block as VitBlock
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.xcit import ClassAttentionBlock, XCABlock, Xcit
 
-from advvit.covit import ConvMixBlock
-from advvit.fan import FAN, FANBlock, HybridEmbed
+from advvit.models.covit import ConvMixBlock
+from advvit.models.fan import FAN, FANBlock, HybridEmbed
 from advvit.models import NormalizedModel, unwrap
 
 __all__ = [

@@ -36,7 +36,7 @@ from timm.models.xcit import ConvPatchEmbed, Xcit
 from timm.models.xcit import checkpoint_filter_fn as _xcit_filter_fn
 from timm.models.vision_transformer import VisionTransformer
 
-from .checkpoint import CheckpointError, state_dict_misfit
+from ..checkpoint import CheckpointError, state_dict_misfit
 
 __all__ = [
     "NormalizedModel",
@@ -650,4 +650,4 @@ def iter_registered() -> Iterable[str]:
     return tuple(default_cfgs) + fan.REGISTERED + covit.REGISTERED
 
 
-from advvit import covit, fan  # noqa: E402  (registers FAN and the conv-mixing ViTs in timm)
+from . import covit, fan  # noqa: E402  (registers FAN and the conv-mixing ViTs in timm)
