@@ -19,8 +19,9 @@ on all of them::
     accel.cleanup(rt)
 
 torch-xla is optional: it is imported only when the XLA back-end is asked for (or found by
-``setup("auto")`` because ``PJRT_DEVICE`` is set), so this module imports torch and
-``advvit.models`` (for ``unwrap``) only.
+``setup("auto")`` because ``PJRT_DEVICE`` is set), and timm only for its gradient clipping modes
+(``optimizer_step``), so importing this module loads torch and ``advvit.wrappers`` (for
+``unwrap``) only.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .models import unwrap
+from .wrappers import unwrap
 
 __all__ = [
     "Runtime", "AccelError", "AttackPolicy", "setup", "barrier", "wrap_model", "attack_model",
@@ -325,7 +326,7 @@ def attack_model(model: nn.Module) -> nn.Module:
       broadcast from rank 0 (a collective) on every attack iteration; the module alone runs no
       collective at all, so each rank attacks its own shard at single-process speed.
 
-    This is ``models.unwrap(model, "parallel")``: a compiled module inside DDP stays compiled
+    This is ``wrappers.unwrap(model, "parallel")``: a compiled module inside DDP stays compiled
     (``compile(DDP(compile(m)))`` gives ``compile(m)``), the normalization wrapper stays, and a
     model without DDP (single process, XLA) is returned as it is.
     """

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import enum
-import hashlib
 import json
 import os
 import pickle
@@ -37,16 +36,24 @@ import pickletools
 import random
 import re
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+import timm
+
+from . import __version__
 from .io import atomic_write, input_file_problem
+from .models import create_model, iter_registered
+# Below the models, which raise the same error from the same fit check when fine-tuning; part of
+# this module's interface all the same.
+from .weights import (CheckpointError, _listed, check_state_dict_fits, state_dict_misfit, weights_checksums,
+                      weights_digest)
+from .wrappers import NormalizedModel, unwrap
 
 __all__ = [
     "FORMAT",
@@ -78,10 +85,6 @@ _CHECKSUM = "crc32"
 _OTHER_CHECKPOINT = "use another checkpoint (e.g. the run's best.pth or last.pth)"
 
 PathLike = Union[str, os.PathLike]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says what does not match and what to do."""
 
 
 @dataclass(frozen=True)
@@ -164,25 +167,6 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def _tensor_crc(t: torch.Tensor) -> int:
-    """CRC-32 of a tensor's dtype, shape and bytes (as stored: the same on every device)."""
-    head = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode())
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return zlib.crc32(flat.view(torch.uint8).numpy(), head) if flat.numel() else head
-
-
-def weights_checksums(state_dict: Mapping[str, Any]) -> Dict[str, int]:
-    """A CRC-32 of each tensor of ``state_dict`` (dtype, shape, bytes), by key, in its order."""
-    return {k: _tensor_crc(v) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-
-
-def weights_digest(state_dict: Mapping[str, Any]) -> str:
-    """One sha256 naming a set of weights (over the keys and their tensors' CRC-32s), cheap enough
-    to key what was computed from them (an evaluation's state file)."""
-    listed = json.dumps(list(weights_checksums(state_dict).items()))
-    return hashlib.sha256(listed.encode()).hexdigest()
-
-
 def _plain(obj: Any, where: str = "config") -> Any:
     """Plain data (dict/list/tuple/str/number/bool/None/tensor) for ``weights_only`` loading."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -241,17 +225,11 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def _versions() -> Dict[str, str]:
-    import timm
-
-    import advvit
-
-    return {"advvit": str(advvit.__version__), "timm": str(timm.__version__), "torch": str(torch.__version__)}
+    return {"advvit": str(__version__), "timm": str(timm.__version__), "torch": str(torch.__version__)}
 
 
 def _model_normalization(model: nn.Module) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
     """The (mean, std) of the ``NormalizedModel`` inside DDP / compile wrappers, or None."""
-    from .models import NormalizedModel, unwrap
-
     inner = unwrap(model, "runtime")
     return inner.normalization if isinstance(inner, NormalizedModel) else None
 
@@ -283,8 +261,6 @@ def make_checkpoint(model: nn.Module, spec: ModelSpec, *, config: Any, epoch: in
     Returns:
         The checkpoint dict.
     """
-    from .models import unwrap
-
     if not isinstance(spec, ModelSpec):
         raise CheckpointError(f"spec must be a ModelSpec, got {type(spec).__name__}")
     norm = _model_normalization(model)
@@ -548,8 +524,6 @@ def create_model_from_checkpoint(path_or_ckpt: Union[PathLike, Dict[str, Any]], 
         CheckpointError: as ``load_checkpoint``, plus weights that do not fit the architecture
             (missing / unexpected keys, shape mismatches, listed).
     """
-    from .models import create_model, unwrap
-
     if isinstance(path_or_ckpt, dict):
         ckpt, where = _validate(path_or_ckpt, "checkpoint"), "checkpoint"
         if expected_arch is not None and ckpt["spec"]["arch"] != expected_arch:
@@ -567,72 +541,6 @@ def create_model_from_checkpoint(path_or_ckpt: Union[PathLike, Dict[str, Any]], 
     unwrap(model).load_state_dict(weights, strict=True)
     model.eval()
     return model, spec
-
-
-def _shape(value: Any) -> Any:
-    """A tensor's shape as a tuple; anything else (which no model can load) by its type name."""
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
-
-
-def _listed(label: str, items: Sequence[str], limit: int) -> str:
-    more = f" ... ({len(items)} in all)" if len(items) > limit else ""
-    return f"{label} {list(items[:limit])}{more}"
-
-
-def state_dict_misfit(model: nn.Module, state_dict: Mapping[str, Any], *,
-                      optional: Sequence[str] = ()) -> list[str]:
-    """What keeps ``state_dict`` from loading into ``model`` strictly, one phrase per kind.
-
-    Args:
-        model: the target (DDP / compile / ``NormalizedModel`` wrappers are stripped).
-        state_dict: the weights.
-        optional: key prefixes of the model that may be missing from ``state_dict`` (a
-            classifier re-initialised for fine-tuning).
-
-    Returns:
-        ``[]`` when it fits, else phrases such as ``"missing keys [...]"``, ``"unexpected keys
-        [...]"`` and ``"shape mismatches ['k: checkpoint (a, b) vs model (c, d)']"``.
-    """
-    from .models import unwrap
-
-    own = unwrap(model).state_dict()
-    shapes = [f"{k}: checkpoint {_shape(v)} vs model {tuple(own[k].shape)}"
-              for k, v in state_dict.items() if k in own and _shape(v) != tuple(own[k].shape)]
-    missing = [k for k in own if k not in state_dict and not any(k.startswith(o) for o in optional)]
-    unexpected = [k for k in state_dict if k not in own]
-    parts = []
-    if missing:
-        parts.append(_listed("missing keys", missing, 10))
-    if unexpected:
-        parts.append(_listed("unexpected keys", unexpected, 10))
-    if shapes:
-        parts.append(_listed("shape mismatches", shapes, 5))
-    return parts
-
-
-def check_state_dict_fits(model: nn.Module, state_dict: Mapping[str, Any], *, where: str = "checkpoint") -> None:
-    """Raise unless ``state_dict`` loads into ``model`` strictly (same keys, same shapes).
-
-    Checked before anything is loaded, so a file whose spec fits but whose weights were changed
-    (or belong to another model) is refused with one message instead of a traceback later.
-
-    Args:
-        model: the model built from the checkpoint's spec (wrappers are stripped).
-        state_dict: the weights to load (a checkpoint's ``model`` or ``ema``).
-        where: the file (or option) named in the message.
-
-    Raises:
-        CheckpointError: naming the missing and unexpected keys and the mismatched shapes.
-    """
-    from .models import unwrap
-
-    parts = state_dict_misfit(model, state_dict)
-    if parts:
-        target = unwrap(model)
-        arch = (getattr(target, "pretrained_cfg", None) or {}).get("architecture") or type(target).__name__
-        raise CheckpointError(f"{where}: weights do not fit {arch!r} as specified ({'; '.join(parts)}): the "
-                              "file's weights were changed or belong to another model; use a checkpoint written "
-                              "for this model")
 
 
 # --------------------------------------------------------------------------------------------
@@ -667,8 +575,6 @@ def export_timm(path: PathLike, out_dir: PathLike, *, use_ema: bool = True) -> P
     from timm.models._hub import save_config_for_hf
 
     model, spec = create_model_from_checkpoint(path, use_ema=use_ema)
-    from .models import unwrap
-
     timm_model = unwrap(model)
     ckpt = load_checkpoint(path)
     out = Path(out_dir)
@@ -706,7 +612,7 @@ def export_timm(path: PathLike, out_dir: PathLike, *, use_ema: bool = True) -> P
         "best_metric": ckpt.get("best_metric"),
         "weights": "ema" if use_ema and ckpt.get("ema") else "model",
     }
-    registered_here = spec.arch in _advvit_registered()
+    registered_here = spec.arch in iter_registered()
     if registered_here:
         advvit_note["requires"] = "import advvit.models (registers this architecture in timm)"
     save_config_for_hf(timm_model, str(out / "config.json"),
@@ -717,12 +623,6 @@ def export_timm(path: PathLike, out_dir: PathLike, *, use_ema: bool = True) -> P
                                               "paper_ids": None, "url": None}},
                        model_args=model_args, data_config=data_config)
     return out
-
-
-def _advvit_registered() -> Sequence[str]:
-    from .models import iter_registered
-
-    return tuple(iter_registered())
 
 
 def describe(ckpt: Mapping[str, Any]) -> str:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .attacks import check_eps, fgsm, model_mode, pgd
-from .checkpoint import weights_digest
+from .weights import weights_digest
 from .checks import missing_input_gradient
 from .io import FileInUseError, atomic_write_json, lock_file
 

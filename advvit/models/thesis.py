@@ -1,7 +1,7 @@
-"""Models: timm's XCiT, DeiT, CaiT and ResNet, the thesis variants timm lacks, and the wrappers.
+"""The thesis variants: the XCiT, CaiT, DeiT and ResNet sizes the thesis used that timm lacks.
 
-Importing this module registers, through timm's own registry, the architectures the thesis used
-that timm does not ship, so ``timm.create_model(name)`` finds them afterwards:
+Importing this module (``import advvit.models`` does) registers them through timm's own registry,
+so ``timm.create_model(name)`` finds them afterwards:
 
 * ``xcit_{nano,small,medium,large}_12_p4_32`` and ``xcit_{nano,small}_12_p8_32``: XCiT for
   32x32 inputs (CIFAR, Fashion-MNIST). They keep the patch-16 convolutional patch embedding of
@@ -13,22 +13,16 @@ that timm does not ship, so ``timm.create_model(name)`` finds them afterwards:
 * ``deit_nano_12_p8_32``, ``cait_nano_12_p8_32`` and ``resnet18_half_gelu``: DeiT, CaiT and a
   half-width ResNet-18 (GELU) of XCiT-N12's size (2.4M, 2.8M, 2.8M against 2.9M parameters at
   1 channel / 10 classes) for comparing architectures under one recipe at 32x32.
-
-Inputs are always pixels in [0, 1]. A model trained on normalized inputs carries the normalization
-inside (``NormalizedModel``), so attacks and AutoAttack see the same [0, 1] box as the data.
 """
 from __future__ import annotations
 
-import logging
 import math
-from typing import Any, Iterable, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
-import torch
 import torch.nn as nn
 
 import timm
-from timm.layers import resample_abs_pos_embed, resample_patch_embed
-from timm.models import adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.cait import Cait
 from timm.models.cait import checkpoint_filter_fn as _cait_filter_fn
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -36,19 +30,10 @@ from timm.models.xcit import ConvPatchEmbed, Xcit
 from timm.models.xcit import checkpoint_filter_fn as _xcit_filter_fn
 from timm.models.vision_transformer import VisionTransformer
 
-from ..checkpoint import CheckpointError, state_dict_misfit
+from ..wrappers import unwrap
 
-__all__ = [
-    "NormalizedModel",
-    "create_model",
-    "unwrap",
-    "load_finetune_weights",
-    "set_xcit_patch_size",
-    "THESIS_PARAM_COUNTS",
-    "SMALL_INPUT_MODELS",
-]
-
-_logger = logging.getLogger(__name__)
+# timm's register_model appends each entrypoint below to this list.
+__all__ = ["set_xcit_patch_size", "THESIS_PARAM_COUNTS", "SMALL_INPUT_MODELS"]
 
 ImgSize = Union[int, Tuple[int, int]]
 
@@ -336,318 +321,3 @@ def resnet18_half_gelu(pretrained: bool = False, **kwargs: Any) -> ResNet:
     return build_model_with_cfg(
         ResNet, "resnet18_half_gelu", pretrained,
         **dict(dict(block=BasicBlock, layers=(2, 2, 2, 2), channels=(32, 64, 128, 256)), **kwargs))
-
-
-# --------------------------------------------------------------------------------------------
-# Normalization inside the model
-# --------------------------------------------------------------------------------------------
-
-class NormalizedModel(nn.Module):
-    """Wraps a timm model so it takes [0, 1] pixels and normalizes them itself.
-
-    Attacks, AutoAttack and the data loaders all work in [0, 1] pixel space; the normalization a
-    model was trained with lives here, so nobody can apply it twice or forget it. The wrapper
-    keeps timm's interface: ``forward_features``, ``forward_head``, ``reset_classifier``,
-    ``get_classifier``, ``num_classes``, ``num_features`` and ``pretrained_cfg`` /
-    ``default_cfg``. Its ``pretrained_cfg`` reports mean 0 and std 1 (what the *wrapper* expects,
-    so ``timm.data.resolve_data_config(model=wrapper)`` builds an identity normalization) and keeps
-    the inner normalization under ``inner_mean`` / ``inner_std``.
-
-    The mean and std are non-persistent buffers: they follow ``.to(device)`` but do not enter the
-    state dict, which checkpoints take from the unwrapped timm model (see ``unwrap``) and whose
-    metadata records the normalization.
-
-    Args:
-        model: the timm model.
-        mean: per-channel mean, one value per input channel.
-        std: per-channel std, one value per input channel, all > 0.
-    """
-
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        mean_t = torch.as_tensor([float(m) for m in mean], dtype=torch.float32)
-        std_t = torch.as_tensor([float(s) for s in std], dtype=torch.float32)
-        if mean_t.ndim != 1 or mean_t.shape != std_t.shape or mean_t.numel() == 0:
-            raise ValueError(f"normalize mean and std need one value per channel each, got {mean} and {std}")
-        if bool((std_t <= 0).any()):
-            raise ValueError(f"normalize std must be > 0 for every channel, got {tuple(std)}")
-        in_chans = getattr(model, "in_chans", None)
-        if in_chans is not None and mean_t.numel() not in (1, in_chans):
-            raise ValueError(
-                f"normalize has {mean_t.numel()} channel(s) but the model takes in_chans={in_chans}: "
-                "give one mean/std per input channel")
-        self.model = model
-        self.register_buffer("mean", mean_t.view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", std_t.view(1, -1, 1, 1), persistent=False)
-
-    @property
-    def normalization(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-        """The (mean, std) applied inside, as tuples of floats."""
-        return tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist())
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Map [0, 1] pixels to the normalized inputs the inner model was trained on."""
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(x))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(self.normalize(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.model.forward_head(x, pre_logits=pre_logits)
-
-    def get_classifier(self) -> nn.Module:
-        return self.model.get_classifier()
-
-    def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
-        self.model.reset_classifier(num_classes, *args, **kwargs)
-
-    @property
-    def num_classes(self) -> int:
-        return self.model.num_classes
-
-    @property
-    def num_features(self) -> int:
-        return self.model.num_features
-
-    @property
-    def in_chans(self) -> int:
-        return getattr(self.model, "in_chans", self.mean.shape[1])
-
-    @property
-    def pretrained_cfg(self) -> dict:
-        cfg = dict(getattr(self.model, "pretrained_cfg", {}) or {})
-        mean, std = self.normalization
-        chans = self.in_chans
-        cfg["inner_mean"], cfg["inner_std"] = mean, std
-        cfg["mean"], cfg["std"] = (0.0,) * chans, (1.0,) * chans
-        return cfg
-
-    @property
-    def default_cfg(self) -> dict:
-        return self.pretrained_cfg
-
-    def no_weight_decay(self) -> set:
-        inner = getattr(self.model, "no_weight_decay", None)
-        return {f"model.{n}" for n in inner()} if callable(inner) else set()
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.model.set_grad_checkpointing(enable)
-
-    def extra_repr(self) -> str:
-        mean, std = self.normalization
-        return f"mean={mean}, std={std}"
-
-
-_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-STRIP = ("parallel", "runtime", "all")
-Strip = Literal["parallel", "runtime", "all"]
-
-
-def _inner(model: nn.Module) -> Optional[nn.Module]:
-    """The module one wrapper down, or None when ``model`` wraps nothing."""
-    if isinstance(model, _PARALLEL):
-        return model.module
-    orig = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
-    if isinstance(orig, nn.Module):
-        return orig
-    if isinstance(model, NormalizedModel):
-        return model.model
-    return None
-
-
-def unwrap(model: nn.Module, strip: Strip = "all") -> nn.Module:
-    """Strip the wrappers around a model: the one function that does, for every caller.
-
-    Args:
-        model: a model, possibly inside DDP / DataParallel, ``torch.compile`` and
-            ``NormalizedModel`` wrappers, in any nesting.
-        strip: what to take off.
-            "parallel": DDP / DataParallel and any ``torch.compile`` around them; a compiled
-            module inside DDP stays (``compile(DDP(compile(m)))`` gives ``compile(m)``), as does
-            ``NormalizedModel``. Without a data-parallel wrapper, ``model`` itself. The module
-            attacks call (``accel.attack_model``).
-            "runtime": DDP / DataParallel and ``torch.compile``: the ``NormalizedModel`` when
-            there is one (the model as ``create_model`` built it), else the timm model.
-            "all": also ``NormalizedModel``: the timm model, whose ``state_dict()`` checkpoints
-            store.
-
-    Raises:
-        ValueError: an unknown ``strip``.
-    """
-    if strip not in STRIP:
-        raise ValueError(f"strip must be one of {STRIP}, got {strip!r}")
-    chain = [model]
-    inner = _inner(model)
-    while inner is not None and len(chain) < 16:  # a few levels at most; a cycle is a bug
-        chain.append(inner)
-        inner = _inner(inner)
-    if strip == "parallel":
-        parallel = [i for i, m in enumerate(chain) if isinstance(m, _PARALLEL)]
-        return chain[parallel[-1] + 1] if parallel else model
-    if strip == "runtime":
-        return next((m for m in chain if isinstance(m, NormalizedModel)), chain[-1])
-    return chain[-1]
-
-
-def create_model(arch: str, *, num_classes: int, in_chans: int = 3, img_size: Optional[ImgSize] = None,
-                 drop_path_rate: float = 0.0, normalize: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
-                 **timm_kwargs: Any) -> nn.Module:
-    """Build a timm model (registered here or in timm) for [0, 1] inputs.
-
-    Args:
-        arch: a timm model name, e.g. ``xcit_small_12_p16_224`` or ``xcit_nano_12_p4_32``.
-        num_classes: classifier outputs.
-        in_chans: input channels (1 for grayscale data fed as is).
-        img_size: input size for architectures that fix one (ViTs); ignored by CNNs, which take any.
-        drop_path_rate: stochastic depth rate.
-        normalize: None (the model sees [0, 1] pixels directly) or ``(mean, std)``, one value per
-            input channel: the model is then wrapped in ``NormalizedModel``.
-        **timm_kwargs: passed to ``timm.create_model``.
-
-    Returns:
-        The model, in train mode, on the CPU.
-
-    Raises:
-        ValueError: unknown ``arch`` or invalid arguments, naming the argument.
-    """
-    if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:10]
-        raise ValueError(f"arch={arch!r} is not a timm model name (after importing advvit.models); "
-                         f"similar names: {close}")
-    if num_classes < 0:
-        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-    if in_chans < 1:
-        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
-    kwargs = dict(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate, **timm_kwargs)
-    if img_size is None:
-        model = timm.create_model(arch, pretrained=False, **kwargs)
-    else:
-        try:
-            model = timm.create_model(arch, pretrained=False, img_size=img_size, **kwargs)
-        except TypeError as e:
-            # CNNs (ResNet) take any input size and have no img_size argument.
-            if "img_size" not in str(e):
-                raise
-            model = timm.create_model(arch, pretrained=False, **kwargs)
-    if normalize is not None:
-        try:
-            mean, std = normalize
-        except (TypeError, ValueError):
-            raise ValueError(f"normalize must be None or (mean, std), got {normalize!r}") from None
-        model = NormalizedModel(model, mean, std)
-    return model
-
-
-# --------------------------------------------------------------------------------------------
-# Fine-tuning
-# --------------------------------------------------------------------------------------------
-
-def _classifier_prefixes(model: nn.Module) -> list:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    names = cfg.get("classifier") or "head"
-    names = [names] if isinstance(names, str) else list(names)
-    return [n + "." for n in names]
-
-
-def _first_convs(model: nn.Module) -> list:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    names = cfg.get("first_conv") or []
-    return [names] if isinstance(names, str) else list(names)
-
-
-_FINETUNE_FIX = ("fine-tune from weights of the model's own architecture and width (only the classifier, absolute "
-                 "position embeddings, patch-embedding kernel size and input channels are adapted), or build the "
-                 "model as the architecture the checkpoint was trained as")
-
-
-def _adapt(key: str, source: torch.Tensor, target: torch.Tensor, fn: Any) -> torch.Tensor:
-    """``fn()``, the adapted ``source``; CheckpointError naming the key and shapes when timm cannot."""
-    try:
-        return fn()
-    except (RuntimeError, ValueError, AssertionError) as e:
-        raise CheckpointError(f"load_finetune_weights: {key} cannot be adapted from checkpoint {tuple(source.shape)} "
-                              f"to model {tuple(target.shape)} ({e}): {_FINETUNE_FIX}") from None
-
-
-def load_finetune_weights(model: nn.Module, state_dict: dict, *, keep_classifier: bool = False) -> list:
-    """Load a (robust) checkpoint into a model for fine-tuning on another data set.
-
-    The classifier is dropped (the model keeps its freshly initialised head for its own classes),
-    absolute position embeddings (ViT / DeiT / CaiT) are resampled to the model's token grid with
-    timm's ``resample_abs_pos_embed``, a patch-embedding kernel of another patch size is resampled
-    with ``resample_patch_embed``, and an input conv with another channel count is adapted with
-    ``adapt_input_conv``. XCiT needs none of this across sizes: its positional encoding is
-    computed from the token grid, and its small-input variants share the patch-16 weights.
-    Everything is checked before the model is changed.
-
-    Args:
-        model: the target model (wrappers are stripped with ``unwrap``).
-        state_dict: the source weights (a timm state dict).
-        keep_classifier: keep the source classifier when its shape matches the model's.
-
-    Returns:
-        The source keys that were dropped.
-
-    Raises:
-        CheckpointError: (a ValueError) if keys other than the classifier are missing or left
-            over, or shapes differ in ways that cannot be adapted; the message lists the keys and
-            shapes and says what fits.
-    """
-    target = unwrap(model)
-    own = target.state_dict()
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    dropped = []
-    cls_prefixes = _classifier_prefixes(target)
-    for key in list(sd):
-        if any(key.startswith(p) for p in cls_prefixes):
-            if keep_classifier and key in own and own[key].shape == sd[key].shape:
-                continue
-            dropped.append(key)
-            del sd[key]
-
-    if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
-        grid = getattr(target.patch_embed, "grid_size", None)
-        if grid is None:
-            raise CheckpointError("load_finetune_weights: pos_embed differs in shape but the model's patch_embed "
-                                  f"has no grid_size to resample it to: {_FINETUNE_FIX}")
-        prefix = 0 if getattr(target, "no_embed_class", False) or isinstance(target, Cait) else \
-            getattr(target, "num_prefix_tokens", 1)
-        sd["pos_embed"] = _adapt("pos_embed", sd["pos_embed"], own["pos_embed"], lambda: resample_abs_pos_embed(
-            sd["pos_embed"], new_size=list(grid), num_prefix_tokens=prefix))
-        _logger.info("resampled pos_embed to a %s token grid", tuple(grid))
-
-    pe_key = "patch_embed.proj.weight"
-    if pe_key in sd and pe_key in own and sd[pe_key].shape[-2:] != own[pe_key].shape[-2:]:
-        sd[pe_key] = _adapt(pe_key, sd[pe_key], own[pe_key], lambda: resample_patch_embed(
-            sd[pe_key], list(own[pe_key].shape[-2:])))
-        _logger.info("resampled %s to kernel %s", pe_key, tuple(own[pe_key].shape[-2:]))
-
-    for conv in _first_convs(target):
-        key = conv + ".weight"
-        if key in sd and key in own and sd[key].shape[1] != own[key].shape[1]:
-            source_chans = sd[key].shape[1]
-            sd[key] = _adapt(key, sd[key], own[key], lambda: adapt_input_conv(own[key].shape[1], sd[key]))
-            _logger.info("adapted %s from %d to %d input channels", key, source_chans, own[key].shape[1])
-
-    misfit = state_dict_misfit(target, sd, optional=cls_prefixes)
-    if misfit:
-        raise CheckpointError("load_finetune_weights: the checkpoint's weights cannot be adapted to the model "
-                              f"({'; '.join(misfit)}): {_FINETUNE_FIX}")
-    target.load_state_dict(sd, strict=False)  # only the dropped classifier is missing
-    return dropped
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters of a model (wrappers stripped)."""
-    return sum(p.numel() for p in unwrap(model).parameters())
-
-
-def iter_registered() -> Iterable[str]:
-    """Names this module registers in timm (FAN and the conv-mixing ViTs included)."""
-    return tuple(default_cfgs) + fan.REGISTERED + covit.REGISTERED
-
-
-from . import covit, fan  # noqa: E402  (registers FAN and the conv-mixing ViTs in timm)
