@@ -1,0 +1,291 @@
+"""The import layers of advvit, defined once as data here, and the checks that the code keeps to them.
+
+The table lives with its test rather than in the package: nothing at run time reads it, and the
+architecture document's module table is checked against the same scan (below) instead of
+restating it.
+
+Every ``import`` and ``from ... import`` of every advvit module is read with ``ast``, at module
+level and inside functions alike (an import moved into a function still runs, and hiding a cycle
+is what such a move would do), relative or absolute, and so are ``importlib.import_module`` calls
+with a literal name.
+"""
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Bottom-up: a module imports from its own layer and the layers below it, never from above.
+# ``name.*`` stands for the package ``name`` and every module in it.
+LAYERS: Sequence[Tuple[str, Sequence[str]]] = (
+    # The package itself and the torchvision guard it runs on every import of advvit sit under
+    # the public API that imports torch only.
+    ("public API (torch only)",
+     ("advvit", "advvit._compat", "advvit.attacks", "advvit.losses", "advvit.schedules")),
+    # wrappers and weights are torch only, so the runtime layer and the evaluation runner can use
+    # them without importing timm.
+    ("models and data",
+     ("advvit.models.*", "advvit.wrappers", "advvit.weights", "advvit.data")),
+    ("persistence and runtime",
+     ("advvit.io", "advvit.checkpoint", "advvit.config", "advvit.rundir", "advvit.accel",
+      "advvit.monitor", "advvit.checks")),
+    ("library",
+     ("advvit.engine", "advvit.robustness", "advvit.autoattack_adapter", "advvit.preflight",
+      "advvit.analysis.*", "advvit.report")),
+    ("command lines",
+     ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.findings.*")),
+)
+
+# Each is one command line; only its own modules may import it.
+COMMANDS = ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.findings.*")
+
+# Imports that break the rules today, (importer, imported): each goes when the library parts it
+# uses move out of the command line. The test fails once one no longer occurs, so it is deleted.
+KNOWN_EXCEPTIONS: Mapping[Tuple[str, str], str] = {
+    ("advvit.analyze", "advvit.eval"):
+        "loads checkpoints, examples, devices and corruption settings through eval's functions",
+    ("advvit.findings.plan", "advvit.eval"):
+        "parses a measurement's attacks with eval's parse_attack and EvalError",
+    ("advvit.findings.runner", "advvit.eval"):
+        "checks a measurement's options with eval's build_parser before the runs",
+    ("advvit.findings.runner", "advvit.analyze"):
+        "checks a measurement's options with analyze's build_parser before the runs",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the scan
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Import:
+    importer: str
+    imported: str
+    line: int
+
+
+def find_modules(root: Path) -> Dict[str, Path]:
+    """Every module of the ``advvit`` package under ``root``, by dotted name."""
+    modules = {}
+    for path in sorted((root / "advvit").rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    return modules
+
+
+def _is_advvit(name: str) -> bool:
+    return name == "advvit" or name.startswith("advvit.")
+
+
+def _package_of(module: str, modules: Mapping[str, Path]) -> str:
+    return module if modules[module].name == "__init__.py" else module.rsplit(".", 1)[0]
+
+
+def _relative(module: str, level: int, name: Optional[str], modules: Mapping[str, Path]) -> str:
+    parts = _package_of(module, modules).split(".")
+    base = ".".join(parts[:len(parts) - (level - 1)])
+    return f"{base}.{name}" if name else base
+
+
+def _import_module_name(call: ast.Call) -> Optional[str]:
+    func = call.func
+    named = (isinstance(func, ast.Attribute) and func.attr == "import_module") or \
+        (isinstance(func, ast.Name) and func.id == "import_module")
+    if named and call.args and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str):
+        return call.args[0].value
+    return None
+
+
+def imports_of(module: str, modules: Mapping[str, Path]) -> Iterator[Import]:
+    """The advvit modules ``module`` imports, wherever in it the import stands."""
+    tree = ast.parse(modules[module].read_text(), str(modules[module]))
+    for node in ast.walk(tree):
+        names: List[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _relative(module, node.level, node.module, modules) if node.level else node.module or ""
+            # ``from package import name``: the submodule where there is one, else the package.
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        elif isinstance(node, ast.Call):
+            literal = _import_module_name(node)
+            if literal is not None:
+                level = len(literal) - len(literal.lstrip("."))
+                names = [_relative(module, level, literal.lstrip("."), modules) if level else literal]
+        for imported in sorted({n for n in names if _is_advvit(n)}):
+            yield Import(module, imported, node.lineno)
+
+
+def _entry_covers(entry: str, module: str) -> bool:
+    if entry.endswith(".*"):
+        package = entry[:-2]
+        return module == package or module.startswith(package + ".")
+    return module == entry
+
+
+def layer_of(module: str) -> Optional[int]:
+    for index, (_, entries) in enumerate(LAYERS):
+        if any(_entry_covers(e, module) for e in entries):
+            return index
+    return None
+
+
+def command_of(module: str) -> Optional[str]:
+    return next((c for c in COMMANDS if _entry_covers(c, module)), None)
+
+
+def _cycles(graph: Mapping[str, Set[str]]) -> List[List[str]]:
+    """The strongly connected components with more than one module, or a module importing itself."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on_stack: Set[str] = set()
+    found: List[List[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1 or node in graph.get(node, ()):
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def check(root: Path, exceptions: Mapping[Tuple[str, str], str] = KNOWN_EXCEPTIONS) -> List[str]:
+    """Every break of the layer rules in the advvit package under ``root``, one line each."""
+    modules = find_modules(root)
+    problems = [f"{m}: in no layer of LAYERS" for m in modules if layer_of(m) is None]
+    graph: Dict[str, Set[str]] = {m: set() for m in modules}
+    for module in modules:
+        for imp in imports_of(module, modules):
+            where = f"{module}:{imp.line} imports {imp.imported}"
+            if imp.imported not in modules:
+                problems.append(f"{where}, which does not exist")
+                continue
+            graph[module].add(imp.imported)
+            if (module, imp.imported) in exceptions:
+                continue
+            mine, theirs = layer_of(module), layer_of(imp.imported)
+            if mine is not None and theirs is not None and theirs > mine:
+                problems.append(f"{where}: layer {theirs} ({LAYERS[theirs][0]}) above its own, "
+                                f"{mine} ({LAYERS[mine][0]})")
+            command = command_of(imp.imported)
+            if command is not None and command != command_of(module):
+                problems.append(f"{where}: the command line {command} as a library")
+    problems += [f"import cycle: {' -> '.join(c)}" for c in _cycles(graph)]
+    problems += [f"known exception {a} -> {b} no longer occurs: delete it from KNOWN_EXCEPTIONS"
+                 for a, b in exceptions if b not in graph.get(a, ())]
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# the rules, on the code
+# ---------------------------------------------------------------------------------------------
+
+def test_the_package_keeps_to_its_layers():
+    assert check(REPO) == []
+
+
+def test_every_known_exception_has_a_reason_and_breaks_a_rule():
+    for (importer, imported), reason in KNOWN_EXCEPTIONS.items():
+        assert reason.strip(), (importer, imported)
+        upward = layer_of(imported) > layer_of(importer)
+        assert upward or command_of(imported) != command_of(importer), (importer, imported)
+
+
+def test_the_runtime_layer_imports_no_timm():
+    code = ("import sys, advvit.accel, advvit.engine; "
+            "assert 'timm' not in sys.modules, sorted(m for m in sys.modules if m.startswith('timm'))[:5]")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# the checker catches what it is for
+# ---------------------------------------------------------------------------------------------
+
+def _tree(root: Path, files: Mapping[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_the_checker_reports_upward_imports_cycles_commands_and_unassigned_modules(tmp_path):
+    root = _tree(tmp_path, {
+        "advvit/__init__.py": "",
+        "advvit/attacks.py": "from . import eval\n",
+        "advvit/eval.py": "",
+        "advvit/train.py": "",
+        "advvit/io.py": "from .config import X\n",
+        "advvit/config.py": "def load():\n    from advvit import io\n",
+        "advvit/engine.py": "import importlib\n\ndef run():\n    return importlib.import_module('advvit.train')\n",
+        "advvit/models/__init__.py": "",
+        "advvit/models/thesis.py": "def f():\n    from ..checkpoint import load\n",
+        "advvit/checkpoint.py": "",
+        "advvit/stray.py": "",
+        "advvit/schedules.py": "from .gone import thing\n",
+    })
+    problems = check(root, exceptions={})
+    expected = [
+        r"^advvit\.attacks:1 imports advvit\.eval: layer 4 .* above its own, 0",
+        r"^advvit\.attacks:1 imports advvit\.eval: the command line advvit\.eval as a library",
+        r"^advvit\.engine:4 imports advvit\.train: layer 4 .* above its own, 3",
+        r"^advvit\.engine:4 imports advvit\.train: the command line advvit\.train as a library",
+        r"^advvit\.models\.thesis:2 imports advvit\.checkpoint: layer 2 .* above its own, 1",
+        r"^import cycle: advvit\.config -> advvit\.io$",
+        r"^advvit\.stray: in no layer",
+        r"^advvit\.schedules:1 imports advvit\.gone, which does not exist$",
+    ]
+    for pattern in expected:
+        assert any(re.search(pattern, p) for p in problems), (pattern, problems)
+    assert len(problems) == len(expected), problems
+
+
+def test_the_checker_reports_an_import_planted_in_a_copy_of_the_package(tmp_path):
+    shutil.copytree(REPO / "advvit", tmp_path / "advvit", ignore=shutil.ignore_patterns("__pycache__"))
+    assert check(tmp_path) == []
+    thesis = tmp_path / "advvit" / "models" / "thesis.py"
+    thesis.write_text(thesis.read_text() + "\n\ndef _planted():\n    from .. import eval\n")
+    problems = check(tmp_path)
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("advvit.models.thesis:") and "above its own" in problems[0]
+    assert problems[1].startswith("advvit.models.thesis:") and "as a library" in problems[1]
+    # eval loads checkpoints, which build models: the planted import closes a loop through them.
+    assert problems[2].startswith("import cycle: ") and "advvit.models.thesis" in problems[2]
+
+
+def test_a_known_exception_that_no_longer_occurs_is_reported(tmp_path):
+    root = _tree(tmp_path, {"advvit/__init__.py": "", "advvit/eval.py": "", "advvit/analyze.py": ""})
+    assert check(root, exceptions={("advvit.analyze", "advvit.eval"): "gone"}) == [
+        "known exception advvit.analyze -> advvit.eval no longer occurs: delete it from KNOWN_EXCEPTIONS"]
