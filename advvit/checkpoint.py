@@ -3,7 +3,7 @@
 A checkpoint is a ``torch.save``d dict of plain data (loadable with ``weights_only=True``)::
 
     format: "advvit-checkpoint", format_version: 1
-    model:  the timm model's state dict (wrappers stripped: see ``advvit.models.unwrap``)
+    model:  the timm model's state dict (wrappers stripped: see ``advvit.wrappers.unwrap``)
     spec:   ModelSpec as a dict: arch, num_classes, in_chans, img_size, normalize
     meta:   input_range [0, 1], normalize, train_norm, train_eps, versions (advvit, timm, torch),
             created (UTC, ISO 8601)

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 
 # Bottom-up: a module imports from its own layer and the layers below it, never from above.
@@ -289,3 +287,97 @@ def test_a_known_exception_that_no_longer_occurs_is_reported(tmp_path):
     root = _tree(tmp_path, {"advvit/__init__.py": "", "advvit/eval.py": "", "advvit/analyze.py": ""})
     assert check(root, exceptions={("advvit.analyze", "advvit.eval"): "gone"}) == [
         "known exception advvit.analyze -> advvit.eval no longer occurs: delete it from KNOWN_EXCEPTIONS"]
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/architecture.md: the module table's "imports" column, against the same scan
+# ---------------------------------------------------------------------------------------------
+
+ARCHITECTURE = REPO / "docs" / "architecture.md"
+
+# The import names of the project's dependencies (and optional extras), as the column writes them
+# after the advvit modules; any other word there is a misspelt module.
+THIRD_PARTY = {"torch", "torchvision", "timm", "numpy", "yaml", "safetensors", "tensorboard", "PIL",
+               "torch_xla", "matplotlib", "imagecorruptions", "pyautoattack", "autoattack"}
+
+
+@dataclass(frozen=True)
+class Row:
+    path: str  # as the table writes it: advvit/x.py, or advvit/pkg/ for a whole package
+    imports: str
+
+    @property
+    def name(self) -> str:
+        """The row's module as the column names it: ``models.fan``, ``advvit`` for the package."""
+        parts = [p for p in self.path.removesuffix(".py").split("/") if p]
+        if parts[-1] == "__init__":
+            parts.pop()
+        return ".".join(parts[1:]) or "advvit"
+
+    def covers(self, path: str) -> bool:
+        """Whether the module at ``path`` (relative to the repository) is this row's."""
+        return path == self.path or (self.path.endswith("/") and path.startswith(self.path))
+
+
+def module_table(text: str) -> List[Row]:
+    section = text.split("\n## Modules\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`advvit/"):
+            rows.append(Row(cells[0].strip("`"), cells[2]))
+    return rows
+
+
+def _items(cell: str) -> Iterator[str]:
+    """The comma-separated entries of a cell, commas inside parentheses kept."""
+    depth, start = 0, 0
+    for i, ch in enumerate(cell + ","):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            item = cell[start:i].strip()
+            if item and item != "-":
+                yield item
+            start = i + 1
+
+
+def _row_of(path: str, rows: Sequence[Row]) -> Optional[Row]:
+    """A module's own row, else the row of the package folder it is in."""
+    return min((r for r in rows if r.covers(path)), key=lambda r: r.path.endswith("/"), default=None)
+
+
+def table_problems(text: str, root: Path = REPO) -> List[str]:
+    """Where the module table of ``text`` differs from the code under ``root``, one line each."""
+    modules, rows = find_modules(root), module_table(text)
+    row_of = {m: _row_of(path.relative_to(root).as_posix(), rows) for m, path in modules.items()}
+    names = {m: row.name for m, row in row_of.items() if row is not None}
+    problems = [f"{m}: no row" for m, row in row_of.items() if row is None]
+    problems += [f"{r.path}: no such module" for r in rows if r not in row_of.values()]
+    for row in rows:
+        real = {names.get(imp.imported, imp.imported) for m in modules if row_of[m] == row
+                for imp in imports_of(m, modules)} - {row.name}
+        words = [re.match(r"[\w.]+", item).group() for item in _items(row.imports)]
+        written = {w for w in words if w in names.values()}
+        unknown = [w for w in words if w not in written and w not in THIRD_PARTY]
+        if written != real or unknown:
+            problems.append(f"{row.path}: missing {sorted(real - written)}, not imported "
+                            f"{sorted(written - real)}, unknown {unknown}")
+    return problems
+
+
+def test_the_architecture_table_has_every_module_and_its_real_imports():
+    assert table_problems(ARCHITECTURE.read_text()) == []
+
+
+def test_the_table_check_reports_a_wrong_row_a_missing_row_and_an_unknown_word():
+    text = ARCHITECTURE.read_text()
+    engine = next(r for r in module_table(text) if r.path == "advvit/engine.py")
+    monitor = next(line for line in text.splitlines() if line.startswith("| `advvit/monitor.py` |"))
+    text = text.replace(engine.imports, "losses, schedules, accel").replace(monitor + "\n", "")
+    text = text.replace("| wrappers (`unwrap`), torch,", "| wrappers (`unwrap`), torhc,")
+    assert table_problems(text) == [
+        "advvit.monitor: no row",
+        "advvit/accel.py: missing [], not imported [], unknown ['torhc']",
+        "advvit/engine.py: missing ['attacks'], not imported ['losses'], unknown []",
+        "advvit/train.py: missing ['advvit.monitor'], not imported [], unknown ['monitor']",
+    ]
