@@ -1,8 +1,9 @@
-"""A model's weights: whether a state dict fits a model, the checksums that name it, ``CheckpointError``.
+"""A model's weights: whether a state dict fits a model, the checksums naming it, ``CheckpointError``.
 
-torch only, below the models and the checkpoint format: fine-tuning (``advvit.models``) and checkpoint
-loading raise the same error from the same fit check, and the evaluation runner keys its state
-files by ``weights_digest`` without importing timm. ``advvit.checkpoint`` re-exports every name.
+torch only, below the models and the checkpoint format: fine-tuning (``advvit.models``) and
+checkpoint loading raise the same error from the same fit check, and the evaluation runner keys
+its state files by ``weights_digest`` without importing timm. ``advvit.checkpoint`` re-exports
+every name here.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Models: timm's models, the architectures the thesis and the findings use that timm lacks, and the wrappers.
+"""Models: timm's, the ones the thesis and the findings need that timm lacks, and the wrappers.
 
 Importing this package registers, through timm's own registry, every architecture defined in it,
 so ``timm.create_model(name)`` finds them afterwards:
