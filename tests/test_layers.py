@@ -66,7 +66,6 @@ KNOWN_EXCEPTIONS: Mapping[Tuple[str, str], str] = {
 
 @dataclass(frozen=True)
 class Import:
-    importer: str
     imported: str
     line: int
 
@@ -122,7 +121,7 @@ def imports_of(module: str, modules: Mapping[str, Path]) -> Iterator[Import]:
                 level = len(literal) - len(literal.lstrip("."))
                 names = [_relative(module, level, literal.lstrip("."), modules) if level else literal]
         for imported in sorted({n for n in names if _is_advvit(n)}):
-            yield Import(module, imported, node.lineno)
+            yield Import(imported, node.lineno)
 
 
 def _entry_covers(entry: str, module: str) -> bool:
