@@ -16,8 +16,10 @@ output). ``compare`` reads two such folders: JSON reports and state files must b
 the keys in IGNORED_KEYS are dropped (wherever they are) and the folder and tree paths in
 strings are read as placeholders; saved tensors must be equal; each other file must have the
 same bytes, except PNG figures, whose pixel sizes the JSON reports already hold (Agg's output
-depends on the font cache). Each command's exit status and console output (with times and
-paths read the same way) must match too. Exit status 1 on any difference.
+depends on the font cache). Each command's exit status and console output must match too, with
+times and paths read the same way, progress lines (their count depends on the machine's speed)
+and argparse's usage synopsis (it names each option by its first name) left out. Exit status
+1 on any difference.
 """
 from __future__ import annotations
 
@@ -208,7 +210,7 @@ def run(tree: Path, ckpts: Path, quickstart: str, n_examples: int, out: Path,
 
 # ---------------------------------------------------------------------------------- compare
 
-_TIMES = re.compile(r"\d+(\.\d+)? s\b|\d+(\.\d+)? images/s|\d+(\.\d+)?s/it|"
+_TIMES = re.compile(r"(?<=%[ !])\s+\d+\.\d$|\d+(\.\d+)? s\b|\d+(\.\d+)? images/s|\d+(\.\d+)?s/it|"
                     r"\d{4}-\d\d-\d\dT[\d:]+(\+00:00)?|\btook [\d.]+|\d+(\.\d+)? ?(seconds|min)")
 
 
@@ -223,9 +225,22 @@ def _normalise(value: Any, paths: list[tuple[str, str]]) -> Any:
     return value
 
 
+def _without_usage(lines: list[str]) -> list[str]:
+    """argparse's synopsis before an error line lists each option by its first name, which the
+    shared option groups may change (the error line itself is kept)."""
+    out, in_usage = [], False
+    for line in lines:
+        in_usage = (in_usage or line.startswith("usage:")) and ": error:" not in line
+        if not in_usage:
+            out.append(line)
+    return out
+
+
 def _console(text: str, paths: list[tuple[str, str]]) -> list[str]:
+    """A command's console output with times (the evaluation table's seconds column too),
+    paths, progress lines and usage synopses read as :func:`compare` says."""
     text = _normalise(text, paths)
-    lines = [_TIMES.sub("<time>", line) for line in text.splitlines()]
+    lines = _without_usage([_TIMES.sub("<time>", line) for line in text.splitlines()])
     # Progress lines come at most every 2 s: how many appear depends on the machine's speed.
     return [line for line in lines if "images/s" not in line and "<time>/it" not in line]
 
