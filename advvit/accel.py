@@ -37,12 +37,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .io import OptionError
 from .wrappers import unwrap
 
 __all__ = [
     "Runtime", "AccelError", "AttackPolicy", "setup", "barrier", "wrap_model", "attack_model",
     "attack_policy", "optimizer_step", "all_reduce_sum", "DeviceMetrics", "wait_for_all",
-    "launch_xla", "cleanup", "xla_available",
+    "launch_xla", "cleanup", "xla_available", "resolve_device", "torchrun_rank",
+    "all_gather_objects",
 ]
 
 Kind = Literal["cpu", "cuda", "xla"]
@@ -530,3 +532,32 @@ def launch_xla(fn: Callable[..., Any], args: tuple = (), *,
     else:
         import torch_xla.distributed.xla_multiprocessing as xmp
         xmp.spawn(fn, args=args, nprocs=1 if debug_single_process else None)
+
+
+def resolve_device(text: str) -> torch.device:
+    """A ``--device`` option: "auto" (CUDA when visible, else the CPU), "cpu" or "cuda[:N]".
+
+    Raises:
+        OptionError: an unknown device, or CUDA asked for without a GPU.
+    """
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise OptionError(f"--device {text!r} is unknown: use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"--device {text} asked for, but no GPU is visible: use --device cpu")
+    return device
+
+
+def torchrun_rank() -> tuple[int, int]:
+    """(rank, world size) as torchrun's variables give them, before any process group exists."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def all_gather_objects(obj: Any, world: int) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 from torch import nn
 
+from .attack_names import AUTOATTACK_ATTACKS, BLACK_BOX_ATTACKS
 from .attacks import check_eps
 from .robustness import (AttackOutcome, AttackSuite, BatchAttack, EnsembleResult,
                          StateMismatchError, run_attacks)
@@ -49,11 +50,8 @@ __all__ = [
     "canonical_norm",
 ]
 
-AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
-"""The attack names both AutoAttack packages understand."""
-
-BLACK_BOX_ATTACKS = frozenset({"square"})
-"""Attacks that use no gradients: when they beat the others, gradients are likely masked."""
+AA_ATTACKS = AUTOATTACK_ATTACKS
+"""The attack names both AutoAttack packages understand (:mod:`advvit.attack_names`' table)."""
 
 VERSIONS = ("standard", "plus", "rand", "custom")
 """AutoAttack's versions; "rand" (APGD-CE and APGD-DLR with 20-sample EOT) is for randomized

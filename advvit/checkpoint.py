@@ -47,7 +47,7 @@ import torch.nn as nn
 import timm
 
 from . import __version__
-from .io import atomic_write, input_file_problem
+from .io import OptionError, atomic_write, input_file, input_file_problem, sha256_file
 from .models import create_model, iter_registered
 # Below the models, which raise the same error from the same fit check when fine-tuning; part of
 # this module's interface all the same.
@@ -73,6 +73,10 @@ __all__ = [
     "restore_rng_state",
     "rng_state",
     "export_timm",
+    "LoadedModel",
+    "load_checkpoint_model",
+    "load_weights_file",
+    "load_timm_model",
 ]
 
 FORMAT = "advvit-checkpoint"
@@ -631,3 +635,118 @@ def describe(ckpt: Mapping[str, Any]) -> str:
     return (f"{spec['arch']} ({spec['num_classes']} classes, {spec['in_chans']}x{spec['img_size']}, "
             f"normalize={json.dumps(spec['normalize'])}), epoch {ckpt.get('epoch')}, step {ckpt.get('step')}, "
             f"best {ckpt.get('best_metric')}, trained {meta.get('train_norm')} eps={meta.get('train_eps')}")
+
+
+# --------------------------------------------------------------------------------------------
+# models for evaluation and analysis, loaded from a file an option names
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model loaded for evaluation or analysis.
+
+    Attributes:
+        model: eval mode, on the CPU, taking [0, 1] pixels.
+        num_classes, in_chans, img_size: what it takes and returns (img_size None: any).
+        record: what the reports say about it (source, path, sha256, arch, ...).
+        trained_on: the training config the checkpoint records ({} when none).
+    """
+
+    model: nn.Module
+    num_classes: int
+    in_chans: int
+    img_size: Optional[int]
+    record: Dict[str, Any]
+    trained_on: Dict[str, Any]
+
+
+def load_checkpoint_model(path: PathLike, *, use_ema: bool = True,
+                          option: str = "--checkpoint") -> LoadedModel:
+    """Load an advvit checkpoint's model (evaluation and every analysis model option).
+
+    Args:
+        path: the checkpoint file.
+        use_ema: take the EMA weights when the checkpoint has them.
+        option: the command-line option that named the file, for messages.
+
+    Raises:
+        OptionError: the file is missing or does not load (the message says why).
+    """
+    path = input_file(path, option, example="best.pth")
+    try:
+        ckpt = load_checkpoint(path)
+        model, mspec = create_model_from_checkpoint(ckpt, use_ema=use_ema)
+    except CheckpointError as err:
+        raise OptionError(f"{option}: {err}") from None
+    record = {"source": "checkpoint", "path": str(path), "sha256": sha256_file(path),
+              "arch": mspec.arch, "num_classes": mspec.num_classes,
+              "in_chans": mspec.in_chans, "img_size": mspec.img_size,
+              "normalize": mspec.normalize,
+              "ema": bool(ckpt.get("ema")) and use_ema,
+              "epoch": ckpt.get("epoch"),
+              "train_eps": ckpt["meta"].get("train_eps"),
+              "train_norm": ckpt["meta"].get("train_norm")}
+    return LoadedModel(model.eval(), mspec.num_classes, mspec.in_chans, mspec.img_size, record,
+                       dict(ckpt.get("config") or {}))
+
+
+def _read_weights(path: Path) -> Any:
+    """What a ``--weights`` file holds (safetensors, or a torch file of plain data)."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as load_safetensors
+        try:
+            return load_safetensors(str(path))
+        except (SafetensorError, OSError) as err:
+            raise OptionError(f"--weights {path} is not a readable safetensors file "
+                              f"({err})") from None
+    try:
+        return load_file(path, what="weights file", example="model.safetensors")
+    except CheckpointError as err:
+        raise OptionError(f"--weights: {err}") from None
+
+
+def load_weights_file(path: Path) -> Dict[str, torch.Tensor]:
+    """The state dict of a ``--weights`` file (timm's containers unwrapped), checked finite.
+
+    Raises:
+        OptionError: naming ``--weights``: unreadable, no state dict, NaN / inf weights.
+    """
+    state = _read_weights(path)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise OptionError(f"--weights {path} holds no state dict")
+    try:
+        check_finite_weights(state, where=str(path))
+    except CheckpointError as err:
+        raise OptionError(f"--weights: {err}") from None
+    return state
+
+
+def load_timm_model(arch: str, weights: PathLike, *, num_classes: int, in_chans: int,
+                    img_size: Optional[int],
+                    normalize: Optional[Tuple[Sequence[float], Sequence[float]]]) -> LoadedModel:
+    """A timm model (``--model``) with the weights of a file (``--weights``), strictly loaded.
+
+    Raises:
+        OptionError: the file is missing or unreadable, or its weights do not fit the model.
+    """
+    path = input_file(weights, "--weights", example="model.safetensors")
+    try:
+        model = create_model(arch, num_classes=num_classes, in_chans=in_chans,
+                             img_size=img_size, normalize=normalize)
+        missing, unexpected = unwrap(model).load_state_dict(load_weights_file(path),
+                                                            strict=False)
+    except (RuntimeError, ValueError) as err:  # an unreadable file's OptionError included
+        raise OptionError(f"--weights {path} do not fit --model {arch}: "
+                          f"{str(err).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise OptionError(f"--weights {path} do not fit --model {arch}: missing "
+                          f"{missing[:5]}, unexpected {unexpected[:5]}")
+    record = {"source": "timm", "arch": arch, "path": str(path),
+              "sha256": sha256_file(path), "num_classes": num_classes,
+              "in_chans": in_chans, "img_size": img_size, "normalize": normalize}
+    return LoadedModel(model.eval(), num_classes, in_chans, img_size, record, {})

@@ -47,6 +47,8 @@ import torchvision.datasets
 from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation, ToNumpy
 from torchvision.datasets.mnist import read_image_file, read_label_file, read_sn3_pascalvincent_tensor
 
+from .io import OptionError, input_file
+
 __all__ = [
     "DataInfo",
     "DataNotFoundError",
@@ -60,6 +62,11 @@ __all__ = [
     "read_idx",
     "read_cifar",
     "known_places",
+    "read_ids_file",
+    "select_indices",
+    "Examples",
+    "load_examples",
+    "read_examples",
     "DATASET_NAMES",
     "TIMM_PREFIXES",
 ]
@@ -851,3 +858,174 @@ def create_loader(dataset: torch.utils.data.Dataset, *, img_size: ImgSize, in_ch
     if dev is not None and not use_prefetcher and dev.type != "cpu":
         return _DeviceLoader(loader, dev)
     return loader
+
+
+# --------------------------------------------------------------------------------------------
+# examples for evaluation and analysis: which ones, and as tensors
+# --------------------------------------------------------------------------------------------
+
+def read_ids_file(path: Union[str, Path]) -> List[str]:
+    """Read a file of example ids: one integer index or one relative image path per line.
+
+    Blank lines and lines starting with '#' are skipped (RobustBench's ImageNet subset files are
+    plain relative paths, e.g. ``n01440764/ILSVRC2012_val_00000293.JPEG``).
+
+    Raises:
+        OptionError: naming ``--ids-file``: the file is missing, a folder, or lists no ids.
+    """
+    p = input_file(path, "--ids-file", example="imagenet_test_image_ids.txt")
+    ids = [line.strip() for line in p.read_text().splitlines()]
+    ids = [i for i in ids if i and not i.startswith("#")]
+    if not ids:
+        raise OptionError(f"--ids-file {p} lists no ids")
+    return ids
+
+
+def _dataset_paths(dataset: Any) -> Optional[List[str]]:
+    """Relative image paths of an image-folder data set in index order, or None if it has none."""
+    filenames = getattr(dataset, "filenames", None)
+    if filenames is None:
+        return None
+    try:
+        return [str(Path(f).as_posix()) for f in filenames(basename=False, absolute=False)]
+    except TypeError:
+        return None
+
+
+def select_indices(n_total: int, *, n_examples: Optional[int] = None, sample: str = "first",
+                   seed: int = 0, ids: Optional[Sequence[str]] = None,
+                   paths: Optional[Sequence[str]] = None) -> List[int]:
+    """Which examples to evaluate: the first N, a seeded random N, or those of an ids file.
+
+    Args:
+        n_total: size of the data split.
+        n_examples: how many (None: all, or all ids); with ids, the first N ids.
+        sample: "first" or "random" (a seeded choice, sorted, so order does not depend on it).
+        seed: the seed of the random choice.
+        ids: integer indices or relative image paths (from :func:`read_ids_file`).
+        paths: the data set's relative image paths, for path ids.
+
+    Raises:
+        OptionError: an id that is out of range or not found, or more examples than there are.
+    """
+    if n_examples is not None and n_examples < 1:
+        raise OptionError(f"--n-examples must be >= 1, got {n_examples}")
+    if ids is not None:
+        if all(i.lstrip("-").isdigit() for i in ids):
+            chosen = [int(i) for i in ids]
+            bad = [i for i in chosen if not 0 <= i < n_total]
+            if bad:
+                raise OptionError(f"--ids-file has indices outside the split's 0..{n_total - 1}: "
+                                  f"{bad[:5]}")
+        else:
+            if paths is None:
+                raise OptionError("--ids-file lists image paths, but this data set has no image "
+                                  "files: give integer indices, or use --dataset imagefolder")
+            where = {p: k for k, p in enumerate(paths)}
+            chosen = []
+            for i in ids:
+                # The file's paths may carry a leading split folder ("val/n0144.../x.JPEG").
+                parts = Path(i).as_posix().split("/")
+                hit = next((where[s] for s in ("/".join(parts[j:]) for j in range(len(parts)))
+                            if s in where), None)
+                if hit is None:
+                    raise OptionError(f"--ids-file path {i!r} is not in the data split (paths "
+                                      f"look like {paths[0]!r}): check --data-dir and --split")
+                chosen.append(hit)
+        if n_examples is not None:
+            chosen = chosen[:n_examples]
+        return chosen
+    n = n_total if n_examples is None else n_examples
+    if n > n_total:
+        raise OptionError(f"--n-examples {n} is more than the {n_total} examples of the split")
+    if sample == "first":
+        return list(range(n))
+    if sample == "random":
+        g = np.random.default_rng(seed)
+        return sorted(int(i) for i in g.choice(n_total, size=n, replace=False))
+    raise OptionError(f"--sample must be 'first' or 'random', got {sample!r}")
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Examples of a data split as [0, 1] tensors.
+
+    Attributes:
+        x: (n, C, H, W) float pixels; y: (n,) labels.
+        indices: each example's index in the split.
+        classes: the data set's class names in label order, or None where it has none.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    indices: List[int]
+    classes: Optional[Tuple[str, ...]]
+
+
+def load_examples(dataset: str, data_dir: Optional[Union[str, Path]], *, split: str,
+                  in_chans: int, img_size: Optional[int], n_examples: Optional[int] = None,
+                  sample: str = "first", seed: int = 0, ids: Optional[Sequence[str]] = None,
+                  batch_size: int = 250, workers: int = 0, at_most: bool = False) -> Examples:
+    """Load the chosen examples of a data split as a model takes them (evaluation, analyses).
+
+    Args:
+        dataset, data_dir, split: the data set's name, root and split.
+        in_chans, img_size: what the model takes (img_size None: the data set's own size, else
+            224).
+        n_examples, sample, seed, ids: which examples (:func:`select_indices`).
+        batch_size, workers: the loader's.
+        at_most: take all examples of a split smaller than ``n_examples`` (for a default
+            count the user did not ask for) instead of refusing.
+
+    Raises:
+        OptionError: the data set is not there, or the examples asked for are not in it.
+    """
+    try:
+        ds = create_dataset(dataset, data_dir, split=split)
+    except (DataNotFoundError, ValueError) as err:
+        raise OptionError(f"--dataset {dataset}: {err}") from None
+    if at_most and n_examples is not None:
+        n_examples = min(n_examples, len(ds))
+    indices = select_indices(len(ds), n_examples=n_examples, sample=sample, seed=seed, ids=ids,
+                             paths=_dataset_paths(ds) if ids is not None else None)
+    subset = ds.subset(np.asarray(indices)) if isinstance(ds, ArrayDataset) else \
+        SubsetDataset(ds, indices)
+    native = _native_size(ds)
+    loader = create_loader(subset, img_size=img_size or (native[0] if native else 224),
+                           in_chans=in_chans, batch_size=batch_size, is_training=False,
+                           num_workers=workers)
+    xs, ys = zip(*[(xb.cpu(), yb.cpu()) for xb, yb in loader])
+    x, y = torch.cat(xs), torch.cat(ys).long()
+    if len(y) != len(indices):
+        raise OptionError(f"the loader gave {len(y)} examples for {len(indices)} ids")
+    classes = getattr(ds, "classes", None)
+    return Examples(x, y, indices, tuple(str(c) for c in classes) if classes else None)
+
+
+def read_examples(dataset: Any, indices: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels of a data set from :func:`create_dataset` as stored (no resizing or
+    scaling: what :mod:`advvit.analysis.shifts` corrupts), as tensors.
+
+    Args:
+        dataset: yields ``(PIL image, int)``; an in-memory one (``ArrayDataset``) is read directly.
+        indices: which examples (default: all).
+
+    Returns:
+        ``(uint8 (N, C, H, W), int64 (N,))``, C 1 for grey data and 3 for colour.
+    """
+    if indices is None:
+        indices = range(len(dataset))
+    idx = np.asarray(list(indices), dtype=np.int64)
+    if hasattr(dataset, "images") and hasattr(dataset, "targets"):
+        images, labels = np.asarray(dataset.images)[idx], np.asarray(dataset.targets)[idx]
+    else:
+        pairs = [dataset[int(i)] for i in idx]
+        arrays = [np.asarray(img) for img, _ in pairs]
+        if len({a.shape for a in arrays}) > 1:
+            raise ValueError(f"the examples have different sizes ({sorted({a.shape for a in arrays})}): "
+                             "resize them to one size first")
+        images, labels = np.stack(arrays), np.asarray([label for _, label in pairs])
+    if images.ndim == 3:
+        images = images[..., None]
+    nchw = np.ascontiguousarray(images.astype(np.uint8, copy=False).transpose(0, 3, 1, 2))
+    return torch.from_numpy(nchw), torch.as_tensor(labels, dtype=torch.long)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -26,7 +27,8 @@ from typing import IO, Any, Callable, List, Optional, Union
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "remove_stale_tmp",
            "TMP_SUFFIX", "FileLock", "FileInUseError", "lock_file", "folder_instead_of_file",
-           "input_file_problem"]
+           "input_file_problem", "OptionError", "input_file", "check_folder", "check_file_target",
+           "sha256_file"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 TMP_SUFFIX = ".tmp"
@@ -234,3 +236,61 @@ def lock_file(path: PathLike) -> FileLock:
                              "started": started}).encode())
     os.fsync(fd)
     return FileLock(path, fd, previous or None)
+
+
+class OptionError(ValueError):
+    """A bad command-line value or input: the message names the option and the fix. Library
+    functions that validate what an option gave raise it; the commands print it after their
+    usage line and exit 2."""
+
+
+def input_file(path: PathLike, option: str, *, example: str) -> Path:
+    """The file an option names, or OptionError: it does not exist, or it is a folder."""
+    problem = input_file_problem(path, example)
+    if problem:
+        raise OptionError(f"{option} {problem}")
+    return Path(path)
+
+
+def check_folder(target: PathLike, option: str) -> Path:
+    """A folder that is there and writable, or can be created (its nearest existing parent is a
+    writable folder).
+
+    Raises:
+        OptionError: the path is a file, or its nearest existing parent is not a writable folder.
+    """
+    out = Path(target)
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"{option} {target} is a file: give a folder")
+    existing = next(p for p in (out.resolve(), *out.resolve().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise OptionError(f"{option} {target}: {existing} is not a writable folder")
+    return out
+
+
+def sha256_file(path: PathLike) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_file_target(target: Optional[PathLike], option: str) -> None:
+    """A file an option names can be written: the path is not a folder, and its nearest existing
+    folder is a writable folder (the missing ones are created when the file is written).
+
+    Raises:
+        OptionError: naming the option; nothing when no file is given.
+    """
+    if not target:
+        return
+    path = Path(target).resolve()
+    if path.is_dir():
+        raise OptionError(f"{option} {target} is a folder: give a file name in it")
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        raise OptionError(f"{option} {target}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise OptionError(f"{option} {target}: {existing} is not writable")

@@ -1,5 +1,5 @@
-"""Reports of robustness results and analyses: the JSON envelope, the evaluation report, table
-and plot, and the pieces analysis reports are made of (figures, markdown).
+"""Reports of robustness results and analyses: the JSON envelope, the evaluation report and
+table, and the pieces analysis reports are made of (JSON-safe values, markdown).
 
 Every report advvit writes starts with the same envelope (:func:`envelope`): its format, when it
 was made, the seed, the model file and its sha256, the versions of the code that made it, and
@@ -10,16 +10,14 @@ missing (:data:`advvit.checks.GRADIENT_MASKING`), that is the report's headline,
 and first in the console table, and the robust accuracies are marked untrustworthy.
 
 Analyses (``python -m advvit.analyze``) write the envelope with every model they used
-(``models=``), their numbers made JSON-safe by :func:`to_jsonable`, figures through
-:func:`pyplot` / :func:`save_figure` (with :func:`show_image` and :func:`heatmap`), and a
-``report.md`` from :func:`markdown_table` / :func:`write_markdown_report`.
+(``models=``), their numbers made JSON-safe by :func:`to_jsonable`, and a ``report.md`` from
+:func:`markdown_table` / :func:`write_markdown_report`; figures are :mod:`advvit.plots`'.
 
 Files are written whole through :mod:`advvit.io` (their folder is created when missing).
 """
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import platform
@@ -30,25 +28,19 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import __version__, checks
-from .io import atomic_write, atomic_write_text
+from .io import atomic_write, atomic_write_text, sha256_file
 from .robustness import EnsembleResult
 
 __all__ = [
     "EVAL_FORMAT",
-    "sha256_file",
     "versions",
     "envelope",
     "build_report",
     "print_table",
     "print_corruption_table",
-    "save_sweep_plot",
     "write_report",
     "save_tensors",
     "to_jsonable",
-    "pyplot",
-    "save_figure",
-    "show_image",
-    "heatmap",
     "markdown_table",
     "write_markdown_report",
 ]
@@ -57,15 +49,6 @@ EVAL_FORMAT = "advvit-eval/1"
 
 
 # ------------------------------------------------------------------------------------ envelope
-
-def sha256_file(path: str | Path) -> str:
-    """sha256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def versions(**extra: str) -> dict[str, str]:
     """advvit, python, torch and timm versions, plus ``extra`` (e.g. ``autoattack=...``)."""
@@ -108,10 +91,6 @@ def envelope(format: str, *, seed: int, model: Mapping[str, Any] | None = None,
 
 
 # ------------------------------------------------------------------------------- the numbers
-
-def _acc(flags: torch.Tensor) -> float:
-    return float(flags.float().mean()) if flags.numel() else float("nan")
-
 
 def _concerns(flag: checks.Flag, key: str) -> bool:
     return checks.ALL_ROBUST in flag.affects or key in flag.affects
@@ -274,25 +253,6 @@ def print_corruption_table(report: Mapping[str, Any], file: Any = None) -> None:
     print(f"{'mean corruption':>18} {c['mean_corruption_accuracy']:>{width}.2%}", file=out)
 
 
-def save_sweep_plot(report: Mapping[str, Any], path: str | Path) -> Path | None:
-    """Plot robust accuracy against eps (PNG); returns None when matplotlib is not installed."""
-    plt = pyplot()
-    if plt is None:
-        return None
-    eps = [r["eps_255"] for r in report["results"]]
-    acc = [r["robust_accuracy"]["value"] * 100 for r in report["results"]]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(eps, acc, marker="o")
-    ax.set_xlabel("eps (x/255)")
-    ax.set_ylabel("robust accuracy (%)")
-    ax.set_ylim(0, 100)
-    title = f"{report['attack']['name']} ({report['attack']['norm']}), n={report['n']}"
-    ax.set_title(title + ("\nuntrustworthy: gradient masking" if report.get("headline") else ""))
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
 def write_report(report: Mapping[str, Any], path: str | Path) -> Path:
     """Write the report as indented JSON, atomically (the folder is created when missing)."""
     path = Path(path)
@@ -323,80 +283,6 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the file-only Agg backend, or None when matplotlib is not
-    installed (figures are optional: ``pip install advvit[plot]``)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def save_figure(fig: Any, path: str | Path, *, dpi: int = 120) -> Path:
-    """Write a matplotlib figure as PNG, atomically, and close it."""
-    import matplotlib.pyplot as plt
-    path = Path(path)
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
-    finally:
-        plt.close(fig)
-    return path
-
-
-def show_image(ax: Any, image: torch.Tensor, title: str | None = None, *,
-               cmap: str | None = None, vmin: float = 0.0, vmax: float = 1.0,
-               fontsize: float = 8) -> Any:
-    """Draw one (C, H, W) image in [0, 1] (C 1 or 3) on ``ax``, without ticks.
-
-    One channel is drawn with ``cmap`` (default grey) between vmin and vmax; three as RGB.
-    Returns what ``imshow`` returned (for a colour bar).
-    """
-    image = image.detach().float().cpu()
-    if image.shape[0] == 1:
-        shown = ax.imshow(image[0].numpy(), cmap=cmap or "gray", vmin=vmin, vmax=vmax,
-                          interpolation="nearest")
-    else:
-        shown = ax.imshow(image.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title is not None:
-        ax.set_title(title, fontsize=fontsize)
-    return shown
-
-
-def heatmap(ax: Any, matrix: torch.Tensor, *, row_labels: Sequence[str],
-            col_labels: Sequence[str], xlabel: str, ylabel: str, colorbar: str,
-            fmt: str = "{:.1f}", scale: float = 1.0, vmin: float | None = None,
-            vmax: float | None = None, cmap: str = "viridis", annotate: bool = True) -> Any:
-    """A labelled matrix: rows x columns, a colour bar named ``colorbar`` (with its unit), the
-    value in each cell (``fmt`` of value * ``scale``) when ``annotate``; NaN cells are blank."""
-    values = matrix.detach().double().cpu() * scale
-    shown = ax.imshow(values.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    # Few columns read best level; many need slanting to fit.
-    slanted = len(col_labels) > 6
-    ax.set_xticks(range(len(col_labels)), labels=list(col_labels), rotation=45 if slanted else 0,
-                  ha="right" if slanted else "center", fontsize=8)
-    ax.set_yticks(range(len(row_labels)), labels=list(row_labels), fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    bar = ax.figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
-    bar.set_label(colorbar)
-    if annotate:
-        lo, hi = shown.get_clim()
-        for i in range(values.shape[0]):
-            for j in range(values.shape[1]):
-                v = float(values[i, j])
-                if math.isnan(v):
-                    continue
-                dark = (v - lo) / (hi - lo) < 0.5 if hi > lo else True
-                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black")
-    return shown
 
 
 def _cell(value: Any) -> str:

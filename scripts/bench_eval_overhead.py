@@ -52,11 +52,11 @@ if str(REPO) not in sys.path:
 import advvit  # noqa: E402,F401  (before timm: the torchvision guard)
 import advvit.models  # noqa: E402,F401
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from advvit import data as advdata  # noqa: E402
-from advvit import eval as adveval  # noqa: E402
+from advvit.attack_names import parse_attack  # noqa: E402
+from advvit.suites import run_attack  # noqa: E402
 from advvit.autoattack_adapter import AutoAttackAdapter, backend_version  # noqa: E402
 from advvit.checkpoint import (ModelSpec, create_model_from_checkpoint, load_checkpoint,  # noqa: E402
                                make_checkpoint, save_checkpoint)
@@ -162,14 +162,9 @@ def train_model(args, path: Path) -> dict:
 
 def load_examples(n: int):
     """The first n test examples as the CLI loads them (its default split, native size)."""
-    ds = advdata.create_dataset(DATASET, split="val")
-    idx = list(range(n))
-    subset = ds.subset(np.asarray(idx)) if isinstance(ds, advdata.ArrayDataset) else \
-        advdata.SubsetDataset(ds, idx)
-    loader = advdata.create_loader(subset, img_size=28, in_chans=1, batch_size=n,
-                                   is_training=False)
-    xs, ys = zip(*loader)
-    return torch.cat(xs), torch.cat(ys).long()
+    ex = advdata.load_examples(DATASET, None, split="val", in_chans=1, img_size=28, n_examples=n,
+                               batch_size=n)
+    return ex.x, ex.y
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,9 +197,9 @@ def make_variants(model, x, y, *, attacks: List[str] | None, restarts: int | Non
         return ad.run(x, y, batch_size=batch_size, keep_adv=True).robust
 
     def run_attack():
-        spec = adveval.parse_attack("autoattack" if attacks is None else ",".join(attacks),
+        spec = parse_attack("autoattack" if attacks is None else ",".join(attacks),
                                     restarts=None if attacks is None else restarts)
-        out = adveval.run_attack(model, x, y, spec, eps=eps, norm="linf", seed=0,
+        out = run_attack(model, x, y, spec, eps=eps, norm="linf", seed=0,
                                  batch_size=batch_size, device="cpu", keep_adv=False,
                                  num_classes=10, backend="pyautoattack")
         return out.robust

@@ -50,7 +50,7 @@ def fan_hybrid():
 
 
 def covit(conv=True):
-    """The conv-mixing ViT (per-block kernel sizes) or its attention twin, built as advvit.covit does."""
+    """The conv-mixing ViT (per-block kernel sizes) or its attention twin, built as advvit.models.covit does."""
     block = dict(block_fn=partial(ConvMixBlock, kernel_sizes=((3, 5), (1, 3)))) if conv else {}
     return vit(class_token=True, global_pool="avg", pool_include_prefix=True, **block)
 

@@ -32,7 +32,7 @@ def _fan(**kw):
 TINY = {
     "vit": lambda: VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2,
                                      num_classes=5, init_values=1.0),
-    # The conv-mixing ViT as advvit.covit builds it (mean of all tokens pooled), kernels per block.
+    # The conv-mixing ViT as advvit.models.covit builds it (mean of all tokens pooled), kernels per block.
     "covit": lambda: VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2,
                                        num_classes=5, init_values=1.0, class_token=True, global_pool="avg",
                                        pool_include_prefix=True,

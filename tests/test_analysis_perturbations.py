@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from advvit import eval as E
+from advvit.attack_names import parse_attack
+from advvit.suites import run_attack
 from advvit.analysis import perturbations as P
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -200,9 +201,9 @@ def test_transfer_diagonal_is_the_white_box_accuracy_of_advvit_eval(attack, step
     eps = 16 / 255
     tm = P.transfer_matrix({"a": a, "b": b}, x, y, attack=attack, eps=eps, steps=steps,
                            seed=7, batch_size=16)
-    spec = E.parse_attack(attack, steps=steps, restarts=1 if attack == "apgd-ce" else None)
+    spec = parse_attack(attack, steps=steps, restarts=1 if attack == "apgd-ce" else None)
     for i, model in enumerate((a, b)):
-        white = E.run_attack(model, x, y, spec, eps=eps, seed=7, batch_size=16,
+        white = run_attack(model, x, y, spec, eps=eps, seed=7, batch_size=16,
                              num_classes=10, keep_adv=True)
         # the same examples survive (the runner's own mean is float32)
         assert round(tm.accuracy[i, i].item() * len(y)) == int(white.robust.sum())

@@ -14,7 +14,8 @@ from advvit.analysis import _corruption_compat as compat
 from advvit.analysis import shifts
 from advvit.analysis.shifts import (
     CORRUPTIONS, SEVERITIES, CorruptionAccuracy, CorruptionCache, SpatialGrid, corrupt, evaluate_corruptions,
-    evaluate_spatial, generate_corruptions, load_examples, mean_corruption_error, spatial_transform)
+    evaluate_spatial, generate_corruptions, mean_corruption_error, spatial_transform)
+from advvit.data import read_examples as load_examples
 from advvit.data import DataNotFoundError, create_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")

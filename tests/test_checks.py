@@ -9,7 +9,7 @@ from torch import nn
 import advvit  # noqa: F401
 from advvit import checks
 from advvit.autoattack_adapter import AutoAttackAdapter
-from advvit.eval import parse_attack
+from advvit.attack_names import parse_attack
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

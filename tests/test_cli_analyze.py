@@ -19,6 +19,7 @@ from PIL import Image
 
 import advvit  # noqa: F401  (before timm)
 from advvit import analyze as A
+from advvit.cli.analyses import _spatial_grid
 from advvit import checkpoint as C
 from advvit import data as D
 from advvit.models import create_model
@@ -153,7 +154,7 @@ def test_every_analysis_end_to_end(analysis, ckpts, data_dir, tmp_path, capsys):
 
 def test_similarity_figures_draw_cka_and_correlation():
     from advvit.analysis.internals import LayerSimilarity, SimilarityMatrices
-    from advvit.report import pyplot
+    from advvit.plots import pyplot, similarity_figure
     g = torch.Generator().manual_seed(0)
 
     def matrices(low: float) -> SimilarityMatrices:
@@ -169,7 +170,7 @@ def test_similarity_figures_draw_cka_and_correlation():
     # the colour scale is CKA's 0..1, and -1..1 only where a correlation is negative
     for measure, low, vmin in (("cka", -1, 0), ("correlation", -1, -1), ("correlation", 0.2, 0)):
         a, b = similarities(low)
-        fig = A._similarity_figure(ctx, {"a": a, "b": b}, measure)
+        fig = similarity_figure({"a": a, "b": b}, measure)
         shown = [ax.images[0] for ax in fig.axes if ax.images]  # colour bars hold no image
         # rows: all tokens, class token; a column per model (axes in row-major order)
         want = [getattr(s, measure) for s in (a.tokens, b.tokens, a.class_token, b.class_token)]
@@ -492,7 +493,7 @@ def test_spatial_end_to_end(ckpts, data_dir, tmp_path):
 def test_default_spatial_grid_is_engstroms(ckpts, data_dir, tmp_path):
     from advvit.analysis.shifts import SpatialGrid
     args = A.build_parser().parse_args(_args("spatial", ckpts[:1], data_dir, tmp_path))
-    grid = A._spatial_grid(SimpleNamespace(args=args))
+    grid = _spatial_grid(SimpleNamespace(args=args))
     assert grid == SpatialGrid() and grid.shape == (31, 5, 5)
     assert grid.translations_x == pytest.approx(SpatialGrid().translations_x)
 

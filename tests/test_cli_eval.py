@@ -19,6 +19,10 @@ import advvit  # noqa: F401  (before timm)
 from advvit import checkpoint as C
 from advvit import data as D
 from advvit import eval as E
+from advvit.attack_names import parse_attack
+from advvit.cli.options import parse_eps
+from advvit.data import select_indices
+from advvit.suites import run_attack
 from advvit import robustness as R
 from advvit.models import create_model
 
@@ -150,33 +154,33 @@ def test_ids_file_selects_examples(ckpt_path, tmp_path):
 
 def test_select_indices_paths_and_random():
     paths = ["n01/a.JPEG", "n01/b.JPEG", "n02/c.JPEG"]
-    assert E.select_indices(3, ids=["n02/c.JPEG", "val/n01/a.JPEG"], paths=paths) == [2, 0]
+    assert select_indices(3, ids=["n02/c.JPEG", "val/n01/a.JPEG"], paths=paths) == [2, 0]
     with pytest.raises(E.EvalError, match="not in the data split"):
-        E.select_indices(3, ids=["n03/x.JPEG"], paths=paths)
-    r1 = E.select_indices(1000, n_examples=10, sample="random", seed=3)
-    assert r1 == E.select_indices(1000, n_examples=10, sample="random", seed=3)
-    assert r1 != E.select_indices(1000, n_examples=10, sample="random", seed=4)
+        select_indices(3, ids=["n03/x.JPEG"], paths=paths)
+    r1 = select_indices(1000, n_examples=10, sample="random", seed=3)
+    assert r1 == select_indices(1000, n_examples=10, sample="random", seed=3)
+    assert r1 != select_indices(1000, n_examples=10, sample="random", seed=4)
     assert len(set(r1)) == 10 and r1 == sorted(r1)
 
 
 def test_parse_eps():
-    assert E.parse_eps("4/255") == pytest.approx(4 / 255)
-    assert E.parse_eps("0.0157") == pytest.approx(0.0157)
-    assert E.parse_eps("3.0", norm="l2") == 3.0
+    assert parse_eps("4/255") == pytest.approx(4 / 255)
+    assert parse_eps("0.0157") == pytest.approx(0.0157)
+    assert parse_eps("3.0", norm="l2") == 3.0
     for bad in ("8", "-1/255", "four"):
         with pytest.raises(E.EvalError, match="--eps"):
-            E.parse_eps(bad)
+            parse_eps(bad)
 
 
 def test_shards_merge_into_the_whole(ckpt_path):
     model, _ = C.create_model_from_checkpoint(ckpt_path)
     x, y = _test_images(20)
-    spec = E.parse_attack("fgsm")  # deterministic: each example's outcome ignores its batch
-    whole = E.run_attack(model, x, y, spec, eps=2 / 255, batch_size=8)
+    spec = parse_attack("fgsm")  # deterministic: each example's outcome ignores its batch
+    whole = run_attack(model, x, y, spec, eps=2 / 255, batch_size=8)
     parts = []
     for rank in range(3):
         pos = list(range(rank, 20, 3))
-        part = E.run_attack(model, x[pos], y[pos], spec, eps=2 / 255, batch_size=8)
+        part = run_attack(model, x[pos], y[pos], spec, eps=2 / 255, batch_size=8)
         part.positions = pos
         parts.append(part)
     merged = R.merge_outcomes(parts)
@@ -404,8 +408,8 @@ def test_output_folders_are_created(ckpt_path, tmp_path):
 
 
 def test_l2_eps_at_the_input_diagonal_is_accepted():
-    assert E.parse_eps("3.0", norm="l2") == 3.0  # ImageNet's usual L2 radius
-    assert E.parse_attack("autoattack-rand").version == "rand"
+    assert parse_eps("3.0", norm="l2") == 3.0  # ImageNet's usual L2 radius
+    assert parse_attack("autoattack-rand").version == "rand"
 
 
 class DetachesInput(nn.Module):

@@ -42,7 +42,7 @@ EPS = 8 / 255
 
 # Small models with LayerNorm only, so the per-shard forward equals the full-batch one (a
 # BatchNorm model would normalise each shard with its own statistics): a ViT and the
-# convolution-mixing ViT (advvit.covit).
+# convolution-mixing ViT (advvit.models.covit).
 MODELS = {
     "vit": dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48,
                 depth=2, num_heads=2),

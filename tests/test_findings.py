@@ -14,7 +14,7 @@ from advvit.findings.plan import plan_lines, status, units
 from advvit.findings.results import SchemaError, build_result, validate_result, write_result
 from advvit.findings.runner import RunFailed, run_experiment, run_unit
 from advvit.findings.spec import FindingsError, load_experiment, load_experiments
-from advvit.report import sha256_file
+from advvit.io import sha256_file
 from advvit.train import KILL_ENV
 from test_data import make_idx_folder
 

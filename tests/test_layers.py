@@ -31,34 +31,23 @@ LAYERS: Sequence[Tuple[str, Sequence[str]]] = (
      ("advvit", "advvit._compat", "advvit.attacks", "advvit.losses", "advvit.schedules")),
     # wrappers and weights are torch only, so the runtime layer and the evaluation runner can use
     # them without importing timm.
+    # io is standard library only: data reads an ids file through it.
     ("models and data",
-     ("advvit.models.*", "advvit.wrappers", "advvit.weights", "advvit.data")),
+     ("advvit.models.*", "advvit.wrappers", "advvit.weights", "advvit.data", "advvit.io")),
     ("persistence and runtime",
-     ("advvit.io", "advvit.checkpoint", "advvit.config", "advvit.rundir", "advvit.accel",
+     ("advvit.checkpoint", "advvit.config", "advvit.rundir", "advvit.accel",
       "advvit.monitor", "advvit.checks")),
     ("library",
      ("advvit.engine", "advvit.robustness", "advvit.autoattack_adapter", "advvit.preflight",
-      "advvit.analysis.*", "advvit.report")),
+      "advvit.analysis.*", "advvit.report", "advvit.attack_names", "advvit.suites", "advvit.plots")),
+    # cli holds the parts the command lines share (option groups, analyze's sub-commands); it is
+    # no command itself, so findings may check options with its parsers.
     ("command lines",
-     ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.findings.*")),
+     ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.findings.*", "advvit.cli.*")),
 )
 
 # Each is one command line; only its own modules may import it.
 COMMANDS = ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.findings.*")
-
-# Imports that break the rules today, (importer, imported): each goes when the library parts it
-# uses move out of the command line. The test fails once one no longer occurs, so it is deleted.
-KNOWN_EXCEPTIONS: Mapping[Tuple[str, str], str] = {
-    ("advvit.analyze", "advvit.eval"):
-        "loads checkpoints, examples, devices and corruption settings through eval's functions",
-    ("advvit.findings.plan", "advvit.eval"):
-        "parses a measurement's attacks with eval's parse_attack and EvalError",
-    ("advvit.findings.runner", "advvit.eval"):
-        "checks a measurement's options with eval's build_parser before the runs",
-    ("advvit.findings.runner", "advvit.analyze"):
-        "checks a measurement's options with analyze's build_parser before the runs",
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # the scan
@@ -177,7 +166,7 @@ def _cycles(graph: Mapping[str, Set[str]]) -> List[List[str]]:
     return found
 
 
-def check(root: Path, exceptions: Mapping[Tuple[str, str], str] = KNOWN_EXCEPTIONS) -> List[str]:
+def check(root: Path) -> List[str]:
     """Every break of the layer rules in the advvit package under ``root``, one line each."""
     modules = find_modules(root)
     problems = [f"{m}: in no layer of LAYERS" for m in modules if layer_of(m) is None]
@@ -189,8 +178,6 @@ def check(root: Path, exceptions: Mapping[Tuple[str, str], str] = KNOWN_EXCEPTIO
                 problems.append(f"{where}, which does not exist")
                 continue
             graph[module].add(imp.imported)
-            if (module, imp.imported) in exceptions:
-                continue
             mine, theirs = layer_of(module), layer_of(imp.imported)
             if mine is not None and theirs is not None and theirs > mine:
                 problems.append(f"{where}: layer {theirs} ({LAYERS[theirs][0]}) above its own, "
@@ -199,8 +186,6 @@ def check(root: Path, exceptions: Mapping[Tuple[str, str], str] = KNOWN_EXCEPTIO
             if command is not None and command != command_of(module):
                 problems.append(f"{where}: the command line {command} as a library")
     problems += [f"import cycle: {' -> '.join(c)}" for c in _cycles(graph)]
-    problems += [f"known exception {a} -> {b} no longer occurs: delete it from KNOWN_EXCEPTIONS"
-                 for a, b in exceptions if b not in graph.get(a, ())]
     return problems
 
 
@@ -210,13 +195,6 @@ def check(root: Path, exceptions: Mapping[Tuple[str, str], str] = KNOWN_EXCEPTIO
 
 def test_the_package_keeps_to_its_layers():
     assert check(REPO) == []
-
-
-def test_every_known_exception_has_a_reason_and_breaks_a_rule():
-    for (importer, imported), reason in KNOWN_EXCEPTIONS.items():
-        assert reason.strip(), (importer, imported)
-        upward = layer_of(imported) > layer_of(importer)
-        assert upward or command_of(imported) != command_of(importer), (importer, imported)
 
 
 def test_the_runtime_layer_imports_no_timm():
@@ -244,8 +222,8 @@ def test_the_checker_reports_upward_imports_cycles_commands_and_unassigned_modul
         "advvit/attacks.py": "from . import eval\n",
         "advvit/eval.py": "",
         "advvit/train.py": "",
-        "advvit/io.py": "from .config import X\n",
-        "advvit/config.py": "def load():\n    from advvit import io\n",
+        "advvit/rundir.py": "from .config import X\n",
+        "advvit/config.py": "def load():\n    from advvit import rundir\n",
         "advvit/engine.py": "import importlib\n\ndef run():\n    return importlib.import_module('advvit.train')\n",
         "advvit/models/__init__.py": "",
         "advvit/models/thesis.py": "def f():\n    from ..checkpoint import load\n",
@@ -253,14 +231,14 @@ def test_the_checker_reports_upward_imports_cycles_commands_and_unassigned_modul
         "advvit/stray.py": "",
         "advvit/schedules.py": "from .gone import thing\n",
     })
-    problems = check(root, exceptions={})
+    problems = check(root)
     expected = [
         r"^advvit\.attacks:1 imports advvit\.eval: layer 4 .* above its own, 0",
         r"^advvit\.attacks:1 imports advvit\.eval: the command line advvit\.eval as a library",
         r"^advvit\.engine:4 imports advvit\.train: layer 4 .* above its own, 3",
         r"^advvit\.engine:4 imports advvit\.train: the command line advvit\.train as a library",
         r"^advvit\.models\.thesis:2 imports advvit\.checkpoint: layer 2 .* above its own, 1",
-        r"^import cycle: advvit\.config -> advvit\.io$",
+        r"^import cycle: advvit\.config -> advvit\.rundir$",
         r"^advvit\.stray: in no layer",
         r"^advvit\.schedules:1 imports advvit\.gone, which does not exist$",
     ]
@@ -281,11 +259,6 @@ def test_the_checker_reports_an_import_planted_in_a_copy_of_the_package(tmp_path
     # eval loads checkpoints, which build models: the planted import closes a loop through them.
     assert problems[2].startswith("import cycle: ") and "advvit.models.thesis" in problems[2]
 
-
-def test_a_known_exception_that_no_longer_occurs_is_reported(tmp_path):
-    root = _tree(tmp_path, {"advvit/__init__.py": "", "advvit/eval.py": "", "advvit/analyze.py": ""})
-    assert check(root, exceptions={("advvit.analyze", "advvit.eval"): "gone"}) == [
-        "known exception advvit.analyze -> advvit.eval no longer occurs: delete it from KNOWN_EXCEPTIONS"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from advvit.analysis.perturbations import (
 from advvit.analysis.shifts import (
     CORRUPTIONS, SEVERITIES, CorruptionAccuracy, CorruptionCache, MeanCorruptionError,
     SpatialAccuracy, SpatialGrid, corrupt, evaluate_corruptions, evaluate_spatial,
-    generate_corruptions, load_examples, mean_corruption_error, spatial_transform,
+    generate_corruptions, mean_corruption_error, spatial_transform,
 )
 
 __all__ = [
@@ -42,5 +42,5 @@ __all__ = [
     "semantic_score", "to_grey", "topk_correct", "transfer_matrix",
     "CORRUPTIONS", "SEVERITIES", "CorruptionAccuracy", "CorruptionCache", "MeanCorruptionError",
     "SpatialAccuracy", "SpatialGrid", "corrupt", "evaluate_corruptions", "evaluate_spatial",
-    "generate_corruptions", "load_examples", "mean_corruption_error", "spatial_transform",
+    "generate_corruptions", "mean_corruption_error", "spatial_transform",
 ]

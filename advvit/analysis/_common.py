@@ -9,6 +9,9 @@ from torch import Tensor, nn
 
 TINY = 1e-12
 """Keeps a division by a norm finite where the norm is exactly zero."""
+LUMA = (0.299, 0.587, 0.114)
+"""ITU-R BT.601 luma weights, as PIL's convert("L"): colour seen as one channel the way
+:mod:`advvit.data` feeds colour data to a one-channel model."""
 
 
 def device_of(model: nn.Module) -> torch.device:

@@ -15,9 +15,9 @@ Supported here: timm's ``VisionTransformer`` (ViT, DeiT, distilled DeiT) with it
 ``Cait`` with ``LayerScaleBlock`` and the class-attention ``LayerScaleBlockClassAttn``; ``Xcit``
 with ``XCABlock`` (cross-covariance attention, local patch interaction, MLP) and its
 ``ClassAttentionBlock``; ``ResNet`` with ``BasicBlock`` / ``Bottleneck`` (the convolution branch as
-one part); advvit's FAN (``advvit.fan.FAN``: ``FANBlock``, token self-attention then channel
+one part); advvit's FAN (``advvit.models.fan.FAN``: ``FANBlock``, token self-attention then channel
 attention, and XCiT's ``ClassAttentionBlock``; a hybrid's ConvNeXt stages first, their
-``ConvNeXtBlock`` s listed as blocks); the conv-mixing ViT (``advvit.covit``: a timm
+``ConvNeXtBlock`` s listed as blocks); the conv-mixing ViT (``advvit.models.covit``: a timm
 ``VisionTransformer`` of ``ConvMixBlock`` s, its token convolution the part ``attn`` as its
 attention twin's attention is). A new architecture adds one adapter of each kind below, next to
 these.

@@ -233,6 +233,18 @@ class JacobianNorms:
         """(L,) standard deviation of ``sigma`` over the inputs (0 for one input)."""
         return self.sigma.std(0, correction=1) if len(self.sigma) > 1 else torch.zeros(len(self.blocks))
 
+    def to_dict(self) -> Dict[str, object]:
+        """JSON-ready: per block the mean and spread of ``sigma``, the share converged, the
+        bound's mean; the passes and time."""
+        return {"blocks": list(self.blocks), "paths": list(self.paths),
+                "sigma_mean": self.mean.tolist(), "sigma_std": self.std.tolist(),
+                "sigma_all_tokens_mean": self.sigma_all_tokens.mean(0).tolist(),
+                "converged": float(self.converged.double().mean()),
+                "converged_all_tokens": float(self.converged_all_tokens.double().mean()),
+                "bound_mean": self.bound.mean(0).tolist() if self.bound is not None else None,
+                "jvp_passes": self.jvp_passes, "vjp_passes": self.vjp_passes,
+                "seconds": self.seconds}
+
 
 def power_iteration(fn: Callable[[Tensor], Tensor], z: Tensor, v0: Tensor, *, max_steps: int = 200,
                     tol: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor, int, int]:
@@ -455,6 +467,15 @@ class Propagation:
     pgd_steps: int
     effects: Dict[str, PerturbationEffect]
 
+    def to_dict(self) -> Dict[str, object]:
+        """JSON-ready: per perturbation the mean and spread of the ratio per block, and the mean
+        input ratio and norms."""
+        return {"blocks": list(self.blocks),
+                "effects": {k: {"mean": e.mean.tolist(), "std": e.std.tolist(),
+                                "input_ratio": float(e.input_ratio.mean()),
+                                "l2": float(e.l2.mean()), "linf": float(e.linf.mean())}
+                            for k, e in self.effects.items()}}
+
 
 def _relative_changes(clean: List[Tensor], perturbed: List[Tensor]) -> Tensor:
     cols = [l2_per_example(p - c) / l2_per_example(c).clamp_min(TINY)
@@ -654,6 +675,21 @@ class LayerSimilarity:
     class_token: SimilarityMatrices
     n: int
 
+    @property
+    def neighbour_cka(self) -> float:
+        """The mean linear CKA (all tokens) of each block with the next; NaN for one block."""
+        if len(self.blocks) < 2:
+            return math.nan
+        return float(torch.diagonal(self.tokens.cka, 1).mean())
+
+    def to_dict(self) -> Dict[str, object]:
+        """JSON-ready: both matrices over all tokens and over the class token."""
+        return {"blocks": list(self.blocks),
+                "tokens": {"correlation": self.tokens.correlation.tolist(),
+                           "cka": self.tokens.cka.tolist()},
+                "class_token": {"correlation": self.class_token.correlation.tolist(),
+                                "cka": self.class_token.cka.tolist()}}
+
 
 def _similarities(reps: List[Optional[Tensor]]) -> SimilarityMatrices:
     # Shapes are compared unflattened: two feature maps of equal size but another layout (a
@@ -796,6 +832,14 @@ class LesionStudy:
                                 clean_drop=self.baseline_clean - clean,
                                 robust_drop=self.baseline_robust - robust))
         return out
+
+    def to_dict(self) -> Dict[str, object]:
+        """JSON-ready: both accuracy tables, the intact model's, and :meth:`rows`."""
+        return {"blocks": list(self.blocks), "kinds": list(self.kinds),
+                "clean_accuracy": self.clean_accuracy.tolist(),
+                "robust_accuracy": self.robust_accuracy.tolist(),
+                "baseline_clean": self.baseline_clean, "baseline_robust": self.baseline_robust,
+                "rows": self.rows()}
 
 
 def _accuracies(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, steps: int,

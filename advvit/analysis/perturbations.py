@@ -29,9 +29,11 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from advvit.analysis._common import TINY, batches, check_batch_size, device_of, example_generator
+from advvit.analysis._common import LUMA, TINY, batches, check_batch_size, device_of, example_generator
 from advvit.attacks import check_attack_args, check_eps, model_mode, pgd
-from advvit.robustness import EnsembleResult, run_attacks, torch_attack_suite
+from advvit.attack_names import ANALYZE_RESTARTS, ATTACKS, TRANSFER_ATTACKS, attack_spec
+from advvit.robustness import EnsembleResult
+from advvit.suites import run_attack
 
 __all__ = [
     "OnBatch", "THESIS_CLASS_VIZ_EPS", "THESIS_INPUT_SHAPE", "default_class_viz_eps",
@@ -49,8 +51,6 @@ THESIS_CLASS_VIZ_EPS = 15.0
 """The thesis's L2 radius for class visualization (PGD-100 at 224x224x3)."""
 THESIS_INPUT_SHAPE = (3, 224, 224)
 
-# ITU-R BT.601 luma, as PIL's convert("L").
-_LUMA = (0.299, 0.587, 0.114)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def to_grey(images: Tensor) -> Tensor:
         return images.clone()
     if images.shape[1] != 3:
         raise ValueError(f"to_grey takes 1 or 3 channels, got {images.shape[1]}")
-    weights = torch.tensor(_LUMA, dtype=images.dtype).view(1, 3, 1, 1)
+    weights = torch.tensor(LUMA, dtype=images.dtype).view(1, 3, 1, 1)
     return (images * weights).sum(1, keepdim=True)
 
 
@@ -186,6 +186,14 @@ class PerturbationImages:
     def adversarial_accuracy(self) -> float:
         """Fraction of x_adv the model classifies correctly."""
         return float((self.adv_pred == self.y).double().mean())
+
+    def to_dict(self) -> Dict[str, object]:
+        """JSON-ready: the accuracies, the mean |delta|, each image's label and predictions (the
+        images themselves are left out)."""
+        return {"clean_accuracy": self.clean_accuracy,
+                "adversarial_accuracy": self.adversarial_accuracy,
+                "mean_abs_delta": float(self.delta.abs().mean()), "labels": self.y.tolist(),
+                "clean_pred": self.clean_pred.tolist(), "adv_pred": self.adv_pred.tolist()}
 
 
 def _random_start(x: Tensor, eps: float, norm: str, seed: int, indices: range) -> Tensor:
@@ -293,6 +301,13 @@ class ClassVisualization:
     def success(self) -> Tensor:
         """(m,) whether the model now gives the target class."""
         return self.pred == self.targets
+
+    def to_dict(self) -> Dict[str, object]:
+        """JSON-ready (without the images)."""
+        return {"targets": self.targets.tolist(), "pred": self.pred.tolist(),
+                "confidence": self.confidence.tolist(),
+                "start_confidence": self.start_confidence.tolist(),
+                "success_rate": float(self.success.double().mean())}
 
 
 def _uniform_noise(shape: Sequence[int], seed: int, indices: range) -> Tensor:
@@ -460,6 +475,13 @@ class SemanticScore:
         """Top-k accuracy of guessing."""
         return self.k / self.num_classes
 
+    def to_dict(self) -> Dict[str, object]:
+        """JSON-ready: the tables (``top1``, ``top<k>``), chance and one row per pair."""
+        return {"sources": list(self.sources), "judges": list(self.judges),
+                "kinds": list(self.kinds), "top1": self.top1.tolist(),
+                f"top{self.k}": self.topk.tolist(), "chance_top1": self.chance_top1,
+                f"chance_top{self.k}": self.chance_topk, "rows": self.rows()}
+
     def rows(self) -> list:
         """One dict per (source, judge): top-1 and top-k of every kind, for a table."""
         out = []
@@ -522,11 +544,6 @@ def semantic_score(sources: Mapping[str, PerturbationImages], judges: Mapping[st
 # 4. Transfer matrix
 # --------------------------------------------------------------------------------------------
 
-TRANSFER_ATTACKS = ("pgd", "fgsm", "apgd-ce")
-"""Attacks :func:`transfer_matrix` crafts with: ``advvit.attacks`` PGD (random start) / FGSM,
-and AutoAttack's APGD-CE (through :class:`advvit.autoattack_adapter.AutoAttackAdapter`)."""
-
-
 @dataclass(frozen=True)
 class TransferMatrix:
     """:func:`transfer_matrix`'s result.
@@ -563,33 +580,35 @@ class TransferMatrix:
     seed: int
     n: int
 
+    def to_dict(self) -> Dict[str, object]:
+        """JSON-ready: the matrices, each source's count of fooled examples and crafting time."""
+        return {"sources": list(self.sources), "targets": list(self.targets),
+                "accuracy": self.accuracy.tolist(),
+                "transfer_accuracy": self.transfer_accuracy.tolist(),
+                "clean_accuracy": self.clean_accuracy.tolist(),
+                "white_box": self.white_box.tolist(), "n_fooled": self.fooled.sum(1).tolist(),
+                "seconds": self.seconds.tolist()}
+
 
 def _craft(model: nn.Module, x: Tensor, y: Tensor, *, attack: str, eps: float, norm: str,
            steps: int, restarts: int, step_size: Optional[float], seed: int, batch_size: int,
            on_batch: Optional[OnBatch]) -> EnsembleResult:
     """The source's adversarial examples through the evaluation runner (as ``advvit.eval``)."""
-    device = device_of(model)
     hook = None
     if on_batch is not None:
         def hook(_name: str, _b: int, _n: int) -> None:
             on_batch(batch_size)
-    if attack == "apgd-ce":
-        from advvit.autoattack_adapter import AutoAttackAdapter
-        num_classes = int(_predict(model, x[:1], 1).shape[1])
-        adapter = AutoAttackAdapter(model, eps=eps, norm=norm, version="custom",
-                                    attacks=["apgd-ce"], seed=seed, device=device,
-                                    n_iter=steps, n_restarts=restarts, num_classes=num_classes)
-        return adapter.run(x, y, batch_size=batch_size, keep_adv=True, on_batch=hook)
-    suite = torch_attack_suite(model, attack, eps=eps, norm=norm, steps=steps, restarts=restarts,
-                               step_size=step_size, seed=seed)
-    return run_attacks(model, x, y, suite, batch_size=batch_size, device=device, keep_adv=True,
-                       on_batch=hook)
+    num_classes = int(_predict(model, x[:1], 1).shape[1]) if attack == "apgd-ce" else None
+    spec = attack_spec(attack, steps=steps, restarts=restarts, step_size=step_size)
+    return run_attack(model, x, y, spec, eps=eps, norm=norm, seed=seed, batch_size=batch_size,
+                      device=device_of(model), keep_adv=True, num_classes=num_classes,
+                      on_batch=hook)
 
 
 def transfer_matrix(sources: Mapping[str, nn.Module], x: Tensor, y: Tensor, *,
                     targets: Optional[Mapping[str, nn.Module]] = None, attack: str = "pgd",
                     eps: float, norm: str = "linf", steps: Optional[int] = None,
-                    restarts: int = 1, step_size: Optional[float] = None, seed: int = 0,
+                    restarts: int = ANALYZE_RESTARTS, step_size: Optional[float] = None, seed: int = 0,
                     batch_size: int = 250, on_batch: Optional[OnBatch] = None) -> TransferMatrix:
     """Adversarial examples crafted on each source, classified by each target.
 
@@ -603,7 +622,8 @@ def transfer_matrix(sources: Mapping[str, nn.Module], x: Tensor, y: Tensor, *,
         targets: name -> model that classifies them (default: the sources).
         attack: one of :data:`TRANSFER_ATTACKS`.
         eps, norm: the radius (``check_eps`` with x's shape) and norm.
-        steps: iterations (default: PGD 10, APGD-CE 100; FGSM is one step).
+        steps: iterations (default: the attack's ``analyze_steps`` in
+            :data:`advvit.attack_names.ATTACKS`: PGD 10, APGD-CE 100; FGSM is one step).
         restarts: restarts per example (PGD, APGD-CE).
         step_size: PGD / FGSM step (default 1.5 * eps / steps).
         seed: the attacks' seed (re-seeded per batch, as in the runner).
@@ -617,10 +637,8 @@ def transfer_matrix(sources: Mapping[str, nn.Module], x: Tensor, y: Tensor, *,
     targets = dict(sources) if targets is None else dict(targets)
     _check_images(x, y)
     check_batch_size(batch_size)
-    if attack == "fgsm":
-        steps = 1
-    elif steps is None:
-        steps = 100 if attack == "apgd-ce" else 10
+    if attack == "fgsm" or steps is None:
+        steps = ATTACKS[attack].analyze_steps
     check_attack_args(eps, steps, norm, step_size)
     check_eps(eps, norm, input_shape=tuple(x.shape[1:]), name="eps")
     x, y = x.detach().cpu(), y.detach().cpu().long()

@@ -71,21 +71,24 @@ import re
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from advvit.analysis import _corruption_compat as compat
+from advvit.analysis._common import LUMA, device_of
 from advvit.attacks import model_mode
-from advvit.io import atomic_write, atomic_write_json
+from advvit.io import OptionError, atomic_write, atomic_write_json, check_folder
 
 __all__ = [
     "CORRUPTIONS", "SEVERITIES", "CACHE_FORMAT", "Task",
-    "corrupt", "generate_corruptions", "load_examples", "CorruptionCache",
+    "corrupt", "generate_corruptions", "CorruptionCache",
     "CorruptionAccuracy", "evaluate_corruptions", "MeanCorruptionError", "mean_corruption_error",
     "SpatialGrid", "spatial_transform", "SpatialAccuracy", "evaluate_spatial",
+    "CORRUPTION_CACHE", "CorruptionSettings", "corruption_settings", "run_corruptions",
+    "CorruptionStudy", "corruption_study",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -102,7 +105,6 @@ CACHE_FORMAT = "advvit-corruption-cache/1"
 Task = Tuple[str, int]
 """``(corruption, severity)``."""
 
-_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's "L" mode (advvit.data feeds colour to 1 channel so)
 _MAX_CHUNK = 256
 
 
@@ -320,33 +322,6 @@ def _generate(images: np.ndarray, tasks: List[Task], seed: int, workers: int) ->
         yield task, _nchw(out)
 
 
-def load_examples(dataset: Any, indices: Optional[Sequence[int]] = None) -> Tuple[Tensor, Tensor]:
-    """The images and labels of a data set from :func:`advvit.data.create_dataset`, as tensors.
-
-    Args:
-        dataset: yields ``(PIL image, int)``; an in-memory one (``ArrayDataset``) is read directly.
-        indices: which examples (default: all).
-
-    Returns:
-        ``(uint8 (N, C, H, W), int64 (N,))``, C 1 for grey data and 3 for colour.
-    """
-    if indices is None:
-        indices = range(len(dataset))
-    idx = np.asarray(list(indices), dtype=np.int64)
-    if hasattr(dataset, "images") and hasattr(dataset, "targets"):
-        images, labels = np.asarray(dataset.images)[idx], np.asarray(dataset.targets)[idx]
-    else:
-        pairs = [dataset[int(i)] for i in idx]
-        arrays = [np.asarray(img) for img, _ in pairs]
-        if len({a.shape for a in arrays}) > 1:
-            raise ValueError(f"the examples have different sizes ({sorted({a.shape for a in arrays})}): "
-                             "resize them to one size first")
-        images, labels = np.stack(arrays), np.asarray([label for _, label in pairs])
-    if images.ndim == 3:
-        images = images[..., None]
-    return _nchw(images.astype(np.uint8, copy=False)), torch.as_tensor(labels, dtype=torch.long)
-
-
 # --------------------------------------------------------------------------------------------
 # The disk cache
 # --------------------------------------------------------------------------------------------
@@ -491,18 +466,13 @@ class CorruptionCache:
 # Evaluation
 # --------------------------------------------------------------------------------------------
 
-def _model_device(model: nn.Module) -> torch.device:
-    first = next(iter(list(model.parameters()) + list(model.buffers())), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 def _to_channels(x: Tensor, in_chans: Optional[int]) -> Tensor:
     """Grey repeated to 3 channels, colour to luminance for 1, as :mod:`advvit.data` feeds models."""
     if in_chans is None or in_chans == x.shape[1]:
         return x
     if in_chans == 3:
         return x.expand(-1, 3, -1, -1)
-    weights = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    weights = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x * weights).sum(dim=1, keepdim=True)
 
 
@@ -519,7 +489,7 @@ def _predict(model: nn.Module, x: Tensor, in_chans: Optional[int]) -> Tensor:
 def _correct(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int,
              in_chans: Optional[int]) -> Tensor:
     """Per-example correctness of the model on uint8 or [0, 1] images, batch by batch."""
-    device = _model_device(model)
+    device = device_of(model)
     out = torch.empty(len(images), dtype=torch.bool)
     with model_mode(model, "eval"):
         for start in range(0, len(images), batch_size):
@@ -772,6 +742,13 @@ class SpatialAccuracy:
         return float(self.accuracy[g.rotations.index(rotation), g.translations_y.index(ty),
                                    g.translations_x.index(tx)])
 
+    def lowest_point(self) -> Dict[str, float]:
+        """The grid point of the lowest accuracy: ``{accuracy, rotation, tx, ty}``."""
+        g = self.grid
+        r, ty, tx = np.unravel_index(int(self.accuracy.argmin()), g.shape)
+        return {"accuracy": float(self.accuracy.min()), "rotation": g.rotations[r],
+                "tx": g.translations_x[tx], "ty": g.translations_y[ty]}
+
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready (without the per-example table)."""
         return {"rotations": list(self.grid.rotations), "translations_x": list(self.grid.translations_x),
@@ -804,7 +781,7 @@ def evaluate_spatial(model: nn.Module, images: Tensor, labels: Tensor, *, grid: 
     points = grid.points()
     correct = torch.empty(len(points), len(x), dtype=torch.bool)
     clean = torch.empty(len(x), dtype=torch.bool)
-    device = _model_device(model)
+    device = device_of(model)
     with model_mode(model, "eval"):
         for start in range(0, len(x), batch_size):
             xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
@@ -817,3 +794,188 @@ def evaluate_spatial(model: nn.Module, images: Tensor, labels: Tensor, *, grid: 
                            clean_accuracy=_accuracy(clean))
 
 
+# --------------------------------------------------------------------------------------------
+# Corruption settings of a command line, and several models on the same corrupted examples
+# --------------------------------------------------------------------------------------------
+
+CORRUPTION_CACHE = Path.home() / ".cache" / "advvit" / "corruptions"
+"""The default corruption cache: beside ``advvit.data``'s ``~/.cache/advvit/data``, so every run
+on the same examples (any output folder, either command, any model) reuses what was generated."""
+
+
+@dataclass(frozen=True)
+class CorruptionSettings:
+    """What a corruption evaluation runs, validated.
+
+    Attributes:
+        corruptions, severities: the (corruption, severity) grid, in order.
+        cache_dir: the :class:`CorruptionCache` folder.
+        workers: generation processes (None: the cores available; 0: this process).
+    """
+
+    corruptions: Tuple[str, ...]
+    severities: Tuple[int, ...]
+    cache_dir: Path
+    workers: Optional[int]
+
+    @property
+    def tasks(self) -> int:
+        """(corruption, severity) pairs."""
+        return len(self.corruptions) * len(self.severities)
+
+
+def _parse_corruption_names(text: str, option: str) -> Tuple[str, ...]:
+    if text.strip().lower() == "all":
+        return CORRUPTIONS
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in CORRUPTIONS]
+    if not names or unknown:
+        raise OptionError(f"{option} {','.join(unknown) or repr(text)} is unknown: use all or a "
+                          f"comma list of {', '.join(CORRUPTIONS)}")
+    if len(set(names)) != len(names):
+        raise OptionError(f"{option} {text!r} names a corruption twice")
+    return names
+
+
+def _parse_severities(text: str, option: str) -> Tuple[int, ...]:
+    if text.strip().lower() == "all":
+        return SEVERITIES
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if not t.isdigit() or int(t) not in SEVERITIES]
+    if not items or bad:
+        raise OptionError(f"{option} {','.join(bad) or repr(text)}: severities are integers 1 to "
+                          "5, e.g. 1,3,5 or all")
+    if len(set(int(t) for t in items)) != len(items):
+        raise OptionError(f"{option} {text!r} names a severity twice")
+    return tuple(int(t) for t in items)
+
+
+def corruption_settings(corruptions: str, severities: Optional[str], *,
+                        cache_dir: Optional[Union[str, "os.PathLike[str]"]],
+                        workers: Optional[int], seed: int,
+                        options: Tuple[str, str, str, str]) -> CorruptionSettings:
+    """Validate a command's corruption options (nothing is loaded or generated).
+
+    Args:
+        corruptions: ``all`` or a comma list of :data:`CORRUPTIONS`.
+        severities: ``all`` or a comma list of 1..5 (None: all).
+        cache_dir: the cache folder (None: :data:`CORRUPTION_CACHE`).
+        workers: generation processes (None: the cores available; 0: this process).
+        seed: the run's seed (the corruptions' seed: must be >= 0).
+        options: the names of the corruption, severity, cache and worker options, for messages.
+
+    Raises:
+        OptionError: a bad value (named by its option), or the corruption library is missing.
+    """
+    names_option, severity_option, cache_option, workers_option = options
+    names = _parse_corruption_names(corruptions, names_option)
+    levels = _parse_severities(severities or "all", severity_option)
+    if workers is not None and workers < 0:
+        raise OptionError(f"{workers_option} must be >= 0 (0: in this process), got {workers}")
+    if seed < 0:
+        raise OptionError(f"--seed must be >= 0 with {names_option} (it seeds the corruptions), "
+                          f"got {seed}")
+    folder = check_folder(cache_dir if cache_dir is not None else CORRUPTION_CACHE, cache_option)
+    try:
+        compat.library()
+    except compat.CorruptionLibraryMissing as err:
+        raise OptionError(f"{names_option}: {err}") from None
+    return CorruptionSettings(names, levels, folder, workers)
+
+
+def run_corruptions(model: nn.Module, x: Tensor, y: Tensor, settings: CorruptionSettings, *,
+                    seed: int, dataset: str, batch_size: int) -> CorruptionAccuracy:
+    """Accuracy per (corruption, severity) of ``model`` on (x, y), through the disk cache.
+
+    The examples are corrupted as the model takes them (its channels and size), as ImageNet-C
+    corrupts the 224x224 model inputs.
+
+    Args:
+        model: on its device, taking [0, 1] pixels.
+        x, y: the examples (CPU, [0, 1]) and labels.
+        settings: from :func:`corruption_settings`.
+        seed: the corruptions' seed.
+        dataset: the data set and split (``fashion_mnist/val``): part of the cache key.
+        batch_size: examples per forward pass.
+    """
+    cache = CorruptionCache(settings.cache_dir, workers=settings.workers)
+    return evaluate_corruptions(model, x, y, corruptions=settings.corruptions,
+                                severities=settings.severities, seed=seed, cache=cache,
+                                dataset=dataset, batch_size=batch_size)
+
+
+@dataclass(frozen=True)
+class CorruptionStudy:
+    """Several models, and optionally a baseline, on the same corrupted examples.
+
+    Attributes:
+        results: model name -> its accuracy, in order.
+        baseline_name: the baseline's name (a model's own where it is one of them), or None.
+        baseline: the baseline's accuracy, or None.
+        mce: model name -> (its mCE against the baseline, or None and why there is none: the
+            baseline makes no error on a corruption); empty without a baseline.
+    """
+
+    results: Dict[str, CorruptionAccuracy]
+    baseline_name: Optional[str]
+    baseline: Optional[CorruptionAccuracy]
+    mce: Dict[str, Tuple[Optional[MeanCorruptionError], str]]
+
+    def mce_percent(self, name: str) -> Optional[float]:
+        """A model's mCE in percent, None where it has none."""
+        m = self.mce[name][0]
+        return m.mce_percent if m is not None else None
+
+    def summary(self) -> Dict[str, CorruptionAccuracy]:
+        """The models, then the baseline as ``<name> (baseline)`` unless it is one of them: each
+        evaluation listed once."""
+        out = dict(self.results)
+        if self.baseline is not None and self.baseline_name not in self.results:
+            out[f"{self.baseline_name} (baseline)"] = self.baseline
+        return out
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready: per model its accuracy (and mCE where there is one), the baseline's."""
+        models = {}
+        for name, r in self.results.items():
+            m = self.mce[name][0] if name in self.mce else None
+            models[name] = {**r.to_dict(), **(m.to_dict() if m is not None else {})}
+        return {"models": models,
+                "baseline": self.baseline.to_dict() if self.baseline is not None else None}
+
+
+def corruption_study(models: Mapping[str, Tuple[str, nn.Module]], x: Tensor, y: Tensor,
+                     settings: CorruptionSettings, *, seed: int, dataset: str, batch_size: int,
+                     baseline: Optional[Tuple[str, str, nn.Module]] = None,
+                     evaluate: Optional[Callable[[str, Callable[[], CorruptionAccuracy]],
+                                                 CorruptionAccuracy]] = None) -> CorruptionStudy:
+    """Each model (and the baseline) through :func:`run_corruptions`, once per set of weights.
+
+    Args:
+        models: name -> (the weights' identity, e.g. the file's sha256; the model).
+        x, y, settings, seed, dataset, batch_size: as :func:`run_corruptions`.
+        baseline: (name, weights' identity, model) the mCE is relative to, or None. Where its
+            weights are a model's, that evaluation is used.
+        evaluate: runs ``work()`` for one model as ``evaluate(name, work)`` (a progress line
+            around it); default: just ``work()``.
+    """
+    done: Dict[str, CorruptionAccuracy] = {}
+
+    def run(name: str, key: str, model: nn.Module) -> CorruptionAccuracy:
+        if key not in done:
+            def work() -> CorruptionAccuracy:
+                return run_corruptions(model, x, y, settings, seed=seed, dataset=dataset,
+                                       batch_size=batch_size)
+            done[key] = evaluate(name, work) if evaluate is not None else work()
+        return done[key]
+
+    results = {name: run(name, key, model) for name, (key, model) in models.items()}
+    base = run(*baseline) if baseline is not None else None
+    mce: Dict[str, Tuple[Optional[MeanCorruptionError], str]] = {}
+    if base is not None:
+        for name, r in results.items():
+            try:
+                mce[name] = mean_corruption_error(r, base), ""
+            except ValueError as err:  # a baseline without error on a corruption
+                mce[name] = None, str(err)
+    return CorruptionStudy(results, baseline[0] if baseline is not None else None, base, mce)

@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from ..report import sha256_file
+from ..attack_names import parse_attack
+from ..io import OptionError, sha256_file
 from .spec import AnalysisSpec, EvalSpec, Experiment, SettingSpec
 
 __all__ = ["Unit", "units", "status", "plan_lines", "log_path", "journal_path", "read_journal",
@@ -116,13 +117,12 @@ def _train_units(exp: Experiment, root: str) -> Dict[Tuple[str, int], Unit]:
 def _eval_unit(spec: EvalSpec, train: Unit) -> Unit:
     out = os.path.join(train.folder, "findings", f"eval-{spec.name}-{_digest(spec.args)}.json")
     checkpoint = os.path.join(train.folder, _CHECKPOINT)
-    from ..eval import EvalError, parse_attack
     args = list(spec.args)
     attack = args[args.index("--attack") + 1] if "--attack" in args else "autoattack"
     # advvit.eval resumes AutoAttack runs from a state file and refuses one for the rest.
     try:
         resumable = parse_attack(attack).kind == "autoattack"
-    except EvalError:
+    except OptionError:
         resumable = False  # check_configs names the bad option before anything runs
     state = ["--state-path", out + ".state"] if resumable else []
     return Unit(kind="eval", key=f"eval {spec.name} {train.setting} s{train.seed}",

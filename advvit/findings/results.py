@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import textwrap
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .. import __version__
-from ..io import atomic_write, atomic_write_json
+from ..io import atomic_write_json
+from ..plots import findings_figure
 from . import verdict as V
 from .extract import ExtractError, eval_metrics, extract
 from .plan import status, units
@@ -235,37 +235,24 @@ def validate_result(data: Mapping[str, Any]) -> None:
 
 def _figure(data: Mapping[str, Any], path: str) -> Optional[str]:
     """One panel per test: each side's seeds as dots, its mean with a band of 2 standard errors
-    (seeds' spread and test-set sampling), on an axis zoomed to the numbers."""
+    (seeds' spread and test-set sampling); None without a test to draw or without matplotlib."""
     tests = [t for t in data["tests"] if all(r in data["summaries"] for r in t["refs"])]
     if not tests:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    width = 2.9 * len(tests) + 0.8
-    fig, axes = plt.subplots(1, len(tests), figsize=(width, 3.4), squeeze=False)
-    for ax, t in zip(axes[0], tests):
-        for x, ref in enumerate(t["refs"]):
+    panels = []
+    for t in tests:
+        sides = []
+        for ref in t["refs"]:
             s = data["summaries"][ref]
             se = math.sqrt(V.mean_variance(s["std"], s["n"], s.get("sampling_var", 0.0)))
-            color = "#3182bd" if x == 0 else "#e6550d"
-            ax.errorbar(x, s["mean"], yerr=V.Z * se, fmt="_", color=color, markersize=22,
-                        capsize=6, lw=1.5)
-            ax.scatter([x] * len(s["values"]), s["values"], color="black", s=14, zorder=3)
-        if t.get("threshold") is not None and t["kind"] == "below":
-            ax.axhline(t["threshold"], color="red", lw=1, ls="--")
-        ax.set_xlim(-0.6, len(t["refs"]) - 0.4)
-        ax.set_xticks(range(len(t["refs"])))
-        ax.set_xticklabels([r.replace("@", "\n@") for r in t["refs"]], fontsize=7)
-        ax.set_title(f"{t['name']}: {t['verdict']}", fontsize=9)
-    # A long title wrapped to the figure's width (~13 characters an inch at 9 points) instead of
-    # cut off at both edges.
-    fig.suptitle(textwrap.fill(f"claim {data['claim']}: {data['title']} ({data['verdict']})",
-                               int(13 * width)), fontsize=9)
-    fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
-    plt.close(fig)
-    return os.path.basename(path)
+            sides.append({"label": ref.replace("@", "\n@"), "mean": s["mean"], "band": V.Z * se,
+                          "values": s["values"]})
+        threshold = t["threshold"] if t.get("threshold") is not None and t["kind"] == "below" \
+            else None
+        panels.append({"title": f"{t['name']}: {t['verdict']}", "threshold": threshold,
+                       "sides": sides})
+    title = f"claim {data['claim']}: {data['title']} ({data['verdict']})"
+    return os.path.basename(path) if findings_figure(panels, title, path) else None
 
 
 def write_result(data: Dict[str, Any], folder: str) -> str:

@@ -210,8 +210,9 @@ def _check_options(exp: Experiment, unit: Unit) -> None:
     rather than after the training runs it waits for."""
     import contextlib
     import io
-    from .. import analyze, eval as evaluate
-    parser = (evaluate if unit.kind == "eval" else analyze).build_parser()
+    from ..cli.analyses import analyze_parser
+    from ..cli.options import eval_parser
+    parser = (eval_parser if unit.kind == "eval" else analyze_parser)()
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):

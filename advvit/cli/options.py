@@ -1,0 +1,165 @@
+"""The options ``advvit.eval`` and ``advvit.analyze`` share, defined once: one name each (a
+former name of the other command stays accepted as an alias), the defaults each command had.
+
+Each function adds its options to an argparse group, so every command keeps its own groups and
+order; what differs between the commands (a default, what a default means) is an argument.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Mapping
+
+from .. import config
+from ..analysis.shifts import CORRUPTION_CACHE
+from ..attacks import check_eps
+from ..io import OptionError
+
+__all__ = ["OptionsView", "SPLITS", "add_model_file_options", "add_data_options", "add_attack_options",
+           "add_corruption_options", "add_run_options", "add_workers_option", "parse_eps",
+           "EVAL_BATCH_SIZE", "eval_parser"]
+
+SPLITS = ("val", "test", "train")
+
+
+class OptionsView:
+    """Reads a frozen request's ``options`` (the parsed command line, a read-only mapping) as
+    attributes, beside its own fields."""
+
+    options: Mapping[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "options" and name in self.options:
+            return self.options[name]
+        raise AttributeError(name)
+
+
+def add_model_file_options(g: argparse._ActionsContainer) -> None:
+    """``--no-ema``."""
+    g.add_argument("--no-ema", action="store_true", help="use the raw weights even where a "
+                   "checkpoint holds EMA weights")
+
+
+def add_data_options(g: argparse._ActionsContainer, *, n_examples_help: str) -> None:
+    """``--dataset``, ``--data-dir``, ``--split``, ``--n-examples``."""
+    g.add_argument("--dataset", help="advvit.data name: fashion_mnist, mnist, cifar10, "
+                   "cifar100, imagefolder, or a timm hfds/ tfds/ wds/ name (default: the "
+                   "(first) checkpoint's training data set)")
+    g.add_argument("--data-dir", help="data root (default: the checkpoint's, else the known "
+                   "places)")
+    g.add_argument("--split", default="val", choices=SPLITS,
+                   help="data split the examples come from")
+    g.add_argument("--n-examples", type=int, help=n_examples_help)
+
+
+def add_attack_options(g: argparse._ActionsContainer, *, eps_default: str | None,
+                       eps_help: str, norm_default: str | None, norm_help: str,
+                       steps_help: str) -> None:
+    """``--eps``, ``--norm``, ``--steps`` (the radius, the norm, the attack's iterations)."""
+    g.add_argument("--eps", default=eps_default,
+                   help=f"radius: a fraction (0.0157) or x/255{eps_help}")
+    g.add_argument("--norm", default=norm_default, choices=("linf", "l2"), help=norm_help)
+    g.add_argument("--steps", type=int, help=steps_help)
+
+
+def add_corruption_options(g: argparse._ActionsContainer, *, severities_default: str | None,
+                           ) -> None:
+    """``--corruption-severities`` (alias ``--severities``), ``--corruption-cache-dir`` (alias
+    ``--cache-dir``) and ``--corruption-workers``; each command adds its own ``--corruptions``
+    (the flag of ``advvit.eval``, the list of ``advvit.analyze corruptions``)."""
+    g.add_argument("--corruption-severities", "--severities", dest="corruption_severities",
+                   default=severities_default, metavar="LIST",
+                   help="comma list of severities 1-5, or all (default: all five)")
+    g.add_argument("--corruption-cache-dir", "--cache-dir", dest="corruption_cache_dir",
+                   metavar="DIR",
+                   help=f"where corrupted examples are kept, shared by every run on the same "
+                        f"examples (default: {CORRUPTION_CACHE})")
+    g.add_argument("--corruption-workers", type=int, metavar="N",
+                   help="processes generating corruptions (default: the cores available; 0: "
+                        "this process; --workers is the data loader's)")
+
+
+def add_run_options(g: argparse._ActionsContainer, *, batch_size: int) -> None:
+    """``--seed``, ``--batch-size`` (each command's default), ``--device``."""
+    g.add_argument("--seed", type=int, default=0, help="seeds every random start and control")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="images per batch")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+
+
+def add_workers_option(g: argparse._ActionsContainer) -> None:
+    """``--workers`` (the data loader's)."""
+    g.add_argument("--workers", type=int, default=0, help="data loader workers")
+
+
+def parse_eps(text: str | float, *, norm: str = "linf", name: str = "--eps") -> float:
+    """Read an eps option given as a fraction of the pixel range ("0.0157") or in /255
+    ("4/255").
+
+    Raises:
+        OptionError: unparsable, negative, or (Linf) above 1, which no [0, 1] image allows.
+    """
+    try:
+        value = config.parse_eps(text, name)
+    except config.ConfigError:
+        raise OptionError(f"{name} {text!r} is not a number: give e.g. 4/255 or 0.0157") from None
+    try:
+        return check_eps(value, norm, name=name)
+    except ValueError as err:
+        raise OptionError(str(err)) from None
+
+
+EVAL_BATCH_SIZE = 250
+"""``advvit.eval --batch-size``'s default: AutoAttack's batch size, so results match its own
+runs (``advvit.analyze``'s is 64)."""
+EVAL_DESCRIPTION = "The evaluation CLI: ``python -m advvit.eval`` (also ``advvit-eval``)."
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m advvit.eval``."""
+    p = argparse.ArgumentParser(prog="advvit-eval", description=EVAL_DESCRIPTION,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--checkpoint", help="advvit checkpoint (.pth): architecture, classes, input "
+                   "size and normalization come from it")
+    m.add_argument("--model", help="timm model name (with --weights) instead of a checkpoint")
+    m.add_argument("--weights", help="weights file for --model (.safetensors or a torch state dict)")
+    m.add_argument("--num-classes", type=int, help="--model only (default: the data set's)")
+    m.add_argument("--img-size", type=int, help="--model only (default: the data set's)")
+    m.add_argument("--in-chans", type=int, help="--model only (default: the data set's)")
+    m.add_argument("--mean", help="--model only: normalization inside the model, e.g. 0.485,0.456,0.406")
+    m.add_argument("--std", help="--model only: e.g. 0.229,0.224,0.225")
+    add_model_file_options(m)
+    d = p.add_argument_group("data")
+    add_data_options(d, n_examples_help="how many examples (default: all)")
+    d.add_argument("--sample", default="first", choices=("first", "random"))
+    d.add_argument("--ids-file", help="one integer index or relative image path per line "
+                   "(RobustBench's ImageNet subset format)")
+    a = p.add_argument_group("attack")
+    a.add_argument("--attack", default="autoattack",
+                   help="autoattack | autoattack-plus | autoattack-rand (randomized models: "
+                        "EOT) | apgd-ce | apgd-t | fab-t | square | "
+                        "a comma list of AutoAttack attacks | pgd | fgsm")
+    add_attack_options(a, eps_default="4/255", eps_help="", norm_default="linf", norm_help="",
+                       steps_help="iterations (APGD/FAB/PGD) or queries (Square)")
+    a.add_argument("--eps-sweep", help="comma list of eps (e.g. 0,1/255,2/255,4/255): robust "
+                   "accuracy over eps, with a plot (eps 0 is not attacked: its robust accuracy "
+                   "is the clean accuracy)")
+    a.add_argument("--restarts", type=int, help="restarts (apgd-ce alone defaults to 5)")
+    a.add_argument("--step-size", help="PGD/FGSM step size (fraction or x/255)")
+    a.add_argument("--backend", default="auto", choices=("auto", "pyautoattack", "autoattack"),
+                   help="AutoAttack package")
+    c = p.add_argument_group("common corruptions (ImageNet-C, on the same examples)")
+    c.add_argument("--corruptions", nargs="?", const="all", metavar="NAMES|all",
+                   help="also the accuracy under common corruptions: all 15 (the flag alone, or "
+                        "all) or a comma list (gaussian_noise,fog,...); per corruption and "
+                        "severity, and their mean, in the table and the JSON")
+    add_corruption_options(c, severities_default=None)
+    r = p.add_argument_group("run")
+    add_run_options(r, batch_size=EVAL_BATCH_SIZE)
+    r.add_argument("--state-path", help="AutoAttack state file: an interrupted run resumes from "
+                   "it (the same model weights, examples and attack only; one run at a time)")
+    r.add_argument("--output", help="JSON report path (missing folders are created)")
+    r.add_argument("--save-adv", help="save adversarial examples (.pt) here")
+    r.add_argument("--per-example", action="store_true",
+                   help="record each example's outcome in the JSON")
+    add_workers_option(r)
+    return p
