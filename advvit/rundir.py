@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import yaml
 
-from .config import FIELDS, ConfigError
+from .config import FIELDS, ConfigError, shown
 from .io import (FileInUseError, FileLock, atomic_write, atomic_write_text,
                  folder_instead_of_file, lock_file, remove_stale_tmp)
 
@@ -180,10 +180,10 @@ def parse_overrides(text: Optional[str]) -> List[str]:
     keys = [k.strip().replace("-", "_") for k in (text or "").split(",") if k.strip()]
     for key in keys:
         if key not in FIELDS:
-            raise ConfigError("resume_override", f"unknown key {key!r}",
+            raise ConfigError("resume_override", f"unknown key {shown(key)}",
                               "name config keys, e.g. --resume-override epochs,log_interval")
         if key not in OVERRIDABLE:
-            raise ConfigError("resume_override", f"{key!r} changes what the run computes and "
+            raise ConfigError("resume_override", f"{shown(key)} changes what the run computes and "
                               "cannot differ on resume", "keys that may: " + ", ".join(OVERRIDABLE)
                               + "; start a new run (another experiment) to change it")
     return keys
@@ -225,7 +225,7 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], pa
     changes = config_changes(saved, current)
     refused = {k: v for k, v in changes.items() if k not in overrides}
     if refused:
-        listed = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in refused.items())
+        listed = ", ".join(f"{k} ({shown(old)} -> {shown(new)})" for k, (old, new) in refused.items())
         may = [k for k in refused if k in OVERRIDABLE]
         fix = "resume with the run's own settings (its args.yaml and resume_history.yaml)"
         if may:

@@ -318,3 +318,26 @@ def test_the_experiment_is_one_folder_inside_output(name, words):
         load_config(["--experiment", name])
     assert err.value.key == "experiment" and "plain folder name" in str(err.value)
     assert load_config(["--experiment", "r" * 255]).run.experiment == "r" * 255
+
+
+@pytest.mark.parametrize("policy, words", [
+    ("foo", "timm cannot read 'foo': Unknown AA policy foo"),
+    ("rand-m9-zz5", "Unknown RandAugment config section"),
+    ("augmix-q9", "Unknown AugMix config section"),
+    ("rand-m9x", "invalid literal"),
+    # timm builds these, skipping a part it does not read: refused as well.
+    ("rand-zz", "timm would skip 'zz' of 'rand-zz'"),
+    ("original-zz", "skip 'zz'"), ("rand-m9-tfoo", "skip 'tfoo'"),
+    ("rand-tweights-t3a", "skip 't3a'"),
+])
+def test_auto_augment_is_a_policy_timm_reads_whole(policy, words):
+    with pytest.raises(ConfigError, match=re.escape(words)) as err:
+        _validate("--auto-augment", policy)
+    assert err.value.key == "auto_augment"
+    assert "rand-m9-mstd0.5-inc1" in str(err.value) and "augmix-m5-w4-d2" in str(err.value)
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "rand-m9-n2-tweights", "augmix-m5-w4-d2",
+                                    "original", "v0", "3a", "original-mstd0.5"])
+def test_auto_augment_policies_timm_reads_are_accepted(policy):
+    _validate("--auto-augment", policy)
