@@ -180,14 +180,15 @@ def _claim_run_dir(cfg: TrainConfig, rt: accel.Runtime, run_dir: str) -> rundir.
     """Rank 0 locks the run folder and checks what it holds; every rank learns the outcome.
 
     Raises:
-        ConfigError: a bad resume / recovery key, a folder in use, or one with another run's
-            files and no checkpoint.
+        ConfigError: a bad resume / recovery key, a folder that cannot be written, one in use,
+            or one with another run's files and no checkpoint.
     """
     _check_run_keys(cfg)
     error: Optional[ConfigError] = None
     lock = rundir.RunLock.none()
     if rt.is_main:
         try:
+            rundir.check_run_dir(run_dir)
             lock = rundir.lock_run_dir(run_dir, is_main=True,
                                        say=functools.partial(print, file=sys.stderr))
             rundir.refuse_leftovers(run_dir)
