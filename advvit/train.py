@@ -32,7 +32,7 @@ from .losses import create_loss, default_steps
 from .monitor import Monitor
 from .schedules import EpsSchedule, create_eps_schedule
 
-__all__ = ["main", "train", "Trainer", "TrainingStopped", "validate"]
+__all__ = ["main", "train", "Trainer", "StopRequest", "TrainingStopped", "validate"]
 
 
 def _seed_everything(seed: int) -> None:
@@ -369,17 +369,26 @@ class TrainingStopped(Exception):
         self.path, self.is_main, self.distributed = path, is_main, distributed
 
 
+class StopRequest:
+    """Whether training was asked to stop: set by SIGTERM's handler at any moment, read by the
+    trainer at its safe points."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+
 class Trainer:
     """Runs the epochs of a built run, saving and logging as it goes.
 
-    :meth:`request_stop` (SIGTERM's handler calls it) ends training at the next safe point:
-    after the current step in a single process, at the next log point when distributed, or at
-    the end of the epoch when the signal came during its evaluation; the recovery point is
-    written there and :class:`TrainingStopped` raised.
+    Once ``stop.asked`` is set, training ends at the next safe point: after the current step in
+    a single process, at the next log point when distributed, or at the end of the epoch when
+    it was set during the evaluation; the recovery point is written there and
+    :class:`TrainingStopped` raised.
     """
 
-    def __init__(self, parts: Parts) -> None:
+    def __init__(self, parts: Parts, stop: Optional[StopRequest] = None) -> None:
         self.p = parts
+        self.stop = stop or StopRequest()
         state = parts.resume_state
         # On resume TensorBoard hides what was logged after the checkpoint (before a kill).
         self.monitor = Monitor(parts.run_dir, is_main=parts.rt.is_main,
@@ -393,7 +402,6 @@ class Trainer:
         # The RNG state at the current epoch's start, stored in recovery checkpoints.
         self._epoch_rng: Optional[Dict[str, Any]] = None
         self._last_save = time.monotonic()
-        self.stop_requested = False
         # Drawn before the RNG state is restored, so a resumed run's data order stays the same.
         self.guard = self._make_guard()
         if state is not None:
@@ -547,16 +555,12 @@ class Trainer:
         with naming_write_errors(path):
             checkpoint.save_checkpoint(path, self._state(epoch, progress.step, recovery))
 
-    def request_stop(self) -> None:
-        """Stop at the next safe point (see the class)."""
-        self.stop_requested = True
-
     def _stop_agreed(self) -> bool:
         """Whether to stop here: asked in any process (collective when distributed)."""
         rt = self.p.rt
         if not rt.distributed:
-            return self.stop_requested
-        flag = torch.tensor([float(self.stop_requested)], device=rt.device)
+            return self.stop.asked
+        flag = torch.tensor([float(self.stop.asked)], device=rt.device)
         return float(accel.all_reduce_sum(flag, rt).item()) > 0
 
     def _stopped(self, epoch: int, step: int, name: str) -> None:
@@ -654,12 +658,17 @@ class Trainer:
 
 
 @contextlib.contextmanager
-def _stop_on_sigterm(trainer: Trainer) -> Iterator[None]:
-    """SIGTERM, a scheduler's notice before it kills a job, stops training at a safe point."""
+def _stop_on_sigterm(stop: StopRequest) -> Iterator[None]:
+    """SIGTERM, a scheduler's notice before it kills a job, asks training to stop at a safe
+    point."""
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may take signals: SIGTERM keeps its default there
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: trainer.request_stop())
+
+    def ask(signum: int, frame: Any) -> None:
+        stop.asked = True
+
+    previous = signal.signal(signal.SIGTERM, ask)
     try:
         yield
     finally:
@@ -673,17 +682,20 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
         TrainingStopped: SIGTERM stopped it, its recovery point written.
         WriteError: a file of the run could not be written (the checkpoints before are whole).
     """
-    parts = build(cfg)
-    try:
-        trainer = Trainer(parts)
-        if parts.rt.is_main:
-            _record_start(parts)
-        accel.wait_for_all(parts.rt)
-        with _stop_on_sigterm(trainer):
+    stop = StopRequest()
+    # From the start: a signal while the parts are built stops after the first step, rather
+    # than killing one rank of a distributed run while the others go on.
+    with _stop_on_sigterm(stop):
+        parts = build(cfg)
+        try:
+            trainer = Trainer(parts, stop)
+            if parts.rt.is_main:
+                _record_start(parts)
+            accel.wait_for_all(parts.rt)
             return trainer.fit()
-    finally:
-        parts.lock.release()
-        accel.cleanup(parts.rt)
+        finally:
+            parts.lock.release()
+            accel.cleanup(parts.rt)
 
 
 def _record_start(parts: Parts) -> None:

@@ -530,3 +530,38 @@ def test_a_full_disk_during_training_stops_with_one_message_and_keeps_the_last_c
     assert checkpoint.load_checkpoint(run / "last.pth")["epoch"] == 0
     assert not glob.glob(str(run / ".*.tmp"))
     assert [r["epoch"] for r in _csv_rows(run)] == ["0"] + (["1"] if target == "last.pth" else [])
+
+
+@pytest.mark.slow
+def test_under_torchrun_sigterm_stops_every_rank_at_the_same_log_point(tmp_path):
+    # torchrun passes the signal on to its ranks as well: each may see it at another step, and
+    # they agree on the next log point (every 2 steps of 6; a batch of 4 on each of 2 ranks).
+    args = _tiny_args(tmp_path, "--epochs", "2", "--log-interval", "2", "--co-check", "off",
+                      "--batch-size", "4", "--device", "cpu")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node=2", "-m", "advvit.train"]
+    proc = subprocess.Popen([*torchrun, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stderr:
+        if "run folder" in line:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    err = proc.stderr.read()
+    proc.wait(timeout=300)
+    run = tmp_path / "runs" / "run"
+    recovery = checkpoint.load_checkpoint(run / "recovery.pth")
+    step = recovery["step"]
+    assert recovery["epoch"] == 0 and step % 2 == 0 and step < 6, err
+    assert err.count("stopped on SIGTERM") == 1  # rank 0 reports
+    assert f"stopped on SIGTERM at epoch 0, step {step}; recovery point: {run / 'recovery.pth'}" \
+        in err and "(under the launcher this run had, e.g. torchrun)" in err
+    assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err
+
+    resumed = subprocess.run([*torchrun, *args, "--resume", "auto"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at epoch 0 after {step} of its steps" in resumed.stderr
+    assert checkpoint.load_checkpoint(run / "last.pth")["step"] == 12
