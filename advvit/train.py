@@ -7,15 +7,18 @@ folder with ``args.yaml``, ``summary.csv`` and TensorBoard logs. Runs resume wit
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import random
+import shlex
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,12 +26,13 @@ import torch
 from . import accel, checkpoint, data, engine, models, rundir
 from .attacks import default_step_size
 from .config import ConfigError, TrainConfig, config_to_dict, effective_lr, load_config, save_args_yaml
+from .io import WriteError, naming_write_errors
 from .preflight import validate
 from .losses import create_loss, default_steps
 from .monitor import Monitor
 from .schedules import EpsSchedule, create_eps_schedule
 
-__all__ = ["main", "train", "Trainer", "validate"]
+__all__ = ["main", "train", "Trainer", "StopRequest", "TrainingStopped", "validate"]
 
 
 def _seed_everything(seed: int) -> None:
@@ -180,14 +184,15 @@ def _claim_run_dir(cfg: TrainConfig, rt: accel.Runtime, run_dir: str) -> rundir.
     """Rank 0 locks the run folder and checks what it holds; every rank learns the outcome.
 
     Raises:
-        ConfigError: a bad resume / recovery key, a folder in use, or one with another run's
-            files and no checkpoint.
+        ConfigError: a bad resume / recovery key, a folder that cannot be written, one in use,
+            or one with another run's files and no checkpoint.
     """
     _check_run_keys(cfg)
     error: Optional[ConfigError] = None
     lock = rundir.RunLock.none()
     if rt.is_main:
         try:
+            rundir.check_run_dir(run_dir)
             lock = rundir.lock_run_dir(run_dir, is_main=True,
                                        say=functools.partial(print, file=sys.stderr))
             rundir.refuse_leftovers(run_dir)
@@ -348,11 +353,42 @@ def _skip_batches(loader: Any, n: int, rng: Dict[str, Any]):
     yield from batches
 
 
-class Trainer:
-    """Runs the epochs of a built run, saving and logging as it goes."""
+class TrainingStopped(Exception):
+    """Training stopped on SIGTERM at a safe point, its recovery point written.
 
-    def __init__(self, parts: Parts) -> None:
+    Attributes:
+        path: the recovery point, the file ``--resume auto`` continues from.
+        is_main: whether this process is the one that reports.
+        distributed: whether the run had several processes.
+    """
+
+    def __init__(self, epoch: int, step: int, path: str, *, is_main: bool,
+                 distributed: bool) -> None:
+        super().__init__(f"stopped on SIGTERM at epoch {epoch}, step {step}; recovery point: "
+                         f"{path}")
+        self.path, self.is_main, self.distributed = path, is_main, distributed
+
+
+class StopRequest:
+    """Whether training was asked to stop: set by SIGTERM's handler at any moment, read by the
+    trainer at its safe points."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+
+class Trainer:
+    """Runs the epochs of a built run, saving and logging as it goes.
+
+    Once ``stop.asked`` is set, training ends at the next safe point: after the current step in
+    a single process, at the next log point when distributed, or at the end of the epoch when
+    it was set during the evaluation; the recovery point is written there and
+    :class:`TrainingStopped` raised.
+    """
+
+    def __init__(self, parts: Parts, stop: Optional[StopRequest] = None) -> None:
         self.p = parts
+        self.stop = stop or StopRequest()
         state = parts.resume_state
         # On resume TensorBoard hides what was logged after the checkpoint (before a kill).
         self.monitor = Monitor(parts.run_dir, is_main=parts.rt.is_main,
@@ -412,7 +448,8 @@ class Trainer:
             self.progress = engine.EpochProgress(
                 step=self.step, steps_done=int(recovery["steps_done"]),
                 sums={k: float(v) for k, v in recovery["sums"].items()},
-                images=int(recovery["images"]), seconds=float(recovery["seconds"]))
+                images=int(recovery["images"]), seconds=float(recovery["seconds"]),
+                interval=recovery.get("interval") or {})
             self._epoch_rng, self._resume_rng = recovery["epoch_rng"], state["rng"]
             where = f"epoch {state['epoch']} after {self.progress.steps_done} of its steps"
         dropped = self.monitor.drop_rows_after(self.start_epoch - 1)
@@ -428,7 +465,8 @@ class Trainer:
         if (p.rt.is_main and self.best_epoch == state["epoch"] and p.resume_path is not None
                 and os.path.abspath(p.resume_path) == os.path.abspath(last)
                 and rundir.checkpoint_step(os.path.join(p.run_dir, rundir.BEST)) != self.step):
-            rundir.link_best(p.run_dir)
+            with naming_write_errors(os.path.join(p.run_dir, rundir.BEST)):
+                rundir.link_best(p.run_dir)
             self.monitor.info(f"best.pth now holds epoch {self.best_epoch} (the run stopped "
                               "before linking it)")
 
@@ -475,11 +513,13 @@ class Trainer:
         self._last_save = time.monotonic()
         if not p.rt.is_main:
             return
-        checkpoint.save_checkpoint(os.path.join(p.run_dir, rundir.LAST),
-                                   self._state(epoch, self.step))
+        last = os.path.join(p.run_dir, rundir.LAST)
+        with naming_write_errors(last):
+            checkpoint.save_checkpoint(last, self._state(epoch, self.step))
         _kill_point("last_saved")
         if improved:
-            rundir.link_best(p.run_dir)
+            with naming_write_errors(os.path.join(p.run_dir, rundir.BEST)):
+                rundir.link_best(p.run_dir)
         recovery = os.path.join(p.run_dir, rundir.RECOVERY)
         if os.path.exists(recovery):
             os.unlink(recovery)
@@ -509,9 +549,24 @@ class Trainer:
             return
         self.monitor.flush()  # TensorBoard holds everything up to the checkpoint
         recovery = {"epoch_rng": self._epoch_rng, "steps_done": progress.steps_done,
-                    "sums": progress.sums, "images": progress.images, "seconds": progress.seconds}
-        checkpoint.save_checkpoint(os.path.join(self.p.run_dir, rundir.RECOVERY),
-                                   self._state(epoch, progress.step, recovery))
+                    "sums": progress.sums, "images": progress.images, "seconds": progress.seconds,
+                    "interval": progress.interval}
+        path = os.path.join(self.p.run_dir, rundir.RECOVERY)
+        with naming_write_errors(path):
+            checkpoint.save_checkpoint(path, self._state(epoch, progress.step, recovery))
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop here: asked in any process (collective when distributed)."""
+        rt = self.p.rt
+        if not rt.distributed:
+            return self.stop.asked
+        flag = torch.tensor([float(self.stop.asked)], device=rt.device)
+        return float(accel.all_reduce_sum(flag, rt).item()) > 0
+
+    def _stopped(self, epoch: int, step: int, name: str) -> None:
+        self.monitor.close()
+        raise TrainingStopped(epoch, step, os.path.join(self.p.run_dir, name),
+                              is_main=self.p.rt.is_main, distributed=self.p.rt.distributed)
 
     def _on_progress(self, epoch: int, progress: engine.EpochProgress) -> None:
         if self._recovery_due(progress):
@@ -546,12 +601,17 @@ class Trainer:
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             loader, resume = self._epoch_loader()
-            train_metrics, self.step = engine.train_one_epoch(
-                model=p.model, loss_fn=p.loss_fn, loader=loader, optimizer=p.optimizer,
-                rt=p.rt, eps_schedule=p.eps_schedule, epoch=epoch, step=self.step,
-                settings=settings, lr_scheduler=p.lr_scheduler, scaler=p.scaler, ema=p.ema,
-                mixup_fn=p.mixup_fn, on_log=lambda s, m, e=epoch: self.monitor.step(e, s, m),
-                resume=resume, on_progress=functools.partial(self._on_progress, epoch))
+            try:
+                train_metrics, self.step = engine.train_one_epoch(
+                    model=p.model, loss_fn=p.loss_fn, loader=loader, optimizer=p.optimizer,
+                    rt=p.rt, eps_schedule=p.eps_schedule, epoch=epoch, step=self.step,
+                    settings=settings, lr_scheduler=p.lr_scheduler, scaler=p.scaler, ema=p.ema,
+                    mixup_fn=p.mixup_fn, on_log=lambda s, m, e=epoch: self.monitor.step(e, s, m),
+                    resume=resume, on_progress=functools.partial(self._on_progress, epoch),
+                    stop=lambda step: self._stop_agreed())
+            except engine.EpochStopped as stopped:
+                self.save_recovery(epoch, stopped.progress)
+                self._stopped(epoch, stopped.progress.step, rundir.RECOVERY)
             p.lr_scheduler.step(epoch + 1)
             evaluate = functools.partial(
                 engine.evaluate, loader=p.val_loader, rt=p.rt, attack=eval_attack,
@@ -591,22 +651,51 @@ class Trainer:
                       **{f"val_{k}": v for k, v in val.items()}, **extra, "best": self.best}
             if stop:
                 break
+            if epoch + 1 < p.num_epochs and self._stop_agreed():  # asked during the evaluation
+                self._stopped(epoch, self.step, rundir.LAST)
         self.monitor.close()
         return result
 
 
-def train(cfg: TrainConfig) -> Dict[str, float]:
-    """Build and run a training job from a validated config (for use from Python)."""
-    parts = build(cfg)
+@contextlib.contextmanager
+def _stop_on_sigterm(stop: StopRequest) -> Iterator[None]:
+    """SIGTERM, a scheduler's notice before it kills a job, asks training to stop at a safe
+    point."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may take signals: SIGTERM keeps its default there
+        return
+
+    def ask(signum: int, frame: Any) -> None:
+        stop.asked = True
+
+    previous = signal.signal(signal.SIGTERM, ask)
     try:
-        trainer = Trainer(parts)
-        if parts.rt.is_main:
-            _record_start(parts)
-        accel.wait_for_all(parts.rt)
-        return trainer.fit()
+        yield
     finally:
-        parts.lock.release()
-        accel.cleanup(parts.rt)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(cfg: TrainConfig) -> Dict[str, float]:
+    """Build and run a training job from a validated config (for use from Python).
+
+    Raises:
+        TrainingStopped: SIGTERM stopped it, its recovery point written.
+        WriteError: a file of the run could not be written (the checkpoints before are whole).
+    """
+    stop = StopRequest()
+    # From the start: a signal while the parts are built stops after the first step, rather
+    # than killing one rank of a distributed run while the others go on.
+    with _stop_on_sigterm(stop):
+        parts = build(cfg)
+        try:
+            trainer = Trainer(parts, stop)
+            if parts.rt.is_main:
+                _record_start(parts)
+            accel.wait_for_all(parts.rt)
+            return trainer.fit()
+        finally:
+            parts.lock.release()
+            accel.cleanup(parts.rt)
 
 
 def _record_start(parts: Parts) -> None:
@@ -616,12 +705,16 @@ def _record_start(parts: Parts) -> None:
     the run did not use; what changed on each resume is in the history.
     """
     state = parts.resume_state
+    args = os.path.join(parts.run_dir, "args.yaml")
     if state is None:
-        save_args_yaml(parts.cfg, os.path.join(parts.run_dir, "args.yaml"))
+        with naming_write_errors(args):
+            save_args_yaml(parts.cfg, args)
         return
-    rundir.write_args_if_missing(parts.run_dir, state["config"])
-    rundir.record_resume(parts.run_dir, path=parts.resume_path, epoch=state["epoch"],
-                         step=state["step"], changes=parts.resume_changes or {})
+    with naming_write_errors(args):
+        rundir.write_args_if_missing(parts.run_dir, state["config"])
+    with naming_write_errors(os.path.join(parts.run_dir, rundir.HISTORY)):
+        rundir.record_resume(parts.run_dir, path=parts.resume_path, epoch=state["epoch"],
+                             step=state["step"], changes=parts.resume_changes or {})
 
 
 def _xla_process(index: int, argv: Sequence[str]) -> None:
@@ -629,8 +722,34 @@ def _xla_process(index: int, argv: Sequence[str]) -> None:
     train(load_config([*argv, "--no-xla-spawn"]))
 
 
+def _kept(run_dir: str) -> str:
+    """What a run stopped by a failed write leaves, and how to go on."""
+    path = rundir.choose_resume(run_dir, "auto")
+    if path is None:
+        return (f"no checkpoint had been written yet: fix the cause, then remove {run_dir} and "
+                "start again")
+    return (f"{path}, the newest checkpoint, is intact (a failed write leaves the file before "
+            "it whole): fix the cause (free space) and resume with --resume auto")
+
+
+def _resume_command(argv: Sequence[str], distributed: bool) -> str:
+    """This run's command line, resuming: any --resume dropped, --resume auto added."""
+    kept: List[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    command = shlex.join(["python", "-m", "advvit.train", *kept, "--resume", "auto"])
+    return command + (" (under the launcher this run had, e.g. torchrun)" if distributed else "")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The CLI: returns 0 on success, 2 on a bad config / data / checkpoint, 1 on a failed run.
+    """The CLI: returns 0 on success, 2 on a bad config / data / checkpoint, 1 on a failed run,
+    143 (128 + SIGTERM) when SIGTERM stopped it at a safe point, its recovery point written.
 
     With ``device: xla`` (and ``xla_spawn``) one process per local TPU device is started through
     ``accel.launch_xla``; each builds its own parts and takes its share of the data.
@@ -650,6 +769,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except engine.NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except WriteError as err:
+        print(f"error: {err}; training stopped. {_kept(run_dir_for(cfg))}", file=sys.stderr)
+        return 1
+    except TrainingStopped as stopped:
+        if stopped.is_main:
+            print(f"{stopped}; resume with: {_resume_command(argv, stopped.distributed)}",
+                  file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 
