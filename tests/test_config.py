@@ -230,7 +230,7 @@ def test_train_cli_exits_2_before_any_work_on_a_registry_error(tmp_path, capsys)
 
 def test_trades_alone_trains_trades_10_and_the_step_rule_is_applied():
     from advvit import accel
-    from advvit.train import _build_loss, _eval_attack
+    from advvit.trainer import _build_loss, _eval_attack
     rt = accel.setup("cpu")
     loss = _build_loss(load_config(["--loss", "trades", "--eps", "8/255"]), rt)
     assert loss.steps == 10 and loss.step_size is None

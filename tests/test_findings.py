@@ -15,7 +15,7 @@ from advvit.findings.results import SchemaError, build_result, validate_result, 
 from advvit.findings.runner import RunFailed, run_experiment, run_unit
 from advvit.findings.spec import FindingsError, load_experiment, load_experiments
 from advvit.io import sha256_file
-from advvit.train import KILL_ENV
+from advvit.trainer import KILL_ENV
 from test_data import make_idx_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

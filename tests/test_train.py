@@ -17,7 +17,8 @@ from torch import nn
 from advvit import accel, checkpoint, engine, train
 from advvit.losses import LossOutput
 from advvit.schedules import create_eps_schedule
-from advvit.train import KILL_ENV, main
+from advvit.train import main
+from advvit.trainer import KILL_ENV
 from test_data import make_cifar_folder, make_idx_folder, make_imagefolder, write_unsafe_cifar_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
