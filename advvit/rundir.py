@@ -31,10 +31,9 @@ from .io import (FileInUseError, FileLock, atomic_write, atomic_write_text,
                  folder_instead_of_file, lock_file, remove_stale_tmp)
 
 __all__ = ["LOCK", "LAST", "BEST", "RECOVERY", "HISTORY", "RUN_FILES", "OVERRIDABLE",
-           "RunLock", "check_run_dir", "lock_run_dir", "refuse_leftovers", "choose_resume", "config_changes",
-           "check_resume_config", "parse_overrides", "record_resume", "write_args_if_missing",
-           "checkpoint_step",
-           "link_best"]
+           "RunLock", "check_run_dir", "lock_run_dir", "refuse_leftovers", "choose_resume",
+           "config_changes", "check_resume_config", "parse_overrides", "record_resume",
+           "write_args_if_missing", "checkpoint_step", "link_best"]
 
 LOCK = ".lock"
 LAST = "last.pth"
@@ -247,7 +246,8 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], pa
     changes = config_changes(saved, current)
     refused = {k: v for k, v in changes.items() if k not in overrides}
     if refused:
-        listed = ", ".join(f"{k} ({shown(old)} -> {shown(new)})" for k, (old, new) in refused.items())
+        listed = ", ".join(f"{k} ({shown(old)} -> {shown(new)})"
+                           for k, (old, new) in refused.items())
         may = [k for k in refused if k in OVERRIDABLE]
         fix = "resume with the run's own settings (its args.yaml and resume_history.yaml)"
         if may:

@@ -337,7 +337,7 @@ def test_auto_augment_is_a_policy_timm_reads_whole(policy, words):
     assert "rand-m9-mstd0.5-inc1" in str(err.value) and "augmix-m5-w4-d2" in str(err.value)
 
 
-@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "rand-m9-n2-tweights", "augmix-m5-w4-d2",
-                                    "original", "v0", "3a", "original-mstd0.5"])
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "rand-m9-n2-tweights",
+                                    "augmix-m5-w4-d2", "original", "v0", "3a", "original-mstd0.5"])
 def test_auto_augment_policies_timm_reads_are_accepted(policy):
     _validate("--auto-augment", policy)

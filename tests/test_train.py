@@ -420,7 +420,9 @@ def test_a_cifar_batch_that_would_run_code_is_one_data_error(tmp_path, capsys):
 def test_sigterm_stops_at_the_next_step_with_a_recovery_point_that_resumes_bit_for_bit(tmp_path):
     # 6 steps per epoch, a log point every 4: the stop comes between log points, so the
     # recovery point carries a part of a log interval. A loader worker process gets the
-    # signal too, as every process of a job does from a scheduler.
+    # signal too, as every process of a job does from a scheduler; the restart comes in the
+    # first epoch, whose worker is seeded from the epoch's RNG state, so its augmentations are
+    # the uninterrupted run's.
     args = [a for a in _tiny_args(tmp_path, "--epochs", "2", "--log-interval", "4",
                                   "--co-check", "off", "--workers", "1")
             if a != "--no-tensorboard"]
@@ -468,7 +470,8 @@ def test_an_epoch_stopped_between_log_points_goes_on_to_the_same_logs_and_weight
             model=model, loss_fn=create_loss("clean", criterion=nn.CrossEntropyLoss()),
             loader=loader, optimizer=kwargs.pop("optimizer"), rt=rt,
             eps_schedule=create_eps_schedule("constant", eps=0.0), epoch=0, settings=settings,
-            on_log=lambda s, m: logs.append((s, {k: v for k, v in m.items() if k != "images_per_s"})),
+            on_log=lambda s, m: logs.append(
+                (s, {k: v for k, v in m.items() if k != "images_per_s"})),
             **kwargs)
 
     torch.manual_seed(0)
@@ -482,7 +485,8 @@ def test_an_epoch_stopped_between_log_points_goes_on_to_the_same_logs_and_weight
     with pytest.raises(engine.EpochStopped) as stopped:
         epoch(cut, batches, logs_cut, step=0, optimizer=optimizer, stop=lambda step: step == 3)
     progress = stopped.value.progress
-    assert (progress.step, progress.steps_done) == (3, 3) and progress.interval["host"]["count"] == 4
+    assert (progress.step, progress.steps_done) == (3, 3)
+    assert progress.interval["host"]["count"] == 4  # step 3, after the log point at 2
     again, _ = epoch(cut, batches[3:], logs_cut, step=3, optimizer=optimizer, resume=progress)
     assert logs_cut == logs_whole and [s for s, _ in logs_whole] == [2, 4]
     assert {k: v for k, v in again.items() if k not in ("images_per_s", "seconds")} == \
