@@ -7,12 +7,15 @@ experiment's settings.
 """
 from __future__ import annotations
 
+import base64
 import math
 import re
-from typing import Any, Callable, Dict, List, Mapping, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["eval_metrics", "EXTRACTORS", "METRICS", "known_metric", "extract",
-           "ExtractError"]
+import numpy as np
+
+__all__ = ["eval_metrics", "eval_outcomes", "eval_masking", "unpack_outcomes", "EXTRACTORS",
+           "METRICS", "known_metric", "extract", "ExtractError"]
 
 Metrics = Dict[str, float]
 
@@ -30,6 +33,42 @@ def eval_metrics(report: Mapping[str, Any]) -> Metrics:
     if robust is None:
         raise ExtractError("the report has no robust accuracy (did the attack fail?)")
     return {"clean": float(report["clean_accuracy"]), "robust": float(robust)}
+
+
+def _bits(flags: Sequence[bool]) -> str:
+    return base64.b64encode(np.packbits(np.asarray(flags, dtype=bool)).tobytes()).decode()
+
+
+def eval_outcomes(report: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """An ``advvit.eval --per-example`` report's outcomes, bit-packed for a findings record:
+    ``n``, the test-set ``indices`` (``{"start": i}`` when they run on from ``i``, else the
+    list), and ``clean`` / ``robust`` (base64 of numpy's packbits, one bit per example, 1 for
+    correct). None when the report was written without ``--per-example``."""
+    rows = report.get("per_example")
+    if not rows:
+        return None
+    indices = [int(r["index"]) for r in rows]
+    start = indices[0]
+    return {"n": len(rows),
+            "indices": {"start": start} if indices == list(range(start, start + len(rows)))
+            else indices,
+            "clean": _bits([r["clean"] for r in rows]), "robust": _bits([r["robust"] for r in rows])}
+
+
+def unpack_outcomes(packed: Mapping[str, Any], metric: str) -> Tuple[List[int], np.ndarray]:
+    """The test-set indices and the 0/1 outcome of ``metric`` (``clean``, ``robust``) of each
+    example, from :func:`eval_outcomes`' form."""
+    n, indices = int(packed["n"]), packed["indices"]
+    if isinstance(indices, dict):
+        indices = list(range(int(indices["start"]), int(indices["start"]) + n))
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(packed[metric]), dtype=np.uint8))[:n]
+    return indices, bits.astype(float)
+
+
+def eval_masking(report: Mapping[str, Any]) -> List[str]:
+    """The gradient-masking flags of an evaluation report's headline (empty: none)."""
+    head = report.get("headline") or {}
+    return list(head.get("flags", [])) if head.get("code") == "gradient_masking" else []
 
 
 def _mean(values: Sequence[float]) -> float:
