@@ -848,3 +848,11 @@ def test_the_page_adjusts_over_the_suite_and_names_shared_runs(tmp_path):
     p = data["tests"][0]["p"]
     assert holm[("t1_tiny", "robust")] == pytest.approx(min(1.0, 2 * p))
     assert shared_runs([data, other]) == [("t1_tiny", "t2_other", 6)]
+
+
+def test_the_shipped_page_is_rendered_from_the_shipped_records():
+    records = [json.load(open(os.path.join(ROOT, "docs", "findings", f"{e.id}.json")))
+               for e in load_experiments(SHIPPED)]
+    for record in records:
+        validate_result(record)
+    assert render(records) == open(os.path.join(ROOT, "docs", "findings.md")).read()

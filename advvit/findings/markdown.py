@@ -144,9 +144,17 @@ def render(records: Sequence[Mapping[str, Any]]) -> str:
     lines.append("")
     shared = shared_runs(ordered)
     if shared:
-        lines += ["Experiments that measure the same trained runs (their errors are correlated, "
-                  "so their verdicts are not independent evidence): "
-                  + "; ".join(f"`{a}` and `{b}` ({n} runs)" for a, b, n in shared) + ".", ""]
+        lines += ["Experiments that measure the same trained runs (the baselines of claim 1 "
+                  "recur): their errors are correlated, so their verdicts are not independent "
+                  "evidence, and Holm's adjustment, which holds under any dependence, is the "
+                  "suite's guard.", "", "| experiment | shares trained runs with (runs) |",
+                  "|---|---|"]
+        for d in ordered:
+            with_ = [f"`{b if a == d['id'] else a}` ({n})" for a, b, n in shared
+                     if d["id"] in (a, b)]
+            if with_:
+                lines.append(f"| `{d['id']}` | {', '.join(with_)} |")
+        lines.append("")
     for d in ordered:
         lines += _section(d, holm)
     return "\n".join(lines).rstrip() + "\n"

@@ -186,7 +186,8 @@ def _two_sided_parts(a: Summary, b: Summary, paired: Optional[Paired]
         return math.sqrt(var), df, "paired per image"
     var, df = satterthwaite([(a.std ** 2 / a.n, a.n - 1), (b.std ** 2 / b.n, b.n - 1),
                              (a.sampling_var, _sampling_df(a)), (b.sampling_var, _sampling_df(b))])
-    return math.sqrt(var), df, "unpaired"
+    binomial = "binomial" in (a.sampling, b.sampling)
+    return math.sqrt(var), df, "unpaired" if binomial else "seeds only"
 
 
 def mcnemar(higher: np.ndarray, lower: np.ndarray) -> Dict[str, Any]:
