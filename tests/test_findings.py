@@ -424,7 +424,8 @@ def _analysis(command, results, names):
 def test_jacobian_extractor_compares_the_ends_with_the_middle():
     report = _analysis("jacobian", {"m": {"sigma_mean": [5.0, 2.0, 3.0, 1.0, 4.0]}}, ["m"])
     [m] = X.extract("jacobian", report, ["s"])
-    assert m == {"first": 5.0, "last": 4.0, "middle_max": 3.0, "middle_mean": 2.0, "ends_min": 4.0}
+    assert m == {"first": 5.0, "last": 4.0, "middle_max": 3.0, "middle_mean": 2.0, "ends_min": 4.0,
+                 "block0": 5.0, "block1": 2.0, "block2": 3.0, "block3": 1.0, "block4": 4.0}
 
 
 def test_lesion_extractor_averages_drops_over_the_blocks_with_the_part():
@@ -436,7 +437,10 @@ def test_lesion_extractor_averages_drops_over_the_blocks_with_the_part():
     assert m["attn_drop"] == pytest.approx(0.15) and m["lpi_drop"] == pytest.approx(0.0)
     assert m["mlp_drop"] == pytest.approx(0.025) and m["block_drop"] == pytest.approx(0.2)
     assert m["block_drop_max"] == pytest.approx(0.3)
+    assert m["block_drop_max_rest"] == pytest.approx(0.1)    # the paper's form: not the first
     assert m["robust_attn_drop"] == pytest.approx(0.05)
+    assert m["lpi_drop0"] == pytest.approx(0.0) and "lpi_drop1" not in m
+    assert all(X.known_metric("lesions", k) for k in m)
 
 
 def test_transfer_extractor_separates_within_and_cross_architecture():

@@ -218,7 +218,13 @@ def _judge(exp: Experiment, found: Measurements, records: List[Dict[str, Any]],
         if t.threshold is not None:
             entry["threshold"] = t.threshold
         if missing:
-            entry.update(verdict="not run", why=f"missing seeds of {', '.join(missing)}")
+            unmeasured = [r for r in missing if all((refs[r].setting, s, refs[r].source) in found
+                                                    for s in exp.seeds)]
+            why = f"missing seeds of {', '.join(missing)}"
+            if unmeasured:
+                why = (f"the recorded runs did not measure {', '.join(unmeasured)} "
+                       "(added after they ran: a re-run measures it)")
+            entry.update(verdict="not run", why=why)
             tests.append(entry)
             continue
         masked = _masked(exp, index, t.refs())
