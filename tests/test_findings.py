@@ -13,8 +13,8 @@ from advvit.findings import verdict as V
 from advvit.findings.__main__ import main as findings_main
 from advvit.findings.plan import plan_lines, status, units
 from advvit.findings.markdown import render, shared_runs, suite_holm
-from advvit.findings.results import SchemaError, build_result, rebuild_result, validate_result, \
-    write_result
+from advvit.findings.results import SchemaError, build_result, compare_measurement, \
+    measurement_unit, rebuild_result, validate_result, write_result
 from advvit.findings.runner import RunFailed, run_experiment, run_unit
 from advvit.findings.spec import FindingsError, load_experiment, load_experiments
 from advvit.io import sha256_file
@@ -860,3 +860,37 @@ def test_the_shipped_page_is_rendered_from_the_shipped_records():
     for record in records:
         validate_result(record)
     assert render(records) == open(os.path.join(ROOT, "docs", "findings.md")).read()
+
+
+def test_verify_measures_one_unit_again_and_names_what_differs(tmp_path):
+    exp, data = _built(tmp_path, _per_example_runner())
+    index = next(i for i, m in enumerate(data["measurements"])
+                 if (m["setting"], m["seed"]) == ("wd05", 1))
+    root = str(tmp_path / "verify")
+    key = measurement_unit(exp, data, index, root)
+    assert key == "eval pgd wd05 s1"
+    calls = []
+
+    def counted(unit, **kw):
+        calls.append(unit.key)
+        return _per_example_runner()(unit, **kw)
+    run_experiment(exp, root, runner=counted, say=lambda s: None, only=[key])
+    assert calls == ["train wd05 s1", "eval pgd wd05 s1"]
+    assert compare_measurement(exp, data, index, root) == (True, [])
+    # Measured again with three more images right: inside the record's band (the seeds differ
+    # by a point, 200 images leave 3.4 points), and the outcomes that changed are counted.
+    def better(unit, **kw):
+        counted(unit, **kw)
+        if unit.kind != "eval":
+            return 1.0
+        report = json.load(open(unit.output))
+        for row in report["per_example"][121:124]:
+            row["robust"] = True
+        report["robust_accuracy"]["value"] += 3 / 200
+        json.dump(report, open(unit.output, "w"))
+        return 1.0
+    other = str(tmp_path / "verify2")
+    run_experiment(exp, other, runner=better, say=lambda s: None, only=[key])
+    ok, lines = compare_measurement(exp, data, index, other)
+    assert ok and "within the record's band" in lines[0]
+    assert lines[1] == "pgd.robust@wd05 seed 1: 3 images changed outcome"

@@ -28,7 +28,7 @@ from .plan import status, units
 from .spec import Experiment, MetricRef
 
 __all__ = ["collect", "build_result", "rebuild_result", "validate_result", "write_result", "FORMAT",
-           "SchemaError"]
+           "SchemaError", "measurement_unit", "compare_measurement"]
 
 FORMAT = "advvit-findings/1"
 # (setting, seed, source) -> metric -> value
@@ -194,6 +194,67 @@ def _gaps(exp: Experiment, index: Mapping[Tuple[str, int, str], Mapping[str, Any
         gaps.append("the evaluations' gradient-masking checks are not in the record: none of "
                     "its tests could be marked untrustworthy")
     return gaps
+
+
+def measurement_unit(exp: Experiment, record: Mapping[str, Any], index: int, root: str) -> str:
+    """The key of the unit under ``root`` that measures the record's ``index``-th measurement."""
+    m = record["measurements"][index]
+    for u in units(exp, root):
+        if u.kind in ("eval", "analysis") and u.source == m["source"] \
+                and m["setting"] in (u.settings or (u.setting,)) \
+                and m["seed"] in (u.seeds or (u.seed,)):
+            return u.key
+    raise ExtractError(f"no unit of {exp.id} measures {m['source']} of {m['setting']} "
+                       f"seed {m['seed']}")
+
+
+def compare_measurement(exp: Experiment, record: Mapping[str, Any], index: int,
+                        root: str) -> Tuple[bool, List[str]]:
+    """The record's ``index``-th measurement against the same one measured again under
+    ``root``: per metric, identical (to 1e-12), within the record's band (the ``1 - alpha``
+    t-interval of one seed's value: the seeds' spread and the test-set term of its summary), or
+    outside it; the per-example outcomes where both have them. Returns (all identical or
+    within, one line per difference)."""
+    m = record["measurements"][index]
+    found, records = collect(exp, root)
+    key = (m["setting"], m["seed"], m["source"])
+    if key not in found:
+        return False, [f"{m['source']} of {m['setting']} seed {m['seed']} was not measured again"]
+    again = next(r for r in records if (r["setting"], r["seed"], r["source"]) == key)
+    ok, lines = True, []
+    alpha = record.get("alpha", V.ALPHA)
+    for metric, old in m["metrics"].items():
+        new = again["metrics"].get(metric)
+        name = f"{m['source']}.{metric}@{m['setting']} seed {m['seed']}"
+        if old is None or new is None:
+            if old != new:
+                ok = False
+                lines.append(f"{name}: recorded {old}, now {new}")
+            continue
+        if abs(new - old) <= 1e-12:
+            continue
+        s = record["summaries"].get(f"{m['source']}.{metric}@{m['setting']}")
+        if s is None:
+            ok = False
+            lines.append(f"{name}: recorded {old:.6g}, now {new:.6g}; no band in the record")
+            continue
+        var, df = V.satterthwaite([(s["std"] ** 2, s["n"] - 1),
+                                   (s.get("sampling_var", 0.0), s.get("examples", 0) - 1
+                                    if s.get("examples", 0) > 1 else math.inf)])
+        band = V.critical(df, 1 - alpha) * math.sqrt(var)
+        inside = abs(new - old) <= band
+        ok = ok and inside
+        lines.append(f"{name}: recorded {old:.6g}, now {new:.6g} ({new - old:+.4g}, "
+                     f"{'within' if inside else 'OUTSIDE'} the record's band +-{band:.4g})")
+    if "outcomes" in m and "outcomes" in again:
+        for metric in ("clean", "robust"):
+            (i_old, b_old), (i_new, b_new) = (unpack_outcomes(o, metric)
+                                              for o in (m["outcomes"], again["outcomes"]))
+            if i_old != i_new or (b_old != b_new).any():
+                lines.append(f"{m['source']}.{metric}@{m['setting']} seed {m['seed']}: "
+                             f"{int((b_old != b_new).sum()) if i_old == i_new else 'other'} "
+                             "images changed outcome")
+    return ok, lines
 
 
 def _judge(exp: Experiment, found: Measurements, records: List[Dict[str, Any]],
