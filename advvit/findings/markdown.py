@@ -27,7 +27,9 @@ set's (every seed sees the same images, so more seeds do not shrink it): paired 
 where the record holds both settings' per-example outcomes, else both binomial terms as if the
 images differed. The critical value is the t quantile at the Welch-Satterthwaite degrees of
 freedom (two seeds whose spread dominates: 1-2 df, t 4.3-12.7), the level is each experiment's
-`alpha` (0.05), fixed in its file with its seeds, tests and margins before it ran.
+`alpha` (0.05), fixed in its file with its seeds, tests and margins (the records below were
+measured before this rule was written, and are judged by it without new measurements; seeds
+added after looking at results are named).
 **holds**: the claimed direction, the 95% interval clear of 0, by at least the smallest effect
 the claim is worth; **does not hold**: the interval on the other side of 0, or wholly below that
 effect; a "barely matters" claim is a TOST at its margin (the 90% interval inside it: holds;
