@@ -37,13 +37,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_dir_for(cfg: TrainConfig) -> str:
-    """The run folder: ``output/experiment`` (default name: model-dataset-loss)."""
-    name = cfg.run.experiment or "-".join(
-        [cfg.model.model, cfg.data.dataset.replace("/", "_"), cfg.attack.loss])
-    return os.path.join(cfg.run.output, name)
-
-
 @dataclass
 class Parts:
     """Everything a run needs, built and validated before the first step."""
@@ -150,7 +143,7 @@ def build(cfg: TrainConfig) -> Parts:
     """
     rt = accel.setup(cfg.run.device)
     _seed_everything(cfg.run.seed + rt.rank)
-    run_dir = run_dir_for(cfg)
+    run_dir = rundir.run_dir_for(cfg)
     # Everything the config alone decides is checked before the run folder is touched.
     info, spec = validate(cfg, rt.world_size)
     lock = _claim_run_dir(cfg, rt, run_dir)
