@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import pytest
 pytest.importorskip("submitit")
 
 from advvit import checkpoint, launch  # noqa: E402
+from advvit.train import KILL_ENV  # noqa: E402
 from test_train import _assert_same_weights, _tiny_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +135,8 @@ def test_the_sbatch_script_holds_the_options_given(tmp_path, capsys, monkeypatch
 
 # 48 training images, 2 ranks x 4: 6 steps an epoch; recovery points every 2 steps.
 RUN = ("--epochs", "2", "--batch-size", "4", "--device", "cpu", "--recovery-interval-steps", "2")
+# The preemption test: a recovery point every step, so the job resumes where it was stopped.
+EVERY_STEP = ("--recovery-interval-steps", "1")
 
 
 def _launch(*options: str, args, **popen):
@@ -142,18 +146,41 @@ def _launch(*options: str, args, **popen):
                             stderr=subprocess.STDOUT, text=True, **popen)
 
 
-@pytest.fixture(scope="module")
-def torchrun_weights(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("torchrun")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node=2", "-m", "advvit.train", *_tiny_args(tmp, *RUN)],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+def _torchrun(tmp: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node=2", "-m", "advvit.train",
+                           *_tiny_args(tmp, *RUN, *extra)],
+                          cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=600)
+
+
+def _two_ranks(args, rank0_env) -> list:
+    """``python -m advvit.train`` as the two ranks torchrun starts, started here so that only
+    rank 0 has ``rank0_env``; their exit codes."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = _env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), **(rank0_env if rank == 0 else {}))
+        procs.append(subprocess.Popen([sys.executable, "-m", "advvit.train", *args], cwd=ROOT,
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        return [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def _torchrun_weights(tmp: Path, *extra: str) -> dict:
+    out = _torchrun(tmp, *extra)
     assert out.returncode == 0, out.stderr[-3000:]
     return checkpoint.load_checkpoint(tmp / "runs" / "run" / "last.pth")
 
 
 @pytest.mark.slow
-def test_two_local_tasks_train_the_weights_torchrun_trains(tmp_path, torchrun_weights):
+def test_two_local_tasks_train_the_weights_torchrun_trains(tmp_path):
+    torchrun_weights = _torchrun_weights(tmp_path / "torchrun")
     proc = _launch(args=_tiny_args(tmp_path, *RUN))
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out
@@ -182,13 +209,13 @@ def _task_pids(folder: Path) -> list:
 
 
 @pytest.mark.slow
-def test_a_preempted_local_job_is_requeued_and_ends_with_the_uninterrupted_weights(
-        tmp_path, torchrun_weights):
+def test_a_preempted_local_job_is_requeued_and_ends_as_torchrun_resumed_from_the_same_point(
+        tmp_path):
     run = tmp_path / "runs" / "run"
-    proc = _launch(args=_tiny_args(tmp_path, *RUN))
+    proc = _launch(args=_tiny_args(tmp_path, *RUN, *EVERY_STEP))
     try:
         deadline = time.monotonic() + 300
-        while not (run / "recovery.pth").exists():  # inside an epoch, past a recovery point
+        while not (run / "recovery.pth").exists():  # inside the first epoch
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.05)
         tasks = _task_pids(run / "submitit")
@@ -203,7 +230,20 @@ def test_a_preempted_local_job_is_requeued_and_ends_with_the_uninterrupted_weigh
     assert "this job is preempted" in rank0 and "Requeued job" in rank0
     assert rank0.count("--resume auto") == 1
     rank0_err = next((run / "submitit").glob("*_0_log.err")).read_text()
-    assert "resumed from" in rank0_err
+    resumed = re.search(r"resumed from \S+recovery.pth at epoch 0 after (\d+) of its steps",
+                        rank0_err)
+    assert resumed, rank0_err
+    steps = int(resumed.group(1))
+    assert 0 < steps < 6
+
+    # The torchrun path stopped at the same recovery point (rank 0 killed right after writing
+    # it; rank 1 then fails at its next collective), resumed with --resume auto.
+    ref = tmp_path / "torchrun"
+    cut = _two_ranks(_tiny_args(ref, *RUN, *EVERY_STEP), rank0_env={KILL_ENV: f"log:{steps}"})
+    assert cut[0] == -signal.SIGKILL and cut[1] != 0
+    again = _torchrun(ref, *EVERY_STEP, "--resume", "auto")
+    assert again.returncode == 0 and f"at epoch 0 after {steps} of its steps" in again.stderr
+    a = checkpoint.load_checkpoint(ref / "runs" / "run" / "last.pth")
     b = checkpoint.load_checkpoint(run / "last.pth")
-    assert (b["epoch"], b["step"]) == (1, 12)
-    _assert_same_weights(torchrun_weights, b)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (1, 12)
+    _assert_same_weights(a, b)
