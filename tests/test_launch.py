@@ -22,6 +22,7 @@ pytest.importorskip("submitit")
 
 from advvit import checkpoint, launch  # noqa: E402
 from advvit.train import KILL_ENV  # noqa: E402
+from test_cli_eval import _base as _eval_args, ckpt_path  # noqa: E402,F401  (a fixture)
 from test_train import _assert_same_weights, _tiny_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,3 +248,34 @@ def test_a_preempted_local_job_is_requeued_and_ends_as_torchrun_resumed_from_the
     b = checkpoint.load_checkpoint(run / "last.pth")
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (1, 12)
     _assert_same_weights(a, b)
+
+
+def _without_timing(report):
+    """The report without what differs between two runs of one evaluation: clocks, the
+    command line it was started with."""
+    if isinstance(report, dict):
+        return {k: _without_timing(v) for k, v in report.items()
+                if k not in ("created", "command") and "seconds" not in k}
+    if isinstance(report, list):
+        return [_without_timing(v) for v in report]
+    return report
+
+
+@pytest.mark.slow
+def test_two_local_tasks_evaluate_the_shards_torchrun_evaluates(ckpt_path, tmp_path):
+    args = _eval_args(ckpt_path, tmp_path, "--attack", "pgd", "--steps", "3", "--eps", "2/255",
+                      "--per-example")
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc-per-node=2", "-m", "advvit.eval", *args], cwd=ROOT,
+                              env=_env(), capture_output=True, text=True, timeout=600)
+    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    expected = json.loads((tmp_path / "report.json").read_text())
+    (tmp_path / "report.json").unlink()
+    launched = subprocess.run([sys.executable, "-m", "advvit.launch", "eval", "--cluster", "local",
+                               "--tasks-per-node", "2", "--", *args], cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    assert f"logs: {tmp_path / 'submitit'}/" in launched.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["world_size"] == 2 and report["n"] == 24
+    assert _without_timing(report) == _without_timing(expected)
