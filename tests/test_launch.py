@@ -88,6 +88,15 @@ def test_bad_launcher_options_are_refused_before_anything_is_submitted(tmp_path,
     assert not (tmp_path / "logs").exists() and not (tmp_path / "runs").exists()
 
 
+def test_an_evaluation_with_a_bad_option_is_refused_by_evals_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        launch.main(["eval", "--cluster", "local", "--", "--checkpoint", "b.pth",
+                     "--output", str(tmp_path / "r.json"), "--attakc", "pgd"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --attakc" in capsys.readouterr().err
+    assert not (tmp_path / "submitit").exists()
+
+
 def test_slurm_without_sbatch_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(SystemExit):
