@@ -26,14 +26,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import yaml
 
-from .config import FIELDS, ConfigError, shown
+from .config import FIELDS, ConfigError, TrainConfig, shown
 from .io import (FileInUseError, FileLock, atomic_write, atomic_write_text,
                  folder_instead_of_file, lock_file, remove_stale_tmp)
 
 __all__ = ["LOCK", "LAST", "BEST", "RECOVERY", "HISTORY", "RUN_FILES", "OVERRIDABLE",
-           "RunLock", "check_run_dir", "lock_run_dir", "refuse_leftovers", "choose_resume",
-           "config_changes", "check_resume_config", "parse_overrides", "record_resume",
-           "write_args_if_missing", "checkpoint_step", "link_best"]
+           "RunLock", "run_dir_for", "check_run_dir", "lock_run_dir", "refuse_leftovers",
+           "choose_resume", "config_changes", "check_resume_config", "parse_overrides",
+           "record_resume", "write_args_if_missing", "checkpoint_step", "link_best"]
 
 LOCK = ".lock"
 LAST = "last.pth"
@@ -66,6 +66,13 @@ OVERRIDABLE: Dict[str, str] = {
 }
 # Keys that say where this invocation runs or how it resumes: never compared.
 _NOT_COMPARED = ("output", "experiment", "resume", "resume_override")
+
+
+def run_dir_for(cfg: TrainConfig) -> str:
+    """The run folder: ``output/experiment`` (default name: model-dataset-loss)."""
+    name = cfg.run.experiment or "-".join(
+        [cfg.model.model, cfg.data.dataset.replace("/", "_"), cfg.attack.loss])
+    return os.path.join(cfg.run.output, name)
 
 
 def _now() -> str:

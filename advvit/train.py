@@ -15,7 +15,8 @@ from . import accel, checkpoint, data, engine, rundir
 from .config import ConfigError, load_config
 from .io import WriteError
 from .preflight import validate
-from .trainer import StopRequest, Trainer, TrainingStopped, run_dir_for, train
+from .rundir import run_dir_for
+from .trainer import StopRequest, Trainer, TrainingStopped, train
 
 __all__ = ["main", "train", "Trainer", "StopRequest", "TrainingStopped", "validate"]
 

@@ -33,20 +33,13 @@ from .preflight import validate
 from .schedules import EpsSchedule, create_eps_schedule
 
 __all__ = ["train", "build", "Parts", "Trainer", "StopRequest", "TrainingStopped",
-           "CatastrophicOverfittingGuard", "run_dir_for", "KILL_ENV"]
+           "CatastrophicOverfittingGuard", "KILL_ENV"]
 
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def run_dir_for(cfg: TrainConfig) -> str:
-    """The run folder: ``output/experiment`` (default name: model-dataset-loss)."""
-    name = cfg.run.experiment or "-".join(
-        [cfg.model.model, cfg.data.dataset.replace("/", "_"), cfg.attack.loss])
-    return os.path.join(cfg.run.output, name)
 
 
 @dataclass
@@ -155,7 +148,7 @@ def build(cfg: TrainConfig) -> Parts:
     """
     rt = accel.setup(cfg.run.device)
     _seed_everything(cfg.run.seed + rt.rank)
-    run_dir = run_dir_for(cfg)
+    run_dir = rundir.run_dir_for(cfg)
     # Everything the config alone decides is checked before the run folder is touched.
     info, spec = validate(cfg, rt.world_size)
     lock = _claim_run_dir(cfg, rt, run_dir)

@@ -43,11 +43,12 @@ LAYERS: Sequence[Tuple[str, Sequence[str]]] = (
     # cli holds the parts the command lines share (option groups, analyze's sub-commands); it is
     # no command itself, so findings may check options with its parsers.
     ("command lines",
-     ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.findings.*", "advvit.cli.*")),
+     ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.findings.*", "advvit.cli.*",
+      "advvit.launch")),
 )
 
 # Each is one command line; only its own modules may import it.
-COMMANDS = ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.findings.*")
+COMMANDS = ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.findings.*", "advvit.launch")
 
 # ---------------------------------------------------------------------------------------------
 # the scan
@@ -270,7 +271,8 @@ ARCHITECTURE = REPO / "docs" / "architecture.md"
 # The import names of the project's dependencies (and optional extras), as the column writes them
 # after the advvit modules; any other word there is a misspelt module.
 THIRD_PARTY = {"torch", "torchvision", "timm", "numpy", "yaml", "safetensors", "tensorboard", "PIL",
-               "torch_xla", "matplotlib", "imagecorruptions", "pyautoattack", "autoattack"}
+               "torch_xla", "matplotlib", "imagecorruptions", "pyautoattack", "autoattack",
+               "submitit"}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,290 @@
+"""`python -m advvit.launch`: submitit jobs that compute what torchrun runs compute.
+
+The Slurm path is checked on the sbatch script submitit writes (a stand-in ``sbatch`` keeps it);
+the local path runs real processes: 2 gloo tasks through submitit's LocalExecutor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("submitit")
+
+from advvit import checkpoint, launch  # noqa: E402
+from advvit.train import KILL_ENV  # noqa: E402
+from test_cli_eval import _base as _eval_args, ckpt_path  # noqa: E402,F401  (a fixture)
+from test_train import _assert_same_weights, _tiny_args  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN and not k.startswith("SUBMITIT")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _fake_slurm(tmp_path: Path) -> Path:
+    """``sbatch`` keeping the script it is given, and an ``srun`` that is only found."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        f"#!/bin/sh\ncp \"$1\" {tmp_path}/submitted.sh\necho 'Submitted batch job 4242'\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for name in ("sbatch", "srun"):
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def test_with_resume_auto_replaces_any_resume():
+    assert launch.with_resume_auto(["--config", "c.yaml"]) == ["--config", "c.yaml", "--resume", "auto"]
+    assert launch.with_resume_auto(["--resume", "x.pth", "--epochs", "3", "--resume=y"]) == [
+        "--epochs", "3", "--resume", "auto"]
+
+
+def test_a_requeued_training_task_resumes_and_an_evaluation_reruns_as_asked():
+    train = launch.Task("train", ["--config", "c.yaml"]).checkpoint()
+    assert (train.function.command, train.function.argv) == ("train", ["--config", "c.yaml", "--resume", "auto"])
+    evaluation = launch.Task("eval", ["--checkpoint", "b.pth"]).checkpoint()
+    assert evaluation.function.argv == ["--checkpoint", "b.pth"]
+
+
+def test_slurm_options_pass_through_and_unknown_ones_are_refused():
+    assert launch.slurm_options(["--slurm-account", "proj", "--slurm-exclusive",
+                                 "--slurm-constraint=a100", "--slurm-array-parallelism", "4"]) == {
+        "account": "proj", "exclusive": True, "constraint": "a100", "array_parallelism": 4}
+    with pytest.raises(launch.LaunchError, match="no parameter 'acount'"):
+        launch.slurm_options(["--slurm-acount", "proj"])
+    with pytest.raises(launch.LaunchError, match="go after `--`"):
+        launch.slurm_options(["--epochs", "3"])
+
+
+@pytest.mark.parametrize("options, match", [
+    (["--cluster", "local", "--partition", "gpu"], "--partition need a Slurm cluster"),
+    (["--cluster", "local", "--slurm-account", "p"], "--slurm-account need a Slurm cluster"),
+    (["--cluster", "local", "--nodes", "2"], "runs on this machine only"),
+    (["--cluster", "debug", "--tasks-per-node", "2"], "--cluster debug runs one task"),
+    (["--cluster", "local", "--gpus-per-node", "2", "--tasks-per-node", "3"], "one GPU"),
+    (["--cluster", "pbs"], "invalid choice: 'pbs'"),
+])
+def test_bad_launcher_options_are_refused_before_anything_is_submitted(tmp_path, capsys, options,
+                                                                       match):
+    with pytest.raises(SystemExit) as stop:
+        launch.main(["train", *options, "--log-dir", str(tmp_path / "logs"), "--",
+                     *_tiny_args(tmp_path)])
+    assert stop.value.code == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "runs").exists()
+
+
+def test_an_evaluation_with_a_bad_option_is_refused_by_evals_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        launch.main(["eval", "--cluster", "local", "--", "--checkpoint", "b.pth",
+                     "--output", str(tmp_path / "r.json"), "--attakc", "pgd"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --attakc" in capsys.readouterr().err
+    assert not (tmp_path / "submitit").exists()
+
+
+def test_slurm_without_sbatch_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SystemExit):
+        launch.main(["train", "--cluster", "slurm", "--", *_tiny_args(tmp_path)])
+    assert "sbatch / srun are not on PATH" in capsys.readouterr().err
+
+
+def test_a_bad_config_never_reaches_the_queue(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", f"{_fake_slurm(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    code = launch.main(["train", "--nodes", "2", "--gpus-per-node", "4", "--",
+                        *_tiny_args(tmp_path, "--model", "xcit_nano_12_p8_33")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "config key 'model'" in err
+    assert not (tmp_path / "submitted.sh").exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_sbatch_script_holds_the_options_given(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", f"{_fake_slurm(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    args = _tiny_args(tmp_path)
+    assert launch.main(["train", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu",
+                        "--timeout-min", "90", "--cpus-per-task", "10", "--mem-gb", "64",
+                        "--slurm-account", "proj", "--", *args]) == 0  # no --cluster: sbatch found
+    script = (tmp_path / "submitted.sh").read_text()
+    flags = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)$", script, re.M))
+    logs = tmp_path / "runs" / "run" / "submitit"
+    assert flags == {"nodes": "2", "ntasks-per-node": "4", "gpus-per-node": "4",
+                     "partition": "gpu", "time": "90", "cpus-per-task": "10", "mem": "64GB",
+                     "account": "proj", "job-name": "advvit-train", "signal": "USR2@90",
+                     "output": f"{logs}/%j_0_log.out", "error": f"{logs}/%j_0_log.err",
+                     "open-mode": "append", "wckey": "submitit"}
+    assert re.search(rf"^srun --unbuffered --output {logs}/%j_%t_log.out --error "
+                     rf"{logs}/%j_%t_log.err .* -m submitit.core._submit {logs}$", script, re.M)
+    out = capsys.readouterr().out
+    assert "job 4242 (slurm, 2 node(s) x 4 task(s))" in out
+    assert f"logs: {logs}/4242_0_log.out {logs}/4242_0_log.err" in out
+    assert f"run folder: {tmp_path / 'runs' / 'run'}" in out
+    with open(logs / "4242_submitted.pkl", "rb") as fh:
+        task = pickle.load(fh).function
+    assert (task.command, task.argv) == ("train", args)
+
+
+# ---------------------------------------------------------------------------------------------
+# real processes
+# ---------------------------------------------------------------------------------------------
+
+# 48 training images, 2 ranks x 4: 6 steps an epoch; recovery points every 2 steps.
+RUN = ("--epochs", "2", "--batch-size", "4", "--device", "cpu", "--recovery-interval-steps", "2")
+# The preemption test: a recovery point every step, so the job resumes where it was stopped.
+EVERY_STEP = ("--recovery-interval-steps", "1")
+
+
+def _launch(*options: str, args, **popen):
+    cmd = [sys.executable, "-m", "advvit.launch", "train", "--cluster", "local",
+           "--tasks-per-node", "2", "--timeout-min", "30", *options, "--", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _torchrun(tmp: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node=2", "-m", "advvit.train",
+                           *_tiny_args(tmp, *RUN, *extra)],
+                          cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=600)
+
+
+def _two_ranks(args, rank0_env) -> list:
+    """``python -m advvit.train`` as the two ranks torchrun starts, started here so that only
+    rank 0 has ``rank0_env``; their exit codes."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = _env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), **(rank0_env if rank == 0 else {}))
+        procs.append(subprocess.Popen([sys.executable, "-m", "advvit.train", *args], cwd=ROOT,
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        return [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def _torchrun_weights(tmp: Path, *extra: str) -> dict:
+    out = _torchrun(tmp, *extra)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return checkpoint.load_checkpoint(tmp / "runs" / "run" / "last.pth")
+
+
+@pytest.mark.slow
+def test_two_local_tasks_train_the_weights_torchrun_trains(tmp_path):
+    torchrun_weights = _torchrun_weights(tmp_path / "torchrun")
+    proc = _launch(args=_tiny_args(tmp_path, *RUN))
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out
+    run = tmp_path / "runs" / "run"
+    assert f"run folder: {run}" in out and re.search(r"job \d+ finished", out)
+    for name in ("args.yaml", "summary.csv", "last.pth", "best.pth"):
+        assert (run / name).exists(), name
+    logs = sorted((run / "submitit").glob("*_log.out"))
+    assert len(logs) == 2 and "rank 1 of 2" in logs[1].read_text()
+    b = checkpoint.load_checkpoint(run / "last.pth")
+    assert (b["epoch"], b["step"]) == (torchrun_weights["epoch"], torchrun_weights["step"]) == (1, 12)
+    _assert_same_weights(torchrun_weights, b)
+
+
+def _task_pids(folder: Path) -> list:
+    """The submitit task processes of the job whose folder is ``folder``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in cmdline and str(folder).encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_preempted_local_job_is_requeued_and_ends_as_torchrun_resumed_from_the_same_point(
+        tmp_path):
+    run = tmp_path / "runs" / "run"
+    proc = _launch(args=_tiny_args(tmp_path, *RUN, *EVERY_STEP))
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "recovery.pth").exists():  # inside the first epoch
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        tasks = _task_pids(run / "submitit")
+        assert len(tasks) == 2
+        for pid in tasks:  # as Slurm signals every task of the job
+            os.kill(pid, signal.SIGUSR2)
+        out = proc.communicate(timeout=600)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    rank0 = next((run / "submitit").glob("*_0_log.out")).read_text()
+    assert "this job is preempted" in rank0 and "Requeued job" in rank0
+    assert rank0.count("--resume auto") == 1
+    rank0_err = next((run / "submitit").glob("*_0_log.err")).read_text()
+    resumed = re.search(r"resumed from \S+recovery.pth at epoch 0 after (\d+) of its steps",
+                        rank0_err)
+    assert resumed, rank0_err
+    steps = int(resumed.group(1))
+    assert 0 < steps < 6
+
+    # The torchrun path stopped at the same recovery point (rank 0 killed right after writing
+    # it; rank 1 then fails at its next collective), resumed with --resume auto.
+    ref = tmp_path / "torchrun"
+    cut = _two_ranks(_tiny_args(ref, *RUN, *EVERY_STEP), rank0_env={KILL_ENV: f"log:{steps}"})
+    assert cut[0] == -signal.SIGKILL and cut[1] != 0
+    again = _torchrun(ref, *EVERY_STEP, "--resume", "auto")
+    assert again.returncode == 0 and f"at epoch 0 after {steps} of its steps" in again.stderr
+    a = checkpoint.load_checkpoint(ref / "runs" / "run" / "last.pth")
+    b = checkpoint.load_checkpoint(run / "last.pth")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (1, 12)
+    _assert_same_weights(a, b)
+
+
+def _without_timing(report):
+    """The report without what differs between two runs of one evaluation: clocks, the
+    command line it was started with."""
+    if isinstance(report, dict):
+        return {k: _without_timing(v) for k, v in report.items()
+                if k not in ("created", "command") and "seconds" not in k}
+    if isinstance(report, list):
+        return [_without_timing(v) for v in report]
+    return report
+
+
+@pytest.mark.slow
+def test_two_local_tasks_evaluate_the_shards_torchrun_evaluates(ckpt_path, tmp_path):
+    args = _eval_args(ckpt_path, tmp_path, "--attack", "pgd", "--steps", "3", "--eps", "2/255",
+                      "--per-example")
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc-per-node=2", "-m", "advvit.eval", *args], cwd=ROOT,
+                              env=_env(), capture_output=True, text=True, timeout=600)
+    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    expected = json.loads((tmp_path / "report.json").read_text())
+    (tmp_path / "report.json").unlink()
+    launched = subprocess.run([sys.executable, "-m", "advvit.launch", "eval", "--cluster", "local",
+                               "--tasks-per-node", "2", "--", *args], cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    assert f"logs: {tmp_path / 'submitit'}/" in launched.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["world_size"] == 2 and report["n"] == 24
+    assert _without_timing(report) == _without_timing(expected)
