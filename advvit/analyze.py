@@ -38,13 +38,14 @@ import torch
 
 from .accel import resolve_device
 from .attacks import check_eps
-from .checkpoint import LoadedModel, load_checkpoint_model
+from .checkpoint import LoadedModel
 from .cli.analyses import (ANALYSES, Analysis, AnalyzeRequest, Context, NamedModel, Output,
                            Progress, analyze_parser, analyze_parsers, register)
 from .data import load_examples
-from .cli.options import parse_eps
+from .cli.options import model_options, parse_eps
 from .io import OptionError, check_folder
 from .plots import INSTALL_HINT, eps_text, pyplot
+from .references import resolve_model
 from .report import envelope, to_jsonable, write_markdown_report, write_report
 
 __all__ = [
@@ -134,8 +135,7 @@ def _eps(analysis: Analysis, args: AnalyzeRequest, norm: Optional[str],
 
 def _load_models(paths: Sequence[str], args: AnalyzeRequest, device: torch.device,
                  option: str) -> tuple[list[NamedModel], list[LoadedModel]]:
-    loaded = [load_checkpoint_model(p, use_ema=not args.no_ema, option=option)
-              for p in paths]
+    loaded = [resolve_model(p, model_options(args, option)) for p in paths]
     named = [NamedModel(name, lm.model.to(device), lm.record, lm.num_classes)
              for name, lm in zip(_model_names(paths), loaded)]
     return named, loaded

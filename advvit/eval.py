@@ -40,11 +40,12 @@ from .accel import resolve_device
 from .attack_names import AttackSpec, parse_attack
 from .attacks import check_eps
 from .autoattack_adapter import available_backends
-from .checkpoint import LoadedModel, load_checkpoint_model, load_timm_model
-from .cli.options import OptionsView, eval_parser, parse_eps
-from .data import dataset_info, load_examples, read_ids_file
-from .io import OptionError, check_file_target, input_file
+from .checkpoint import LoadedModel
+from .cli.options import OptionsView, eval_parser, model_options, parse_eps
+from .data import load_examples, read_ids_file
+from .io import OptionError, check_file_target
 from .plots import save_sweep_plot
+from .references import resolve_model
 from .report import (EVAL_FORMAT, build_report, envelope, print_corruption_table, print_table,
                      save_tensors, write_report)
 from .robustness import EnsembleResult, StateMismatchError, merge_outcomes
@@ -120,16 +121,16 @@ class EvalRequest(OptionsView):
         Raises:
             OptionError: naming the option and the fix.
         """
-        if bool(args.checkpoint) == bool(args.model):
-            raise OptionError("give either --checkpoint FILE or --model NAME --weights FILE")
-        if args.model and not args.weights:
-            raise OptionError(f"--model {args.model} needs --weights FILE (no weights are "
-                              "downloaded)")
-        if args.checkpoint and any(getattr(args, k) is not None for k in
-                                   ("weights", "num_classes", "img_size", "in_chans", "mean",
-                                    "std")):
-            raise OptionError("--weights/--num-classes/--img-size/--in-chans/--mean/--std go "
-                              "with --model: a checkpoint records them itself")
+        if bool(args.checkpoint) == bool(args.weights):
+            raise OptionError("give either --checkpoint REFERENCE (a path, timm:NAME, "
+                              "hf-hub:ORG/NAME, local-dir:PATH, robustbench:NAME) or --model "
+                              "NAME --weights FILE")
+        if args.weights and not args.model:
+            raise OptionError("--weights FILE needs --model NAME (the timm architecture)")
+        if not args.model and any(getattr(args, k) is not None for k in
+                                  ("num_classes", "img_size", "in_chans", "mean", "std")):
+            raise OptionError("--num-classes/--img-size/--in-chans/--mean/--std go with "
+                              "--model: a checkpoint records them itself")
         if args.batch_size < 1:
             raise OptionError(f"--batch-size must be >= 1, got {args.batch_size}")
         step_size = parse_eps(args.step_size, norm=args.norm, name="--step-size") \
@@ -168,29 +169,22 @@ class _Prepared:
 
 
 def _load_model(req: EvalRequest) -> tuple[LoadedModel, str, str | None]:
-    """The model (eval mode, on the CPU) -> (it, the data set, its root): a checkpoint that
-    records its training data gives them where they were not given."""
-    if req.checkpoint:
-        loaded = load_checkpoint_model(req.checkpoint, use_ema=not req.no_ema)
-        dataset, data_dir = req.dataset, req.data_dir
-        if dataset is None:
-            dataset = loaded.trained_on.get("dataset")
-            data_dir = data_dir or loaded.trained_on.get("data_dir")
-        if dataset is None:
-            raise OptionError("--dataset: the checkpoint does not record its data set; name one")
-        return loaded, dataset, data_dir
-    weights = input_file(req.weights, "--weights", example="model.safetensors")
-    if req.dataset is None:
-        raise OptionError("--dataset is needed with --model/--weights")
-    info = dataset_info(req.dataset, req.data_dir)
+    """The model (eval mode, on the CPU) -> (it, the data set, its root): a model that records
+    its training data gives them where they were not given."""
     mean, std = _floats(req.mean, "--mean"), _floats(req.std, "--std")
     if (mean is None) != (std is None):
         raise OptionError("--mean and --std go together")
-    loaded = load_timm_model(req.model, weights, num_classes=req.num_classes or info.num_classes,
-                             in_chans=req.in_chans or info.in_chans,
-                             img_size=req.img_size or info.img_size,
-                             normalize=(mean, std) if mean is not None else None)
-    return loaded, req.dataset, req.data_dir
+    loaded = resolve_model(req.checkpoint or req.weights, model_options(
+        req, "--checkpoint" if req.checkpoint else "--weights", num_classes=req.num_classes,
+        in_chans=req.in_chans, img_size=req.img_size,
+        normalize=(mean, std) if mean is not None else None))
+    dataset, data_dir = req.dataset, req.data_dir
+    if dataset is None:
+        dataset = loaded.trained_on.get("dataset")
+        data_dir = data_dir or loaded.trained_on.get("data_dir")
+    if dataset is None:
+        raise OptionError("--dataset: the model does not record its data set; name one")
+    return loaded, dataset, data_dir
 
 
 def _prepare(req: EvalRequest) -> _Prepared:

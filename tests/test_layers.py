@@ -39,7 +39,8 @@ LAYERS: Sequence[Tuple[str, Sequence[str]]] = (
       "advvit.monitor", "advvit.checks")),
     ("library",
      ("advvit.engine", "advvit.robustness", "advvit.autoattack_adapter", "advvit.preflight",
-      "advvit.analysis.*", "advvit.report", "advvit.attack_names", "advvit.suites", "advvit.plots")),
+      "advvit.analysis.*", "advvit.report", "advvit.attack_names", "advvit.suites", "advvit.plots",
+      "advvit.references")),
     # cli holds the parts the command lines share (option groups, analyze's sub-commands); it is
     # no command itself, so findings may check options with its parsers.
     ("command lines",
@@ -270,7 +271,8 @@ ARCHITECTURE = REPO / "docs" / "architecture.md"
 # The import names of the project's dependencies (and optional extras), as the column writes them
 # after the advvit modules; any other word there is a misspelt module.
 THIRD_PARTY = {"torch", "torchvision", "timm", "numpy", "yaml", "safetensors", "tensorboard", "PIL",
-               "torch_xla", "matplotlib", "imagecorruptions", "pyautoattack", "autoattack"}
+               "torch_xla", "matplotlib", "imagecorruptions", "pyautoattack", "autoattack",
+               "huggingface_hub", "robustbench"}
 
 
 @dataclass(frozen=True)
