@@ -45,7 +45,7 @@ from .cli.options import OptionsView, eval_parser, model_options, parse_eps
 from .data import load_examples, read_ids_file
 from .io import OptionError, check_file_target
 from .plots import save_sweep_plot
-from .references import resolve_model
+from .references import check_classes, resolve_model
 from .report import (EVAL_FORMAT, build_report, envelope, print_corruption_table, print_table,
                      save_tensors, write_report)
 from .robustness import EnsembleResult, StateMismatchError, merge_outcomes
@@ -203,6 +203,7 @@ def _prepare(req: EvalRequest) -> _Prepared:
         except ValueError as err:
             raise OptionError(str(err)) from None
     num_classes = loaded.num_classes
+    check_classes(num_classes, dataset, f"the model ({loaded.record.get('reference')})")
     if int(y.max()) >= num_classes:
         raise OptionError(f"--dataset {dataset} has labels up to {int(y.max())} but the model "
                           f"has {num_classes} classes: evaluate on the data set it was trained for")

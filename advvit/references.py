@@ -25,6 +25,7 @@ import argparse
 import difflib
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -39,7 +40,8 @@ from .checkpoint import (FORMAT, CheckpointError, LoadedModel, check_finite_weig
 from .io import OptionError, input_file_problem, sha256_file
 from .wrappers import NormalizedModel
 
-__all__ = ["SCHEMES", "ModelOptions", "resolve_model", "robustbench_zoo", "ROBUSTBENCH_EXTRA"]
+__all__ = ["SCHEMES", "ModelOptions", "resolve_model", "check_classes", "robustbench_zoo",
+           "ROBUSTBENCH_EXTRA"]
 
 SCHEMES = ("timm", "hf-hub", "local-dir", "robustbench")
 _FORMS = ("a checkpoint path, timm:NAME, hf-hub:ORG/NAME[@REV], local-dir:PATH or "
@@ -112,6 +114,22 @@ def resolve_model(ref: str, opts: ModelOptions = ModelOptions()) -> LoadedModel:
     record = {"reference": str(ref), "input_range": [0.0, 1.0], **loaded.record}
     return LoadedModel(loaded.model.eval(), loaded.num_classes, loaded.in_chans,
                        loaded.img_size, record, loaded.trained_on)
+
+
+def check_classes(num_classes: int, dataset: str, where: str) -> None:
+    """Refuse a model whose class count is not the data set's (for the data sets whose classes
+    are known without reading them: an image folder may hold a subset of its model's classes).
+
+    Raises:
+        OptionError: naming the model, both counts and the fix.
+    """
+    from .data import DATASET_NAMES, dataset_info
+    if dataset not in DATASET_NAMES or dataset == "imagefolder":
+        return
+    expected = dataset_info(dataset).num_classes
+    if num_classes != expected:
+        raise OptionError(f"{where} has {num_classes} classes but --dataset {dataset} has "
+                          f"{expected}: use it on the data set it was trained for")
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,20 +394,25 @@ def _import_robustbench(option: str) -> Any:
     in for that import alone (the names are taken back after it, so advvit's own choice of
     AutoAttack package is unchanged)."""
     try:
-        import robustbench  # noqa: F401
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its imports of timm's deprecated paths
+            import robustbench  # noqa: F401
         return sys.modules["robustbench"]
     except ModuleNotFoundError as err:
         if err.name != "autoattack" and not str(err.name).startswith("autoattack."):
-            missing = err.name or "robustbench"
-            raise OptionError(f"{option} robustbench:...: the robustbench package (or its import "
-                              f"{missing}) is not installed: {ROBUSTBENCH_EXTRA}") from None
+            what = ("robustbench is" if err.name in (None, "robustbench") else
+                    f"robustbench's import {err.name} is")
+            raise OptionError(f"{option} robustbench:...: {what} not installed: "
+                              f"{ROBUSTBENCH_EXTRA}") from None
     import pyautoattack
     import pyautoattack.state
     for key in [k for k in sys.modules if k == "robustbench" or k.startswith("robustbench.")]:
         del sys.modules[key]
     sys.modules["autoattack"], sys.modules["autoattack.state"] = pyautoattack, pyautoattack.state
     try:
-        import robustbench  # noqa: F401,F811
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import robustbench  # noqa: F401,F811
     except ModuleNotFoundError as err:
         raise OptionError(f"{option} robustbench:...: robustbench's import {err.name} is not "
                           f"installed: {ROBUSTBENCH_EXTRA}") from None
@@ -449,7 +472,6 @@ def _inner_normalization(model: nn.Module) -> Optional[Tuple[Tuple[float, ...], 
 
 
 def _robustbench(rest: str, opts: ModelOptions) -> LoadedModel:
-    _import_robustbench(opts.option)
     dataset, threat, name = _robustbench_entry(rest, opts)
     zoo = robustbench_zoo(opts.option)
     if not any(d == dataset for d, _ in zoo):

@@ -1,0 +1,299 @@
+"""Model references (advvit.references): every source offline, from weights the tests write into
+the folders timm, huggingface_hub and robustbench read; each source's normalization inside the
+model exactly once; bad references refused with one message and exit 2 before any work."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import advvit  # noqa: F401  (before timm)
+import timm
+from advvit import checkpoint as C
+from advvit import eval as E
+from advvit.io import OptionError, sha256_file
+from advvit.models import create_model
+from advvit.references import ModelOptions, resolve_model
+from advvit.wrappers import NormalizedModel, unwrap
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+MEAN_STD = ((0.2860,), (0.3530,))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def caches(tmp_path, monkeypatch):
+    """Empty Hub and torch caches, offline: nothing is downloaded."""
+    from huggingface_hub import constants
+    hub = tmp_path / "hf" / "hub"
+    hub.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return hub
+
+
+def hub_snapshot(hub: Path, repo: str, files: dict[str, Path]) -> Path:
+    """``files`` as a Hub cache holds a repository's main revision (blobs, snapshot, refs)."""
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = folder / "snapshots" / commit
+    (folder / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for name, source in files.items():
+        blob = folder / "blobs" / sha256_file(source)
+        shutil.copyfile(source, blob)
+        (snapshot / name).symlink_to(Path("../..") / "blobs" / blob.name)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    return folder
+
+
+def normalizations(model: torch.nn.Module) -> int:
+    """How many modules of the model normalize its input (advvit's and robustbench's)."""
+    return sum(isinstance(m, NormalizedModel) or type(m).__name__ == "ImageNormalizer"
+               for m in model.modules())
+
+
+def _normalized(x: torch.Tensor, mean, std) -> torch.Tensor:
+    shape = (1, -1, 1, 1)
+    return (x - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+
+
+# --------------------------------------------------------------------------- timm's loaders
+
+def test_timm_name_is_normalized_once_by_its_pretrained_cfg(caches):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    plain = timm.create_model("test_vit.r160_in1k", pretrained=False).eval()
+    weights = caches.parent / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(weights))
+    hub_snapshot(caches, "timm/test_vit.r160_in1k", {"model.safetensors": weights})
+    loaded = resolve_model("timm:test_vit.r160_in1k")
+    assert normalizations(loaded.model) == 1
+    x = torch.rand(2, 3, 160, 160)
+    cfg = plain.pretrained_cfg
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), plain(_normalized(x, cfg["mean"], cfg["std"])),
+                              atol=1e-5)
+    rec = loaded.record
+    assert rec["sha256"] == sha256_file(weights) and rec["origin"] == "hf-hub:timm/test_vit.r160_in1k"
+    assert (rec["input_range"], rec["img_size"], rec["num_classes"]) == ([0.0, 1.0], 160, 1000)
+    assert rec["normalize"] == (tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+@pytest.fixture
+def ckpt(tmp_path) -> Path:
+    if not (FMNIST / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not found in {FMNIST}")
+    torch.manual_seed(0)
+    model = create_model("test_vit", num_classes=10, in_chans=1, img_size=32, normalize=MEAN_STD)
+    path = tmp_path / "model.pth"
+    C.save_checkpoint(path, C.make_checkpoint(model, C.ModelSpec("test_vit", 10, 1, 32, MEAN_STD),
+                                              config={"dataset": "fashion_mnist"}, epoch=1, step=1))
+    return path
+
+
+def _eval(reference: str, tmp_path: Path, name: str, *extra: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    assert E.main(["--checkpoint", reference, "--dataset", "fashion_mnist", "--data-dir",
+                   str(FMNIST), "--n-examples", "16", "--batch-size", "8", "--device", "cpu",
+                   "--attack", "fgsm", "--eps", "2/255", "--per-example", "--output", str(out),
+                   *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_an_export_through_local_dir_and_the_hub_cache_evaluates_as_its_checkpoint(ckpt, caches,
+                                                                                  tmp_path):
+    folder = C.export_timm(ckpt, tmp_path / "export")
+    hub_snapshot(caches, "someone/robust-test-vit",
+                 {n: folder / n for n in ("config.json", "model.safetensors")})
+    reports = {name: _eval(ref, tmp_path, name) for name, ref in (
+        ("checkpoint", str(ckpt)), ("local", f"local-dir:{folder}"),
+        ("hub", "hf-hub:someone/robust-test-vit"))}
+    base = reports["checkpoint"]
+    for name in ("local", "hub"):
+        assert reports[name]["per_example"] == base["per_example"], name
+        assert reports[name]["model"]["normalize"] == [list(MEAN_STD[0]), list(MEAN_STD[1])]
+        assert reports[name]["model"]["sha256"] == sha256_file(folder / "model.safetensors")
+    assert reports["hub"]["model"]["origin"] == "hf-hub:someone/robust-test-vit"
+    for ref in (str(ckpt), f"local-dir:{folder}", "hf-hub:someone/robust-test-vit"):
+        assert normalizations(resolve_model(ref).model) == 1, ref
+
+
+def _train_py_checkpoint(path: Path, model: torch.nn.Module, **args) -> Path:
+    """A checkpoint as timm's train.py (the thesis's public code) saves it, DDP prefixes kept."""
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 3, "arch": "test_vit", "state_dict": state, "state_dict_ema": state,
+                "args": argparse.Namespace(model="test_vit", **args), "metric": 0.5}, path)
+    return path
+
+
+def test_a_timm_train_py_checkpoint_evaluates_as_the_same_advvit_checkpoint(ckpt, tmp_path):
+    inner = unwrap(C.create_model_from_checkpoint(ckpt)[0])
+    thesis = _train_py_checkpoint(tmp_path / "thesis.pth.tar", inner, num_classes=10,
+                                  in_chans=1, input_size=[1, 32, 32], mean=list(MEAN_STD[0]),
+                                  std=list(MEAN_STD[1]), dataset="fashion_mnist")
+    loaded = resolve_model(str(thesis))
+    assert normalizations(loaded.model) == 1
+    assert loaded.record["normalization"] == "the checkpoint's args.mean/args.std"
+    ours, theirs = _eval(str(ckpt), tmp_path, "ours"), _eval(str(thesis), tmp_path, "thesis")
+    assert theirs["per_example"] == ours["per_example"]
+    assert theirs["model"]["source"] == "timm-train-checkpoint"
+    assert theirs["model"]["sha256"] == sha256_file(thesis)
+
+
+def test_a_train_py_checkpoint_without_mean_takes_its_architectures_cfg(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10, img_size=32).eval()
+    path = _train_py_checkpoint(tmp_path / "t.pth.tar", model, num_classes=10,
+                                input_size=[3, 32, 32], mean=None, std=None)
+    loaded = resolve_model(str(path))
+    cfg = model.pretrained_cfg
+    assert loaded.record["normalize"] == (tuple(cfg["mean"]), tuple(cfg["std"]))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), model(_normalized(x, cfg["mean"], cfg["std"])),
+                              atol=1e-5)
+
+
+# --------------------------------------------------------------------------- robustbench
+
+@pytest.fixture
+def zoo(caches, tmp_path):
+    if importlib.util.find_spec("robustbench") is None:
+        pytest.skip("robustbench is not installed (scripts/setup.sh installs it)")
+    from advvit.references import robustbench_zoo
+    robustbench_zoo()  # imports robustbench, registering its timm models
+    return tmp_path / "rb-models"
+
+
+def _robustbench_weights(name: str, dataset: str, zoo_dir: Path) -> Path:
+    """Random weights written where robustbench's load_model reads the entry's."""
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    torch.manual_seed(0)
+    timm_name = f"{name.lower().replace('-', '_')}_{dataset}_linf"
+    if timm.is_model(timm_name):
+        model = timm.create_model(timm_name, pretrained=False)
+        inner = model.model if isinstance(model, torch.nn.Sequential) else model
+        url = timm.models.get_pretrained_cfg(timm_name).url
+        file = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+        state = inner.state_dict()
+    else:
+        model = model_dicts[BenchmarkDataset(dataset)][ThreatModel("Linf")][name]["model"]()
+        file = zoo_dir / dataset / "Linf" / f"{name}.pt"
+        state = model.state_dict()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, file)
+    return file
+
+
+@pytest.mark.parametrize("dataset,name,size,inside", [
+    ("cifar10", "Debenedetti2022Light_XCiT-S12", 32, 1),
+    ("cifar10", "Standard", 32, 0),  # WideResNet-28-10, normalization-free
+    ("imagenet", "Debenedetti2022Light_XCiT-S12", 224, 0),  # trained on raw [0, 1] pixels
+])
+def test_robustbench_entries_are_robustbenchs_own_models(zoo, dataset, name, size, inside):
+    from robustbench.utils import load_model
+    file = _robustbench_weights(name, dataset, zoo)
+    loaded = resolve_model(f"robustbench:{dataset}/Linf/{name}",
+                           ModelOptions(robustbench_dir=str(zoo)))
+    theirs = load_model(name, model_dir=str(zoo), dataset=dataset, threat_model="Linf").eval()
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), theirs(x))
+    # robustbench's models normalize themselves (or were trained without): advvit adds nothing
+    assert normalizations(loaded.model) == inside
+    assert not any(isinstance(m, NormalizedModel) for m in loaded.model.modules())
+    rec = loaded.record
+    assert rec["zoo_entry"] == f"{dataset}/Linf/{name}" and rec["sha256"] == sha256_file(file)
+    assert rec["img_size"] == size and rec["input_range"] == [0.0, 1.0]
+
+
+def test_robustbench_name_takes_dataset_and_norm(zoo):
+    file = _robustbench_weights("Debenedetti2022Light_XCiT-S12", "cifar10", zoo)
+    loaded = resolve_model("robustbench:Debenedetti2022Light_XCiT-S12",
+                           ModelOptions(dataset="cifar10", norm="linf", robustbench_dir=str(zoo)))
+    assert loaded.record["zoo_entry"] == "cifar10/Linf/Debenedetti2022Light_XCiT-S12"
+    assert loaded.record["sha256"] == sha256_file(file)
+    assert loaded.trained_on == {"dataset": "cifar10"}
+
+
+def test_the_eval_report_names_the_zoo_entry_and_its_sha256(zoo, tmp_path):
+    if not (FMNIST / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not found in {FMNIST}")
+    file = _robustbench_weights("Standard", "cifar10", zoo)
+    # Fashion-MNIST's ten classes (as RGB) stand in for CIFAR-10's, which is not offline here.
+    report = _eval("robustbench:cifar10/Linf/Standard", tmp_path, "rb", "--robustbench-dir",
+                   str(zoo), "--n-examples", "4")
+    model = report["model"]
+    assert model["zoo_entry"] == "cifar10/Linf/Standard" and model["sha256"] == sha256_file(file)
+    assert model["reference"] == "robustbench:cifar10/Linf/Standard"
+
+
+# --------------------------------------------------------------------------- bad references
+
+def _refused(reference: str, tmp_path: Path, capsys, *extra: str) -> str:
+    out = tmp_path / "refused.json"
+    with pytest.raises(SystemExit) as exit_info:
+        E.main(["--checkpoint", reference, "--dataset", "fashion_mnist", "--data-dir",
+                str(FMNIST), "--device", "cpu", "--attack", "fgsm", "--output", str(out), *extra])
+    assert exit_info.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    return err
+
+
+@pytest.mark.parametrize("reference,expected", [
+    ("foo:bar", "--checkpoint foo:bar: unknown scheme 'foo:': give a checkpoint path, timm:NAME"),
+    ("timm:resnt18", "timm has no model 'resnt18' (close names: resnet18"),
+    ("timm:resnet18.zzz", "no pretrained weights 'resnet18.zzz' (close names: resnet18."),
+    ("hf-hub:someone", "give the Hub repository as ORG/NAME[@REVISION]"),
+    ("nothing.pth", "--checkpoint nothing.pth does not exist: give a checkpoint path"),
+])
+def test_a_bad_reference_is_one_message_and_exit_2(caches, tmp_path, capsys, reference, expected):
+    assert expected in _refused(reference, tmp_path, capsys)
+
+
+def test_weights_absent_offline_name_the_file_and_folder(caches, tmp_path, capsys):
+    err = _refused("timm:test_vit.r160_in1k", tmp_path, capsys)
+    assert f"its weights are absent (offline): put them in {caches}/models--timm--test_vit.r160_in1k" in err
+    err = _refused("hf-hub:someone/model", tmp_path, capsys)
+    assert f"put config.json and model.safetensors under {caches}/models--someone--model" in err
+    err = _refused(f"local-dir:{tmp_path}", tmp_path, capsys)
+    assert f"no {tmp_path}/config.json: give a timm model folder" in err
+
+
+def test_robustbench_misfits_are_refused(zoo, tmp_path, capsys):
+    err = _refused("robustbench:cifar10/Linf/Standrd", tmp_path, capsys)
+    assert "no cifar10/Linf zoo entry 'Standrd' (close names: Standard)" in err
+    err = _refused("robustbench:cifar10/Linf/Standard", tmp_path, capsys, "--robustbench-dir",
+                   str(zoo))
+    assert f"its weights are absent (offline): put Standard.pt in {zoo}/cifar10/Linf" in err
+    err = _refused("robustbench:Standard", tmp_path, capsys)  # --dataset fashion_mnist
+    assert "--dataset fashion_mnist: the RobustBench zoo holds cifar10, cifar100" in err
+
+
+def test_a_missing_robustbench_names_what_to_install(caches, tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "robustbench", None)
+    err = _refused("robustbench:cifar10/Linf/Standard", tmp_path, capsys)
+    assert "robustbench:...: robustbench is not installed: pip install --no-deps " \
+           "robustbench==1.1.1" in err
+
+
+def test_a_class_count_misfit_is_refused(caches, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=100, img_size=32).eval()
+    path = _train_py_checkpoint(tmp_path / "c100.pth.tar", model, num_classes=100,
+                                input_size=[3, 32, 32], mean=None, std=None)
+    err = _refused(str(path), tmp_path, capsys)
+    assert f"the model ({path}) has 100 classes but --dataset fashion_mnist has 10" in err
