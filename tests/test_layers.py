@@ -44,11 +44,12 @@ LAYERS: Sequence[Tuple[str, Sequence[str]]] = (
     # cli holds the parts the command lines share (option groups, analyze's sub-commands); it is
     # no command itself, so findings may check options with its parsers.
     ("command lines",
-     ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.findings.*", "advvit.cli.*")),
+     ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.export", "advvit.findings.*",
+      "advvit.cli.*")),
 )
 
 # Each is one command line; only its own modules may import it.
-COMMANDS = ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.findings.*")
+COMMANDS = ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.export", "advvit.findings.*")
 
 # ---------------------------------------------------------------------------------------------
 # the scan

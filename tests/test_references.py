@@ -297,3 +297,39 @@ def test_a_class_count_misfit_is_refused(caches, tmp_path, capsys):
                                 input_size=[3, 32, 32], mean=None, std=None)
     err = _refused(str(path), tmp_path, capsys)
     assert f"the model ({path}) has 100 classes but --dataset fashion_mnist has 10" in err
+
+
+# --------------------------------------------------------------------------- export for the Hub
+
+def test_the_export_folder_has_a_model_card_with_the_reports_results(ckpt, caches, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from advvit import export as X
+    (ckpt.parent / "args.yaml").write_text("model: test_vit\nepochs: 1\ntrain_eps: 0.0\n")
+    report = _eval(str(ckpt), tmp_path, "aa")
+    folder = tmp_path / "hub"
+    assert X.main([str(ckpt), str(folder), "--report", str(tmp_path / "aa.json"),
+                   "--name", "robust-test-vit"]) == 0
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "timm"
+    assert {r.dataset_type for r in card.data.eval_results} == {"fashion_mnist"}
+    metrics = {m["name"]: m["value"] for m in
+               card.data.to_dict()["model-index"][0]["results"][0]["metrics"]}
+    assert metrics == {"clean accuracy": round(100 * report["clean_accuracy"], 2),
+                       "robust accuracy (fgsm, linf eps 2/255)":
+                           round(100 * report["robust_accuracy"]["value"], 2)}
+    assert "epochs: 1" in card.text and "mean [0.286] and std [0.353]" in card.text
+    hub_snapshot(caches, "someone/card", {n: folder / n for n in
+                                          ("config.json", "model.safetensors", "README.md")})
+    again = _eval("hf-hub:someone/card", tmp_path, "hub")
+    assert again["per_example"] == report["per_example"]
+
+
+def test_export_refuses_another_models_report(ckpt, tmp_path, capsys):
+    from advvit import export as X
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"clean_accuracy": 0.5, "attack": {}, "model": {"sha256": "ab"}}))
+    with pytest.raises(SystemExit) as exit_info:
+        X.main([str(ckpt), str(tmp_path / "hub"), "--report", str(other)])
+    assert exit_info.value.code == 2 and not (tmp_path / "hub").exists()
+    assert "evaluated another model" in capsys.readouterr().err
