@@ -43,7 +43,8 @@ from .autoattack_adapter import available_backends
 from .checkpoint import LoadedModel
 from .cli.options import OptionsView, eval_parser, model_options, parse_eps
 from .data import load_examples, read_ids_file
-from .io import OptionError, check_file_target
+from .io import OptionError, atomic_write_json, check_file_target
+from .leaderboard import model_info_entry, protocol_problems, save_adversarial
 from .plots import save_sweep_plot
 from .references import check_classes, resolve_model
 from .report import (EVAL_FORMAT, build_report, envelope, print_corruption_table, print_table,
@@ -147,8 +148,12 @@ class EvalRequest(OptionsView):
         ids = tuple(read_ids_file(args.ids_file)) if args.ids_file else None
         if ids is not None and args.sample != "first":
             raise OptionError("--sample random picks examples itself: drop it or --ids-file")
+        if args.save_adv_format == "robustbench" and accel.torchrun_rank()[1] > 1:
+            raise OptionError("--save-adv-format robustbench writes one tensor of every example: "
+                              "run one process (no torchrun)")
         for option, target in (("--output", args.output), ("--save-adv", args.save_adv),
-                               ("--state-path", args.state_path)):
+                               ("--state-path", args.state_path),
+                               ("--robustbench-entry", args.robustbench_entry)):
             check_file_target(target, option)
         return cls(MappingProxyType(dict(vars(args))), spec, eps_list, device, ids,
                    _corruption_args(args))
@@ -217,6 +222,13 @@ def _prepare(req: EvalRequest) -> _Prepared:
                      "sample": "ids-file" if req.ids is not None else req.sample,
                      "ids_file": req.ids_file, "n_examples": len(ex.indices),
                      "input_shape": list(x.shape[1:])}}
+    if req.robustbench_entry:
+        planned = {"data": meta["data"], "attack": {"name": req.spec.name, "norm": req.norm},
+                   "eps": req.eps_list[0], "results": list(req.eps_list)}
+        problems = protocol_problems(planned)
+        if problems:
+            raise OptionError("--robustbench-entry: refused, the run is not RobustBench's "
+                              f"protocol: {'; '.join(problems)}")
     return _Prepared(model, x, y, ex.indices, num_classes, dataset, data_dir, meta)
 
 
@@ -311,7 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         out.positions = positions
         outcomes[eps] = out
-    if req.save_adv:
+    if req.save_adv and req.save_adv_format == "robustbench":
+        save_adversarial(outcomes[req.eps_list[0]].x_adv, prep.indices, req.save_adv)
+    elif req.save_adv:
         first = outcomes[req.eps_list[0]]
         save_tensors({"x_adv": first.x_adv, "y": ys, "robust": first.robust,
                       "indices": [prep.indices[k] for k in positions],
@@ -338,6 +352,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_corruption_table(report)
     if req.output:
         _write_outputs(report, req, len(outcomes))
+    return _write_entry(report, req.robustbench_entry) if req.robustbench_entry else 0
+
+
+def _write_entry(report: dict[str, Any], path: str) -> int:
+    """The RobustBench entry, unless the finished run showed what the plan could not (a
+    sanity-check warning): then 1, with the reason."""
+    problems = protocol_problems(report)
+    if problems:
+        print(f"error: --robustbench-entry: not written: {'; '.join(problems)}", file=sys.stderr)
+        return 1
+    entry, empty = model_info_entry(report)
+    atomic_write_json(Path(path), entry, indent=2)
+    print(f"RobustBench entry: {path}; fill in {', '.join(empty)}")
     return 0
 
 

@@ -40,7 +40,7 @@ LAYERS: Sequence[Tuple[str, Sequence[str]]] = (
     ("library",
      ("advvit.engine", "advvit.robustness", "advvit.autoattack_adapter", "advvit.preflight",
       "advvit.analysis.*", "advvit.report", "advvit.attack_names", "advvit.suites", "advvit.plots",
-      "advvit.references")),
+      "advvit.references", "advvit.leaderboard")),
     # cli holds the parts the command lines share (option groups, analyze's sub-commands); it is
     # no command itself, so findings may check options with its parsers.
     ("command lines",

@@ -333,3 +333,68 @@ def test_export_refuses_another_models_report(ckpt, tmp_path, capsys):
         X.main([str(ckpt), str(tmp_path / "hub"), "--report", str(other)])
     assert exit_info.value.code == 2 and not (tmp_path / "hub").exists()
     assert "evaluated another model" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- RobustBench's formats
+
+def test_an_entry_from_a_standard_autoattack_run_reads_as_robustbenchs_leaderboard_reads_it(
+        ckpt, zoo, tmp_path, monkeypatch, capsys):
+    from robustbench.utils import list_available_models
+
+    from advvit.leaderboard import model_info_entry, protocol_problems
+    report = _eval(str(ckpt), tmp_path, "aa", "--attack", "autoattack", "--eps", "8/255",
+                   "--n-examples", "8")
+    # A tiny run on Fashion-MNIST is no protocol run: the entry is built from it all the same
+    # to read it back, and its refusal says why.
+    problems = protocol_problems(report)
+    assert problems == ["--dataset fashion_mnist: RobustBench's leaderboards are CIFAR-10, "
+                        "CIFAR-100 and ImageNet (imagefolder)"]
+    entry, empty = model_info_entry({**report, "data": {**report["data"], "dataset": "cifar10"}})
+    assert set(empty) == {"link", "name", "authors", "venue", "reported", "additional_data",
+                          "footnote"}
+    assert entry["eps"] == "8/255" and entry["architecture"] == "test_vit"
+    folder = tmp_path / "rb" / "model_info" / "cifar10" / "Linf"
+    folder.mkdir(parents=True)
+    (folder / "Standard.json").write_text(json.dumps({**entry, "name": "advvit test"}))
+    monkeypatch.chdir(tmp_path / "rb")
+    capsys.readouterr()
+    list_available_models("cifar10", "Linf")
+    row = capsys.readouterr().out.splitlines()[-1]
+    clean = 100 * report["clean_accuracy"]
+    robust = 100 * report["robust_accuracy"]["value"]
+    assert f"{clean:.2f}%" in row and f"{robust:.2f}%" in row and "test_vit" in row
+
+
+def test_robustbench_protocol_runs_pass_and_others_are_refused_with_the_reason():
+    from advvit.leaderboard import protocol_problems
+    planned = {"data": {"dataset": "cifar10", "split": "test", "sample": "first",
+                        "n_examples": 10_000}, "attack": {"name": "autoattack", "norm": "linf"},
+               "eps": 8 / 255, "results": [8 / 255]}
+    assert protocol_problems(planned) == []
+    assert protocol_problems({**planned, "eps": 4 / 255}) == [
+        "--eps 0.0156863: the cifar10 Linf leaderboard's is 8/255"]
+    masked = {**planned, "warnings": [{"code": "zero-gradients", "message": "..."}]}
+    assert "a sign of gradient masking" in protocol_problems(masked)[0]
+    few = protocol_problems({**planned, "data": {**planned["data"], "n_examples": 500}})
+    assert few == ["500 first examples of the test split: RobustBench's are the first 10000 "
+                   "test images (--split test --n-examples 10000, no --sample random)"]
+
+
+def test_a_non_protocol_entry_is_refused_before_any_work(ckpt, tmp_path, capsys):
+    entry = tmp_path / "entry.json"
+    err = _refused(str(ckpt), tmp_path, capsys, "--robustbench-entry", str(entry),
+                   "--attack", "apgd-ce", "--n-examples", "4")
+    assert "--robustbench-entry: refused, the run is not RobustBench's protocol: --dataset " \
+           "fashion_mnist" in err
+    assert not entry.exists()
+
+
+def test_save_adv_in_robustbenchs_format_is_the_examples_in_test_set_order(ckpt, tmp_path):
+    plain, bare = tmp_path / "adv.pt", tmp_path / "rb.pt"
+    _eval(str(ckpt), tmp_path, "a", "--sample", "random", "--save-adv", str(plain))
+    _eval(str(ckpt), tmp_path, "b", "--sample", "random", "--save-adv", str(bare),
+          "--save-adv-format", "robustbench")
+    ours, theirs = torch.load(plain), torch.load(bare)
+    order = sorted(range(len(ours["indices"])), key=lambda k: ours["indices"][k])
+    assert isinstance(theirs, torch.Tensor) and theirs.shape == (16, 1, 32, 32)
+    assert torch.equal(theirs, ours["x_adv"][order])

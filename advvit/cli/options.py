@@ -175,6 +175,13 @@ def eval_parser() -> argparse.ArgumentParser:
                    "it (the same model weights, examples and attack only; one run at a time)")
     r.add_argument("--output", help="JSON report path (missing folders are created)")
     r.add_argument("--save-adv", help="save adversarial examples (.pt) here")
+    r.add_argument("--save-adv-format", default="advvit", choices=("advvit", "robustbench"),
+                   help="advvit: a dict with labels, indices and outcomes; robustbench: x_adv "
+                        "alone in the test set's order, as RobustBench's external evaluations "
+                        "take it")
+    r.add_argument("--robustbench-entry", metavar="FILE.json",
+                   help="also write a RobustBench model_info entry (RobustBench's protocol "
+                        "only: standard AutoAttack at its eps on its examples, no warning)")
     r.add_argument("--per-example", action="store_true",
                    help="record each example's outcome in the JSON")
     add_workers_option(r)
