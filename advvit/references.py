@@ -161,7 +161,10 @@ def _path(ref: str, opts: ModelOptions) -> LoadedModel:
         if opts.model:
             raise OptionError(f"--model {opts.model}: {ref} is an advvit checkpoint, which "
                               "records its model: drop --model")
-        return load_checkpoint_model(path, use_ema=opts.use_ema, option=opts.option)
+        loaded = load_checkpoint_model(path, use_ema=opts.use_ema, option=opts.option)
+        return _with(loaded, origin=str(path.resolve()),
+                     normalization="the checkpoint's spec.normalize" if loaded.record["normalize"]
+                     else "none: the checkpoint's spec.normalize is None (pixels as they are)")
     if isinstance(state, dict) and "arch" in state and isinstance(state.get("state_dict"), dict):
         return _train_py_checkpoint(path, state, opts)
     if not opts.model:

@@ -398,3 +398,23 @@ def test_save_adv_in_robustbenchs_format_is_the_examples_in_test_set_order(ckpt,
     order = sorted(range(len(ours["indices"])), key=lambda k: ours["indices"][k])
     assert isinstance(theirs, torch.Tensor) and theirs.shape == (16, 1, 32, 32)
     assert torch.equal(theirs, ours["x_adv"][order])
+
+
+def test_analyze_takes_references_for_every_model_option(ckpt, caches, tmp_path):
+    from advvit import analyze as A
+    folder = C.export_timm(ckpt, tmp_path / "export")
+    inner = unwrap(C.create_model_from_checkpoint(ckpt)[0])
+    thesis = _train_py_checkpoint(tmp_path / "thesis.pth.tar", inner, num_classes=10,
+                                  in_chans=1, input_size=[1, 32, 32], mean=list(MEAN_STD[0]),
+                                  std=list(MEAN_STD[1]))
+    out = tmp_path / "semantic"
+    assert A.main(["semantic", "--checkpoint", str(ckpt), "--checkpoint", f"local-dir:{folder}",
+                   "--judge", str(thesis), "--dataset", "fashion_mnist", "--data-dir", str(FMNIST),
+                   "--device", "cpu", "--batch-size", "8", "--n-examples", "4", "--steps", "2",
+                   "--output", str(out)]) == 0
+    report = json.loads((out / "semantic.json").read_text())
+    assert [m["source"] for m in report["models"]] == ["checkpoint", "local-dir"]
+    assert report["judges"][0]["source"] == "timm-train-checkpoint"
+    for record in [*report["models"], *report["judges"]]:
+        assert record["normalize"] == [list(MEAN_STD[0]), list(MEAN_STD[1])]
+        assert record["input_range"] == [0.0, 1.0] and record["sha256"]
