@@ -273,7 +273,7 @@ ARCHITECTURE = REPO / "docs" / "architecture.md"
 # after the advvit modules; any other word there is a misspelt module.
 THIRD_PARTY = {"torch", "torchvision", "timm", "numpy", "yaml", "safetensors", "tensorboard", "PIL",
                "torch_xla", "matplotlib", "imagecorruptions", "pyautoattack", "autoattack",
-               "huggingface_hub", "robustbench"}
+               "huggingface_hub", "robustbench", "wandb"}
 
 
 @dataclass(frozen=True)

@@ -124,8 +124,10 @@ def test_an_export_through_local_dir_and_the_hub_cache_evaluates_as_its_checkpoi
         assert reports[name]["model"]["normalize"] == [list(MEAN_STD[0]), list(MEAN_STD[1])]
         assert reports[name]["model"]["sha256"] == sha256_file(folder / "model.safetensors")
     assert reports["hub"]["model"]["origin"] == "hf-hub:someone/robust-test-vit"
-    for ref in (str(ckpt), f"local-dir:{folder}", "hf-hub:someone/robust-test-vit"):
+    commit = "hf-hub:someone/robust-test-vit@0123456789abcdef0123456789abcdef01234567"
+    for ref in (str(ckpt), f"local-dir:{folder}", "hf-hub:someone/robust-test-vit", commit):
         assert normalizations(resolve_model(ref).model) == 1, ref
+    assert resolve_model(commit).record["sha256"] == sha256_file(folder / "model.safetensors")
 
 
 def _train_py_checkpoint(path: Path, model: torch.nn.Module, **args) -> Path:
