@@ -22,12 +22,14 @@ import torch
 from .data import read_ids_file
 from .io import atomic_write
 
-__all__ = ["LEADERBOARD_EPS", "protocol_problems", "model_info_entry", "PERSON_FIELDS",
+__all__ = ["LEADERBOARD_EPS", "THREATS", "protocol_problems", "model_info_entry", "PERSON_FIELDS",
            "save_adversarial", "robustbench_dataset"]
 
 # (RobustBench data set, threat model) -> its eps, in [0, 1] pixel units, and as it writes it.
 LEADERBOARD_EPS = {("cifar10", "Linf"): (8 / 255, "8/255"), ("cifar100", "Linf"): (8 / 255, "8/255"),
                    ("cifar10", "L2"): (0.5, "0.5"), ("imagenet", "Linf"): (4 / 255, "4/255")}
+THREATS = {"linf": "Linf", "l2": "L2"}
+"""advvit's attack norms -> RobustBench's threat models."""
 _EXAMPLES = {"cifar10": 10_000, "cifar100": 10_000, "imagenet": 5_000}
 PERSON_FIELDS = ("link", "name", "authors", "venue", "reported", "additional_data", "footnote")
 """The entry's fields only a person knows: left empty, listed on the console."""
@@ -56,7 +58,7 @@ def protocol_problems(report: Mapping[str, Any], *, imagenet_ids: Optional[Path]
     if dataset is None:
         return [f"--dataset {data.get('dataset')}: RobustBench's leaderboards are CIFAR-10, "
                 "CIFAR-100 and ImageNet (imagefolder)"]
-    threat = {"linf": "Linf", "l2": "L2"}[attack["norm"]]
+    threat = THREATS[attack["norm"]]
     problems = []
     if attack["name"] != "autoattack":
         problems.append(f"--attack {attack['name']}: RobustBench's leaderboards take standard "
@@ -110,7 +112,7 @@ def model_info_entry(report: Mapping[str, Any], *, additional_data: Optional[boo
     person to fill. Accuracies are percent strings, as the leaderboard's files hold them."""
     data, attack = report.get("data") or {}, report["attack"]
     dataset = robustbench_dataset(str(data.get("dataset")))
-    threat = {"linf": "Linf", "l2": "L2"}[attack["norm"]]
+    threat = THREATS[attack["norm"]]
     eps_text = LEADERBOARD_EPS.get((dataset, threat), (None, f"{report['eps']:.6g}"))[1]
     model = report.get("model") or {}
     entry = {"link": "", "name": "", "authors": "", "additional_data": additional_data,

@@ -38,6 +38,7 @@ import timm
 from .checkpoint import (FORMAT, CheckpointError, LoadedModel, check_finite_weights,
                          load_checkpoint_model, load_file, load_timm_model)
 from .io import OptionError, input_file_problem, sha256_file
+from .leaderboard import LEADERBOARD_EPS, THREATS, robustbench_dataset
 from .wrappers import NormalizedModel
 
 __all__ = ["SCHEMES", "ModelOptions", "resolve_model", "check_classes", "robustbench_zoo",
@@ -46,16 +47,9 @@ __all__ = ["SCHEMES", "ModelOptions", "resolve_model", "check_classes", "robustb
 SCHEMES = ("timm", "hf-hub", "local-dir", "robustbench")
 _FORMS = ("a checkpoint path, timm:NAME, hf-hub:ORG/NAME[@REV], local-dir:PATH or "
           "robustbench:[DATASET/THREAT/]NAME")
-ROBUSTBENCH_EXTRA = ("pip install --no-deps robustbench==1.1.1 requests gdown pandas "
-                     "geotorch torchdiffeq 'setuptools<81' (scripts/setup.sh; robustbench's own "
-                     "pins would replace advvit's timm)")
-# advvit data set names -> RobustBench's, and back (the zoo's ImageNet is an image folder here).
-_RB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagefolder": "imagenet",
-                "imagenet": "imagenet"}
-_RB_THREATS = {"linf": "Linf", "l2": "L2", "corruptions": "corruptions"}
-# RobustBench's eps per data set and threat model, in [0, 1] pixel units.
-RB_EPS = {("cifar10", "Linf"): 8 / 255, ("cifar100", "Linf"): 8 / 255, ("cifar10", "L2"): 0.5,
-          ("imagenet", "Linf"): 4 / 255}
+ROBUSTBENCH_EXTRA = ("pip install --no-deps robustbench==1.1.1 geotorch torchdiffeq, then pip "
+                     "install requests gdown pandas 'setuptools<81' (as scripts/setup.sh does: "
+                     "robustbench's own pins would replace advvit's timm)")
 
 
 @dataclass(frozen=True)
@@ -442,11 +436,11 @@ def _robustbench_entry(rest: str, opts: ModelOptions) -> Tuple[str, str, str]:
     if opts.dataset is None:
         raise OptionError(f"{opts.option} robustbench:{rest}: say the zoo's data set: --dataset "
                           "cifar10|cifar100|imagefolder, or robustbench:DATASET/THREAT/NAME")
-    dataset = _RB_DATASETS.get(opts.dataset)
+    dataset = robustbench_dataset(opts.dataset)
     if dataset is None:
         raise OptionError(f"--dataset {opts.dataset}: the RobustBench zoo holds cifar10, "
                           "cifar100 and ImageNet (imagefolder) models")
-    return dataset, _RB_THREATS.get(opts.norm or "linf", opts.norm or "Linf"), parts[0]
+    return dataset, THREATS[opts.norm or "linf"], parts[0]
 
 
 def _robustbench_file(name: str, dataset: str, threat: str, model_dir: Path
@@ -518,7 +512,7 @@ def _robustbench(rest: str, opts: ModelOptions) -> LoadedModel:
         img_size = 32
     num_classes = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}[dataset]
     normalize = _inner_normalization(model)
-    train_norm = {"Linf": "linf", "L2": "l2"}.get(threat)
+    train_norm = {v: k for k, v in THREATS.items()}.get(threat)
     return LoadedModel(model.eval(), num_classes, 3, img_size, {
         "source": "robustbench", "arch": name, "zoo_entry": f"{dataset}/{threat}/{name}",
         "path": str(file), "origin": origin, "sha256": sha256_file(file) if file.is_file() else None,
@@ -527,5 +521,5 @@ def _robustbench(rest: str, opts: ModelOptions) -> LoadedModel:
         "normalization": "inside robustbench's model, as its load_model builds it" +
         ("" if normalize else " (none: the entry takes [0, 1] pixels as they are)"),
         "preprocessing": preprocessing or ("Res256Crop224" if dataset == "imagenet" else "ToTensor"),
-        "train_norm": train_norm, "train_eps": RB_EPS.get((dataset, threat))},
+        "train_norm": train_norm, "train_eps": LEADERBOARD_EPS.get((dataset, threat), (None,))[0]},
         {"dataset": "imagefolder" if dataset == "imagenet" else dataset})
