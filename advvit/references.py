@@ -60,7 +60,8 @@ class ModelOptions:
         option: the option that named it, for messages.
         use_ema: take EMA weights where a checkpoint holds them.
         model: ``--model NAME`` for a plain state dict or safetensors file.
-        dataset, norm: the run's data set and threat norm (robustbench:NAME's entry).
+        dataset, data_dir, norm: the run's data set, its root and threat norm (a state dict's
+            classes and input size; robustbench:NAME's entry).
         robustbench_dir: robustbench's model folder (its default: ./models).
         num_classes, in_chans, img_size, normalize: a plain state dict's model (``--model``).
     """
@@ -69,6 +70,7 @@ class ModelOptions:
     use_ema: bool = True
     model: Optional[str] = None
     dataset: Optional[str] = None
+    data_dir: Optional[str] = None
     norm: Optional[str] = None
     robustbench_dir: Optional[str] = None
     num_classes: Optional[int] = None
@@ -167,8 +169,11 @@ def _path(ref: str, opts: ModelOptions) -> LoadedModel:
     if opts.dataset is None:
         raise OptionError(f"--dataset is needed with --model {opts.model} (the classes and "
                           "input size come from it)")
-    from .data import dataset_info
-    info = dataset_info(opts.dataset, None)
+    from .data import DataNotFoundError, dataset_info
+    try:
+        info = dataset_info(opts.dataset, opts.data_dir)
+    except (DataNotFoundError, ValueError) as err:
+        raise OptionError(f"--dataset {opts.dataset}: {err}") from None
     loaded = load_timm_model(opts.model, path,
                              num_classes=opts.num_classes or info.num_classes,
                              in_chans=opts.in_chans or info.in_chans,

@@ -420,3 +420,20 @@ def test_analyze_takes_references_for_every_model_option(ckpt, caches, tmp_path)
     for record in [*report["models"], *report["judges"]]:
         assert record["normalize"] == [list(MEAN_STD[0]), list(MEAN_STD[1])]
         assert record["input_range"] == [0.0, 1.0] and record["sha256"]
+
+
+def test_a_state_dict_with_model_reads_the_image_folder_it_is_given(tmp_path, capsys):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=2, img_size=32)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    for c in ("cat", "dog"):
+        (tmp_path / "images" / "train" / c).mkdir(parents=True)
+    loaded = resolve_model(str(weights), ModelOptions(model="test_vit", dataset="imagefolder",
+                                                      data_dir=str(tmp_path / "images"),
+                                                      img_size=32))
+    assert loaded.num_classes == 2 and loaded.record["sha256"] == sha256_file(weights)
+    err = _refused(str(weights), tmp_path, capsys, "--model", "test_vit", "--dataset",
+                   "imagefolder", "--data-dir", str(tmp_path / "nothing"))
+    assert "--dataset imagefolder: " in err

@@ -49,7 +49,8 @@ def model_options(args: Any, option: str, **given: Any) -> Any:
     """The ``ModelOptions`` of a model reference named by ``option``, from the parsed options."""
     from ..references import ModelOptions
     return ModelOptions(option=option, use_ema=not args.no_ema, model=args.model,
-                        dataset=args.dataset, norm=getattr(args, "norm", None),
+                        dataset=args.dataset, data_dir=args.data_dir,
+                        norm=getattr(args, "norm", None),
                         robustbench_dir=args.robustbench_dir, **given)
 
 
