@@ -486,6 +486,17 @@ class DeviceMetrics:
         self._sums = {}
         self._host = {}
 
+    def state(self) -> Dict[str, Dict[str, float]]:
+        """This process's running sums as numbers (not reduced), for ``load_state`` to go on
+        from, bit for bit, in another process."""
+        return {"device": {n: float(v) for n, v in self._sums.items()}, "host": dict(self._host)}
+
+    def load_state(self, state: Dict[str, Dict[str, float]]) -> None:
+        """Go on from the sums ``state`` returned (in place of the current ones)."""
+        self._sums = {n: torch.tensor(v, dtype=self.dtype, device=self.rt.device)
+                      for n, v in state["device"].items()}
+        self._host = dict(state["host"])
+
 
 def wait_for_all(rt: Runtime, tag: str = "advvit") -> None:
     """Blocks until every process reaches this point (e.g. rank 0 finished a checkpoint).

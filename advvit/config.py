@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import os
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -19,14 +20,32 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from .attacks import check_eps
-from .io import atomic_write_text, folder_instead_of_file
+from .io import atomic_write_text, input_file_problem
 from .losses import DEFAULT_STEPS
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "AttackConfig", "OptimConfig", "RunConfig",
     "TrainConfig", "load_config", "build_parser", "parse_eps", "config_to_dict", "save_args_yaml",
-    "effective_lr", "check_lr",
+    "effective_lr", "check_lr", "shown", "MAX_CONFIG_BYTES", "MAX_CONFIG_NODES",
 ]
+
+# A config file is a flat mapping of some hundred short values; a file past these bounds is
+# something else (a checkpoint given as --config, an alias bomb) and is refused before it is built.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 10_000
+# The longest folder name (in bytes) the usual file systems take.
+NAME_MAX = 255
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 8
+_SHORT.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to a readable length: a bad value can be a whole file's worth, and a
+    message that printed it all would take longer than the run it refuses."""
+    return _SHORT.repr(value)
 
 
 class ConfigError(ValueError):
@@ -34,7 +53,8 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, problem: str, fix: str = "") -> None:
         self.key = key
-        message = f"config key '{key}': {problem}"
+        named = key if len(key) <= _SHORT.maxstring else shown(key)[1:-1]
+        message = f"config key '{named}': {problem}"
         if fix:
             message += f" ({fix})"
         super().__init__(message)
@@ -44,14 +64,14 @@ def _finite(key: str, value: float) -> float:
     # nan passes every bound check (all comparisons are false) and inf trains to non-finite
     # weights: neither is a setting.
     if not math.isfinite(value):
-        raise ConfigError(key, f"{value!r} is not a finite number", "give a finite value")
+        raise ConfigError(key, f"{shown(value)} is not a finite number", "give a finite value")
     return value
 
 
 def parse_eps(value: Any, key: str = "eps") -> float:
     """Read an eps written as a number (0.0157) or a fraction ("4/255"); it must be finite."""
     if isinstance(value, bool):
-        raise ConfigError(key, f"expected a number or a fraction like 4/255, got {value!r}")
+        raise ConfigError(key, f"expected a number or a fraction like 4/255, got {shown(value)}")
     if isinstance(value, (int, float)):
         return _finite(key, float(value))
     if isinstance(value, str):
@@ -59,7 +79,7 @@ def parse_eps(value: Any, key: str = "eps") -> float:
             return _finite(key, float(Fraction(value.replace(" ", ""))))
         except (ValueError, ZeroDivisionError, OverflowError):
             pass
-    raise ConfigError(key, f"expected a finite number or a fraction like 4/255, got {value!r}")
+    raise ConfigError(key, f"expected a finite number or a fraction like 4/255, got {shown(value)}")
 
 
 def _opt(help: str, default: Any = None, choices: Optional[Sequence[Any]] = None, **checks: Any) -> Any:
@@ -67,6 +87,35 @@ def _opt(help: str, default: Any = None, choices: Optional[Sequence[Any]] = None
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _crop_range(meaning: str, upper: float, example: str):
+    """The check of a ``[min, max]`` range of timm's random resized crop (``scale``, ``ratio``):
+    timm draws from it at the first training image, so a range it cannot draw from would end
+    the run there, after its folder is written."""
+    bound = "" if upper == math.inf else f" <= {upper:g}"
+
+    def check(key: str, pair: List[float]) -> None:
+        if len(pair) != 2 or not 0 < pair[0] <= pair[1] <= upper:
+            raise ConfigError(key, f"expected [min, max] of {meaning}, with 0 < min <= max{bound}; "
+                              f"got {shown(pair)}", f"e.g. --{key} {example}")
+    return check
+
+
+def _check_experiment(key: str, name: str) -> None:
+    """The run folder is ``<output>/<experiment>``: the name must be one folder inside output."""
+    if name in (".", ".."):
+        problem = f"{name!r} is output itself or its parent, not a folder inside it"
+    elif "/" in name or os.sep in name or (os.altsep and os.altsep in name):
+        problem = f"{shown(name)} is a path, not a folder name"
+    elif "\0" in name:
+        problem = f"{shown(name)} holds a NUL character"
+    elif len(os.fsencode(name)) > NAME_MAX:
+        problem = (f"{shown(name)} is {len(os.fsencode(name))} bytes long, more than the "
+                   f"{NAME_MAX} a folder name may have")
+    else:
+        return
+    raise ConfigError(key, problem, "give a plain folder name; parent folders go in output")
 
 
 @dataclass
@@ -90,8 +139,14 @@ class DataConfig:
     batch_size: int = _opt("per-process training batch size", 128, lo=1)
     val_batch_size: Optional[int] = _opt("per-process evaluation batch size (None: batch_size)", lo=1)
     workers: int = _opt("data loader worker processes", 2, lo=0)
-    scale: List[float] = _opt("random resized crop scale range", [0.08, 1.0])
-    ratio: List[float] = _opt("random resized crop aspect ratio range", [0.75, 1.3333333])
+    scale: List[float] = _opt("random resized crop scale range: the crop's area as a fraction "
+                              "of the image's", [0.08, 1.0],
+                              check=_crop_range("the crop's area as a fraction of the image's",
+                                                1.0, "0.08 1.0"))
+    ratio: List[float] = _opt("random resized crop aspect ratio range (width / height)",
+                              [0.75, 1.3333333],
+                              check=_crop_range("the crop's aspect ratio (width / height)",
+                                                math.inf, "0.75 1.3333"))
     crop_padding: int = _opt("pad by this many pixels and take a random img_size crop "
                              "(torchvision RandomCrop, the CIFAR crop) in place of the random "
                              "resized crop; 0: off", 0, lo=0)
@@ -193,7 +248,8 @@ class RunConfig:
     """Where and how the run executes, logs and saves."""
 
     output: str = _opt("parent folder of run folders", "output")
-    experiment: Optional[str] = _opt("run folder name (None: model-loss-date)")
+    experiment: Optional[str] = _opt("run folder name, one folder inside output (None: "
+                                     "model-dataset-loss)", check=_check_experiment)
     seed: int = _opt("random seed", 0)
     device: str = _opt("auto, cpu, cuda or xla", "auto", choices=("auto", "cpu", "cuda", "xla"))
     amp: str = _opt("mixed precision", "none", choices=("none", "bf16", "fp16"))
@@ -269,27 +325,27 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(key, f"expected {_type_name(tp)}, got {shown(value)}")
         return [_coerce(key, v, args[0]) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(key, f"expected true or false, got {value!r}")
+        raise ConfigError(key, f"expected true or false, got {shown(value)}")
     if tp is float:
         if key in ("eps", "eval_eps"):
             return parse_eps(value, key)
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
+            raise ConfigError(key, f"expected a number, got {shown(value)}")
         try:
             number = float(value)
         except ValueError:
-            raise ConfigError(key, f"expected a number, got {value!r}") from None
+            raise ConfigError(key, f"expected a number, got {shown(value)}") from None
         return _finite(key, number)
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
+            raise ConfigError(key, f"expected an integer, got {shown(value)}")
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, int):
@@ -299,10 +355,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise ConfigError(key, f"expected an integer, got {value!r}")
+        raise ConfigError(key, f"expected an integer, got {shown(value)}")
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {value!r}")
+            raise ConfigError(key, f"expected a string, got {shown(value)}")
         return value
     raise TypeError(f"unsupported config type {tp!r} for {key}")
 
@@ -312,19 +368,22 @@ def _check_value(key: str, value: Any, meta: Dict[str, Any]) -> None:
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        shown = ", ".join(str(c) for c in choices if c is not None)
-        raise ConfigError(key, f"{value!r} is not one of: {shown}")
+        listed = ", ".join(str(c) for c in choices if c is not None)
+        raise ConfigError(key, f"{shown(value)} is not one of: {listed}")
     lo, hi, gt = meta.get("lo"), meta.get("hi"), meta.get("gt")
     values = value if isinstance(value, list) else [value]
     for v in values:
         if isinstance(v, (int, float)) and lo is not None and v < lo:
-            raise ConfigError(key, f"{v!r} is below the minimum {lo}", f"use a value >= {lo}")
+            raise ConfigError(key, f"{shown(v)} is below the minimum {lo}", f"use a value >= {lo}")
         if isinstance(v, (int, float)) and gt is not None and v <= gt:
-            raise ConfigError(key, f"{v!r} must be above {gt}", f"use a value > {gt}")
+            raise ConfigError(key, f"{shown(v)} must be above {gt}", f"use a value > {gt}")
         if isinstance(v, (int, float)) and hi is not None and v > hi:
-            raise ConfigError(key, f"{v!r} is above the maximum {hi}", f"use a value <= {hi}")
+            raise ConfigError(key, f"{shown(v)} is above the maximum {hi}", f"use a value <= {hi}")
     if meta.get("path") and not os.path.exists(value):
         raise ConfigError(key, f"no such file or folder: {value}", "check the path")
+    check = meta.get("check")
+    if check is not None:
+        check(key, value)
 
 
 def _check_combinations(cfg: TrainConfig) -> None:
@@ -335,10 +394,6 @@ def _check_combinations(cfg: TrainConfig) -> None:
                           "set loss: pgd for a multi-step attack")
     if a.loss == "clean" and a.eval_attack == "train":
         a.eval_attack = "none" if a.eps == 0 else "pgd"
-    for key in ("scale", "ratio"):
-        pair = getattr(d, key)
-        if len(pair) != 2 or pair[0] > pair[1]:
-            raise ConfigError(key, f"expected two increasing numbers, got {pair}")
     if o.lr is not None:
         check_lr(o, global_batch=1)  # the batch only matters when lr comes from lr_base
     if o.warmup_epochs > o.epochs:
@@ -430,18 +485,98 @@ def _build(values: Dict[str, Any]) -> TrainConfig:
     return cfg
 
 
+_CONFIG_FILE_FIX = "give the yaml file of config keys, e.g. configs/xcit_s12_adv.yaml"
+
+
+def _read_config_text(path: str) -> str:
+    """The text of a config file: a regular file of at most 1 MiB of UTF-8."""
+    problem = input_file_problem(path, "config.yaml")
+    if problem:
+        raise ConfigError("config", problem)
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError("config", f"{path} is larger than the {MAX_CONFIG_BYTES // 2**20} MiB a "
+                          "config file may be", _CONFIG_FILE_FIX)
+    if b"\0" in data:
+        raise ConfigError("config", f"{path} is a binary file (a NUL byte at offset "
+                          f"{data.index(0)}), not yaml text", _CONFIG_FILE_FIX)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError("config", f"{path} is not UTF-8 text (byte 0x{data[err.start]:02x} at "
+                          f"offset {err.start})", _CONFIG_FILE_FIX) from None
+
+
+def _expanded_sizes(root: yaml.Node) -> Dict[int, int]:
+    """Each node's count of nodes (itself included) with every alias expanded, by ``id``.
+
+    An alias is the node it names, so ten aliases of a ten-element list count 100 nodes: what
+    the constructed value holds. A node that holds itself counts as too many.
+    """
+    sizes: Dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = MAX_CONFIG_NODES + 1  # still being counted: an alias to itself
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        sizes[id(node)] = 1 + sum(size(child) for child in children)
+        return sizes[id(node)]
+
+    size(root)
+    return sizes
+
+
+def _check_nodes(root: yaml.Node, path: str) -> None:
+    """Refuse a document that expands past :data:`MAX_CONFIG_NODES`, naming the largest key,
+    and a key given twice, naming both lines (yaml keeps the last without a word)."""
+    sizes = _expanded_sizes(root)
+    pairs = root.value if isinstance(root, yaml.MappingNode) else []
+    if sizes[id(root)] > MAX_CONFIG_NODES:
+        key = "config"
+        if pairs:
+            key_node, _ = max(pairs, key=lambda pair: sizes[id(pair[1])])
+            key = str(key_node.value)
+        raise ConfigError(key, f"{path} expands to more than {MAX_CONFIG_NODES:,} yaml values "
+                          "(each alias counted as all it repeats)",
+                          "write the values out: a config value is a number, a string or a "
+                          "short list")
+    lines: Dict[str, int] = {}
+    for key_node, _ in pairs:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        line = key_node.start_mark.line + 1
+        if key_node.value in lines:
+            raise ConfigError(key_node.value, f"given twice in {path} (lines "
+                              f"{lines[key_node.value]} and {line})", "keep one of them")
+        lines[key_node.value] = line
+
+
 def load_yaml(path: str) -> Dict[str, Any]:
-    """Read a config file; unknown keys are errors, with the nearest known key suggested."""
-    folder = folder_instead_of_file(path, "config.yaml")
-    if folder:
-        raise ConfigError("config", folder)
-    if not os.path.isfile(path):
-        raise ConfigError("config", f"no such file: {path}")
-    with open(path) as fh:
-        try:
-            raw = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError("config", f"{path} is not valid yaml: {err}") from None
+    """Read a config file; unknown keys are errors, with the nearest known key suggested.
+
+    The file is refused before its values are built when it is not at most 1 MiB of UTF-8
+    text, when it expands past :data:`MAX_CONFIG_NODES` values, or when it gives a key twice.
+    """
+    loader = yaml.SafeLoader(_read_config_text(path))
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _check_nodes(node, path)
+        raw = (loader.construct_document(node) if node is not None else None) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError("config", f"{path} is not valid yaml: {err}") from None
+    except RecursionError:
+        raise ConfigError("config", f"{path} nests its values too deeply to be a config",
+                          _CONFIG_FILE_FIX) from None
+    finally:
+        loader.dispose()
     if not isinstance(raw, dict):
         raise ConfigError("config", f"{path} must hold a mapping of keys to values")
     for key in raw:

@@ -25,15 +25,18 @@ loader never normalizes: a model that wants normalized inputs carries ``Normaliz
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
 import io
 import logging
 import os
 import pickle
 import shutil
+import signal
 import struct
 import tarfile
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -767,6 +770,28 @@ def _with_crop_and_rotation(transform: Any, size: Tuple[int, int], padding: int,
     return T.Compose(steps[:index] + crop + rotate + steps[index + 1:])
 
 
+def _exit_on_parents_sigterm() -> None:
+    parent = os.getppid()
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
+
+
+def _worker_init(init: Callable[[int], None], worker_id: int) -> None:
+    """A loader worker that outlives a scheduler's SIGTERM (timm's own worker set-up follows).
+
+    Schedulers (Slurm) send SIGTERM to every process of a job: a worker that died of it would
+    fail the training step that waits for its batch ("DataLoader worker exited unexpectedly")
+    before training could stop at a safe point. The worker leaves SIGTERM to a thread that
+    exits only on its parent's: the one the loader's own shutdown sends (as torch's worker
+    does). Where the system cannot say who sent a signal, torch's handling stays.
+    """
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_exit_on_parents_sigterm, daemon=True).start()
+    init(worker_id)
+
+
 def _native_size(dataset: Any) -> Optional[Tuple[int, int]]:
     size = getattr(dataset, "image_size", None)
     if size is None and isinstance(dataset, SubsetDataset):
@@ -788,6 +813,9 @@ def create_loader(dataset: torch.utils.data.Dataset, *, img_size: ImgSize, in_ch
 
     On a CUDA device timm's prefetcher moves uint8 batches and scales them there (and applies
     random erasing on the device); on other devices batches are moved after collation.
+
+    Worker processes outlive a SIGTERM that is not their parent's (a scheduler's, sent to every
+    process of the job), so that training can stop on it at a safe point.
 
     The data set given is not changed: the loader works on a shallow copy with its own transform.
 
@@ -843,6 +871,9 @@ def create_loader(dataset: torch.utils.data.Dataset, *, img_size: ImgSize, in_ch
     if use_prefetcher:
         kwargs["device"] = dev
     loader = timm.data.create_loader(view, **kwargs, **augment)
+    if num_workers > 0:
+        batches = getattr(loader, "loader", loader)  # timm's PrefetchLoader wraps the DataLoader
+        batches.worker_init_fn = functools.partial(_worker_init, batches.worker_init_fn)
 
     native = _native_size(dataset)
     plain_eval = (not is_training and native == size and augment.get("crop_pct") in (None, 1.0)

@@ -18,8 +18,8 @@ from . import accel
 from .attacks import model_mode, pgd
 from .schedules import EpsSchedule
 
-__all__ = ["StepSettings", "EpochProgress", "NonFiniteLossError", "train_one_epoch", "evaluate",
-           "robust_accuracy", "autocast", "check_finite"]
+__all__ = ["StepSettings", "EpochProgress", "EpochStopped", "NonFiniteLossError",
+           "train_one_epoch", "evaluate", "robust_accuracy", "autocast", "check_finite"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,6 +57,8 @@ class EpochProgress:
         sums: the epoch's metric sums so far, reduced over processes.
         images: training images this process has seen in the epoch.
         seconds: time spent in the epoch's steps so far.
+        interval: the running sums of the steps after the last log point (one process's, as
+            ``DeviceMetrics.state`` gives them), where the epoch stopped between log points.
     """
 
     step: int = 0
@@ -64,6 +66,19 @@ class EpochProgress:
     sums: Dict[str, float] = field(default_factory=dict)
     images: int = 0
     seconds: float = 0.0
+    interval: Dict[str, Dict[str, float]] = field(default_factory=dict)
+
+
+class EpochStopped(Exception):
+    """The epoch was stopped after a step, as asked; ``progress`` is where (a recovery point).
+
+    Attributes:
+        progress: the epoch's progress after that step.
+    """
+
+    def __init__(self, progress: EpochProgress) -> None:
+        super().__init__(f"stopped at step {progress.step}")
+        self.progress = progress
 
 
 def check_finite(module: nn.Module, what: str, *, epoch: int, step: int) -> None:
@@ -124,6 +139,7 @@ def train_one_epoch(
     on_log: Optional[Callable[[int, Dict[str, float]], None]] = None,
     resume: Optional[EpochProgress] = None,
     on_progress: Optional[Callable[[EpochProgress], None]] = None,
+    stop: Optional[Callable[[int], bool]] = None,
 ) -> Tuple[Dict[str, float], int]:
     """One pass over ``loader`` with the (adversarial) loss.
 
@@ -149,12 +165,16 @@ def train_one_epoch(
             ``loader`` then yields the batches after its ``steps_done`` (the caller skips those).
         on_progress: called with the epoch's progress after each log interval's ``on_log``, on
             every rank (recovery checkpoints are written there).
+        stop: asked with the global step whether to stop there: after every step in a single
+            process, at log points only when distributed (where the ranks synchronize anyway;
+            every rank must answer alike).
 
     Returns:
         (the epoch's metrics, the global step after the epoch).
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite.
+        EpochStopped: ``stop`` said so; it carries the progress to continue from.
     """
     model.train()
     meter = accel.DeviceMetrics(rt)
@@ -162,6 +182,8 @@ def train_one_epoch(
     done = resume or EpochProgress(step=step)
     if done.step != step:
         raise ValueError(f"resume is at step {done.step}, the epoch was given step {step}")
+    if done.interval:
+        meter.load_state(done.interval)
     # Reduced sums of the intervals read so far: the same on every rank, summed on the host.
     epoch_sums = dict(done.sums)
     start = interval_start = time.perf_counter() - done.seconds
@@ -231,12 +253,18 @@ def train_one_epoch(
         meter.add(**values)
         interval_images += n
         epoch_images += n
-        if step % settings.log_interval == 0:
+        at_log = step % settings.log_interval == 0
+        if at_log:
             report(final=False)
             if on_progress is not None:
                 on_progress(EpochProgress(step=step, steps_done=steps_done,
                                           sums=dict(epoch_sums), images=epoch_images,
                                           seconds=time.perf_counter() - start))
+        if stop is not None and (at_log or not rt.distributed) and stop(step):
+            raise EpochStopped(EpochProgress(step=step, steps_done=steps_done,
+                                             sums=dict(epoch_sums), images=epoch_images,
+                                             seconds=time.perf_counter() - start,
+                                             interval=meter.state()))
 
     if meter.names():
         report(final=True)

@@ -15,7 +15,9 @@ This module imports the standard library only.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -23,12 +25,12 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, List, Optional, Union
+from typing import IO, Any, Callable, Iterator, List, Optional, Union
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "remove_stale_tmp",
            "TMP_SUFFIX", "FileLock", "FileInUseError", "lock_file", "folder_instead_of_file",
-           "input_file_problem", "OptionError", "input_file", "check_folder", "check_file_target",
-           "sha256_file"]
+           "input_file_problem", "WriteError", "naming_write_errors", "OptionError", "input_file",
+           "check_folder", "check_file_target", "sha256_file"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 TMP_SUFFIX = ".tmp"
@@ -93,6 +95,32 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 def atomic_write_json(path: PathLike, payload: Any, *, indent: int | None = None) -> None:
     """Write ``payload`` as JSON to ``path`` atomically."""
     atomic_write(path, lambda f: json.dump(payload, f, indent=indent), binary=False)
+
+
+class WriteError(RuntimeError):
+    """Writing a file failed (a full disk, a lost mount, a permission): names the file and the
+    operating system's error. An :func:`atomic_write` that fails leaves the earlier file whole.
+
+    Attributes:
+        path: the file.
+        error: the OSError.
+    """
+
+    def __init__(self, path: PathLike, error: OSError) -> None:
+        code = errno.errorcode.get(error.errno or 0)
+        reason = f"{code}: {error.strerror}" if code and error.strerror else str(error)
+        super().__init__(f"could not write {path} ({reason})")
+        self.path, self.error = Path(path), error
+
+
+@contextlib.contextmanager
+def naming_write_errors(path: PathLike) -> Iterator[None]:
+    """Raise an OSError of the writes inside as a :class:`WriteError` naming ``path`` (the
+    error of a failed write, ENOSPC say, names no file)."""
+    try:
+        yield
+    except OSError as err:
+        raise WriteError(path, err) from err
 
 
 def remove_stale_tmp(folder: PathLike) -> List[Path]:

@@ -15,7 +15,7 @@ import os
 from io import StringIO
 from typing import Any, Dict, Mapping, Optional
 
-from .io import atomic_write_text
+from .io import atomic_write_text, naming_write_errors
 
 __all__ = ["Monitor", "get_logger"]
 
@@ -112,7 +112,11 @@ class Monitor:
 
     def epoch(self, epoch: int, step: int, train: Dict[str, float], val: Dict[str, float],
               extra: Optional[Dict[str, float]] = None) -> None:
-        """The end-of-epoch line, scalars, and one CSV row (columns fixed by the first row)."""
+        """The end-of-epoch line, scalars, and one CSV row (columns fixed by the first row).
+
+        Raises:
+            WriteError: the row could not be written (a full disk).
+        """
         if not self.is_main:
             return
         row = {"epoch": epoch, "step": step}
@@ -126,7 +130,7 @@ class Monitor:
             self.writer.flush()
         write_header = not os.path.exists(self.csv_path)
         fields = list(row) if write_header else _header(self.csv_path)
-        with open(self.csv_path, "a", newline="") as fh:
+        with naming_write_errors(self.csv_path), open(self.csv_path, "a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
             if write_header:
                 writer.writeheader()
@@ -154,7 +158,8 @@ class Monitor:
             return 0
         text = StringIO()
         csv.writer(text).writerows([header, *keep])  # the appends' dialect: \r\n line ends
-        atomic_write_text(self.csv_path, text.getvalue())
+        with naming_write_errors(self.csv_path):
+            atomic_write_text(self.csv_path, text.getvalue())
         return len(body) - len(keep)
 
     def flush(self) -> None:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-from typing import Optional, Sequence, Tuple
+import re
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import checkpoint, data, models
 from .attacks import check_eps
-from .config import ConfigError, OptimConfig, TrainConfig, check_lr
+from .config import ConfigError, OptimConfig, TrainConfig, check_lr, shown
 
 __all__ = ["validate", "model_spec"]
 
@@ -50,7 +51,7 @@ def _near(name: str, names: Sequence[str]) -> str:
 def _check_model_name(name: str) -> None:
     import timm
     if not timm.is_model(name):  # models is imported: advvit's variants are registered
-        raise ConfigError("model", f"unknown architecture {name!r}",
+        raise ConfigError("model", f"unknown architecture {shown(name)}",
                           _near(name, timm.list_models()) or "see timm.list_models()")
 
 
@@ -62,7 +63,7 @@ def _check_opt_name(name: str) -> None:
     if base.startswith("lookahead_"):
         base = base[len("lookahead_"):]
     if base not in list_optimizers():
-        raise ConfigError("opt", f"unknown optimizer {name!r}",
+        raise ConfigError("opt", f"unknown optimizer {shown(name)}",
                           _near(base, list_optimizers()) or "see timm.optim.list_optimizers()")
 
 
@@ -77,12 +78,55 @@ def _check_sched(o: OptimConfig) -> None:
             warmup_lr=o.warmup_lr, min_lr=o.min_lr, cooldown_epochs=o.cooldown_epochs,
             step_on_epochs=False, updates_per_epoch=1)
     except (ValueError, AssertionError) as err:
-        raise ConfigError("sched", f"timm cannot build scheduler {o.sched!r} here: {err}",
+        raise ConfigError("sched", f"timm cannot build scheduler {shown(o.sched)} here: {err}",
                           "advvit steps the schedule per optimizer update; use e.g. cosine, "
                           "step, multistep, poly, tanh or constant") from None
     if scheduler is None:
-        raise ConfigError("sched", f"{o.sched!r} builds no scheduler",
+        raise ConfigError("sched", f"{shown(o.sched)} builds no scheduler",
                           "use constant for a fixed learning rate")
+
+
+_AUTO_AUGMENT_FORMS = ("rand-m9-mstd0.5-inc1 (RandAugment: m magnitude, n ops, p probability, "
+                       "mstd, mmax, inc, tweights / t3a / t3aw), augmix-m5-w4-d2 (AugMix: m, w, "
+                       "d, a, b, mstd), or original, originalr, v0, v0r, 3a (AutoAugment, "
+                       "e.g. original-mstd0.5)")
+
+
+def _ignored_parts(policy: str) -> List[str]:
+    """The dash-separated parts of ``policy`` that timm's parsers skip without a word.
+
+    timm reads a part as letters then a number and skips one with no digit (``rand-zz`` is
+    plain RandAugment); RandAugment's transform set (``t`` part) is read from the first such
+    part only, and a set timm does not know falls back to its default, as no set does.
+    """
+    from timm.data.auto_augment import rand_augment_choices
+    name, *parts = policy.split("-")
+    ignored, transform_set = [], False
+    for part in parts:
+        if name == "rand" and part.startswith("t"):
+            if transform_set or rand_augment_choices(part[1:]) is rand_augment_choices(""):
+                ignored.append(part)
+            transform_set = True
+        elif re.search(r"\d", part) is None:
+            ignored.append(part)
+    return ignored
+
+
+def _check_auto_augment(policy: str, img_size: int, interpolation: str) -> None:
+    """Build the policy's transform with timm's own factory (as the training loader will), and
+    refuse the parts it would skip."""
+    from timm.data import create_transform
+    try:
+        create_transform(img_size, is_training=True, auto_augment=policy,
+                         interpolation=interpolation)
+    except (AssertionError, ValueError, KeyError) as err:
+        reason = f": {err}" if str(err) else ""
+        raise ConfigError("auto_augment", f"timm cannot read {shown(policy)}{reason}",
+                          f"use {_AUTO_AUGMENT_FORMS}") from None
+    ignored = _ignored_parts(policy)
+    if ignored:
+        raise ConfigError("auto_augment", f"timm would skip {', '.join(map(shown, ignored))} "
+                          f"of {shown(policy)} without a word", f"use {_AUTO_AUGMENT_FORMS}")
 
 
 def _dataset_info(cfg: TrainConfig) -> data.DataInfo:
@@ -148,9 +192,10 @@ def validate(cfg: TrainConfig, world_size: Optional[int]) -> Tuple[data.DataInfo
     model's input, the learning rate of this world size. Runs before any data is read.
 
     Checks: ``model`` (timm's registry, advvit's variants included; close names suggested),
-    ``log_wandb`` (wandb installed), ``opt`` (timm's optimizer registry), ``sched`` (timm's scheduler factory), ``dataset``
-    (advvit.data's names and timm prefixes); ``num_classes`` not below the data set's classes;
+    ``log_wandb`` (wandb installed), ``opt`` (timm's optimizer registry), ``sched`` (timm's
+    scheduler factory), ``dataset`` (advvit.data's names and timm prefixes); ``num_classes`` not below the data set's classes;
     ``img_size`` a multiple of the model's patch size (the model is built on the meta device);
+    ``auto_augment`` a policy timm's transform factory builds, with no part it would skip;
     ``eps`` / ``eval_eps`` within the eps policy for the input shape (an L2 radius up to the
     input box's diagonal); ``min_lr`` not above the effective learning rate (also when it comes
     from ``lr_base`` scaling).
@@ -178,6 +223,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int]) -> Tuple[data.DataInfo
                           f"{cfg.data.dataset}", "leave num_classes unset (the data set's)")
     spec = model_spec(cfg, info)
     _check_model_fits(spec)
+    if cfg.data.auto_augment:
+        _check_auto_augment(cfg.data.auto_augment, spec.img_size, cfg.data.interpolation)
     a = cfg.attack
     for key in ("eps", "eval_eps"):
         value = getattr(a, key)

@@ -26,15 +26,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import yaml
 
-from .config import FIELDS, ConfigError
+from .config import FIELDS, ConfigError, shown
 from .io import (FileInUseError, FileLock, atomic_write, atomic_write_text,
                  folder_instead_of_file, lock_file, remove_stale_tmp)
 
 __all__ = ["LOCK", "LAST", "BEST", "RECOVERY", "HISTORY", "RUN_FILES", "OVERRIDABLE",
-           "RunLock", "lock_run_dir", "refuse_leftovers", "choose_resume", "config_changes",
-           "check_resume_config", "parse_overrides", "record_resume", "write_args_if_missing",
-           "checkpoint_step",
-           "link_best"]
+           "RunLock", "check_run_dir", "lock_run_dir", "refuse_leftovers", "choose_resume",
+           "config_changes", "check_resume_config", "parse_overrides", "record_resume",
+           "write_args_if_missing", "checkpoint_step", "link_best"]
 
 LOCK = ".lock"
 LAST = "last.pth"
@@ -86,6 +85,28 @@ def acquire(run_dir: str) -> RunLock:
         raise ConfigError("experiment", f"the run folder {run_dir} is in use by another training "
                           f"run ({err.holder or 'holder unknown'})",
                           "wait for it to finish, or set another experiment / output") from None
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Refuse a run folder that could not be made or written into, before anything is written.
+
+    The nearest of the run folder and its parents that exists must be a folder this process
+    may write into: the run folder itself, or where it (and any missing parent) is created.
+
+    Raises:
+        ConfigError: naming ``experiment`` (the run folder itself) or ``output``, and the fix.
+    """
+    path = Path(run_dir).absolute()
+    found = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    key, fix = (("experiment", "set another experiment") if found == path else
+                ("output", "give a folder for output: run folders are made inside it"))
+    if not found.is_dir():
+        raise ConfigError(key, f"{found} is a file, not a folder", fix)
+    if not os.access(found, os.W_OK | os.X_OK):
+        why = ("is on a read-only file system" if os.statvfs(found).f_flag & os.ST_RDONLY
+               else "is not writable by this user")
+        raise ConfigError(key, f"{found} {why}, so the run folder {run_dir} cannot be written",
+                          "give an output folder this user can write to")
 
 
 def lock_run_dir(run_dir: str, *, is_main: bool, say=print) -> RunLock:
@@ -181,10 +202,10 @@ def parse_overrides(text: Optional[str]) -> List[str]:
     keys = [k.strip().replace("-", "_") for k in (text or "").split(",") if k.strip()]
     for key in keys:
         if key not in FIELDS:
-            raise ConfigError("resume_override", f"unknown key {key!r}",
+            raise ConfigError("resume_override", f"unknown key {shown(key)}",
                               "name config keys, e.g. --resume-override epochs,log_interval")
         if key not in OVERRIDABLE:
-            raise ConfigError("resume_override", f"{key!r} changes what the run computes and "
+            raise ConfigError("resume_override", f"{shown(key)} changes what the run computes and "
                               "cannot differ on resume", "keys that may: " + ", ".join(OVERRIDABLE)
                               + "; start a new run (another experiment) to change it")
     return keys
@@ -226,7 +247,8 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], pa
     changes = config_changes(saved, current)
     refused = {k: v for k, v in changes.items() if k not in overrides}
     if refused:
-        listed = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in refused.items())
+        listed = ", ".join(f"{k} ({shown(old)} -> {shown(new)})"
+                           for k, (old, new) in refused.items())
         may = [k for k in refused if k in OVERRIDABLE]
         fix = "resume with the run's own settings (its args.yaml and resume_history.yaml)"
         if may:

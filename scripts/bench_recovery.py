@@ -31,7 +31,7 @@ import bench_common as bc  # noqa: E402  (imports advvit before timm)
 
 import torch  # noqa: E402
 
-from advvit import train  # noqa: E402
+from advvit.trainer import Trainer, build  # noqa: E402
 from advvit.config import load_config  # noqa: E402
 
 CONFIG = bc.REPO / "configs" / "quickstart_fashion_mnist.yaml"
@@ -43,7 +43,7 @@ def measure(steps: int, every: int, out_dir: str) -> dict:
                        "--device", "cpu", "--max-steps-per-epoch", str(steps),
                        "--log-interval", "1", "--recovery-interval-steps", str(every),
                        "--eval-batches", "1", "--co-check", "off", "--no-tensorboard"])
-    trainer = train.Trainer(train.build(cfg))
+    trainer = Trainer(build(cfg))
     logs, saves = [], []
     step_log, save = trainer.monitor.step, trainer.save_recovery
 

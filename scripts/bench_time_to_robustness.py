@@ -23,7 +23,7 @@ import advvit  # noqa: F401  (before timm)
 import torch
 
 from advvit.config import load_config
-from advvit.train import train
+from advvit.trainer import train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_env import cpu_model  # noqa: E402

@@ -248,7 +248,7 @@ def test_attack_policy_is_train_mode_and_the_step_barrier_on_xla_only(xla_syncs)
 @pytest.mark.parametrize("loss", ["pgd", "trades"])
 def test_training_losses_follow_the_policy(loss, xla_syncs):
     from advvit.config import load_config
-    from advvit.train import _build_loss
+    from advvit.trainer import _build_loss
 
     cfg = load_config(["--dataset", "fashion_mnist", "--loss", loss, "--attack-steps", "2"])
     on_cpu = _build_loss(cfg, accel.setup("cpu"))
@@ -266,7 +266,7 @@ def test_training_losses_follow_the_policy(loss, xla_syncs):
 def test_evaluation_and_overfitting_check_attack_as_the_policy_says(rt, attack_modes, syncs,
                                                                     xla_syncs):
     from advvit.engine import evaluate
-    from advvit.train import CatastrophicOverfittingGuard
+    from advvit.trainer import CatastrophicOverfittingGuard
 
     x, y = torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
     model = ModeProbe().train()

@@ -13,7 +13,8 @@ from PIL import Image
 
 from advvit import accel, data
 from advvit.config import effective_lr, load_config
-from advvit.train import _build_loaders, _build_loss, validate
+from advvit.preflight import validate
+from advvit.trainer import _build_loaders, _build_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))

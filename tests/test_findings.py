@@ -1,5 +1,6 @@
 """The findings runner: experiment files, plan, skip and resume, verdicts, extractors, schema."""
 import json
+import math
 import os
 import re
 import textwrap
@@ -11,11 +12,13 @@ from advvit.findings import extract as X
 from advvit.findings import verdict as V
 from advvit.findings.__main__ import main as findings_main
 from advvit.findings.plan import plan_lines, status, units
-from advvit.findings.results import SchemaError, build_result, validate_result, write_result
+from advvit.findings.markdown import render, shared_runs, suite_holm
+from advvit.findings.results import SchemaError, build_result, compare_measurement, \
+    measurement_unit, rebuild_result, validate_result, write_result
 from advvit.findings.runner import RunFailed, run_experiment, run_unit
 from advvit.findings.spec import FindingsError, load_experiment, load_experiments
 from advvit.io import sha256_file
-from advvit.train import KILL_ENV
+from advvit.trainer import KILL_ENV
 from test_data import make_idx_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -349,17 +352,29 @@ def test_greater_verdicts(higher, lower, expected):
     assert V.greater("t", S(higher), S(lower), min_effect=0.01).verdict == expected
 
 
-def test_greater_reports_the_difference_and_its_standard_error():
+def test_greater_reads_the_t_quantile_at_its_degrees_of_freedom():
     r = V.greater("t", S([0.6, 0.8]), S([0.4, 0.4]), min_effect=0.01)
     assert r.difference == pytest.approx(0.3)
     assert r.se == pytest.approx(0.1)        # sample variance 0.02 over 2 seeds, plus 0
-    assert r.verdict == V.HOLDS              # 0.3 - 2 * 0.1 > 0
-    wide = V.greater("t", S([0.5, 0.9]), S([0.4, 0.4]), min_effect=0.01)
-    assert wide.se == pytest.approx(0.2) and wide.verdict == V.CANNOT_TELL   # 0.3 - 0.4 < 0
+    # One side's spread alone: 1 degree of freedom, t 12.71, where 2 standard errors held.
+    assert r.df == pytest.approx(1) and r.critical == pytest.approx(12.706, abs=1e-3)
+    assert r.verdict == V.CANNOT_TELL
+    four = V.greater("t", S([0.6, 0.8, 0.6, 0.8]), S([0.4] * 4), min_effect=0.01)
+    assert four.df == pytest.approx(3) and four.critical == pytest.approx(3.182, abs=1e-3)
+    assert four.verdict == V.HOLDS and four.p < 0.05
+
+
+def test_welch_satterthwaite_degrees_of_freedom():
+    # Equal variance terms of df 1 each: 2 df; a known term (df inf) adds variance, not df.
+    assert V.satterthwaite([(1.0, 1), (1.0, 1)]) == pytest.approx((2.0, 2.0))
+    assert V.satterthwaite([(1.0, 1), (1.0, math.inf)]) == pytest.approx((2.0, 4.0))
+    assert V.satterthwaite([(0.0, 1)])[1] == math.inf
 
 
 @pytest.mark.parametrize("values, expected", [
-    ([0.01, 0.02], V.HOLDS), ([0.09, 0.10], V.DOES_NOT_HOLD), ([0.02, 0.09], V.CANNOT_TELL)])
+    ([0.01, 0.015, 0.02], V.HOLDS), ([0.09, 0.095, 0.10], V.DOES_NOT_HOLD),
+    ([0.01, 0.02], V.CANNOT_TELL),          # 1 df: t 12.7 spans the threshold
+    ([0.02, 0.09], V.CANNOT_TELL)])
 def test_below_verdicts(values, expected):
     assert V.below("t", S(values), 0.05).verdict == expected
 
@@ -372,12 +387,24 @@ def test_close_verdicts(a, b, expected):
 
 
 def test_combine_needs_every_test_to_hold():
-    def r(v):
-        return V.TestResult("t", "greater", v, 0.0, 0.0, "")
-    assert V.combine([r(V.HOLDS), r(V.HOLDS)]) == V.HOLDS
-    assert V.combine([r(V.HOLDS), r(V.CANNOT_TELL)]) == V.CANNOT_TELL
-    assert V.combine([r(V.CANNOT_TELL), r(V.DOES_NOT_HOLD)]) == V.DOES_NOT_HOLD
+    assert V.combine([V.HOLDS, V.HOLDS]) == V.HOLDS
+    assert V.combine([V.HOLDS, V.CANNOT_TELL]) == V.CANNOT_TELL
+    assert V.combine([V.CANNOT_TELL, V.DOES_NOT_HOLD]) == V.DOES_NOT_HOLD
+    assert V.combine([V.DOES_NOT_HOLD, V.UNTRUSTWORTHY]) == V.UNTRUSTWORTHY
     assert V.combine([]) == V.CANNOT_TELL
+
+
+def test_close_is_a_tost_on_the_90_percent_interval():
+    # Spread 0.0028 a side over 2 seeds: se 0.0028, df 2, t(0.95) 2.92: [-0.0063, +0.0103].
+    r = V.close("t", S([0.802, 0.806]), S([0.800, 0.804]), 0.011)
+    assert r.level == pytest.approx(0.90) and r.critical == pytest.approx(2.920, abs=1e-3)
+    assert r.verdict == V.HOLDS and r.p < 0.05
+    assert V.close("t", S([0.802, 0.806]), S([0.800, 0.804]), 0.007).verdict == V.CANNOT_TELL
+
+
+def test_holm_adjusts_step_down():
+    assert V.holm([0.01, 0.04, None, 0.03]) == pytest.approx([0.03, 0.06, None, 0.06])
+    assert V.holm([]) == []
 
 
 def test_summaries_refuse_nan():
@@ -397,7 +424,8 @@ def _analysis(command, results, names):
 def test_jacobian_extractor_compares_the_ends_with_the_middle():
     report = _analysis("jacobian", {"m": {"sigma_mean": [5.0, 2.0, 3.0, 1.0, 4.0]}}, ["m"])
     [m] = X.extract("jacobian", report, ["s"])
-    assert m == {"first": 5.0, "last": 4.0, "middle_max": 3.0, "middle_mean": 2.0, "ends_min": 4.0}
+    assert m == {"first": 5.0, "last": 4.0, "middle_max": 3.0, "middle_mean": 2.0, "ends_min": 4.0,
+                 "block0": 5.0, "block1": 2.0, "block2": 3.0, "block3": 1.0, "block4": 4.0}
 
 
 def test_lesion_extractor_averages_drops_over_the_blocks_with_the_part():
@@ -409,7 +437,10 @@ def test_lesion_extractor_averages_drops_over_the_blocks_with_the_part():
     assert m["attn_drop"] == pytest.approx(0.15) and m["lpi_drop"] == pytest.approx(0.0)
     assert m["mlp_drop"] == pytest.approx(0.025) and m["block_drop"] == pytest.approx(0.2)
     assert m["block_drop_max"] == pytest.approx(0.3)
+    assert m["block_drop_max_rest"] == pytest.approx(0.1)    # the paper's form: not the first
     assert m["robust_attn_drop"] == pytest.approx(0.05)
+    assert m["lpi_drop0"] == pytest.approx(0.0) and "lpi_drop1" not in m
+    assert all(X.known_metric("lesions", k) for k in m)
 
 
 def test_transfer_extractor_separates_within_and_cross_architecture():
@@ -738,3 +769,128 @@ def test_a_run_folder_whose_lock_is_held_is_left_alone(tmp_path):
         assert set_aside_leftovers(train) is None and os.path.isdir(train.folder)
     finally:
         lock.release()
+
+
+# ------------------------------------------------------------------------------------------
+# Paired outcomes, masking and the design in the record
+# ------------------------------------------------------------------------------------------
+
+def _per_example_runner(masked_key=None):
+    """Evaluations of 200 images with per-example outcomes: wd05 right on the first 120, wd0 on
+    the first 100 (so they differ on 20 images only); ``masked_key`` warns of masking."""
+    def run(unit, **_):
+        os.makedirs(os.path.dirname(unit.output), exist_ok=True)
+        payload = {"seconds": 1.0}
+        if unit.kind == "eval":
+            assert "--per-example" in unit.command
+            right = 120 + unit.seed if unit.setting == "wd05" else 100
+            rows = [{"index": i, "label": 0, "clean": True, "robust": i < right,
+                     "broken_by": None} for i in range(200)]
+            payload = {"format": "advvit-eval/1", "clean_accuracy": 1.0, "n": 200,
+                       "robust_accuracy": {"value": right / 200}, "per_example": rows,
+                       "headline": None}
+            if unit.key == masked_key:
+                payload["headline"] = {"code": "gradient_masking", "flags": ["zero_gradients"]}
+        with open(unit.output, "w") as fh:
+            json.dump(payload, fh)
+        return 1.0
+    return run
+
+
+def _built(tmp_path, runner, seeds="[0, 1, 2]", extra=""):
+    exp = load_experiment(_tiny_experiment(tmp_path, seeds=seeds, extra=extra), defaults={})
+    root = str(tmp_path / "root")
+    run_experiment(exp, root, runner=runner, say=lambda s: None)
+    return exp, build_result(exp, root, "cmd")
+
+
+def test_per_example_outcomes_are_packed_and_pair_the_test(tmp_path):
+    exp, data = _built(tmp_path, _per_example_runner())
+    m = next(m for m in data["measurements"] if m["setting"] == "wd05")
+    assert m["outcomes"]["indices"] == {"start": 0} and m["masking"] == []
+    indices, bits = X.unpack_outcomes(m["outcomes"], "robust")
+    assert indices == list(range(200)) and bits.sum() == 120
+    t = data["tests"][0]
+    assert t["paired"] and [s["b"] for s in t["mcnemar"]] == [20, 21, 22]
+    assert t["verdict"] == V.HOLDS and not any("per-example" in g for g in data["gaps"])
+    # The same numbers without the outcomes: the unpaired rule, and the record says so.
+    old = json.loads(json.dumps(data))
+    for m in old["measurements"]:
+        del m["outcomes"], m["masking"]
+    again = rebuild_result(exp, old, "cmd")
+    assert not again["tests"][0]["paired"] and again["tests"][0]["se"] > t["se"]
+    assert any("no per-example outcomes for robust" in g for g in again["gaps"])
+    assert any("gradient-masking checks are not in the record" in g for g in again["gaps"])
+    assert again["created"] == old["created"]
+
+
+def test_a_masked_evaluation_makes_the_verdict_untrustworthy(tmp_path):
+    _, data = _built(tmp_path, _per_example_runner(masked_key="eval pgd wd0 s1"))
+    assert data["verdict"] == V.UNTRUSTWORTHY
+    assert "pgd.robust@wd0 seed 1 (zero_gradients)" in data["tests"][0]["why"]
+    validate_result(data)
+
+
+def test_the_design_records_added_seeds_and_an_unreached_premise(tmp_path):
+    _, data = _built(tmp_path, _per_example_runner(), extra=(
+        "seeds_added_after_looking: [2]\n"
+        "        premise_not_reached: the collapse never happened"))
+    assert data["seeds_added_after_looking"] == [2] and data["alpha"] == 0.05
+    assert data["verdict"] == V.CANNOT_TELL and data["tests_verdict"] == V.HOLDS
+    page = render([data])
+    assert "cannot tell: premise not reached" in page and "Seeds added after looking" in page
+    with pytest.raises(FindingsError, match="seeds_added_after_looking"):
+        load_experiment(_tiny_experiment(tmp_path, seeds="[0, 1]",
+                                         extra="seeds_added_after_looking: [5]"), defaults={})
+
+
+def test_the_page_adjusts_over_the_suite_and_names_shared_runs(tmp_path):
+    _, data = _built(tmp_path, _per_example_runner())
+    other = json.loads(json.dumps(data))
+    other.update(id="t2_other")
+    holm = suite_holm([data, other])
+    p = data["tests"][0]["p"]
+    assert holm[("t1_tiny", "robust")] == pytest.approx(min(1.0, 2 * p))
+    assert shared_runs([data, other]) == [("t1_tiny", "t2_other", 6)]
+
+
+def test_the_shipped_page_is_rendered_from_the_shipped_records():
+    records = [json.load(open(os.path.join(ROOT, "docs", "findings", f"{e.id}.json")))
+               for e in load_experiments(SHIPPED)]
+    for record in records:
+        validate_result(record)
+    assert render(records) == open(os.path.join(ROOT, "docs", "findings.md")).read()
+
+
+def test_verify_measures_one_unit_again_and_names_what_differs(tmp_path):
+    exp, data = _built(tmp_path, _per_example_runner())
+    index = next(i for i, m in enumerate(data["measurements"])
+                 if (m["setting"], m["seed"]) == ("wd05", 1))
+    root = str(tmp_path / "verify")
+    key = measurement_unit(exp, data, index, root)
+    assert key == "eval pgd wd05 s1"
+    calls = []
+
+    def counted(unit, **kw):
+        calls.append(unit.key)
+        return _per_example_runner()(unit, **kw)
+    run_experiment(exp, root, runner=counted, say=lambda s: None, only=[key])
+    assert calls == ["train wd05 s1", "eval pgd wd05 s1"]
+    assert compare_measurement(exp, data, index, root) == (True, [])
+    # Measured again with three more images right: inside the record's band (the seeds differ
+    # by a point, 200 images leave 3.4 points), and the outcomes that changed are counted.
+    def better(unit, **kw):
+        counted(unit, **kw)
+        if unit.kind != "eval":
+            return 1.0
+        report = json.load(open(unit.output))
+        for row in report["per_example"][121:124]:
+            row["robust"] = True
+        report["robust_accuracy"]["value"] += 3 / 200
+        json.dump(report, open(unit.output, "w"))
+        return 1.0
+    other = str(tmp_path / "verify2")
+    run_experiment(exp, other, runner=better, say=lambda s: None, only=[key])
+    ok, lines = compare_measurement(exp, data, index, other)
+    assert ok and "within the record's band" in lines[0]
+    assert lines[1] == "pgd.robust@wd05 seed 1: 3 images changed outcome"

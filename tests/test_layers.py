@@ -40,7 +40,7 @@ LAYERS: Sequence[Tuple[str, Sequence[str]]] = (
     ("library",
      ("advvit.engine", "advvit.robustness", "advvit.autoattack_adapter", "advvit.preflight",
       "advvit.analysis.*", "advvit.report", "advvit.attack_names", "advvit.suites", "advvit.plots",
-      "advvit.references", "advvit.leaderboard")),
+      "advvit.trainer", "advvit.references", "advvit.leaderboard")),
     # cli holds the parts the command lines share (option groups, analyze's sub-commands); it is
     # no command itself, so findings may check options with its parsers.
     ("command lines",
@@ -354,5 +354,5 @@ def test_the_table_check_reports_a_wrong_row_a_missing_row_and_an_unknown_word()
         "advvit.monitor: no row",
         "advvit/accel.py: missing [], not imported [], unknown ['torhc']",
         "advvit/engine.py: missing ['attacks'], not imported ['losses'], unknown []",
-        "advvit/train.py: missing ['advvit.monitor'], not imported [], unknown ['monitor']",
+        "advvit/trainer.py: missing ['advvit.monitor'], not imported [], unknown ['monitor']",
     ]

@@ -133,3 +133,39 @@ def test_a_folder_given_to_resume_is_named_a_folder(tmp_path):
         rundir.choose_resume(str(tmp_path / "run"), str(tmp_path))
     assert f"{tmp_path} is a folder, not a file" in str(e.value)
     assert str(tmp_path / "last.pth") in str(e.value) and "'auto'" in str(e.value)
+
+
+@pytest.mark.parametrize("where, key", [("output", "output"), ("run", "experiment"),
+                                        ("parent", "output")])
+def test_a_file_where_the_run_folder_goes_is_one_message(tmp_path, capsys, where, key):
+    output = tmp_path / "runs"
+    target = {"output": output, "run": output / "run", "parent": tmp_path / "runs"}[where]
+    args = _args(tmp_path)
+    if where == "parent":  # output below a file
+        args[args.index("--output") + 1] = str(output / "deeper")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("a file")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"config key '{key}': {target} is a file, not a folder" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert target.read_text() == "a file"
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_message(tmp_path, capsys, monkeypatch):
+    output = tmp_path / "runs"
+    output.mkdir()
+    output.chmod(0o555)
+    if os.access(output, os.W_OK):
+        # root writes through permission bits: the check sees the folder as another user would.
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: os.fspath(p) != str(output)
+                            and access(p, mode, **kw))
+    try:
+        assert main(_args(tmp_path)) == 2
+        err = capsys.readouterr().err
+        assert f"config key 'output': {output} is not writable by this user" in err
+        assert "give an output folder this user can write to" in err
+        assert os.listdir(output) == []
+    finally:
+        output.chmod(0o755)

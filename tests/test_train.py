@@ -1,7 +1,9 @@
 """The training CLI end to end: shipped configs, resume, kills, bad input, non-finite losses."""
 import csv
+import errno
 import glob
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,7 +17,8 @@ from torch import nn
 from advvit import accel, checkpoint, engine, train
 from advvit.losses import LossOutput
 from advvit.schedules import create_eps_schedule
-from advvit.train import KILL_ENV, main
+from advvit.train import main
+from advvit.trainer import KILL_ENV
 from test_data import make_cifar_folder, make_idx_folder, make_imagefolder, write_unsafe_cifar_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,6 +117,24 @@ def _train_process(args, kill_at=None):
         env[KILL_ENV] = kill_at
     return subprocess.run([sys.executable, "-m", "advvit.train", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def _train_process_until(args, text):
+    """``python -m advvit.train`` started in its own process group (as a scheduler's job is),
+    returned with what it printed once a line of its stderr holds ``text``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop(KILL_ENV, None)
+    proc = subprocess.Popen([sys.executable, "-m", "advvit.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if text in line:
+            return proc, seen
+    proc.wait()
+    raise AssertionError(f"the run ended (exit {proc.returncode}) before printing {text!r}:\n"
+                         + "".join(seen))
 
 
 TIMED = ("images_per_s", "seconds")  # wall-clock figures: never the same twice
@@ -393,3 +414,159 @@ def test_a_cifar_batch_that_would_run_code_is_one_data_error(tmp_path, capsys):
     assert "Traceback" not in err and err.count("\n") == 1 and not marker.exists()
     run = tmp_path / "runs" / "run"
     assert not run.exists() or not {"args.yaml", "last.pth", "summary.csv"} & set(os.listdir(run))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_the_next_step_with_a_recovery_point_that_resumes_bit_for_bit(tmp_path):
+    # 6 steps per epoch, a log point every 4: the stop comes between log points, so the
+    # recovery point carries a part of a log interval. A loader worker process gets the
+    # signal too, as every process of a job does from a scheduler; the restart comes in the
+    # first epoch, whose worker is seeded from the epoch's RNG state, so its augmentations are
+    # the uninterrupted run's.
+    args = [a for a in _tiny_args(tmp_path, "--epochs", "2", "--log-interval", "4",
+                                  "--co-check", "off", "--workers", "1")
+            if a != "--no-tensorboard"]
+    full = [a.replace(str(tmp_path / "runs"), str(tmp_path / "full")) for a in args]
+    assert _train_process(full).returncode == 0
+    proc, _ = _train_process_until(args, "run folder")
+    os.killpg(proc.pid, signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 143, err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    run = tmp_path / "runs" / "run"
+    recovery = checkpoint.load_checkpoint(run / "recovery.pth")
+    assert recovery["epoch"] == 0 and 1 <= recovery["step"] < 6
+    message = err.strip().splitlines()[-1]
+    assert message.startswith(f"stopped on SIGTERM at epoch 0, step {recovery['step']}; "
+                              f"recovery point: {run / 'recovery.pth'}; resume with: "
+                              "python -m advvit.train ")
+    command = shlex.split(message.split("resume with: ")[1])
+    assert command[-2:] == ["--resume", "auto"]
+
+    resumed = _train_process(command[3:])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {run / 'recovery.pth'} at epoch 0 after {recovery['step']}" \
+        in resumed.stderr
+    a = checkpoint.load_checkpoint(tmp_path / "full" / "run" / "last.pth")
+    b = checkpoint.load_checkpoint(run / "last.pth")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (1, 12)
+    _assert_same_weights(a, b, "model")
+    assert _csv_rows(run) == _csv_rows(tmp_path / "full" / "run")
+    assert _tb_scalars(run) == _tb_scalars(tmp_path / "full" / "run")
+
+
+def test_an_epoch_stopped_between_log_points_goes_on_to_the_same_logs_and_weights():
+    """The steps after the last log point travel in the stop's progress: the epoch continued
+    from it logs and ends as the uninterrupted one, bit for bit."""
+    from advvit.losses import create_loss
+    rt = accel.setup("cpu")
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(4, 1, 4, 4, generator=gen), torch.randint(0, 3, (4,), generator=gen))
+               for _ in range(5)]
+    settings = engine.StepSettings(log_interval=2)
+
+    def epoch(model, loader, logs, **kwargs):
+        return engine.train_one_epoch(
+            model=model, loss_fn=create_loss("clean", criterion=nn.CrossEntropyLoss()),
+            loader=loader, optimizer=kwargs.pop("optimizer"), rt=rt,
+            eps_schedule=create_eps_schedule("constant", eps=0.0), epoch=0, settings=settings,
+            on_log=lambda s, m: logs.append(
+                (s, {k: v for k, v in m.items() if k != "images_per_s"})),
+            **kwargs)
+
+    torch.manual_seed(0)
+    whole = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    cut = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    cut.load_state_dict(whole.state_dict())
+    logs_whole, logs_cut = [], []
+    totals, _ = epoch(whole, batches, logs_whole, step=0,
+                      optimizer=torch.optim.SGD(whole.parameters(), 0.5))
+    optimizer = torch.optim.SGD(cut.parameters(), 0.5)
+    with pytest.raises(engine.EpochStopped) as stopped:
+        epoch(cut, batches, logs_cut, step=0, optimizer=optimizer, stop=lambda step: step == 3)
+    progress = stopped.value.progress
+    assert (progress.step, progress.steps_done) == (3, 3)
+    assert progress.interval["host"]["count"] == 4  # step 3, after the log point at 2
+    again, _ = epoch(cut, batches[3:], logs_cut, step=3, optimizer=optimizer, resume=progress)
+    assert logs_cut == logs_whole and [s for s, _ in logs_whole] == [2, 4]
+    assert {k: v for k, v in again.items() if k not in ("images_per_s", "seconds")} == \
+        {k: v for k, v in totals.items() if k not in ("images_per_s", "seconds")}
+    for name, value in whole.state_dict().items():
+        torch.testing.assert_close(cut.state_dict()[name], value, rtol=0, atol=0)
+
+
+def _disk_full_at_second(monkeypatch, target):
+    """The second write of ``target`` (last.pth or summary.csv) fails as a full disk does."""
+    from advvit import monitor
+    calls = {"n": 0}
+
+    def full():
+        calls["n"] += 1
+        return calls["n"] == 2
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if target == "last.pth":
+        save = torch.save
+        monkeypatch.setattr(torch, "save", lambda obj, f: no_space() if full() else save(obj, f))
+    else:
+        real_open = open
+        monkeypatch.setattr(monitor, "open", lambda path, mode="r", **kw: no_space()
+                            if "a" in mode and full() else real_open(path, mode, **kw),
+                            raising=False)
+
+
+@pytest.mark.parametrize("target", ["last.pth", "summary.csv"])
+def test_a_full_disk_during_training_stops_with_one_message_and_keeps_the_last_checkpoint(
+        tmp_path, capsys, monkeypatch, target):
+    args = _tiny_args(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "1", "--eval-batches",
+                      "1", "--co-check", "off")
+    _disk_full_at_second(monkeypatch, target)
+    assert main(args) == 1  # returned: no exception came through
+    err = capsys.readouterr().err
+    run = tmp_path / "runs" / "run"
+    message = err.strip().splitlines()[-1]  # after the progress lines
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [message]
+    assert message.startswith(f"error: could not write {run / target} (ENOSPC: No space left on "
+                              f"device); training stopped. {run / 'last.pth'}, the newest "
+                              "checkpoint, is intact")
+    assert message.endswith("--resume auto")
+    assert checkpoint.load_checkpoint(run / "last.pth")["epoch"] == 0
+    assert not glob.glob(str(run / ".*.tmp"))
+    assert [r["epoch"] for r in _csv_rows(run)] == ["0"] + (["1"] if target == "last.pth" else [])
+
+
+@pytest.mark.slow
+def test_under_torchrun_sigterm_stops_every_rank_at_the_same_log_point(tmp_path):
+    # torchrun passes the signal on to its ranks as well: each may see it at another step, and
+    # they agree on the next log point (every 2 steps of 6; a batch of 4 on each of 2 ranks).
+    args = _tiny_args(tmp_path, "--epochs", "2", "--log-interval", "2", "--co-check", "off",
+                      "--batch-size", "4", "--device", "cpu")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node=2", "-m", "advvit.train"]
+    proc = subprocess.Popen([*torchrun, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stderr:
+        if "run folder" in line:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    err = proc.stderr.read()
+    proc.wait(timeout=300)
+    run = tmp_path / "runs" / "run"
+    recovery = checkpoint.load_checkpoint(run / "recovery.pth")
+    step = recovery["step"]
+    assert recovery["epoch"] == 0 and step % 2 == 0 and step < 6, err
+    assert err.count("stopped on SIGTERM") == 1  # rank 0 reports
+    assert f"stopped on SIGTERM at epoch 0, step {step}; recovery point: {run / 'recovery.pth'}" \
+        in err and "(under the launcher this run had, e.g. torchrun)" in err
+    assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err
+
+    resumed = subprocess.run([*torchrun, *args, "--resume", "auto"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at epoch 0 after {step} of its steps" in resumed.stderr
+    assert checkpoint.load_checkpoint(run / "last.pth")["step"] == 12

@@ -1,10 +1,12 @@
-"""``python -m advvit.findings {plan,run,report} [EXPERIMENT ...]``.
+"""``python -m advvit.findings {plan,run,report,verify} [EXPERIMENT ...]``.
 
 ``plan`` prints every unit with its state and estimated minutes; ``run`` runs what is not done
 (then writes the results; an experiment that ``waits_for`` something is skipped); ``report``
 writes ``docs/findings/<id>.json`` and its figure from what has finished, and
-``docs/findings.md`` from every record. EXPERIMENT is a file stem (``02_eps_warmup``) or a
-claim number; none: all.
+``docs/findings.md`` from every record; ``verify`` measures one of a record's measurements
+again from nothing (its training included) under ``ROOT/verify`` and names what differs from
+the record (exit 1 when a number is outside the record's band). EXPERIMENT is a file stem
+(``02_eps_warmup``) or a claim number; none: all.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from typing import Optional, Sequence
 from ..io import atomic_write_text
 from .markdown import render
 from .plan import plan_lines
-from .results import build_result, rebuild_result, validate_result, write_result
+from .results import (build_result, compare_measurement, measurement_unit, rebuild_result,
+                      validate_result, write_result)
 from .runner import RunFailed, check_configs, run_experiment
 from .spec import FindingsError, load_experiments
 
@@ -27,7 +30,7 @@ from .spec import FindingsError, load_experiments
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m advvit.findings", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=("plan", "run", "report"))
+    p.add_argument("action", choices=("plan", "run", "report", "verify"))
     p.add_argument("experiments", nargs="*", help="file stems or claim numbers (default: all)")
     p.add_argument("--configs", default="configs/findings", help="folder of experiment files")
     p.add_argument("--root", default="output/findings",
@@ -36,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS of the runs (default: torch's)")
     p.add_argument("--yes", action="store_true", help="run without printing the plan first")
+    p.add_argument("--measurement", type=int, default=0,
+                   help="verify: which of the record's measurements (its index, default 0)")
     return p
 
 
@@ -76,6 +81,31 @@ def _report(exps, args) -> None:
     print(f"{len(records)} records -> {page}")
 
 
+def _verify(exps, args) -> int:
+    root = os.path.join(args.root, "verify")
+    env = None if args.threads is None else {"OMP_NUM_THREADS": str(args.threads)}
+    _stop_on_signals()
+    status = 0
+    for exp in exps:
+        with open(os.path.join(args.results, f"{exp.id}.json")) as fh:
+            record = json.load(fh)
+        validate_result(record)
+        key = measurement_unit(exp, record, args.measurement, root)
+        print(f"claim {exp.claim} ({exp.id}): measuring {key} again under {root}")
+        try:
+            run_experiment(exp, root, env=env, only=[key])
+        except RunFailed as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as err:
+            print(f"stopped ({err or 'interrupted'}); run again to resume", file=sys.stderr)
+            return 130
+        ok, lines = compare_measurement(exp, record, args.measurement, root)
+        print("\n".join(lines) if lines else "identical to the record")
+        status = status if ok else 1
+    return status
+
+
 def _stop_on_signals() -> None:
     """SIGTERM (and SIGINT, which a shell ignores in background jobs) stop the runner as ^C
     does: the running unit's process group is stopped with it, nothing is marked done."""
@@ -95,6 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.action == "report":
         _report(exps, args)
         return 0
+    if args.action == "verify":
+        return _verify(exps, args)
     try:
         for exp in exps:
             if not exp.waits_for:

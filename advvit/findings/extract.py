@@ -7,12 +7,15 @@ experiment's settings.
 """
 from __future__ import annotations
 
+import base64
 import math
 import re
-from typing import Any, Callable, Dict, List, Mapping, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["eval_metrics", "EXTRACTORS", "METRICS", "known_metric", "extract",
-           "ExtractError"]
+import numpy as np
+
+__all__ = ["eval_metrics", "eval_outcomes", "eval_masking", "unpack_outcomes", "EXTRACTORS",
+           "METRICS", "known_metric", "extract", "ExtractError"]
 
 Metrics = Dict[str, float]
 
@@ -32,6 +35,42 @@ def eval_metrics(report: Mapping[str, Any]) -> Metrics:
     return {"clean": float(report["clean_accuracy"]), "robust": float(robust)}
 
 
+def _bits(flags: Sequence[bool]) -> str:
+    return base64.b64encode(np.packbits(np.asarray(flags, dtype=bool)).tobytes()).decode()
+
+
+def eval_outcomes(report: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """An ``advvit.eval --per-example`` report's outcomes, bit-packed for a findings record:
+    ``n``, the test-set ``indices`` (``{"start": i}`` when they run on from ``i``, else the
+    list), and ``clean`` / ``robust`` (base64 of numpy's packbits, one bit per example, 1 for
+    correct). None when the report was written without ``--per-example``."""
+    rows = report.get("per_example")
+    if not rows:
+        return None
+    indices = [int(r["index"]) for r in rows]
+    start = indices[0]
+    return {"n": len(rows),
+            "indices": {"start": start} if indices == list(range(start, start + len(rows)))
+            else indices,
+            "clean": _bits([r["clean"] for r in rows]), "robust": _bits([r["robust"] for r in rows])}
+
+
+def unpack_outcomes(packed: Mapping[str, Any], metric: str) -> Tuple[List[int], np.ndarray]:
+    """The test-set indices and the 0/1 outcome of ``metric`` (``clean``, ``robust``) of each
+    example, from :func:`eval_outcomes`' form."""
+    n, indices = int(packed["n"]), packed["indices"]
+    if isinstance(indices, dict):
+        indices = list(range(int(indices["start"]), int(indices["start"]) + n))
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(packed[metric]), dtype=np.uint8))[:n]
+    return indices, bits.astype(float)
+
+
+def eval_masking(report: Mapping[str, Any]) -> List[str]:
+    """The gradient-masking flags of an evaluation report's headline (empty: none)."""
+    head = report.get("headline") or {}
+    return list(head.get("flags", [])) if head.get("code") == "gradient_masking" else []
+
+
 def _mean(values: Sequence[float]) -> float:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else math.nan
@@ -40,27 +79,35 @@ def _mean(values: Sequence[float]) -> float:
 def _jacobian(result: Mapping[str, Any]) -> Metrics:
     """``first`` / ``last`` block's spectral norm, the largest and mean of the blocks between,
     and ``ends_min`` (the smaller of first and last: above ``middle_max`` means both ends are
-    the most sensitive blocks, the Cauchy-problem paper's claim)."""
+    the most sensitive blocks, the Cauchy-problem paper's claim), and every block's own
+    (``block<i>``), so the record keeps the whole profile."""
     sigma = [float(s) for s in result["sigma_mean"]]
     if len(sigma) < 3:
         raise ExtractError("fewer than 3 blocks: no middle to compare the ends with")
     middle = sigma[1:-1]
     return {"first": sigma[0], "last": sigma[-1], "middle_max": max(middle),
-            "middle_mean": _mean(middle), "ends_min": min(sigma[0], sigma[-1])}
+            "middle_mean": _mean(middle), "ends_min": min(sigma[0], sigma[-1]),
+            **{f"block{i}": v for i, v in enumerate(sigma)}}
 
 
 def _lesions(result: Mapping[str, Any]) -> Metrics:
     """Mean accuracy drop (intact minus lesioned, clean and PGD) per lesion kind over the blocks
     that have the part (``attn_drop``, ``mlp_drop``, ``block_drop``, ...; ``robust_`` in front
-    for PGD), and the largest single-block drop (``block_drop_max``)."""
+    for PGD), the largest single-block drop (``block_drop_max``) and the largest over every
+    block but the first (``block_drop_max_rest``: the lesion paper's form of "a single lesion is
+    tolerated"), and each lesion's own drop (``attn_drop<i>`` for block i, ...), so the record
+    keeps the whole vector."""
     out: Metrics = {}
     for prefix, key, base in (("", "clean_accuracy", "baseline_clean"),
                               ("robust_", "robust_accuracy", "baseline_robust")):
         for kind, row in zip(result["kinds"], result[key]):
-            drops = [float(result[base]) - a for a in row if a is not None]
-            out[f"{prefix}{kind}_drop"] = _mean(drops)
+            per_block = {i: float(result[base]) - a for i, a in enumerate(row) if a is not None}
+            out[f"{prefix}{kind}_drop"] = _mean(list(per_block.values()))
+            out.update({f"{prefix}{kind}_drop{i}": d for i, d in per_block.items()})
             if kind == "block":
-                out[f"{prefix}block_drop_max"] = max(drops)
+                out[f"{prefix}block_drop_max"] = max(per_block.values())
+                out[f"{prefix}block_drop_max_rest"] = max(
+                    (d for i, d in per_block.items() if i > 0), default=math.nan)
     return out
 
 
@@ -124,9 +171,9 @@ EXTRACTORS: Dict[str, Callable[[Mapping[str, Any], Sequence[str]], List[Metrics]
 # The metric names each extractor gives, for checking an experiment's references before any
 # run (a misspelt one would otherwise read as "not run" forever). Lesion kinds are the block
 # parts of advvit.analysis.blocks and the whole block.
-_LESION = r"(robust_)?((attn|lpi|mlp|conv|block)_drop|block_drop_max)"
+_LESION = r"(robust_)?((attn|lpi|mlp|conv|block)_drop\d*|block_drop_max(_rest)?)"
 METRICS: Dict[str, str] = {
-    "jacobian": r"first|last|middle_max|middle_mean|ends_min",
+    "jacobian": r"first|last|middle_max|middle_mean|ends_min|block\d+",
     "lesions": _LESION,
     "corruptions": r"mean|clean|relative",
     "transfer": r"within|cross|white_box|fooled",

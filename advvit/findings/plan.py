@@ -115,9 +115,10 @@ def _train_units(exp: Experiment, root: str) -> Dict[Tuple[str, int], Unit]:
 
 
 def _eval_unit(spec: EvalSpec, train: Unit) -> Unit:
-    out = os.path.join(train.folder, "findings", f"eval-{spec.name}-{_digest(spec.args)}.json")
+    # Per-example outcomes let the verdict pair two settings image by image.
+    args = list(spec.args) + ([] if "--per-example" in spec.args else ["--per-example"])
+    out = os.path.join(train.folder, "findings", f"eval-{spec.name}-{_digest(args)}.json")
     checkpoint = os.path.join(train.folder, _CHECKPOINT)
-    args = list(spec.args)
     attack = args[args.index("--attack") + 1] if "--attack" in args else "autoattack"
     # advvit.eval resumes AutoAttack runs from a state file and refuses one for the rest.
     try:

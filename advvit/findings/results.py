@@ -2,7 +2,11 @@
 and the file ``docs/findings/<experiment>.json`` (format ``advvit-findings/1``) with one figure.
 
 The JSON records every per-seed number and where it came from (run folder, evaluation or
-analysis file), so a reader can check a verdict against the runs behind it.
+analysis file), so a reader can check a verdict against the runs behind it. An evaluation's
+measurement also keeps its per-example outcomes, bit-packed (``outcomes``, see
+:func:`.extract.eval_outcomes`), and its gradient-masking flags (``masking``); records written
+before these fields lack them, and are still read: their tests fall back to the unpaired rule,
+and the record's ``gaps`` say what it could not judge.
 """
 from __future__ import annotations
 
@@ -12,16 +16,19 @@ import os
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
+
 from .. import __version__
 from ..io import atomic_write_json
 from ..plots import findings_figure
 from . import verdict as V
-from .extract import ExtractError, eval_metrics, extract
+from .extract import ExtractError, eval_masking, eval_metrics, eval_outcomes, extract, \
+    unpack_outcomes
 from .plan import status, units
 from .spec import Experiment, MetricRef
 
 __all__ = ["collect", "build_result", "rebuild_result", "validate_result", "write_result", "FORMAT",
-           "SchemaError"]
+           "SchemaError", "measurement_unit", "compare_measurement"]
 
 FORMAT = "advvit-findings/1"
 # (setting, seed, source) -> metric -> value
@@ -52,11 +59,16 @@ def collect(exp: Experiment, root: str) -> Tuple[Measurements, List[Dict[str, An
             if not isinstance(report.get("n"), int):
                 raise ExtractError(f"{u.output}: the evaluation report has no example count 'n'")
             per = [{**eval_metrics(report), _EXAMPLES: report["n"]}]
+            extra: Dict[str, Any] = {"masking": eval_masking(report)}
+            outcomes = eval_outcomes(report)
+            if outcomes is not None:
+                extra["outcomes"] = outcomes
             settings: Sequence[str] = (u.setting,)
             seeds: Sequence[int] = (u.seed,)
         else:
             settings, seeds = u.settings, u.seeds
             per = extract(exp.analysis(u.source).command, _load(u.output), settings)
+            extra = {}
         for setting, seed, metrics, ckpt in zip(settings, seeds, per, u.checkpoints):
             found[(setting, seed, u.source)] = metrics
             record = {"setting": setting, "seed": seed, "source": u.source, "file": u.output,
@@ -65,7 +77,7 @@ def collect(exp: Experiment, root: str) -> Tuple[Measurements, List[Dict[str, An
                                                   if k != _EXAMPLES})}
             if _EXAMPLES in metrics:
                 record["n_examples"] = metrics[_EXAMPLES]
-            records.append(record)
+            records.append({**record, **extra})
     return found, records
 
 
@@ -111,7 +123,8 @@ def build_result(exp: Experiment, root: str, command: str) -> Dict[str, Any]:
     claim's verdict is then ``cannot tell``.
     """
     found, records = collect(exp, root)
-    return _judge(exp, found, records, _train_seconds(exp, root), command)
+    return _judge(exp, found, records, _train_seconds(exp, root), command,
+                  time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()))
 
 
 def rebuild_result(exp: Experiment, record: Mapping[str, Any], command: str) -> Dict[str, Any]:
@@ -130,14 +143,129 @@ def rebuild_result(exp: Experiment, record: Mapping[str, Any], command: str) -> 
             metrics[_EXAMPLES] = int(m["n_examples"])
         found[(m["setting"], m["seed"], m["source"])] = metrics
     return _judge(exp, found, [dict(m) for m in record["measurements"]],
-                  dict(record["train_seconds"]), command)
+                  dict(record["train_seconds"]), command, record["created"])
+
+
+def _paired(exp: Experiment, index: Mapping[Tuple[str, int, str], Mapping[str, Any]],
+            higher: MetricRef, lower: MetricRef) -> Optional[V.Paired]:
+    """Both evaluations' per-example outcomes of every seed, when the record holds them for
+    the same test images; None otherwise (the unpaired rule judges)."""
+    rows: Dict[str, List[Any]] = {"higher": [], "lower": []}
+    images = None
+    for side, ref in (("higher", higher), ("lower", lower)):
+        for seed in exp.seeds:
+            packed = index.get((ref.setting, seed, ref.source), {}).get("outcomes")
+            if packed is None or ref.metric not in packed:
+                return None
+            indices, bits = unpack_outcomes(packed, ref.metric)
+            if images is not None and indices != images:
+                return None
+            images = indices
+            rows[side].append(bits)
+    return V.Paired(np.stack(rows["higher"]), np.stack(rows["lower"]))
+
+
+def _masked(exp: Experiment, index: Mapping[Tuple[str, int, str], Mapping[str, Any]],
+            refs: Sequence[MetricRef]) -> List[str]:
+    """``ref seed N (flags)`` for every evaluation behind ``refs`` that warned of masking."""
+    out = []
+    for ref in refs:
+        if ref.metric != "robust":
+            continue
+        for seed in exp.seeds:
+            flags = index.get((ref.setting, seed, ref.source), {}).get("masking") or []
+            if flags:
+                out.append(f"{ref} seed {seed} ({', '.join(flags)})")
+    return out
+
+
+def _gaps(exp: Experiment, index: Mapping[Tuple[str, int, str], Mapping[str, Any]],
+          unpaired: Sequence[str], no_sampling: Sequence[str]) -> List[str]:
+    """What the record lacks for the verdict rule, in sentences."""
+    gaps = []
+    if unpaired:
+        gaps.append("no per-example outcomes for " + ", ".join(unpaired) + ": judged by the "
+                    "unpaired rule (both binomial terms, as if the settings saw different images)")
+    if no_sampling:
+        gaps.append("no per-example spread for " + ", ".join(no_sampling) + ": their test-set "
+                    "sampling term is missing, the seeds' spread alone is judged")
+    evals = {e.name for e in exp.evals}
+    if any(k[2] in evals and "masking" not in m for k, m in index.items()):
+        gaps.append("the evaluations' gradient-masking checks are not in the record: none of "
+                    "its tests could be marked untrustworthy")
+    return gaps
+
+
+def measurement_unit(exp: Experiment, record: Mapping[str, Any], index: int, root: str) -> str:
+    """The key of the unit under ``root`` that measures the record's ``index``-th measurement."""
+    m = record["measurements"][index]
+    for u in units(exp, root):
+        if u.kind in ("eval", "analysis") and u.source == m["source"] \
+                and m["setting"] in (u.settings or (u.setting,)) \
+                and m["seed"] in (u.seeds or (u.seed,)):
+            return u.key
+    raise ExtractError(f"no unit of {exp.id} measures {m['source']} of {m['setting']} "
+                       f"seed {m['seed']}")
+
+
+def compare_measurement(exp: Experiment, record: Mapping[str, Any], index: int,
+                        root: str) -> Tuple[bool, List[str]]:
+    """The record's ``index``-th measurement against the same one measured again under
+    ``root``: per metric, identical (to 1e-12), within the record's band (the ``1 - alpha``
+    t-interval of one seed's value: the seeds' spread and the test-set term of its summary), or
+    outside it; the per-example outcomes where both have them. Returns (all identical or
+    within, one line per difference)."""
+    m = record["measurements"][index]
+    found, records = collect(exp, root)
+    key = (m["setting"], m["seed"], m["source"])
+    if key not in found:
+        return False, [f"{m['source']} of {m['setting']} seed {m['seed']} was not measured again"]
+    again = next(r for r in records if (r["setting"], r["seed"], r["source"]) == key)
+    ok, lines = True, []
+    alpha = record.get("alpha", V.ALPHA)
+    for metric, old in m["metrics"].items():
+        new = again["metrics"].get(metric)
+        name = f"{m['source']}.{metric}@{m['setting']} seed {m['seed']}"
+        if old is None or new is None:
+            if old != new:
+                ok = False
+                lines.append(f"{name}: recorded {old}, now {new}")
+            continue
+        if abs(new - old) <= 1e-12:
+            continue
+        s = record["summaries"].get(f"{m['source']}.{metric}@{m['setting']}")
+        if s is None:
+            ok = False
+            lines.append(f"{name}: recorded {old:.6g}, now {new:.6g}; no band in the record")
+            continue
+        var, df = V.satterthwaite([(s["std"] ** 2, s["n"] - 1),
+                                   (s.get("sampling_var", 0.0), s.get("examples", 0) - 1
+                                    if s.get("examples", 0) > 1 else math.inf)])
+        band = V.critical(df, 1 - alpha) * math.sqrt(var)
+        inside = abs(new - old) <= band
+        ok = ok and inside
+        lines.append(f"{name}: recorded {old:.6g}, now {new:.6g} ({new - old:+.4g}, "
+                     f"{'within' if inside else 'OUTSIDE'} the record's band +-{band:.4g})")
+    if "outcomes" in m and "outcomes" in again:
+        for metric in ("clean", "robust"):
+            (i_old, b_old), (i_new, b_new) = (unpack_outcomes(o, metric)
+                                              for o in (m["outcomes"], again["outcomes"]))
+            if i_old != i_new or (b_old != b_new).any():
+                lines.append(f"{m['source']}.{metric}@{m['setting']} seed {m['seed']}: "
+                             f"{int((b_old != b_new).sum()) if i_old == i_new else 'other'} "
+                             "images changed outcome")
+    return ok, lines
 
 
 def _judge(exp: Experiment, found: Measurements, records: List[Dict[str, Any]],
-           train_seconds: Dict[str, float], command: str) -> Dict[str, Any]:
+           train_seconds: Dict[str, float], command: str, created: str) -> Dict[str, Any]:
     summaries: Dict[str, Dict[str, Any]] = {}
     tests: List[Dict[str, Any]] = []
     results: List[V.TestResult] = []
+    index = {(m["setting"], m["seed"], m["source"]): m for m in records}
+    evals = {e.name for e in exp.evals}
+    unpaired: List[str] = []
+    no_sampling: List[str] = []
     for t in exp.tests:
         samples = {str(r): _samples(found, r, exp.seeds) for r in t.refs()}
         undefined = [r for r, v in samples.items() if not all(math.isfinite(x) for x in v)]
@@ -151,8 +279,20 @@ def _judge(exp: Experiment, found: Measurements, records: List[Dict[str, Any]],
         if t.threshold is not None:
             entry["threshold"] = t.threshold
         if missing:
-            entry.update(verdict="not run", why=f"missing seeds of {', '.join(missing)}")
+            unmeasured = [r for r in missing if all((refs[r].setting, s, refs[r].source) in found
+                                                    for s in exp.seeds)]
+            why = f"missing seeds of {', '.join(missing)}"
+            if unmeasured:
+                why = (f"the recorded runs did not measure {', '.join(unmeasured)} "
+                       "(added after they ran: a re-run measures it)")
+            entry.update(verdict="not run", why=why)
             tests.append(entry)
+            continue
+        masked = _masked(exp, index, t.refs())
+        if masked:
+            r = V.untrustworthy(t.name, t.kind, masked)
+            results.append(r)
+            tests.append({**entry, **r.to_dict()})
             continue
         if undefined:
             # A metric with nothing to average (no examples fooled the source, no block with
@@ -162,33 +302,49 @@ def _judge(exp: Experiment, found: Measurements, records: List[Dict[str, Any]],
             results.append(V.TestResult(t.name, t.kind, V.CANNOT_TELL, math.nan, None, why))
             tests.append({**entry, "verdict": V.CANNOT_TELL, "why": why})
             continue
+        no_sampling += [str(r) for r in t.refs() if r.source not in evals]
         def summary(ref: MetricRef) -> V.Summary:
             return _summary(found, ref, exp.seeds)
+        paired = None
+        if t.kind != "below" and t.higher.source in evals and t.lower.source in evals:
+            paired = _paired(exp, index, t.higher, t.lower)
+            if paired is None:
+                unpaired.append(t.name)
+        labels = (str(t.higher), str(t.lower))
         if t.kind == "greater":
             r = V.greater(t.name, summary(t.higher), summary(t.lower), min_effect=t.min_effect,
-                          labels=(str(t.higher), str(t.lower)))
+                          labels=labels, alpha=exp.alpha, paired=paired)
         elif t.kind == "close":
             r = V.close(t.name, summary(t.higher), summary(t.lower), t.threshold,
-                        labels=(str(t.higher), str(t.lower)))
+                        labels=labels, alpha=exp.alpha, paired=paired)
         else:
             r = V.below(t.name, summary(t.value), t.threshold,
-                        min_effect=t.min_effect, label=str(t.value))
+                        min_effect=t.min_effect, label=str(t.value), alpha=exp.alpha)
         results.append(r)
         tests.append({**entry, **r.to_dict()})
     complete = len(results) == len(exp.tests)
-    return {
+    verdict = V.combine([r.verdict for r in results]) if complete \
+        else "not run" if not results else V.CANNOT_TELL
+    out = {
         "format": FORMAT, "id": exp.id, "claim": exp.claim, "title": exp.title,
         "paper": exp.paper, "setting": exp.setting, "notes": exp.notes,
         "waits_for": exp.waits_for, "command": command, "seeds": list(exp.seeds),
+        "seeds_added_after_looking": list(exp.added_seeds), "alpha": exp.alpha,
         "settings": {s.name: {"train": dict(s.train), "finetune_from": s.finetune_from}
                      for s in exp.settings},
         "complete": complete,
-        "verdict": V.combine(results) if complete else "not run" if not results else V.CANNOT_TELL,
+        "verdict": verdict,
         "tests": tests, "summaries": summaries, "measurements": records,
+        "gaps": _gaps(exp, index, unpaired, list(dict.fromkeys(no_sampling))),
         "train_seconds": train_seconds,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        "created": created,
         "advvit": __version__,
     }
+    if exp.premise_not_reached and verdict not in ("not run", V.UNTRUSTWORTHY):
+        # The tests measured something, but not the situation the claim is about.
+        out.update(verdict=V.CANNOT_TELL, verdict_note="premise not reached",
+                   premise_not_reached=exp.premise_not_reached, tests_verdict=verdict)
+    return out
 
 
 _REQUIRED = {"format": str, "id": str, "claim": int, "title": str, "paper": str, "setting": str,
@@ -234,8 +390,8 @@ def validate_result(data: Mapping[str, Any]) -> None:
 
 
 def _figure(data: Mapping[str, Any], path: str) -> Optional[str]:
-    """One panel per test: each side's seeds as dots, its mean with a band of 2 standard errors
-    (seeds' spread and test-set sampling); None without a test to draw or without matplotlib."""
+    """One panel per test: each side's seeds as dots, its mean with its own ``1 - alpha``
+    t-interval (seeds' spread and test-set sampling); None without a test to draw or without matplotlib."""
     tests = [t for t in data["tests"] if all(r in data["summaries"] for r in t["refs"])]
     if not tests:
         return None
@@ -244,8 +400,9 @@ def _figure(data: Mapping[str, Any], path: str) -> Optional[str]:
         sides = []
         for ref in t["refs"]:
             s = data["summaries"][ref]
-            se = math.sqrt(V.mean_variance(s["std"], s["n"], s.get("sampling_var", 0.0)))
-            sides.append({"label": ref.replace("@", "\n@"), "mean": s["mean"], "band": V.Z * se,
+            var, df = V.side_variance(V.Summary(**{**s, "values": tuple(s["values"])}))
+            band = V.critical(df, 1 - data.get("alpha", V.ALPHA)) * math.sqrt(var)
+            sides.append({"label": ref.replace("@", "\n@"), "mean": s["mean"], "band": band,
                           "values": s["values"]})
         threshold = t["threshold"] if t.get("threshold") is not None and t["kind"] == "below" \
             else None

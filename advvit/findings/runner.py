@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Collection, Dict, List, Mapping, Optional
 
 import yaml
 
@@ -245,14 +245,24 @@ def check_configs(exp: Experiment, root: str) -> None:
 
 def run_experiment(exp: Experiment, root: str, *, say: Say = print, python: str = sys.executable,
                    env: Optional[Mapping[str, str]] = None,
-                   runner: Callable[..., float] = run_unit) -> Dict[str, float]:
+                   runner: Callable[..., float] = run_unit,
+                   only: Optional[Collection[str]] = None) -> Dict[str, float]:
     """Run every unit of ``exp`` that is not done, in order; returns seconds per unit key run.
 
-    ``runner`` runs one unit (tests give a fake one).
+    ``runner`` runs one unit (tests give a fake one); ``only``: these unit keys and what they
+    need, not the rest.
     """
     ran: Dict[str, float] = {}
     todo = units(exp, root)
     by_key = {u.key: u for u in todo}
+    if only is not None:
+        wanted, stack = set(), list(only)
+        while stack:
+            key = stack.pop()
+            if key not in wanted:
+                wanted.add(key)
+                stack += by_key[key].needs
+        todo = [u for u in todo if u.key in wanted]
     for unit in todo:
         state = status(unit)
         if state == "done":

@@ -132,7 +132,14 @@ class TestSpec:
 
 @dataclass(frozen=True)
 class Experiment:
-    """One claim's experiment, resolved against the defaults."""
+    """One claim's experiment, resolved against the defaults.
+
+    The design is fixed before running: ``seeds``, ``tests`` (with their margins) and
+    ``alpha``, the tests' two-sided level. ``added_seeds``: seeds run after the first ones'
+    results were seen, which the record and docs/findings.md name as such.
+    ``premise_not_reached``: why the situation the claim is about never arose here; the claim is
+    then "cannot tell" whatever its tests say.
+    """
     id: str
     path: str
     claim: int
@@ -151,6 +158,9 @@ class Experiment:
     notes: str = ""
     prepare: Tuple[str, ...] = ()
     prepare_creates: str = ""
+    alpha: float = 0.05
+    added_seeds: Tuple[int, ...] = ()
+    premise_not_reached: str = ""
 
     def evals_of(self, setting: str) -> Tuple[str, ...]:
         """The names of the evaluations run on ``setting``."""
@@ -403,7 +413,8 @@ def _prepare(raw: Any, where: str) -> Dict[str, Any]:
 
 _TOP_KEYS = ("claim", "title", "paper", "setting", "train_config", "common", "seeds", "settings",
              "evals", "use_evals", "analyses", "tests", "minutes_per_run", "min_effect",
-             "waits_for", "notes", "prepare")
+             "waits_for", "notes", "prepare", "alpha", "seeds_added_after_looking",
+             "premise_not_reached")
 
 
 def load_experiment(path: str, defaults: Optional[Mapping[str, Any]] = None) -> Experiment:
@@ -439,6 +450,13 @@ def load_experiment(path: str, defaults: Optional[Mapping[str, Any]] = None) -> 
     if len(set(seeds)) != len(seeds):
         # One run counted twice is two identical samples: a spread of 0 that no seed measured.
         raise FindingsError(path, "seeds", f"{seeds!r} repeats a seed", "list each seed once")
+    alpha = merged.get("alpha", 0.05)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 0.5:
+        raise FindingsError(path, "alpha", f"{alpha!r} is not a level in (0, 0.5)")
+    added = merged.get("seeds_added_after_looking", [])
+    if not isinstance(added, list) or any(s not in seeds for s in added):
+        raise FindingsError(path, "seeds_added_after_looking", f"{added!r} are not seeds of "
+                            f"{seeds!r}", "list the seeds (also in seeds) run after looking")
     # An experiment's entry for a shared evaluation is laid over it key by key, so that
     # `apgd: {minutes: 2}` changes only the estimate.
     raw_evals = dict(_mapping(defaults.get("evals"), path, "evals"))
@@ -470,6 +488,8 @@ def load_experiment(path: str, defaults: Optional[Mapping[str, Any]] = None) -> 
         analyses=_analyses(raw.get("analyses"), path, [s.name for s in settings]),
         tests=_tests(merged.get("tests"), path, float(merged.get("min_effect", 0.01))),
         waits_for=str(merged.get("waits_for", "")), notes=str(merged.get("notes", "")),
+        alpha=float(alpha), added_seeds=tuple(added),
+        premise_not_reached=str(merged.get("premise_not_reached", "")),
         **_prepare(raw.get("prepare"), path))
     _check_refs(exp)
     return exp
