@@ -194,7 +194,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int]) -> Tuple[data.DataInfo
     Checks: ``model`` (timm's registry, advvit's variants included; close names suggested),
     ``log_wandb`` (wandb installed), ``opt`` (timm's optimizer registry), ``sched`` (timm's
     scheduler factory), ``dataset`` (advvit.data's names and timm prefixes); ``num_classes``
-    not below the data set's classes; ``img_size`` a multiple of the model's patch size (the model is built on the meta device);
+    not below the data set's classes; ``img_size`` a multiple of the model's patch size (the
+    model is built on the meta device);
     ``auto_augment`` a policy timm's transform factory builds, with no part it would skip;
     ``eps`` / ``eval_eps`` within the eps policy for the input shape (an L2 radius up to the
     input box's diagonal); ``min_lr`` not above the effective learning rate (also when it comes
