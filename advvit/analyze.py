@@ -38,13 +38,14 @@ import torch
 
 from .accel import resolve_device
 from .attacks import check_eps
-from .checkpoint import LoadedModel, load_checkpoint_model
+from .checkpoint import LoadedModel
 from .cli.analyses import (ANALYSES, Analysis, AnalyzeRequest, Context, NamedModel, Output,
                            Progress, analyze_parser, analyze_parsers, register)
 from .data import load_examples
-from .cli.options import parse_eps
+from .cli.options import model_options, parse_eps
 from .io import OptionError, check_folder
 from .plots import INSTALL_HINT, eps_text, pyplot
+from .references import check_classes, resolve_model
 from .report import envelope, to_jsonable, write_markdown_report, write_report
 
 __all__ = [
@@ -134,8 +135,7 @@ def _eps(analysis: Analysis, args: AnalyzeRequest, norm: Optional[str],
 
 def _load_models(paths: Sequence[str], args: AnalyzeRequest, device: torch.device,
                  option: str) -> tuple[list[NamedModel], list[LoadedModel]]:
-    loaded = [load_checkpoint_model(p, use_ema=not args.no_ema, option=option)
-              for p in paths]
+    loaded = [resolve_model(p, model_options(args, option)) for p in paths]
     named = [NamedModel(name, lm.model.to(device), lm.record, lm.num_classes)
              for name, lm in zip(_model_names(paths), loaded)]
     return named, loaded
@@ -164,6 +164,7 @@ def _check_blocks(models: Sequence[NamedModel], analysis: Analysis) -> None:
 def _check_model_outputs(models: Sequence[NamedModel], x: torch.Tensor, y: torch.Tensor,
                          dataset: str, device: torch.device) -> None:
     for m in models:
+        check_classes(m.num_classes, dataset, f"{m.name} ({m.record.get('reference')})")
         if int(y.max()) >= m.num_classes:
             raise AnalyzeError(f"--dataset {dataset} has labels up to {int(y.max())} but "
                                f"{m.name} has {m.num_classes} classes: analyse it on the data "

@@ -690,61 +690,62 @@ def load_checkpoint_model(path: PathLike, *, use_ema: bool = True,
                        dict(ckpt.get("config") or {}))
 
 
-def _read_weights(path: Path) -> Any:
-    """What a ``--weights`` file holds (safetensors, or a torch file of plain data)."""
+def _read_weights(path: Path, option: str = "--weights") -> Any:
+    """What a weights file holds (safetensors, or a torch file of plain data)."""
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file as load_safetensors
         try:
             return load_safetensors(str(path))
         except (SafetensorError, OSError) as err:
-            raise OptionError(f"--weights {path} is not a readable safetensors file "
+            raise OptionError(f"{option} {path} is not a readable safetensors file "
                               f"({err})") from None
     try:
         return load_file(path, what="weights file", example="model.safetensors")
     except CheckpointError as err:
-        raise OptionError(f"--weights: {err}") from None
+        raise OptionError(f"{option}: {err}") from None
 
 
-def load_weights_file(path: Path) -> Dict[str, torch.Tensor]:
+def load_weights_file(path: Path, option: str = "--weights") -> Dict[str, torch.Tensor]:
     """The state dict of a ``--weights`` file (timm's containers unwrapped), checked finite.
 
     Raises:
         OptionError: naming ``--weights``: unreadable, no state dict, NaN / inf weights.
     """
-    state = _read_weights(path)
+    state = _read_weights(path, option)
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict):
-        raise OptionError(f"--weights {path} holds no state dict")
+        raise OptionError(f"{option} {path} holds no state dict")
     try:
         check_finite_weights(state, where=str(path))
     except CheckpointError as err:
-        raise OptionError(f"--weights: {err}") from None
+        raise OptionError(f"{option}: {err}") from None
     return state
 
 
 def load_timm_model(arch: str, weights: PathLike, *, num_classes: int, in_chans: int,
                     img_size: Optional[int],
-                    normalize: Optional[Tuple[Sequence[float], Sequence[float]]]) -> LoadedModel:
-    """A timm model (``--model``) with the weights of a file (``--weights``), strictly loaded.
+                    normalize: Optional[Tuple[Sequence[float], Sequence[float]]],
+                    option: str = "--weights") -> LoadedModel:
+    """A timm model (``--model``) with the weights of a file (``option``), strictly loaded.
 
     Raises:
         OptionError: the file is missing or unreadable, or its weights do not fit the model.
     """
-    path = input_file(weights, "--weights", example="model.safetensors")
+    path = input_file(weights, option, example="model.safetensors")
     try:
         model = create_model(arch, num_classes=num_classes, in_chans=in_chans,
                              img_size=img_size, normalize=normalize)
-        missing, unexpected = unwrap(model).load_state_dict(load_weights_file(path),
+        missing, unexpected = unwrap(model).load_state_dict(load_weights_file(path, option),
                                                             strict=False)
     except (RuntimeError, ValueError) as err:  # an unreadable file's OptionError included
-        raise OptionError(f"--weights {path} do not fit --model {arch}: "
+        raise OptionError(f"{option} {path} do not fit --model {arch}: "
                           f"{str(err).splitlines()[0]}") from None
     if missing or unexpected:
-        raise OptionError(f"--weights {path} do not fit --model {arch}: missing "
+        raise OptionError(f"{option} {path} do not fit --model {arch}: missing "
                           f"{missing[:5]}, unexpected {unexpected[:5]}")
     record = {"source": "timm", "arch": arch, "path": str(path),
               "sha256": sha256_file(path), "num_classes": num_classes,

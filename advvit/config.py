@@ -269,6 +269,9 @@ class RunConfig:
     log_interval: int = _opt("steps between progress lines", 50, lo=1)
     max_steps_per_epoch: Optional[int] = _opt("cut each epoch after this many steps", lo=1)
     tensorboard: bool = _opt("write TensorBoard scalars", True)
+    log_wandb: bool = _opt("also log the TensorBoard scalars to Weights & Biases (pip install "
+                           "'advvit[wandb]'; project: $WANDB_PROJECT, else advvit; "
+                           "WANDB_MODE=offline keeps the run in the run folder)", False)
     xla_spawn: bool = _opt("with device xla: one process per local XLA device "
                            "(torch_xla.launch); off runs this process on one device", True)
 

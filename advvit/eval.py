@@ -40,11 +40,13 @@ from .accel import resolve_device
 from .attack_names import AttackSpec, parse_attack
 from .attacks import check_eps
 from .autoattack_adapter import available_backends
-from .checkpoint import LoadedModel, load_checkpoint_model, load_timm_model
-from .cli.options import OptionsView, eval_parser, parse_eps
-from .data import dataset_info, load_examples, read_ids_file
-from .io import OptionError, check_file_target, input_file
+from .checkpoint import LoadedModel
+from .cli.options import OptionsView, eval_parser, model_options, parse_eps
+from .data import load_examples, read_ids_file
+from .io import OptionError, atomic_write_json, check_file_target
+from .leaderboard import model_info_entry, protocol_problems, save_adversarial
 from .plots import save_sweep_plot
+from .references import check_classes, resolve_model
 from .report import (EVAL_FORMAT, build_report, envelope, print_corruption_table, print_table,
                      save_tensors, write_report)
 from .robustness import EnsembleResult, StateMismatchError, merge_outcomes
@@ -120,16 +122,16 @@ class EvalRequest(OptionsView):
         Raises:
             OptionError: naming the option and the fix.
         """
-        if bool(args.checkpoint) == bool(args.model):
-            raise OptionError("give either --checkpoint FILE or --model NAME --weights FILE")
-        if args.model and not args.weights:
-            raise OptionError(f"--model {args.model} needs --weights FILE (no weights are "
-                              "downloaded)")
-        if args.checkpoint and any(getattr(args, k) is not None for k in
-                                   ("weights", "num_classes", "img_size", "in_chans", "mean",
-                                    "std")):
-            raise OptionError("--weights/--num-classes/--img-size/--in-chans/--mean/--std go "
-                              "with --model: a checkpoint records them itself")
+        if bool(args.checkpoint) == bool(args.weights):
+            raise OptionError("give either --checkpoint REFERENCE (a path, timm:NAME, "
+                              "hf-hub:ORG/NAME, local-dir:PATH, robustbench:NAME) or --model "
+                              "NAME --weights FILE")
+        if args.weights and not args.model:
+            raise OptionError("--weights FILE needs --model NAME (the timm architecture)")
+        if not args.model and any(getattr(args, k) is not None for k in
+                                  ("num_classes", "img_size", "in_chans", "mean", "std")):
+            raise OptionError("--num-classes/--img-size/--in-chans/--mean/--std go with "
+                              "--model: a checkpoint records them itself")
         if args.batch_size < 1:
             raise OptionError(f"--batch-size must be >= 1, got {args.batch_size}")
         step_size = parse_eps(args.step_size, norm=args.norm, name="--step-size") \
@@ -146,8 +148,12 @@ class EvalRequest(OptionsView):
         ids = tuple(read_ids_file(args.ids_file)) if args.ids_file else None
         if ids is not None and args.sample != "first":
             raise OptionError("--sample random picks examples itself: drop it or --ids-file")
+        if args.save_adv_format == "robustbench" and accel.torchrun_rank()[1] > 1:
+            raise OptionError("--save-adv-format robustbench writes one tensor of every example: "
+                              "run one process (no torchrun)")
         for option, target in (("--output", args.output), ("--save-adv", args.save_adv),
-                               ("--state-path", args.state_path)):
+                               ("--state-path", args.state_path),
+                               ("--robustbench-entry", args.robustbench_entry)):
             check_file_target(target, option)
         return cls(MappingProxyType(dict(vars(args))), spec, eps_list, device, ids,
                    _corruption_args(args))
@@ -168,29 +174,22 @@ class _Prepared:
 
 
 def _load_model(req: EvalRequest) -> tuple[LoadedModel, str, str | None]:
-    """The model (eval mode, on the CPU) -> (it, the data set, its root): a checkpoint that
-    records its training data gives them where they were not given."""
-    if req.checkpoint:
-        loaded = load_checkpoint_model(req.checkpoint, use_ema=not req.no_ema)
-        dataset, data_dir = req.dataset, req.data_dir
-        if dataset is None:
-            dataset = loaded.trained_on.get("dataset")
-            data_dir = data_dir or loaded.trained_on.get("data_dir")
-        if dataset is None:
-            raise OptionError("--dataset: the checkpoint does not record its data set; name one")
-        return loaded, dataset, data_dir
-    weights = input_file(req.weights, "--weights", example="model.safetensors")
-    if req.dataset is None:
-        raise OptionError("--dataset is needed with --model/--weights")
-    info = dataset_info(req.dataset, req.data_dir)
+    """The model (eval mode, on the CPU) -> (it, the data set, its root): a model that records
+    its training data gives them where they were not given."""
     mean, std = _floats(req.mean, "--mean"), _floats(req.std, "--std")
     if (mean is None) != (std is None):
         raise OptionError("--mean and --std go together")
-    loaded = load_timm_model(req.model, weights, num_classes=req.num_classes or info.num_classes,
-                             in_chans=req.in_chans or info.in_chans,
-                             img_size=req.img_size or info.img_size,
-                             normalize=(mean, std) if mean is not None else None)
-    return loaded, req.dataset, req.data_dir
+    loaded = resolve_model(req.checkpoint or req.weights, model_options(
+        req, "--checkpoint" if req.checkpoint else "--weights", num_classes=req.num_classes,
+        in_chans=req.in_chans, img_size=req.img_size,
+        normalize=(mean, std) if mean is not None else None))
+    dataset, data_dir = req.dataset, req.data_dir
+    if dataset is None:
+        dataset = loaded.trained_on.get("dataset")
+        data_dir = data_dir or loaded.trained_on.get("data_dir")
+    if dataset is None:
+        raise OptionError("--dataset: the model does not record its data set; name one")
+    return loaded, dataset, data_dir
 
 
 def _prepare(req: EvalRequest) -> _Prepared:
@@ -209,6 +208,7 @@ def _prepare(req: EvalRequest) -> _Prepared:
         except ValueError as err:
             raise OptionError(str(err)) from None
     num_classes = loaded.num_classes
+    check_classes(num_classes, dataset, f"the model ({loaded.record.get('reference')})")
     if int(y.max()) >= num_classes:
         raise OptionError(f"--dataset {dataset} has labels up to {int(y.max())} but the model "
                           f"has {num_classes} classes: evaluate on the data set it was trained for")
@@ -222,6 +222,13 @@ def _prepare(req: EvalRequest) -> _Prepared:
                      "sample": "ids-file" if req.ids is not None else req.sample,
                      "ids_file": req.ids_file, "n_examples": len(ex.indices),
                      "input_shape": list(x.shape[1:])}}
+    if req.robustbench_entry:
+        planned = {"data": meta["data"], "attack": {"name": req.spec.name, "norm": req.norm},
+                   "eps": req.eps_list[0], "results": list(req.eps_list)}
+        problems = protocol_problems(planned)
+        if problems:
+            raise OptionError("--robustbench-entry: refused, the run is not RobustBench's "
+                              f"protocol: {'; '.join(problems)}")
     return _Prepared(model, x, y, ex.indices, num_classes, dataset, data_dir, meta)
 
 
@@ -316,7 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         out.positions = positions
         outcomes[eps] = out
-    if req.save_adv:
+    if req.save_adv and req.save_adv_format == "robustbench":
+        save_adversarial(outcomes[req.eps_list[0]].x_adv, prep.indices, req.save_adv)
+    elif req.save_adv:
         first = outcomes[req.eps_list[0]]
         save_tensors({"x_adv": first.x_adv, "y": ys, "robust": first.robust,
                       "indices": [prep.indices[k] for k in positions],
@@ -343,6 +352,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_corruption_table(report)
     if req.output:
         _write_outputs(report, req, len(outcomes))
+    return _write_entry(report, req.robustbench_entry) if req.robustbench_entry else 0
+
+
+def _write_entry(report: dict[str, Any], path: str) -> int:
+    """The RobustBench entry, unless the finished run showed what the plan could not (a
+    sanity-check warning): then 1, with the reason."""
+    problems = protocol_problems(report)
+    if problems:
+        print(f"error: --robustbench-entry: not written: {'; '.join(problems)}", file=sys.stderr)
+        return 1
+    entry, empty = model_info_entry(report)
+    atomic_write_json(Path(path), entry, indent=2)
+    print(f"RobustBench entry: {path}; fill in {', '.join(empty)}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Where a run reports: console lines, TensorBoard scalars and a CSV summary per epoch.
+"""Where a run reports: console lines, TensorBoard scalars (and the same scalars to Weights &
+Biases with ``log_wandb``) and a CSV summary per epoch.
 
 Only the main process writes; the others call the same methods and nothing happens. Every
 TensorBoard scalar is logged against the global optimizer step (the epoch scalars at the epoch's
@@ -12,7 +13,7 @@ import csv
 import logging
 import os
 from io import StringIO
-from typing import Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from .io import atomic_write_text, naming_write_errors
 
@@ -58,10 +59,16 @@ class Monitor:
         tensorboard: also write TensorBoard event files under ``run_dir/tb``.
         purge_step: on resume, the first step after the checkpoint: TensorBoard hides the
             events an earlier process logged from this step on.
+        log_wandb: also log the same scalars to a Weights & Biases run (files under
+            ``run_dir/wandb``; project ``$WANDB_PROJECT``, else advvit). W&B cannot hide what
+            was logged before a resume, so each process start is a run of its own, named after
+            the run folder and its first step.
+        config: the run's config, recorded with the W&B run.
     """
 
     def __init__(self, run_dir: str, *, is_main: bool = True, tensorboard: bool = True,
-                 purge_step: Optional[int] = None) -> None:
+                 purge_step: Optional[int] = None, log_wandb: bool = False,
+                 config: Optional[Mapping[str, Any]] = None) -> None:
         self.run_dir = run_dir
         self.is_main = is_main
         self.log = get_logger()
@@ -69,7 +76,22 @@ class Monitor:
         if is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge_step)
+        self.wandb = None
+        if is_main and log_wandb:
+            import wandb
+            name = os.path.basename(os.path.normpath(run_dir))
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "advvit"),
+                                    dir=run_dir, config=dict(config or {}),
+                                    name=name if not purge_step else f"{name}@{purge_step}")
         self.csv_path = os.path.join(run_dir, "summary.csv")
+
+    def _scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{key}": value for key, value in values.items()},
+                           step=step)
 
     def info(self, message: str) -> None:
         """A plain console line (main process only)."""
@@ -86,9 +108,7 @@ class Monitor:
         if not self.is_main:
             return
         self.log.info("epoch %d step %d  %s", epoch, step, _fmt(metrics))
-        if self.writer is not None:
-            for key, value in metrics.items():
-                self.writer.add_scalar(f"train/{key}", value, step)
+        self._scalars("train", metrics, step)
 
     def epoch(self, epoch: int, step: int, train: Dict[str, float], val: Dict[str, float],
               extra: Optional[Dict[str, float]] = None) -> None:
@@ -104,10 +124,9 @@ class Monitor:
         row.update({f"val_{k}": v for k, v in val.items()})
         row.update(extra or {})
         self.log.info("epoch %d done  train: %s  |  val: %s", epoch, _fmt(train), _fmt(val))
+        self._scalars("epoch", {k: v for k, v in row.items() if k not in ("epoch", "step")},
+                      step)
         if self.writer is not None:
-            for key, value in row.items():
-                if key not in ("epoch", "step"):
-                    self.writer.add_scalar(f"epoch/{key}", value, step)
             self.writer.flush()
         write_header = not os.path.exists(self.csv_path)
         fields = list(row) if write_header else _header(self.csv_path)
@@ -149,9 +168,11 @@ class Monitor:
             self.writer.flush()
 
     def close(self) -> None:
-        """Flush and close TensorBoard."""
+        """Flush and close TensorBoard (and finish the W&B run)."""
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _int(text: str) -> Optional[int]:

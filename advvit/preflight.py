@@ -8,6 +8,7 @@ set's facts and the run's :class:`~advvit.checkpoint.ModelSpec`.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import re
 from typing import List, Optional, Sequence, Tuple
 
@@ -191,9 +192,10 @@ def validate(cfg: TrainConfig, world_size: Optional[int]) -> Tuple[data.DataInfo
     model's input, the learning rate of this world size. Runs before any data is read.
 
     Checks: ``model`` (timm's registry, advvit's variants included; close names suggested),
-    ``opt`` (timm's optimizer registry), ``sched`` (timm's scheduler factory), ``dataset``
-    (advvit.data's names and timm prefixes); ``num_classes`` not below the data set's classes;
-    ``img_size`` a multiple of the model's patch size (the model is built on the meta device);
+    ``log_wandb`` (wandb installed), ``opt`` (timm's optimizer registry), ``sched`` (timm's
+    scheduler factory), ``dataset`` (advvit.data's names and timm prefixes); ``num_classes``
+    not below the data set's classes; ``img_size`` a multiple of the model's patch size (the
+    model is built on the meta device);
     ``auto_augment`` a policy timm's transform factory builds, with no part it would skip;
     ``eps`` / ``eval_eps`` within the eps policy for the input shape (an L2 radius up to the
     input box's diagonal); ``min_lr`` not above the effective learning rate (also when it comes
@@ -210,6 +212,9 @@ def validate(cfg: TrainConfig, world_size: Optional[int]) -> Tuple[data.DataInfo
         ConfigError: naming the key. data.DataNotFoundError: an image folder that is not there.
     """
     _check_model_name(cfg.model.model)
+    if cfg.run.log_wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log_wandb", "wandb is not installed", "pip install 'advvit[wandb]', "
+                          "or set log_wandb: false")
     _check_opt_name(cfg.optim.opt)
     _check_sched(cfg.optim)
     info = _dataset_info(cfg)

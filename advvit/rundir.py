@@ -54,6 +54,7 @@ OVERRIDABLE: Dict[str, str] = {
     "cooldown_epochs": "run length (epochs at min_lr after the schedule)",
     "log_interval": "logging only",
     "tensorboard": "logging only",
+    "log_wandb": "logging only",
     "recovery_interval_steps": "when recovery checkpoints are written",
     "recovery_interval_minutes": "when recovery checkpoints are written",
     "workers": "loader processes: the same augmentations drawn from other worker seeds",

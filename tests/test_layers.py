@@ -39,16 +39,18 @@ LAYERS: Sequence[Tuple[str, Sequence[str]]] = (
       "advvit.monitor", "advvit.checks")),
     ("library",
      ("advvit.engine", "advvit.robustness", "advvit.autoattack_adapter", "advvit.preflight",
-      "advvit.analysis.*", "advvit.report", "advvit.attack_names", "advvit.suites", "advvit.plots", "advvit.trainer")),
+      "advvit.analysis.*", "advvit.report", "advvit.attack_names", "advvit.suites", "advvit.plots",
+      "advvit.trainer", "advvit.references", "advvit.leaderboard")),
     # cli holds the parts the command lines share (option groups, analyze's sub-commands); it is
     # no command itself, so findings may check options with its parsers.
     ("command lines",
-     ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.findings.*", "advvit.cli.*",
-      "advvit.launch")),
+     ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.export", "advvit.findings.*",
+      "advvit.cli.*", "advvit.launch")),
 )
 
 # Each is one command line; only its own modules may import it.
-COMMANDS = ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.findings.*", "advvit.launch")
+COMMANDS = ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.export", "advvit.findings.*",
+            "advvit.launch")
 
 # ---------------------------------------------------------------------------------------------
 # the scan
@@ -272,7 +274,7 @@ ARCHITECTURE = REPO / "docs" / "architecture.md"
 # after the advvit modules; any other word there is a misspelt module.
 THIRD_PARTY = {"torch", "torchvision", "timm", "numpy", "yaml", "safetensors", "tensorboard", "PIL",
                "torch_xla", "matplotlib", "imagecorruptions", "pyautoattack", "autoattack",
-               "submitit"}
+               "submitit", "huggingface_hub", "robustbench", "wandb"}
 
 
 @dataclass(frozen=True)

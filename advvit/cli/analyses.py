@@ -774,8 +774,10 @@ def _common_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     m = p.add_argument_group("models and data")
     m.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
-                   help="advvit checkpoint (.pth); repeat for several models (one figure "
-                        "column each)")
+                   help="a model: an advvit checkpoint (.pth), a timm train.py checkpoint, a "
+                        "state dict with --model, timm:NAME, hf-hub:ORG/NAME[@REV], "
+                        "local-dir:PATH or robustbench:[DATASET/THREAT/]NAME; repeat for "
+                        "several models (one figure column each)")
     add_model_file_options(m)
     add_data_options(m, n_examples_help="how many examples (the first N of the split; default "
                                         "depends on the analysis)")

@@ -14,7 +14,7 @@ from ..analysis.shifts import CORRUPTION_CACHE
 from ..attacks import check_eps
 from ..io import OptionError
 
-__all__ = ["OptionsView", "SPLITS", "add_model_file_options", "add_data_options", "add_attack_options",
+__all__ = ["OptionsView", "SPLITS", "add_model_file_options", "model_options", "add_data_options", "add_attack_options",
            "add_corruption_options", "add_run_options", "add_workers_option", "parse_eps",
            "EVAL_BATCH_SIZE", "eval_parser"]
 
@@ -33,10 +33,25 @@ class OptionsView:
         raise AttributeError(name)
 
 
-def add_model_file_options(g: argparse._ActionsContainer) -> None:
-    """``--no-ema``."""
+def add_model_file_options(g: argparse._ActionsContainer, *, model: bool = True) -> None:
+    """``--no-ema``, ``--robustbench-dir`` and (``model``) ``--model``: how a model reference
+    (advvit.references) is read."""
     g.add_argument("--no-ema", action="store_true", help="use the raw weights even where a "
                    "checkpoint holds EMA weights")
+    if model:
+        g.add_argument("--model", help="timm architecture of a plain state dict or "
+                       ".safetensors file given as the model")
+    g.add_argument("--robustbench-dir", metavar="DIR", help="robustbench's model folder, "
+                   "holding DATASET/THREAT/NAME.pt (default: robustbench's, ./models)")
+
+
+def model_options(args: Any, option: str, **given: Any) -> Any:
+    """The ``ModelOptions`` of a model reference named by ``option``, from the parsed options."""
+    from ..references import ModelOptions
+    return ModelOptions(option=option, use_ema=not args.no_ema, model=args.model,
+                        dataset=args.dataset, data_dir=args.data_dir,
+                        norm=getattr(args, "norm", None),
+                        robustbench_dir=args.robustbench_dir, **given)
 
 
 def add_data_options(g: argparse._ActionsContainer, *, n_examples_help: str) -> None:
@@ -118,10 +133,12 @@ def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="advvit-eval", description=EVAL_DESCRIPTION,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--checkpoint", help="advvit checkpoint (.pth): architecture, classes, input "
-                   "size and normalization come from it")
-    m.add_argument("--model", help="timm model name (with --weights) instead of a checkpoint")
-    m.add_argument("--weights", help="weights file for --model (.safetensors or a torch state dict)")
+    m.add_argument("--checkpoint", help="the model: an advvit checkpoint (.pth), a timm "
+                   "train.py checkpoint, a state dict with --model, timm:NAME, "
+                   "hf-hub:ORG/NAME[@REV], local-dir:PATH or robustbench:[DATASET/THREAT/]NAME; "
+                   "architecture, classes, input size and normalization come from it")
+    m.add_argument("--weights", help="weights file for --model (.safetensors or a torch state "
+                   "dict; the same as --checkpoint FILE --model NAME)")
     m.add_argument("--num-classes", type=int, help="--model only (default: the data set's)")
     m.add_argument("--img-size", type=int, help="--model only (default: the data set's)")
     m.add_argument("--in-chans", type=int, help="--model only (default: the data set's)")
@@ -159,6 +176,13 @@ def eval_parser() -> argparse.ArgumentParser:
                    "it (the same model weights, examples and attack only; one run at a time)")
     r.add_argument("--output", help="JSON report path (missing folders are created)")
     r.add_argument("--save-adv", help="save adversarial examples (.pt) here")
+    r.add_argument("--save-adv-format", default="advvit", choices=("advvit", "robustbench"),
+                   help="advvit: a dict with labels, indices and outcomes; robustbench: x_adv "
+                        "alone in the test set's order, as RobustBench's external evaluations "
+                        "take it")
+    r.add_argument("--robustbench-entry", metavar="FILE.json",
+                   help="also write a RobustBench model_info entry (RobustBench's protocol "
+                        "only: standard AutoAttack at its eps on its examples, no warning)")
     r.add_argument("--per-example", action="store_true",
                    help="record each example's outcome in the JSON")
     add_workers_option(r)
