@@ -150,8 +150,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int]) -> Tuple[data.DataInfo
     ``opt`` (timm's optimizer registry), ``sched`` (timm's scheduler factory), ``dataset``
     (advvit.data's names and timm prefixes); ``num_classes`` not below the data set's classes;
     ``img_size`` a multiple of the model's patch size (the model is built on the meta device);
-    ``eps`` / ``eval_eps`` within the eps policy for the input shape (an L2 radius up to the
-    input box's diagonal); ``min_lr`` not above the effective learning rate (also when it comes
+    ``eps`` / ``eval_eps`` within the eps policy for the input shape (an L2 or L1 radius up to
+    the input box's diagonal in that norm); ``min_lr`` not above the effective learning rate (also when it comes
     from ``lr_base`` scaling).
 
     Args:

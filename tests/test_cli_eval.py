@@ -226,6 +226,7 @@ def test_torchrun_two_ranks_share_one_evaluation(ckpt_path, tmp_path):
     (("--batch-size", "0"), "--batch-size"),
     (("--norm", "l2", "--eps", "40"), "--eps 40 is above 32, the L2 diagonal of a 1x32x32 input"),
     (("--norm", "l2", "--eps-sweep", "1,33"), "--eps-sweep 33 is above 32"),
+    (("--norm", "l1", "--eps", "1100"), "--eps 1100 is above 1024, the L1 diagonal of a 1x32x32"),
     (("--attack", "autoattack-rand", "--restarts", "2"), "as published"),
     (("--output", "/proc/version/report.json"), "is a file, not a folder"),
 ])
@@ -405,6 +406,21 @@ def test_output_folders_are_created(ckpt_path, tmp_path):
     # nothing but the files themselves: no temporary files left behind
     assert sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir()) == \
         ["report.json", "report.png"]
+
+
+def test_l1_evaluation_runs_autoattacks_l1_attack_and_stays_in_ball_and_box(ckpt_path,
+                                                                           tmp_path):
+    eps = 8.0
+    report = _run(_base(ckpt_path, tmp_path, "--norm", "l1", "--eps", "8", "--attack",
+                        "apgd-ce", "--steps", "10", "--restarts", "1", "--save-adv",
+                        str(tmp_path / "adv.pt")))
+    assert report["attack"]["norm"] == "l1" and report["attack"]["attacks"] == ["apgd-ce"]
+    assert report["robust_accuracy"]["value"] < report["clean_accuracy"]
+    saved = torch.load(tmp_path / "adv.pt")
+    x, _ = _test_images(24)
+    delta = (saved["x_adv"] - x).flatten(1)
+    assert saved["x_adv"].min() >= 0 and saved["x_adv"].max() <= 1
+    assert delta.abs().sum(1).max() <= eps + 1e-4
 
 
 def test_l2_eps_at_the_input_diagonal_is_accepted():

@@ -785,7 +785,9 @@ def _common_parser() -> argparse.ArgumentParser:
                        norm_default=None, norm_help="the attack's norm (default linf; class-viz "
                        "is L2)", steps_help="attack steps (default: the analysis's: 100 for "
                        "perturbations / class-viz / semantic, 10 for PGD elsewhere; jacobian: "
-                       "power-iteration steps, 200)")
+                       "power-iteration steps, 200)",
+                       # Their random controls and scalings are written for these two.
+                       norms=("linf", "l2"))
     r = p.add_argument_group("run")
     add_run_options(r, batch_size=ANALYZE_BATCH_SIZE)
     add_workers_option(r)

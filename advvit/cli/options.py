@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from .. import config
 from ..analysis.shifts import CORRUPTION_CACHE
-from ..attacks import check_eps
+from ..attacks import NORMS, check_eps
 from ..io import OptionError
 
 __all__ = ["OptionsView", "SPLITS", "add_model_file_options", "add_data_options", "add_attack_options",
@@ -53,11 +53,11 @@ def add_data_options(g: argparse._ActionsContainer, *, n_examples_help: str) -> 
 
 def add_attack_options(g: argparse._ActionsContainer, *, eps_default: str | None,
                        eps_help: str, norm_default: str | None, norm_help: str,
-                       steps_help: str) -> None:
+                       steps_help: str, norms: tuple[str, ...] = NORMS) -> None:
     """``--eps``, ``--norm``, ``--steps`` (the radius, the norm, the attack's iterations)."""
     g.add_argument("--eps", default=eps_default,
                    help=f"radius: a fraction (0.0157) or x/255{eps_help}")
-    g.add_argument("--norm", default=norm_default, choices=("linf", "l2"), help=norm_help)
+    g.add_argument("--norm", default=norm_default, choices=norms, help=norm_help)
     g.add_argument("--steps", type=int, help=steps_help)
 
 
