@@ -227,6 +227,13 @@ def test_torchrun_two_ranks_share_one_evaluation(ckpt_path, tmp_path):
     (("--norm", "l2", "--eps", "40"), "--eps 40 is above 32, the L2 diagonal of a 1x32x32 input"),
     (("--norm", "l2", "--eps-sweep", "1,33"), "--eps-sweep 33 is above 32"),
     (("--norm", "l1", "--eps", "1100"), "--eps 1100 is above 1024, the L1 diagonal of a 1x32x32"),
+    (("--threats", "linf4/255"), "'linf4/255' is not NORM:EPS"),
+    (("--threats", "linf:4/255,l0:3"), "'l0' is not a norm: use linf, l2, l1"),
+    (("--threats", "linf:4/255,l1:1100"), "--threats 1100 is above 1024, the L1 diagonal"),
+    (("--threats", "linf:8"), "--threats 8 is above 1"),
+    (("--threats", "l2:1,l2:1.0"), "names a threat twice"),
+    (("--threats", "l2:1", "--eps-sweep", "0,1/255"), "--threats and --eps-sweep"),
+    (("--threats", "l2:1", "--save-adv", "a.pt"), "--save-adv keeps one threat's"),
     (("--attack", "autoattack-rand", "--restarts", "2"), "as published"),
     (("--output", "/proc/version/report.json"), "is a file, not a folder"),
 ])
@@ -421,6 +428,31 @@ def test_l1_evaluation_runs_autoattacks_l1_attack_and_stays_in_ball_and_box(ckpt
     delta = (saved["x_adv"] - x).flatten(1)
     assert saved["x_adv"].min() >= 0 and saved["x_adv"].max() <= 1
     assert delta.abs().sum(1).max() <= eps + 1e-4
+
+
+def test_threats_give_a_row_each_and_their_union(ckpt_path, tmp_path, capsys):
+    attack = ["--attack", "apgd-ce", "--steps", "5", "--restarts", "1", "--per-example"]
+    report = _run(_base(ckpt_path, tmp_path, "--threats", "linf:2/255,l2:0.5,l1:4", *attack))
+    rows = report["results"]
+    assert [(r["threat"], r["norm"]) for r in rows] == \
+        [("linf:2/255", "linf"), ("l2:0.5", "l2"), ("l1:4", "l1")]
+    assert [r["eps"] for r in rows] == pytest.approx([2 / 255, 0.5, 4.0])
+    assert report["attack"]["norm"] == "linf,l2,l1"
+    per = report["per_example"]
+    for r in rows:
+        robust = [p["threats"][r["threat"]]["robust"] for p in per]
+        assert sum(robust) / len(per) == pytest.approx(r["robust_accuracy"]["value"])
+    union = [all(t["robust"] for t in p["threats"].values()) for p in per]
+    assert [p["robust"] for p in per] == union
+    assert report["union"]["n_robust"] == sum(union)
+    assert report["union"]["robust_accuracy"]["value"] == pytest.approx(sum(union) / len(per))
+    assert report["union"]["robust_accuracy"]["value"] <= \
+        min(r["robust_accuracy"]["value"] for r in rows)
+    assert "every threat" in capsys.readouterr().out
+    # A row is the evaluation of that threat alone.
+    alone = _run(_base(ckpt_path, tmp_path, "--norm", "l1", "--eps", "4", *attack))
+    assert [p["robust"] for p in alone["per_example"]] == \
+        [p["threats"]["l1:4"]["robust"] for p in per]
 
 
 def test_l2_eps_at_the_input_diagonal_is_accepted():

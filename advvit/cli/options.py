@@ -16,6 +16,7 @@ from ..io import OptionError
 
 __all__ = ["OptionsView", "SPLITS", "add_model_file_options", "add_data_options", "add_attack_options",
            "add_corruption_options", "add_run_options", "add_workers_option", "parse_eps",
+           "parse_threats",
            "EVAL_BATCH_SIZE", "eval_parser"]
 
 SPLITS = ("val", "test", "train")
@@ -107,6 +108,30 @@ def parse_eps(text: str | float, *, norm: str = "linf", name: str = "--eps") -> 
         raise OptionError(str(err)) from None
 
 
+def parse_threats(text: str) -> tuple[tuple[str, str, float], ...]:
+    """Read ``--threats``, a comma list of NORM:EPS (``linf:4/255,l2:2,l1:75``) ->
+    ``(label, norm, eps)`` per threat, in order.
+
+    Raises:
+        OptionError: an item that is not NORM:EPS, an unknown norm, an eps the norm does not
+            allow, or a threat named twice.
+    """
+    example = "e.g. --threats linf:4/255,l2:2,l1:75"
+    threats = []
+    for item in (i.strip() for i in text.split(",")):
+        norm, sep, eps = (p.strip() for p in item.partition(":"))
+        if not sep or not norm or not eps:
+            raise OptionError(f"--threats {text!r}: {item!r} is not NORM:EPS ({example})")
+        if norm.lower() not in NORMS:
+            raise OptionError(f"--threats: {norm!r} is not a norm: use {', '.join(NORMS)} "
+                              f"({example})")
+        norm = norm.lower()
+        threats.append((f"{norm}:{eps}", norm, parse_eps(eps, norm=norm, name="--threats")))
+    if len({t[1:] for t in threats}) != len(threats):
+        raise OptionError(f"--threats {text!r} names a threat twice")
+    return tuple(threats)
+
+
 EVAL_BATCH_SIZE = 250
 """``advvit.eval --batch-size``'s default: AutoAttack's batch size, so results match its own
 runs (``advvit.analyze``'s is 64)."""
@@ -143,6 +168,9 @@ def eval_parser() -> argparse.ArgumentParser:
     a.add_argument("--eps-sweep", help="comma list of eps (e.g. 0,1/255,2/255,4/255): robust "
                    "accuracy over eps, with a plot (eps 0 is not attacked: its robust accuracy "
                    "is the clean accuracy)")
+    a.add_argument("--threats", metavar="NORM:EPS,...", help="several threat models in one "
+                   "report, e.g. linf:4/255,l2:2,l1:75 (instead of --norm/--eps): a row per "
+                   "threat and the union (robust only if robust under every threat)")
     a.add_argument("--restarts", type=int, help="restarts (apgd-ce alone defaults to 5)")
     a.add_argument("--step-size", help="PGD/FGSM step size (fraction or x/255)")
     a.add_argument("--backend", default="auto", choices=("auto", "pyautoattack", "autoattack"),
