@@ -371,6 +371,8 @@ class AutoAttackAdapter:
         keep_adv: bool = True,
         stop_after_batches: int | None = None,
         on_batch: Callable[[str, int, int], None] | None = None,
+        fp32_model: nn.Module | None = None,
+        precision: str = "fp32",
     ) -> EnsembleResult:
         """Evaluate the ensemble on (x, y) with :func:`advvit.robustness.run_attacks`.
 
@@ -386,6 +388,9 @@ class AutoAttackAdapter:
                 for a later resume (for tests and for time-boxed jobs). The result then covers
                 the work done so far.
             on_batch: called as ``on_batch(attack, batch_index, n_batches)`` after each batch.
+            fp32_model, precision: the adapter's model runs the model ``fp32_model`` under
+                autocast at ``precision``; ``fp32_model`` re-checks every break (see
+                :func:`advvit.robustness.run_attacks`).
 
         Returns:
             An :class:`EnsembleResult` whose ``warnings`` are AutoAttack's own.
@@ -396,9 +401,11 @@ class AutoAttackAdapter:
         """
         self._checked = False
         with capture_autoattack_warnings() as aa_warnings:
-            result = run_attacks(self.model, x, y, self.suite, batch_size=batch_size,
-                                 device=self.device, state_path=state_path, keep_adv=keep_adv,
-                                 stop_after_batches=stop_after_batches, on_batch=on_batch)
+            result = run_attacks(fp32_model if fp32_model is not None else self.model, x, y,
+                                 self.suite, batch_size=batch_size, device=self.device,
+                                 state_path=state_path, keep_adv=keep_adv,
+                                 stop_after_batches=stop_after_batches, on_batch=on_batch,
+                                 precision=precision)
         result.warnings = list(dict.fromkeys(list(aa_warnings) + self._reference_log_warnings()))
         return result
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import accel, checks
-from .accel import resolve_device
+from .accel import check_amp, resolve_device
 from .attack_names import AttackSpec, parse_attack
 from .attacks import check_eps
 from .autoattack_adapter import available_backends
@@ -163,6 +163,7 @@ class EvalRequest(OptionsView):
         if spec.kind == "autoattack" and not available_backends():
             raise OptionError("no AutoAttack package installed: pip install pyautoattack")
         device = resolve_device(args.device)
+        check_amp(args.amp, device)
         ids = tuple(read_ids_file(args.ids_file)) if args.ids_file else None
         if ids is not None and args.sample != "first":
             raise OptionError("--sample random picks examples itself: drop it or --ids-file")
@@ -329,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              seed=req.seed, batch_size=req.batch_size, device=device,
                              state_path=_state_path(req, norm, eps, rank, world),
                              keep_adv=bool(req.save_adv) and not outcomes,
-                             num_classes=prep.num_classes, backend=req.backend)
+                             num_classes=prep.num_classes, backend=req.backend, amp=req.amp)
         except StateMismatchError as err:  # raised before this eps is attacked
             if not outcomes:
                 parser.error(f"--state-path: {err}")

@@ -121,7 +121,8 @@ def _result_entry(eps: float, result: EnsembleResult, flags: Sequence[checks.Fla
         "attacks": [{"name": a.name, "robust_accuracy": _marked(a.robust_accuracy, flags, a.name),
                      "seconds": round(a.seconds, 3), "n_attacked": a.n_attacked,
                      "status": a.status, "reason": a.reason,
-                     "settings": result.attack_settings.get(a.name, {})}
+                     "settings": result.attack_settings.get(a.name, {}),
+                     **({"false_breaks": a.false_breaks} if result.precision != "fp32" else {})}
                     for a in result.attacks],
         "seconds": round(sum(a.seconds for a in result.attacks), 3),
     }
@@ -193,6 +194,14 @@ def build_report(outcomes: Mapping[Any, EnsembleResult], *, spec: Any, norm: str
         "results": results,
         "warnings": [_flag_dict(f) for f in flags],
     })
+    if first.precision != "fp32":
+        report["attack"]["precision"] = {
+            "attack": first.precision, "verified": "fp32",
+            "note": f"the attacks ran in {first.precision} under autocast; every break was "
+                    "re-checked by an fp32 forward and counts only if it fools the fp32 model. "
+                    "Examples the low-precision attack did not break stay robust: a weaker "
+                    "attack can only overstate robustness, and the fp32 check removes false "
+                    "breaks, not missed ones"}
     if threats:
         union = torch.stack([r.robust for r in outcomes.values()]).all(0)
         report["union"] = {"threats": list(outcomes),
@@ -238,6 +247,10 @@ def print_table(report: Mapping[str, Any], file: Any = None) -> None:
         print(f"\n!!! {head['message']} ({', '.join(head['flags'])})", file=out)
     print(f"\nadvvit-eval  n={report['n']}  norm={report['attack']['norm']}  "
           f"seed={report['attack']['seed']}  attack={report['attack']['name']}", file=out)
+    precision = report["attack"].get("precision")
+    if precision:
+        print(f"attacked in {precision['attack']}, every break verified in fp32 (robust "
+              "accuracy can only be overstated by the weaker attack)", file=out)
     print(f"{'eps':>10} {'eps*255':>8} {'attack':>14} {'accuracy':>9} {'seconds':>9}", file=out)
     for r in report["results"]:
         where = f"{r['threat']:>19}" if "threat" in r else \

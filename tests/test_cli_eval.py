@@ -227,6 +227,7 @@ def test_torchrun_two_ranks_share_one_evaluation(ckpt_path, tmp_path):
     (("--norm", "l2", "--eps", "40"), "--eps 40 is above 32, the L2 diagonal of a 1x32x32 input"),
     (("--norm", "l2", "--eps-sweep", "1,33"), "--eps-sweep 33 is above 32"),
     (("--norm", "l1", "--eps", "1100"), "--eps 1100 is above 1024, the L1 diagonal of a 1x32x32"),
+    (("--amp", "fp16"), "--amp fp16 needs a CUDA --device"),
     (("--threats", "linf4/255"), "'linf4/255' is not NORM:EPS"),
     (("--threats", "linf:4/255,l0:3"), "'l0' is not a norm: use linf, l2, l1"),
     (("--threats", "linf:4/255,l1:1100"), "--threats 1100 is above 1024, the L1 diagonal"),
@@ -453,6 +454,22 @@ def test_threats_give_a_row_each_and_their_union(ckpt_path, tmp_path, capsys):
     alone = _run(_base(ckpt_path, tmp_path, "--norm", "l1", "--eps", "4", *attack))
     assert [p["robust"] for p in alone["per_example"]] == \
         [p["threats"]["l1:4"]["robust"] for p in per]
+
+
+def test_a_bf16_evaluation_says_so_and_each_break_fools_the_fp32_model(ckpt_path, tmp_path,
+                                                                     capsys):
+    report = _run(_base(ckpt_path, tmp_path, "--amp", "bf16", "--attack", "apgd-ce", "--steps",
+                        "5", "--restarts", "1", "--eps", "4/255", "--save-adv",
+                        str(tmp_path / "adv.pt")))
+    assert report["attack"]["precision"]["attack"] == "bf16"
+    assert report["attack"]["precision"]["verified"] == "fp32"
+    assert report["results"][0]["attacks"][0]["false_breaks"] >= 0
+    assert "verified in fp32" in capsys.readouterr().out
+    model, _ = C.create_model_from_checkpoint(ckpt_path)
+    x, y = _test_images(24)
+    adv = torch.load(tmp_path / "adv.pt")
+    with torch.no_grad():
+        assert torch.equal(model.eval()(adv["x_adv"]).argmax(1) == y, adv["robust"])
 
 
 def test_l2_eps_at_the_input_diagonal_is_accepted():

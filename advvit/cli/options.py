@@ -175,6 +175,8 @@ def eval_parser() -> argparse.ArgumentParser:
     a.add_argument("--step-size", help="PGD/FGSM step size (fraction or x/255)")
     a.add_argument("--backend", default="auto", choices=("auto", "pyautoattack", "autoattack"),
                    help="AutoAttack package")
+    a.add_argument("--amp", choices=("bf16", "fp16"), help="attack under autocast at this "
+                   "precision; every break is re-checked by the fp32 model (fp16: CUDA only)")
     c = p.add_argument_group("common corruptions (ImageNet-C, on the same examples)")
     c.add_argument("--corruptions", nargs="?", const="all", metavar="NAMES|all",
                    help="also the accuracy under common corruptions: all 15 (the flag alone, or "
