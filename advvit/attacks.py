@@ -212,6 +212,8 @@ def project_l1(delta: torch.Tensor, eps: float, x: Optional[torch.Tensor] = None
     algorithm of AutoAttack's ``L1_projection``, Croce & Hein 2021), in float64 so that the
     float32 result keeps within the ball up to rounding of ``x + delta``.
     """
+    if eps == 0:
+        return torch.zeros_like(delta)
     shape, dtype = delta.shape, delta.dtype
     z = delta.detach().flatten(1).double()
     a = z.abs()
@@ -220,25 +222,23 @@ def project_l1(delta: torch.Tensor, eps: float, x: Optional[torch.Tensor] = None
     else:
         xf = x.detach().flatten(1).double()
         cap = torch.where(z > 0, 1.0 - xf, xf)
-    out = torch.minimum(a, cap)
-    over = out.sum(1) > eps
-    if eps == 0:
-        out = torch.zeros_like(out)
-    elif over.any():
-        a_o, cap_o = a[over], cap[over]
-        # The norm at lam = 0 is above eps, so lam > 0: kinks below 0 (every unbounded one
-        # among them) can sit at 0 without changing the norm where lam is looked for.
-        kinks = torch.cat([a_o - cap_o, a_o], 1).clamp_min(0.0)
-        # Walking lam downwards, a coordinate starts to move at |delta| and stops at the box.
-        entering = torch.cat([-torch.ones_like(a_o), torch.ones_like(a_o)], 1)
-        kinks, order = kinks.sort(1, descending=True)
-        moving = entering.gather(1, order).cumsum(1)
-        norm_at = torch.cat([torch.zeros_like(kinks[:, :1]),
-                             (moving[:, :-1] * (kinks[:, :-1] - kinks[:, 1:])).cumsum(1)], 1)
-        # 0 < eps at the first kink; the norm at lam = 0 > eps at the last.
-        k = (norm_at < eps).sum(1, keepdim=True) - 1
-        lam = kinks.gather(1, k) - (eps - norm_at.gather(1, k)) / moving.gather(1, k)
-        out[over] = torch.minimum((a_o - lam).clamp_min(0.0), cap_o)
+    over = torch.minimum(a, cap).sum(1, keepdim=True) > eps
+    # The norm at lam = 0 is above eps where lam is looked for, so lam > 0 there: kinks below
+    # 0 (every unbounded one among them) can sit at 0 without changing the norm.
+    kinks = torch.cat([a - cap, a], 1).clamp_min(0.0)
+    # Walking lam downwards, a coordinate starts to move at |delta| and stops at the box.
+    entering = torch.cat([-torch.ones_like(a), torch.ones_like(a)], 1)
+    kinks, order = kinks.sort(1, descending=True)
+    moving = entering.gather(1, order).cumsum(1)
+    norm_at = torch.cat([torch.zeros_like(kinks[:, :1]),
+                         (moving[:, :-1] * (kinks[:, :-1] - kinks[:, 1:])).cumsum(1)], 1)
+    # Where the norm is over eps: 0 < eps at the first kink, the norm at lam = 0 > eps at the
+    # last, and the segment that crosses eps has a coordinate moving. Elsewhere lam is 0;
+    # computing every row alike keeps the projection free of data-dependent shapes.
+    k = (norm_at < eps).sum(1, keepdim=True) - 1
+    lam = kinks.gather(1, k) - (eps - norm_at.gather(1, k)) / moving.gather(1, k).clamp_min(1)
+    lam = torch.where(over, lam, torch.zeros_like(lam))
+    out = torch.minimum((a - lam).clamp_min(0.0), cap)
     return (z.sign() * out).to(dtype).view(shape)
 
 
