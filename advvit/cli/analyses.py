@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import plots
+from ..analysis._common import ANALYSIS_NORMS
 from ..analysis.shifts import CorruptionSettings
 from ..attack_names import ANALYZE_RESTARTS, TRANSFER_ATTACKS
 from ..io import OptionError
@@ -786,8 +787,7 @@ def _common_parser() -> argparse.ArgumentParser:
                        "is L2)", steps_help="attack steps (default: the analysis's: 100 for "
                        "perturbations / class-viz / semantic, 10 for PGD elsewhere; jacobian: "
                        "power-iteration steps, 200)",
-                       # Their random controls and scalings are written for these two.
-                       norms=("linf", "l2"))
+                       norms=ANALYSIS_NORMS)
     r = p.add_argument_group("run")
     add_run_options(r, batch_size=ANALYZE_BATCH_SIZE)
     add_workers_option(r)
