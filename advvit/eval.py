@@ -16,6 +16,8 @@ Examples::
     torchrun --nproc-per-node 4 -m advvit.eval ... --attack autoattack    # one shard per rank
     python -m advvit.eval --checkpoint best.pth --eps 0.1 --corruptions fog,contrast \\
         --corruption-severities 1,3,5   # + ImageNet-C accuracy on the same examples
+    python -m advvit.eval --checkpoint best.pth --attack autoattack \\
+        --threats linf:4/255,l2:2,l1:75 --amp bf16   # a row per threat, their union; fp32-checked
 
 Everything is loaded and every argument validated before the first attack runs; a bad argument
 is one error line naming it and the fix (exit status 2).
@@ -152,11 +154,11 @@ class EvalRequest(OptionsView):
                               "with --model: a checkpoint records them itself")
         if args.batch_size < 1:
             raise OptionError(f"--batch-size must be >= 1, got {args.batch_size}")
+        threats = _parse_threats(args)
         step_size = parse_eps(args.step_size, norm=args.norm, name="--step-size") \
             if args.step_size is not None else None
         spec = parse_attack(args.attack, steps=args.steps, restarts=args.restarts,
                             step_size=step_size)
-        threats = _parse_threats(args)
         if args.state_path and spec.kind != "autoattack":
             raise OptionError(f"--state-path resumes AutoAttack runs; --attack {spec.name} is "
                               "short enough to rerun: drop --state-path")
@@ -260,7 +262,7 @@ def _state_path(req: EvalRequest, norm: str, eps: float, rank: int, world: int) 
 
 
 def _gather(outcomes: dict[Any, EnsembleResult], model_flags: list[checks.Flag], world: int
-            ) -> tuple[dict[float, EnsembleResult], list[checks.Flag]]:
+            ) -> tuple[dict[Any, EnsembleResult], list[checks.Flag]]:
     """Every rank's shard results and flags, merged (on every rank)."""
     merged: dict[Any, EnsembleResult] = {}
     for eps, out in outcomes.items():
