@@ -396,3 +396,24 @@ def test_import_stays_light():
             "('timm', 'torch_xla', 'tensorboard', 'torchvision', 'yaml')]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_l1_random_start_lies_in_the_ball_and_the_box():
+    # A model with no input gradient does not move the start: pgd returns it.
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            return self.w.expand(x.shape[0], 3) + 0 * x.flatten(1).sum(1, keepdim=True)
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8).round()  # pixels at 0 and 1: half the directions are shut
+    eps = 12.0
+    x_adv = pgd(Constant(), x, torch.zeros(16, dtype=torch.long), eps=eps, steps=1, norm="l1")
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    size = (x_adv.double() - x.double()).flatten(1).abs().sum(1)
+    # A normal point is far outside a radius-12 ball: its projection lands on the sphere.
+    torch.testing.assert_close(size, torch.full_like(size, eps), rtol=1e-6, atol=0)
+    assert not torch.equal(x_adv[0] - x[0], x_adv[1] - x[1])  # each example its own start
