@@ -279,8 +279,8 @@ def _l1_step(grad: torch.Tensor, x_adv: torch.Tensor, alpha: float) -> torch.Ten
     Inside the box a coordinate takes no more than its room towards the gradient's sign, and
     what it cannot take goes to the next largest |grad| (APGD-L1's observation, Croce & Hein
     2021: a step onto coordinates at the box edge is clipped away). The step is then the
-    steepest ascent among steps of length ``alpha`` that give no coordinate more than
-    ``alpha / k``.
+    steepest ascent among steps of L1 length up to ``alpha`` that stay in the box and give no
+    coordinate more than ``alpha / k`` (a fractional knapsack: greedy in |grad| is optimal).
     """
     g = grad.flatten(1)
     xa = x_adv.flatten(1)
