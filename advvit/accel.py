@@ -43,7 +43,7 @@ from .wrappers import unwrap
 __all__ = [
     "Runtime", "AccelError", "AttackPolicy", "setup", "barrier", "wrap_model", "attack_model",
     "attack_policy", "optimizer_step", "all_reduce_sum", "DeviceMetrics", "wait_for_all",
-    "launch_xla", "cleanup", "xla_available", "resolve_device", "torchrun_rank",
+    "launch_xla", "cleanup", "xla_available", "resolve_device", "check_amp", "torchrun_rank",
     "all_gather_objects",
 ]
 
@@ -560,6 +560,21 @@ def resolve_device(text: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionError(f"--device {text} asked for, but no GPU is visible: use --device cpu")
     return device
+
+
+def check_amp(amp: str | None, device: torch.device) -> None:
+    """An ``--amp`` option (None, "bf16" or "fp16") against the device that runs it.
+
+    Raises:
+        OptionError: a device without that autocast precision, naming the fix.
+    """
+    if amp is None:
+        return
+    if amp == "fp16" and device.type != "cuda":
+        raise OptionError("--amp fp16 needs a CUDA --device: on the CPU use --amp bf16")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise OptionError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bf16: use "
+                          "--amp fp16")
 
 
 def torchrun_rank() -> tuple[int, int]:

@@ -17,15 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["pgd", "fgsm", "NORMS", "frozen_model", "project", "default_step_size",
+__all__ = ["pgd", "fgsm", "NORMS", "frozen_model", "project", "project_l1", "default_step_size",
            "check_attack_args", "check_eps", "max_eps", "model_mode"]
 
-NORMS = ("linf", "l2")
+NORMS = ("linf", "l2", "l1")
 ModelMode = Literal["eval", "train", "keep"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Keeps the L2 direction finite where a gradient is exactly zero.
 _TINY = 1e-12
+# The share of coordinates one L1 step moves: SLIDE's 99th percentile (Tramer & Boneh 2019).
+_L1_STEP_SHARE = 0.01
 
 
 def _cross_entropy_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -42,13 +44,17 @@ def default_step_size(eps: float, steps: int) -> float:
 def max_eps(norm: str, input_shape: Optional[Sequence[int]] = None) -> float:
     """The largest radius that means anything on [0, 1] pixels: the eps policy of advvit.
 
-    Linf: 1 (the whole pixel range). L2: the diagonal of the input box, sqrt(C * H * W) for one
-    example of ``input_shape`` (C, H, W); unbounded when the shape is not known yet.
+    Linf: 1 (the whole pixel range). L2 and L1: the diagonal of the input box for one example
+    of ``input_shape`` (C, H, W), sqrt(C * H * W) in L2 and C * H * W in L1; unbounded when the
+    shape is not known yet.
     """
     if norm == "linf":
         return 1.0
-    if norm == "l2":
-        return math.sqrt(math.prod(int(d) for d in input_shape)) if input_shape else math.inf
+    if norm in ("l2", "l1"):
+        if not input_shape:
+            return math.inf
+        d = math.prod(int(d) for d in input_shape)
+        return math.sqrt(d) if norm == "l2" else float(d)
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
@@ -68,14 +74,14 @@ def check_eps(eps: float, norm: str = "linf", *, input_shape: Optional[Sequence[
     """
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) \
             or eps < 0:
-        raise ValueError(f"{name} must be a finite number >= 0 (e.g. 4/255 for Linf, 3.0 for L2 "
-                         f"on ImageNet), got {eps!r}")
+        raise ValueError(f"{name} must be a finite number >= 0 (e.g. 4/255 for Linf, 3.0 for L2, "
+                         f"75 for L1 on ImageNet), got {eps!r}")
     bound = max_eps(norm, input_shape)
     if eps > bound:
         if norm == "linf":
             raise ValueError(f"{name} {eps:g} is above 1, the whole [0, 1] pixel range, for Linf: "
                              f"did you mean {eps:g}/255?")
-        raise ValueError(f"{name} {eps:g} is above {bound:.4g}, the L2 diagonal of a "
+        raise ValueError(f"{name} {eps:g} is above {bound:.4g}, the {norm.upper()} diagonal of a "
                          f"{'x'.join(str(d) for d in input_shape)} input in [0, 1]: no image is "
                          "that far from another")
     return float(eps)
@@ -177,31 +183,115 @@ def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
-def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Project a perturbation onto the eps-ball of the given norm (per example)."""
+def project(delta: torch.Tensor, eps: float, norm: str,
+            x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Project a perturbation onto the eps-ball of the given norm (per example).
+
+    With ``x``, the result also keeps ``x + delta`` in [0, 1]. For Linf (a box in a box) and L1
+    (:func:`project_l1`) that is the exact Euclidean projection onto the intersection; for L2
+    it is the ball's projection clipped to the box, a point of the intersection.
+    """
+    if norm == "l1":
+        return project_l1(delta, eps, x)
     if norm == "linf":
-        return delta.clamp(-eps, eps)
-    scale = (eps / _per_example_norm(delta).clamp_min(_TINY)).clamp(max=1.0)
-    return delta * scale
+        delta = delta.clamp(-eps, eps)
+    else:
+        scale = (eps / _per_example_norm(delta).clamp_min(_TINY)).clamp(max=1.0)
+        delta = delta * scale
+    return delta if x is None else (x + delta).clamp(0.0, 1.0) - x
+
+
+def project_l1(delta: torch.Tensor, eps: float, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The exact Euclidean projection of ``delta`` onto {d : ||d||_1 <= eps, x + d in [0, 1]}.
+
+    Per example, the projection is ``sign(delta) * clip(|delta| - lam, 0, cap)`` with ``cap``
+    the room each coordinate has towards its sign inside the box (unbounded without ``x``) and
+    the smallest ``lam >= 0`` that brings the L1 norm to ``eps``. The norm is piecewise linear
+    in ``lam`` with its kinks at ``|delta|`` and ``|delta| - cap``: the kinks are sorted, the
+    norm evaluated at each, and ``lam`` solved on the segment that crosses ``eps`` (the
+    algorithm of AutoAttack's ``L1_projection``, Croce & Hein 2021), in float64 so that the
+    float32 result keeps within the ball up to rounding of ``x + delta``.
+    """
+    if eps == 0:
+        return torch.zeros_like(delta)
+    shape, dtype = delta.shape, delta.dtype
+    z = delta.detach().flatten(1).double()
+    a = z.abs()
+    if x is None:
+        cap = torch.full_like(a, math.inf)
+    else:
+        xf = x.detach().flatten(1).double()
+        cap = torch.where(z > 0, 1.0 - xf, xf)
+    over = torch.minimum(a, cap).sum(1, keepdim=True) > eps
+    # The norm at lam = 0 is above eps where lam is looked for, so lam > 0 there: kinks below
+    # 0 (every unbounded one among them) can sit at 0 without changing the norm.
+    kinks = torch.cat([a - cap, a], 1).clamp_min(0.0)
+    # Walking lam downwards, a coordinate starts to move at |delta| and stops at the box.
+    entering = torch.cat([-torch.ones_like(a), torch.ones_like(a)], 1)
+    kinks, order = kinks.sort(1, descending=True)
+    moving = entering.gather(1, order).cumsum(1)
+    norm_at = torch.cat([torch.zeros_like(kinks[:, :1]),
+                         (moving[:, :-1] * (kinks[:, :-1] - kinks[:, 1:])).cumsum(1)], 1)
+    # Where the norm is over eps: 0 < eps at the first kink, the norm at lam = 0 > eps at the
+    # last, and the segment that crosses eps has a coordinate moving. Elsewhere lam is 0;
+    # computing every row alike keeps the projection free of data-dependent shapes.
+    k = (norm_at < eps).sum(1, keepdim=True) - 1
+    lam = kinks.gather(1, k) - (eps - norm_at.gather(1, k)) / moving.gather(1, k).clamp_min(1)
+    lam = torch.where(over, lam, torch.zeros_like(lam))
+    out = torch.minimum((a - lam).clamp_min(0.0), cap)
+    return (z.sign() * out).to(dtype).view(shape)
 
 
 def _random_init(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    d = x[0].numel()
     if norm == "linf":
         delta = torch.empty_like(x).uniform_(-eps, eps)
+    elif norm == "l1":
+        # APGD-L1's start: a standard normal point projected onto the ball and the box. The
+        # projection of a point that far out keeps its largest coordinates only: a sparse start,
+        # as the L1 optimum inside the box is; a start uniform in the ball spreads eps over every
+        # coordinate, and steps of 1.5 * eps in all cannot gather it again.
+        return project_l1(torch.randn_like(x), eps, x)
     else:
         # Uniform in the L2 ball: a normal direction and a radius with density ~ r^(d-1).
         direction = torch.randn_like(x)
         direction = direction / _per_example_norm(direction).clamp_min(_TINY)
-        d = x[0].numel()
         radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype).pow(1.0 / d)
         delta = direction * (eps * radius).view(-1, *([1] * (x.dim() - 1)))
     return (x + delta).clamp(0.0, 1.0) - x
 
 
-def _ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+def _ascent_step(grad: torch.Tensor, norm: str, x_adv: torch.Tensor,
+                 alpha: float) -> torch.Tensor:
     if norm == "linf":
-        return grad.sign()
-    return grad / _per_example_norm(grad).clamp_min(_TINY)
+        return alpha * grad.sign()
+    if norm == "l1":
+        return _l1_step(grad, x_adv, alpha)
+    return alpha * (grad / _per_example_norm(grad).clamp_min(_TINY))
+
+
+def _l1_step(grad: torch.Tensor, x_adv: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SLIDE's sparse step of L1 length ``alpha``, filled up inside the box.
+
+    The L1 steepest-ascent step puts all of ``alpha`` on the coordinate of largest |grad|;
+    SLIDE spreads it over the top 1% (at most ``alpha / k`` each for k = 1% of the
+    coordinates), so a fixed number of steps does not spend the budget one pixel at a time.
+    Inside the box a coordinate takes no more than its room towards the gradient's sign, and
+    what it cannot take goes to the next largest |grad| (APGD-L1's observation, Croce & Hein
+    2021: a step onto coordinates at the box edge is clipped away). The step is then the
+    steepest ascent among steps of L1 length up to ``alpha`` that stay in the box and give no
+    coordinate more than ``alpha / k`` (a fractional knapsack: greedy in |grad| is optimal).
+    """
+    g = grad.flatten(1)
+    xa = x_adv.flatten(1)
+    room = torch.where(g > 0, 1.0 - xa, xa) * (g != 0)
+    share = alpha / max(1, math.ceil(_L1_STEP_SHARE * g.shape[1]))
+    order = g.abs().argsort(1, descending=True)
+    take = room.gather(1, order).clamp(max=share)
+    before = take.cumsum(1) - take
+    take = torch.minimum(take, (alpha - before).clamp_min(0.0))
+    step = torch.zeros_like(g).scatter_(1, order, take)
+    return (g.sign() * step).view_as(grad)
 
 
 def pgd(
@@ -221,7 +311,14 @@ def pgd(
     x_init: Optional[torch.Tensor] = None,
     check_range: bool = True,
 ) -> torch.Tensor:
-    """Projected gradient descent (Madry et al.) in the Linf or L2 ball.
+    """Projected gradient descent (Madry et al.) in the Linf, L2 or L1 ball.
+
+    The L1 step is SLIDE's sparse step (Tramer & Boneh 2019), filled up inside the box
+    (:func:`_l1_step`), followed by the exact projection onto the L1 ball intersected with the
+    box (:func:`project_l1`); the random start is APGD-L1's, a normal point projected onto
+    both. SLIDE rather than APGD-L1's step: APGD-L1 adapts its sparsity and step size from the
+    loss history of a long run, which a fixed-step PGD (one step for FGSM, a few in training)
+    does not have. ``advvit.eval`` runs AutoAttack's own APGD-L1 for an L1 evaluation.
 
     Args:
         model: maps pixels in [0, 1] to logits.
@@ -230,7 +327,7 @@ def pgd(
         eps: radius of the ball; 0 returns ``x`` unchanged without running the model.
         step_size: step length; None takes ``1.5 * eps / steps``.
         steps: number of gradient steps (1 is FGSM, with ``random_init`` FGSM-RS).
-        norm: "linf" or "l2".
+        norm: "linf", "l2" or "l1".
         random_init: start from a uniform point in the ball instead of ``x``.
         targeted: minimise the loss towards ``y`` instead of maximising it.
         loss_fn: ``loss_fn(logits, y) -> scalar`` to ascend; default summed cross-entropy.
@@ -255,8 +352,7 @@ def pgd(
     loss_fn = loss_fn or _cross_entropy_sum
 
     if x_init is not None:
-        delta = project(x_init.detach() - x, eps, norm)
-        delta = (x + delta).clamp(0.0, 1.0) - x
+        delta = project(x_init.detach() - x, eps, norm, x)
     elif random_init:
         delta = _random_init(x, eps, norm)
     else:
@@ -270,9 +366,8 @@ def pgd(
             if targeted:
                 grad = -grad
             with torch.no_grad():
-                delta = delta + alpha * _ascent_direction(grad, norm)
-                delta = project(delta, eps, norm)
-                delta = (x + delta).clamp(0.0, 1.0) - x
+                delta = delta + _ascent_step(grad, norm, x + delta, alpha)
+                delta = project(delta, eps, norm, x)
             if on_step is not None:
                 on_step()
     return (x + delta).detach()
@@ -296,7 +391,9 @@ def fgsm(
     """One step of :func:`pgd`: FGSM, or FGSM-RS (Wong et al.) with ``random_init``.
 
     From the clean point the default 1.5 * eps step is projected back to the ball, so the result
-    equals classic FGSM's ``x + eps * sign(grad)`` (clipped to [0, 1]).
+    equals classic FGSM's ``x + eps * sign(grad)`` (clipped to [0, 1]); in L1 it spends eps on
+    the pixels of largest |grad| that have room in the box, at most 1% of eps on each where
+    the input has more than 100.
     """
     return pgd(model, x, y, eps=eps, step_size=step_size, steps=1, norm=norm,
                random_init=random_init, targeted=targeted, loss_fn=loss_fn, on_step=on_step,

@@ -61,15 +61,15 @@ _AA_LOGGER = "auto-attack"
 
 
 def canonical_norm(norm: str) -> str:
-    """Map "linf"/"Linf"/"l2"/"L2" to AutoAttack's spelling ("Linf", "L2").
+    """Map "linf"/"l2"/"l1" in any case to AutoAttack's spelling ("Linf", "L2", "L1").
 
     Raises:
         ValueError: for any other norm.
     """
-    table = {"linf": "Linf", "l2": "L2"}
+    table = {"linf": "Linf", "l2": "L2", "l1": "L1"}
     key = str(norm).lower()
     if key not in table:
-        raise ValueError(f"norm {norm!r} is not supported: use 'linf' or 'l2'")
+        raise ValueError(f"norm {norm!r} is not supported: use 'linf', 'l2' or 'l1'")
     return table[key]
 
 
@@ -190,7 +190,9 @@ class AutoAttackAdapter:
     Args:
         model: the classifier.
         eps: perturbation budget in pixel units (e.g. 4/255).
-        norm: "linf" or "l2" (any case).
+        norm: "linf", "l2" or "l1" (any case). For L1 the standard version runs what
+            AutoAttack's does: APGD-CE with 5 restarts and APGD-T with 5 target classes, both
+            stepping down from a larger eps ("use_largereps"), then FAB-T and Square.
         version: "standard" (APGD-CE, APGD-T, FAB-T, Square as published), "plus", "rand"
             (APGD-CE and APGD-DLR averaging 20 gradients per step (EOT), for randomized
             models), or "custom" (then ``attacks`` names the attacks, in order).
@@ -311,12 +313,16 @@ class AutoAttackAdapter:
         apgd = {"n_iter": aa.apgd.n_iter, "n_restarts": aa.apgd.n_restarts}
         if aa.apgd.eot_iter != 1:  # the rand version's EOT; 1 (none) elsewhere
             apgd["eot_iter"] = aa.apgd.eot_iter
+        apgd_t = {"n_iter": aa.apgd_targeted.n_iter, "n_restarts": aa.apgd_targeted.n_restarts,
+                  "n_target_classes": aa.apgd_targeted.n_target_classes}
+        # The L1 standard version's eps schedule, which changes what the iterations do.
+        for settings, attack in ((apgd, aa.apgd), (apgd_t, aa.apgd_targeted)):
+            if attack.use_largereps:
+                settings["use_largereps"] = True
         table = {
             "apgd-ce": apgd,
             "apgd-dlr": apgd,
-            "apgd-t": {"n_iter": aa.apgd_targeted.n_iter,
-                       "n_restarts": aa.apgd_targeted.n_restarts,
-                       "n_target_classes": aa.apgd_targeted.n_target_classes},
+            "apgd-t": apgd_t,
             "fab": {"n_iter": aa.fab.n_iter, "n_restarts": self._fab_restarts},
             # AutoAttack forces one restart for FAB-T whatever FAB was given.
             "fab-t": {"n_iter": aa.fab.n_iter, "n_restarts": 1,
@@ -365,6 +371,8 @@ class AutoAttackAdapter:
         keep_adv: bool = True,
         stop_after_batches: int | None = None,
         on_batch: Callable[[str, int, int], None] | None = None,
+        fp32_model: nn.Module | None = None,
+        precision: str = "fp32",
     ) -> EnsembleResult:
         """Evaluate the ensemble on (x, y) with :func:`advvit.robustness.run_attacks`.
 
@@ -380,6 +388,9 @@ class AutoAttackAdapter:
                 for a later resume (for tests and for time-boxed jobs). The result then covers
                 the work done so far.
             on_batch: called as ``on_batch(attack, batch_index, n_batches)`` after each batch.
+            fp32_model, precision: the adapter's model runs the model ``fp32_model`` under
+                autocast at ``precision``; ``fp32_model`` re-checks every break (see
+                :func:`advvit.robustness.run_attacks`).
 
         Returns:
             An :class:`EnsembleResult` whose ``warnings`` are AutoAttack's own.
@@ -390,9 +401,11 @@ class AutoAttackAdapter:
         """
         self._checked = False
         with capture_autoattack_warnings() as aa_warnings:
-            result = run_attacks(self.model, x, y, self.suite, batch_size=batch_size,
-                                 device=self.device, state_path=state_path, keep_adv=keep_adv,
-                                 stop_after_batches=stop_after_batches, on_batch=on_batch)
+            result = run_attacks(fp32_model if fp32_model is not None else self.model, x, y,
+                                 self.suite, batch_size=batch_size, device=self.device,
+                                 state_path=state_path, keep_adv=keep_adv,
+                                 stop_after_batches=stop_after_batches, on_batch=on_batch,
+                                 precision=precision)
         result.warnings = list(dict.fromkeys(list(aa_warnings) + self._reference_log_warnings()))
         return result
 

@@ -183,9 +183,9 @@ class AttackConfig:
 
     loss: str = _opt("training loss: clean, fgsm, pgd or trades", "fgsm",
                      choices=("clean", "fgsm", "pgd", "trades"))
-    eps: float = _opt("attack radius (a number or a fraction like 4/255; Linf <= 1, L2 <= the "
-                      "input box's diagonal)", 4 / 255, lo=0.0)
-    attack_norm: str = _opt("attack norm", "linf", choices=("linf", "l2"))
+    eps: float = _opt("attack radius (a number or a fraction like 4/255; Linf <= 1, L2 and L1 "
+                      "<= the input box's diagonal in that norm)", 4 / 255, lo=0.0)
+    attack_norm: str = _opt("attack norm", "linf", choices=("linf", "l2", "l1"))
     attack_steps: Optional[int] = _opt(
         "attack iterations (None: the loss's default: "
         + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items() if k != "adversarial") + ")",

@@ -16,6 +16,8 @@ Examples::
     torchrun --nproc-per-node 4 -m advvit.eval ... --attack autoattack    # one shard per rank
     python -m advvit.eval --checkpoint best.pth --eps 0.1 --corruptions fog,contrast \\
         --corruption-severities 1,3,5   # + ImageNet-C accuracy on the same examples
+    python -m advvit.eval --checkpoint best.pth --attack autoattack \\
+        --threats linf:4/255,l2:2,l1:75 --amp bf16   # a row per threat, their union; fp32-checked
 
 Everything is loaded and every argument validated before the first attack runs; a bad argument
 is one error line naming it and the fix (exit status 2).
@@ -36,12 +38,12 @@ import torch
 from torch import nn
 
 from . import accel, checks
-from .accel import resolve_device
+from .accel import check_amp, resolve_device
 from .attack_names import AttackSpec, parse_attack
 from .attacks import check_eps
 from .autoattack_adapter import available_backends
 from .checkpoint import LoadedModel
-from .cli.options import OptionsView, eval_parser, model_options, parse_eps
+from .cli.options import OptionsView, eval_parser, model_options, parse_eps, parse_threats
 from .data import load_examples, read_ids_file
 from .io import OptionError, atomic_write_json, check_file_target
 from .leaderboard import model_info_entry, protocol_problems, save_adversarial
@@ -68,14 +70,27 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
         raise OptionError(f"{name} {text!r} must be comma-separated numbers") from None
 
 
-def _parse_eps_list(args: argparse.Namespace) -> tuple[float, ...]:
+def _parse_threats(args: argparse.Namespace) -> tuple[tuple[str, str, float], ...]:
+    """-> (label, norm, eps) per evaluation: the --threats, the --eps-sweep, or --norm/--eps."""
+    if args.threats:
+        if args.eps_sweep:
+            raise OptionError("--threats and --eps-sweep do not go together: sweep one norm "
+                              "(--norm, --eps-sweep) or list the threats")
+        if args.step_size is not None:
+            raise OptionError("--step-size is one norm's: drop it with --threats (PGD then "
+                              "steps 1.5 * eps / steps in each threat)")
+        if args.save_adv:
+            raise OptionError("--save-adv keeps one threat's examples: run that threat alone "
+                              "(--norm, --eps) to save them, or drop --save-adv")
+        return parse_threats(args.threats)
     if not args.eps_sweep:
-        return (parse_eps(args.eps, norm=args.norm),)
+        eps = parse_eps(args.eps, norm=args.norm)
+        return ((f"{args.norm}:{args.eps}", args.norm, eps),)
     eps_list = tuple(parse_eps(e, norm=args.norm, name="--eps-sweep")
                      for e in args.eps_sweep.split(",") if e.strip())
     if len(eps_list) < 2 or len(set(eps_list)) != len(eps_list):
         raise OptionError("--eps-sweep needs two or more different eps, e.g. 0,2/255,4/255")
-    return eps_list
+    return tuple((f"{args.norm}:{e:.6g}", args.norm, e) for e in eps_list)
 
 
 def _corruption_args(args: Any) -> Any:
@@ -104,16 +119,23 @@ class EvalRequest(OptionsView):
 
     Attributes:
         options: the parsed command line.
-        spec: the attack; eps_list: the radii, in order; device: where to run.
+        spec: the attack; threats: (label, norm, eps) per evaluation, in order (one, an eps
+            sweep's, or ``--threats``'); device: where to run.
         ids: the ids file's ids, or None; corruptions: the corruption settings, or None.
     """
 
     options: Mapping[str, Any]
     spec: AttackSpec
-    eps_list: tuple[float, ...]
+    threats: tuple[tuple[str, str, float], ...]
     device: torch.device
     ids: tuple[str, ...] | None
     corruptions: Any
+
+    @property
+    def threats_given(self) -> bool:
+        """``--threats`` was given: each evaluation is a row of its own norm, and the report
+        has their union."""
+        return bool(self.options["threats"])
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "EvalRequest":
@@ -134,17 +156,18 @@ class EvalRequest(OptionsView):
                               "--model: a checkpoint records them itself")
         if args.batch_size < 1:
             raise OptionError(f"--batch-size must be >= 1, got {args.batch_size}")
+        threats = _parse_threats(args)
         step_size = parse_eps(args.step_size, norm=args.norm, name="--step-size") \
             if args.step_size is not None else None
         spec = parse_attack(args.attack, steps=args.steps, restarts=args.restarts,
                             step_size=step_size)
-        eps_list = _parse_eps_list(args)
         if args.state_path and spec.kind != "autoattack":
             raise OptionError(f"--state-path resumes AutoAttack runs; --attack {spec.name} is "
                               "short enough to rerun: drop --state-path")
         if spec.kind == "autoattack" and not available_backends():
             raise OptionError("no AutoAttack package installed: pip install pyautoattack")
         device = resolve_device(args.device)
+        check_amp(args.amp, device)
         ids = tuple(read_ids_file(args.ids_file)) if args.ids_file else None
         if ids is not None and args.sample != "first":
             raise OptionError("--sample random picks examples itself: drop it or --ids-file")
@@ -155,7 +178,7 @@ class EvalRequest(OptionsView):
                                ("--state-path", args.state_path),
                                ("--robustbench-entry", args.robustbench_entry)):
             check_file_target(target, option)
-        return cls(MappingProxyType(dict(vars(args))), spec, eps_list, device, ids,
+        return cls(MappingProxyType(dict(vars(args))), spec, threats, device, ids,
                    _corruption_args(args))
 
 
@@ -201,10 +224,10 @@ def _prepare(req: EvalRequest) -> _Prepared:
                        seed=req.seed, ids=req.ids, batch_size=req.batch_size,
                        workers=req.workers)
     x, y = ex.x, ex.y
-    name = "--eps-sweep" if req.eps_sweep else "--eps"
-    for eps in req.eps_list:  # the L2 bound depends on the input size, known now
+    name = "--threats" if req.threats_given else "--eps-sweep" if req.eps_sweep else "--eps"
+    for _, norm, eps in req.threats:  # the L2 and L1 bounds depend on the input size
         try:
-            check_eps(eps, req.norm, input_shape=tuple(x.shape[1:]), name=name)
+            check_eps(eps, norm, input_shape=tuple(x.shape[1:]), name=name)
         except ValueError as err:
             raise OptionError(str(err)) from None
     num_classes = loaded.num_classes
@@ -223,8 +246,9 @@ def _prepare(req: EvalRequest) -> _Prepared:
                      "ids_file": req.ids_file, "n_examples": len(ex.indices),
                      "input_shape": list(x.shape[1:])}}
     if req.robustbench_entry:
-        planned = {"data": meta["data"], "attack": {"name": req.spec.name, "norm": req.norm},
-                   "eps": req.eps_list[0], "results": list(req.eps_list)}
+        planned = {"data": meta["data"],
+                   "attack": {"name": req.spec.name, "norm": req.threats[0][1]},
+                   "eps": req.threats[0][2], "results": [eps for _, _, eps in req.threats]}
         problems = protocol_problems(planned)
         if problems:
             raise OptionError("--robustbench-entry: refused, the run is not RobustBench's "
@@ -232,21 +256,23 @@ def _prepare(req: EvalRequest) -> _Prepared:
     return _Prepared(model, x, y, ex.indices, num_classes, dataset, data_dir, meta)
 
 
-def _state_path(req: EvalRequest, eps: float, rank: int, world: int) -> str | None:
+def _state_path(req: EvalRequest, norm: str, eps: float, rank: int, world: int) -> str | None:
     if not req.state_path:
         return None
     state = req.state_path
-    if len(req.eps_list) > 1:
+    if req.threats_given:
+        state += f".{norm}"
+    if len(req.threats) > 1:
         state += f".eps{eps:.6g}"
     if world > 1:
         state += f".rank{rank}of{world}"
     return state
 
 
-def _gather(outcomes: dict[float, EnsembleResult], model_flags: list[checks.Flag], world: int
-            ) -> tuple[dict[float, EnsembleResult], list[checks.Flag]]:
+def _gather(outcomes: dict[Any, EnsembleResult], model_flags: list[checks.Flag], world: int
+            ) -> tuple[dict[Any, EnsembleResult], list[checks.Flag]]:
     """Every rank's shard results and flags, merged (on every rank)."""
-    merged: dict[float, EnsembleResult] = {}
+    merged: dict[Any, EnsembleResult] = {}
     for eps, out in outcomes.items():
         out.x_adv = None  # adversarial examples stay in each rank's own file
         merged[eps] = merge_outcomes(accel.all_gather_objects(out, world))
@@ -306,30 +332,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     for f in model_flags:
         print(f"WARNING {f}", file=sys.stderr)
     started = time.perf_counter()
-    outcomes: dict[float, EnsembleResult] = {}
-    for eps in req.eps_list:
+    # Keyed by eps for one norm (the report's eps sweep), by threat for --threats.
+    outcomes: dict[Any, EnsembleResult] = {}
+    for label, norm, eps in req.threats:
         try:
-            out = run_attack(prep.model, xs, ys, req.spec, eps=eps, norm=req.norm,
+            out = run_attack(prep.model, xs, ys, req.spec, eps=eps, norm=norm,
                              seed=req.seed, batch_size=req.batch_size, device=device,
-                             state_path=_state_path(req, eps, rank, world),
-                             keep_adv=bool(req.save_adv) and eps == req.eps_list[0],
-                             num_classes=prep.num_classes, backend=req.backend)
+                             state_path=_state_path(req, norm, eps, rank, world),
+                             keep_adv=bool(req.save_adv) and not outcomes,
+                             num_classes=prep.num_classes, backend=req.backend, amp=req.amp)
         except StateMismatchError as err:  # raised before this eps is attacked
             if not outcomes:
                 parser.error(f"--state-path: {err}")
-            done = ", ".join(f"{e:.6g}" for e in outcomes)
-            print(f"error: --state-path: {err}. The evaluations at eps {done} are complete in "
+            done = ", ".join(outcomes) if req.threats_given else \
+                "eps " + ", ".join(f"{e:.6g}" for e in outcomes)
+            print(f"error: --state-path: {err}. The evaluations at {done} are complete in "
                   "their state files: a rerun resumes them", file=sys.stderr)
             return 1
         out.positions = positions
-        outcomes[eps] = out
+        outcomes[label if req.threats_given else eps] = out
     if req.save_adv and req.save_adv_format == "robustbench":
-        save_adversarial(outcomes[req.eps_list[0]].x_adv, prep.indices, req.save_adv)
+        save_adversarial(next(iter(outcomes.values())).x_adv, prep.indices, req.save_adv)
     elif req.save_adv:
-        first = outcomes[req.eps_list[0]]
+        first = next(iter(outcomes.values()))
         save_tensors({"x_adv": first.x_adv, "y": ys, "robust": first.robust,
                       "indices": [prep.indices[k] for k in positions],
-                      "eps": req.eps_list[0], "norm": req.norm},
+                      "eps": first.eps, "norm": req.norm},
                      req.save_adv if world == 1 else f"{req.save_adv}.rank{rank}of{world}")
     if world > 1:
         outcomes, model_flags = _gather(outcomes, model_flags, world)
@@ -343,9 +371,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     autoattack=f"{first.backend} {first.backend_version}".strip())
     meta.update({"data": prep.meta["data"], "device": str(device), "world_size": world,
                  "seconds_total": round(time.perf_counter() - started, 3)})
-    report = build_report(outcomes, spec=req.spec, norm=req.norm, seed=req.seed,
+    norm = ",".join(dict.fromkeys(n for _, n, _ in req.threats))
+    report = build_report(outcomes, spec=req.spec, norm=norm, seed=req.seed,
                           model_flags=model_flags, meta=meta, indices=prep.indices,
-                          labels=prep.y, per_example=req.per_example)
+                          labels=prep.y, per_example=req.per_example,
+                          threats=req.threats_given)
     if corruptions is not None:
         report["corruptions"] = corruptions
     print_table(report)

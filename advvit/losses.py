@@ -86,7 +86,7 @@ class AdversarialLoss(nn.Module):
         eps: radius of the perturbation ball (writable between steps; 0 skips the attack).
         steps: attack iterations.
         step_size: None for ``1.5 * eps / steps`` (recomputed as eps changes).
-        norm: "linf" or "l2".
+        norm: "linf", "l2" or "l1".
         random_init: random start inside the ball.
         criterion: training criterion on the adversarial logits; default cross-entropy.
         attack_loss: what the attack ascends, ``fn(logits, y)``; default summed cross-entropy.
@@ -155,7 +155,7 @@ class TRADESLoss(nn.Module):
         beta: weight of the robust KL term.
         steps: inner attack iterations (the thesis fine-tunes with PGD-10).
         step_size: None for ``1.5 * eps / steps``.
-        norm: "linf" or "l2".
+        norm: "linf", "l2" or "l1".
         criterion: natural loss on the clean logits; default cross-entropy.
         attack_mode: train/eval mode during the attack.
         on_step: called after each attack iteration (the XLA step barrier).

@@ -197,8 +197,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int]) -> Tuple[data.DataInfo
     not below the data set's classes; ``img_size`` a multiple of the model's patch size (the
     model is built on the meta device);
     ``auto_augment`` a policy timm's transform factory builds, with no part it would skip;
-    ``eps`` / ``eval_eps`` within the eps policy for the input shape (an L2 radius up to the
-    input box's diagonal); ``min_lr`` not above the effective learning rate (also when it comes
+    ``eps`` / ``eval_eps`` within the eps policy for the input shape (an L2 or L1 radius up to
+    the input box's diagonal in that norm); ``min_lr`` not above the effective learning rate (also when it comes
     from ``lr_base`` scaling).
 
     Args:

@@ -121,7 +121,8 @@ def _result_entry(eps: float, result: EnsembleResult, flags: Sequence[checks.Fla
         "attacks": [{"name": a.name, "robust_accuracy": _marked(a.robust_accuracy, flags, a.name),
                      "seconds": round(a.seconds, 3), "n_attacked": a.n_attacked,
                      "status": a.status, "reason": a.reason,
-                     "settings": result.attack_settings.get(a.name, {})}
+                     "settings": result.attack_settings.get(a.name, {}),
+                     **({"false_breaks": a.false_breaks} if result.precision != "fp32" else {})}
                     for a in result.attacks],
         "seconds": round(sum(a.seconds for a in result.attacks), 3),
     }
@@ -141,29 +142,36 @@ def _flag_dict(f: checks.Flag) -> dict[str, Any]:
     return {"code": f.code, "message": f.message, "detail": f.detail, "affects": list(f.affects)}
 
 
-def build_report(outcomes: Mapping[float, EnsembleResult], *, spec: Any, norm: str, seed: int,
+def build_report(outcomes: Mapping[Any, EnsembleResult], *, spec: Any, norm: str, seed: int,
                  model_flags: Sequence[checks.Flag], meta: Mapping[str, Any],
                  indices: Sequence[int] | None = None, labels: torch.Tensor | None = None,
-                 per_example: bool = False) -> dict[str, Any]:
-    """The evaluation's JSON report for results at one or more eps (the first eps is the
-    headline number).
+                 per_example: bool = False, threats: bool = False) -> dict[str, Any]:
+    """The evaluation's JSON report for results at one or more eps, or under several threats
+    (the first is the headline number).
 
     Args:
-        outcomes: eps -> result, in the order evaluated.
+        outcomes: eps -> result (threat label -> result with ``threats``), in the order
+            evaluated, all on the same examples.
         spec: the attack as run (``name``, ``kind``, ``version`` attributes).
-        norm, seed: as run.
+        norm, seed: as run (``norm``: the threats' norms, comma-separated).
         model_flags: flags of :func:`advvit.checks.run_model_checks`.
         meta: the envelope (:func:`envelope`) and anything else to record (data, device...).
         indices, labels: each example's index in its split and its label (``per_example``).
-        per_example: add each example's index, label, clean, robust and broken_by.
+        per_example: add each example's index, label, clean, robust and broken_by (with
+            ``threats``: robust under all, and each threat's robust and broken_by).
+        threats: each result is a threat model of its own: its row names its threat and
+            norm, and ``union`` has the examples robust under every threat.
     """
     flags: list[checks.Flag] = list(model_flags)
     results = []
-    for eps, result in outcomes.items():
+    for key, result in outcomes.items():
         eps_flags = _result_flags(result)
         flags += [f for f in eps_flags if f not in flags]
-        results.append(_result_entry(eps, result, list(model_flags) + eps_flags))
-    if len(results) > 1:
+        entry = _result_entry(result.eps, result, list(model_flags) + eps_flags)
+        if threats:
+            entry = {"threat": key, "norm": result.norm.lower(), **entry}
+        results.append(entry)
+    if len(results) > 1 and not threats:
         sweep = checks.check_robust_rises_with_eps(
             [(r["eps"], r["robust_accuracy"]["value"]) for r in results])
         if sweep is not None:
@@ -186,7 +194,29 @@ def build_report(outcomes: Mapping[float, EnsembleResult], *, spec: Any, norm: s
         "results": results,
         "warnings": [_flag_dict(f) for f in flags],
     })
-    if per_example:
+    if first.precision != "fp32":
+        report["attack"]["precision"] = {
+            "attack": first.precision, "verified": "fp32",
+            "note": f"the attacks ran in {first.precision} under autocast; every break was "
+                    "re-checked by an fp32 forward and counts only if it fools the fp32 model. "
+                    "Examples the low-precision attack did not break stay robust: a weaker "
+                    "attack can only overstate robustness, and the fp32 check removes false "
+                    "breaks, not missed ones"}
+    if threats:
+        union = torch.stack([r.robust for r in outcomes.values()]).all(0)
+        report["union"] = {"threats": list(outcomes),
+                           "robust_accuracy": _marked(float(union.float().mean()) if first.n
+                                                      else float("nan"), flags, "robust"),
+                           "n_robust": int(union.sum())}
+    if per_example and threats:
+        report["per_example"] = [
+            {"index": int(indices[k]) if indices is not None else k,
+             "label": int(labels[k]) if labels is not None else None,
+             "clean": bool(first.clean[k]), "robust": bool(union[k]),
+             "threats": {t: {"robust": bool(r.robust[k]), "broken_by": r.broken_by[k]}
+                         for t, r in outcomes.items()}}
+            for k in range(first.n)]
+    elif per_example:
         report["per_example"] = [
             {"index": int(indices[k]) if indices is not None else k,
              "label": int(labels[k]) if labels is not None else None,
@@ -217,16 +247,27 @@ def print_table(report: Mapping[str, Any], file: Any = None) -> None:
         print(f"\n!!! {head['message']} ({', '.join(head['flags'])})", file=out)
     print(f"\nadvvit-eval  n={report['n']}  norm={report['attack']['norm']}  "
           f"seed={report['attack']['seed']}  attack={report['attack']['name']}", file=out)
+    precision = report["attack"].get("precision")
+    if precision:
+        print(f"attacked in {precision['attack']}, every break verified in fp32 (robust "
+              "accuracy can only be overstated by the weaker attack)", file=out)
     print(f"{'eps':>10} {'eps*255':>8} {'attack':>14} {'accuracy':>9} {'seconds':>9}", file=out)
     for r in report["results"]:
-        print(f"{r['eps']:>10.5f} {r['eps_255']:>8.2f} {'clean':>14} "
-              f"{r['clean_accuracy']:>8.2%} {'':>9}", file=out)
+        where = f"{r['threat']:>19}" if "threat" in r else \
+            f"{r['eps']:>10.5f} {r['eps_255']:>8.2f}"
+        print(f"{where} {'clean':>14} {r['clean_accuracy']:>8.2%} {'':>9}", file=out)
         for a in r["attacks"]:
             print(_attack_row(a), file=out)
         mark = "!" if r["robust_accuracy"]["warnings"] else " "
         untrusted = "" if r["robust_accuracy"].get("trustworthy", True) else "  UNTRUSTWORTHY"
         print(f"{'':>10} {'':>8} {'robust':>14} {r['robust_accuracy']['value']:>8.2%}{mark}"
               f"{untrusted}", file=out)
+    if "union" in report:
+        u = report["union"]["robust_accuracy"]
+        mark = "!" if u["warnings"] else " "
+        untrusted = "" if u.get("trustworthy", True) else "  UNTRUSTWORTHY"
+        print(f"{'every threat':>19} {'robust':>14} {u['value']:>8.2%}{mark}{untrusted}",
+              file=out)
     for w in report["warnings"]:
         print(f"WARNING [{w['code']}] {w['message']}" + (f" ({w['detail']})" if w["detail"] else ""),
               file=out)

@@ -124,6 +124,8 @@ class AttackOutcome:
         status: "ran"; "failed" (it could not get a gradient: see ``reason``; the examples it
             did not attack count as not broken by it); "skipped" (eps 0: nothing to attack).
         reason: why it failed or was skipped; "" when it ran.
+        false_breaks: examples the attack broke at low precision that the fp32 model still
+            classified correctly (counted as not broken); 0 for an fp32 attack.
     """
 
     name: str
@@ -132,6 +134,7 @@ class AttackOutcome:
     n_attacked: int
     status: str = RAN
     reason: str = ""
+    false_breaks: int = 0
 
     @property
     def robust_accuracy(self) -> float:
@@ -159,6 +162,8 @@ class EnsembleResult:
             then holds the rest of the work.
         positions: where these examples sit in the whole evaluated list (a torchrun shard's
             share); None means 0..n-1.
+        precision: what the attacks ran at: "fp32", or "bf16" / "fp16" under autocast with
+            every break re-checked by the fp32 model.
     """
 
     clean: torch.Tensor
@@ -178,6 +183,7 @@ class EnsembleResult:
     attack_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     complete: bool = True
     positions: list[int] | None = None
+    precision: str = "fp32"
 
     @property
     def n(self) -> int:
@@ -224,11 +230,14 @@ def _fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
 
 
 def _state_config(suite: AttackSuite, fingerprint: str, n: int, batch_size: int,
-                  model: str | None) -> dict:
-    return {"backend": suite.backend, "version": suite.version, "attacks": suite.names,
-            "settings": suite.settings, "eps": suite.eps, "norm": suite.norm,
-            "seed": suite.seed, "batch_size": batch_size, "n": n, "data": fingerprint,
-            "model": model}
+                  model: str | None, precision: str) -> dict:
+    config = {"backend": suite.backend, "version": suite.version, "attacks": suite.names,
+              "settings": suite.settings, "eps": suite.eps, "norm": suite.norm,
+              "seed": suite.seed, "batch_size": batch_size, "n": n, "data": fingerprint,
+              "model": model}
+    if precision != "fp32":  # absent from fp32 states, so those written before still resume
+        config["precision"] = precision
+    return config
 
 
 def _load_state(path: Path | None, config: dict) -> dict | None:
@@ -316,10 +325,15 @@ def run_attacks(
     keep_adv: bool = True,
     stop_after_batches: int | None = None,
     on_batch: Callable[[str, int, int], None] | None = None,
+    precision: str = "fp32",
 ) -> EnsembleResult:
     """Run a suite on (x, y): each attack on the examples still robust, batch by batch.
 
     The model is in eval mode for the run and every submodule's mode is restored afterwards.
+    With ``precision`` "bf16" or "fp16" the suite's attacks ran on ``model`` under autocast:
+    an example they break counts as broken only if ``model`` itself (fp32) misclassifies the
+    adversarial example; one they do not break stays robust (the fp32 check removes false
+    breaks, not missed ones).
 
     Args:
         model: maps [0, 1] NCHW pixels to logits; already on ``device``.
@@ -334,6 +348,7 @@ def run_attacks(
         stop_after_batches: stop after this many attack batches, leaving the state file for a
             later resume (time-boxed jobs, tests); the result covers the work done so far.
         on_batch: called as ``on_batch(attack, batch_index, n_batches)`` after each batch.
+        precision: "fp32", or the autocast dtype the suite's attacks ran at.
 
     Raises:
         ValueError: mismatched shapes, values outside [0, 1], a bad batch size or eps.
@@ -345,7 +360,7 @@ def run_attacks(
     path = Path(state_path) if state_path is not None else None
     with model_mode(model, "eval"), _state_lock(path):
         return _Run(model, x, y, suite, batch_size, torch.device(device), path, keep_adv,
-                    stop_after_batches, on_batch).run()
+                    stop_after_batches, on_batch, precision).run()
 
 
 _EPS0_REASON = "eps 0: no input can move, robust accuracy is the clean accuracy"
@@ -357,13 +372,15 @@ class _Run:
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: AttackSuite,
                  batch_size: int, device: torch.device, path: Path | None, keep_adv: bool,
                  stop_after_batches: int | None,
-                 on_batch: Callable[[str, int, int], None] | None) -> None:
+                 on_batch: Callable[[str, int, int], None] | None, precision: str) -> None:
         self.model, self.x, self.y, self.suite = model, x, y, suite
+        self.precision = precision
         self.batch_size, self.device, self.path = batch_size, device, path
         self.stop_after_batches, self.on_batch = stop_after_batches, on_batch
         # Keyed by the weights, so a state is never resumed for a model that has changed.
         model_key = weights_digest(model.state_dict()) if path is not None else None
-        config = _state_config(suite, _fingerprint(x, y), x.shape[0], batch_size, model_key)
+        config = _state_config(suite, _fingerprint(x, y), x.shape[0], batch_size, model_key,
+                               precision)
         state = _load_state(path, config)
         # Adversarial examples are not kept in the state file (for ImageNet they would be
         # gigabytes): those found before an interruption are missing from x_adv.
@@ -392,7 +409,8 @@ class _Run:
                 "name": attack.name, "robust": self.robust.tolist(),
                 "seconds": current["seconds"],
                 "n_attacked": min(len(current["todo"]), current["batches_done"] * self.batch_size),
-                "status": status, "reason": reason})
+                "status": status, "reason": reason,
+                "false_breaks": current.get("false_breaks", 0)})
             self.state["current"] = None
             _save_state(self.path, self.state)
         return self._result()
@@ -429,13 +447,29 @@ class _Run:
                 current["seconds"] += time.perf_counter() - start
                 return FAILED, reason  # its other batches would fail alike: they stay robust
             current["seconds"] += time.perf_counter() - start
-            self._record(attack.name, idx, xb_adv.detach().cpu(), yb_adv.detach().cpu())
+            xb_adv, yb_adv = xb_adv.detach().cpu(), yb_adv.detach().cpu()
+            if self.precision != "fp32":
+                yb_adv = self._fp32_labels(xb_adv, yb_adv, self.y[idx], current)
+            self._record(attack.name, idx, xb_adv, yb_adv)
             current["batches_done"] = b + 1
             _save_state(self.path, self.state)
             self.batches_run += 1
             if self.on_batch is not None:
                 self.on_batch(attack.name, b, n_batches)
         return RAN, ""
+
+    def _fp32_labels(self, xb_adv: torch.Tensor, labels: torch.Tensor, yb: torch.Tensor,
+                     current: dict) -> torch.Tensor:
+        """The fp32 model's labels for the examples the low-precision attack broke."""
+        broke = torch.nonzero(labels != yb).flatten()
+        if broke.numel() == 0:
+            return labels
+        with torch.no_grad():
+            fp32 = self.model(xb_adv[broke].to(self.device)).argmax(1).cpu()
+        current["false_breaks"] = current.get("false_breaks", 0) + int((fp32 == yb[broke]).sum())
+        labels = labels.clone()
+        labels[broke] = fp32
+        return labels
 
     def _record(self, name: str, idx: torch.Tensor, xb_adv: torch.Tensor,
                 yb_adv: torch.Tensor) -> None:
@@ -451,7 +485,8 @@ class _Run:
         state, suite = self.state, self.suite
         outcomes = [AttackOutcome(d["name"], torch.tensor(d["robust"], dtype=torch.bool),
                                   float(d["seconds"]), int(d["n_attacked"]),
-                                  d.get("status", RAN), d.get("reason", ""))
+                                  d.get("status", RAN), d.get("reason", ""),
+                                  int(d.get("false_breaks", 0)))
                     for d in state["done"]]
         return EnsembleResult(
             clean=torch.tensor(state["clean"], dtype=torch.bool), robust=self.robust,
@@ -459,7 +494,8 @@ class _Run:
             adv_complete=self.adv_complete, warnings=[], backend=suite.backend,
             backend_version=suite.backend_version, version=suite.version, norm=suite.norm,
             eps=suite.eps, seed=suite.seed, batch_size=self.batch_size,
-            attack_settings=suite.settings, complete=not self.stopped)
+            attack_settings=suite.settings, complete=not self.stopped,
+            precision=self.precision)
 
 
 # ------------------------------------------------------------------------------------- shards
@@ -505,7 +541,8 @@ def merge_outcomes(parts: Sequence[EnsembleResult]) -> EnsembleResult:
         per_shard = [p.attacks[i] for p in parts]
         attacks.append(AttackOutcome(name, after[name], max(o.seconds for o in per_shard),
                                      sum(o.n_attacked for o in per_shard),
-                                     *_merged_status(per_shard)))
+                                     *_merged_status(per_shard),
+                                     sum(o.false_breaks for o in per_shard)))
     warnings: list[str] = []
     for p in parts:
         warnings += [w for w in p.warnings if w not in warnings]
@@ -516,7 +553,7 @@ def merge_outcomes(parts: Sequence[EnsembleResult]) -> EnsembleResult:
         warnings=warnings, backend=first.backend, backend_version=first.backend_version,
         version=first.version, norm=first.norm, eps=first.eps, seed=first.seed,
         batch_size=first.batch_size, attack_settings=first.attack_settings,
-        complete=all(p.complete for p in parts), positions=None)
+        complete=all(p.complete for p in parts), positions=None, precision=first.precision)
 
 
 # ------------------------------------------------------------------------------ advvit.attacks

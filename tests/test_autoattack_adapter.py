@@ -96,6 +96,49 @@ def test_l2_norm_stays_in_the_ball(trained):
     assert (r.x_adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-4
 
 
+def test_l1_norm_stays_in_the_ball_and_the_box(trained):
+    model, x, y = trained
+    eps = 2.0  # of the 1x7x7 box's L1 diagonal, 49
+    r = AutoAttackAdapter(model, eps=eps, norm="l1", attacks=["apgd-ce"], seed=0,
+                          **FAST).run(x, y, batch_size=48)
+    assert r.norm == "L1"
+    assert r.robust_accuracy < r.clean_accuracy
+    assert r.x_adv.min() >= 0 and r.x_adv.max() <= 1
+    assert (r.x_adv - x).flatten(1).abs().sum(1).max() <= eps + 1e-4
+
+
+def test_the_l1_standard_version_is_autoattacks_for_l1():
+    # AutoAttack's standard version for L1: APGD-CE 5 restarts, APGD-T 5 targets, both with
+    # the larger-eps schedule of "Mind the box"; FAB-T and Square as for Linf.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(49, 10))
+    aa = AutoAttackAdapter(model, eps=12.0, norm="L1", version="standard", seed=0,
+                           backend="pyautoattack")
+    assert aa.attacks == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    s = aa.attack_settings
+    assert s["apgd-ce"] == {"n_iter": 100, "n_restarts": 5, "use_largereps": True}
+    assert s["apgd-t"] == {"n_iter": 100, "n_restarts": 1, "n_target_classes": 5,
+                           "use_largereps": True}
+    assert s["fab-t"]["n_target_classes"] == 9 and s["square"]["n_queries"] == 5000
+    linf = AutoAttackAdapter(model, eps=4 / 255, version="standard", seed=0,
+                             backend="pyautoattack").attack_settings
+    assert "use_largereps" not in linf["apgd-ce"]
+
+
+@pytest.mark.slow
+def test_l1_standard_autoattack_equals_calling_autoattack_directly(trained):
+    from pyautoattack import AutoAttack
+
+    model, x, y = trained
+    x, y, eps = x[:12], y[:12], 1.0
+    result = AutoAttackAdapter(model, eps=eps, norm="l1", version="standard", seed=0,
+                               backend="pyautoattack").run(x, y, batch_size=5)
+    direct = AutoAttack(model, eps=eps, norm="L1", seed=0, version="standard")
+    x_adv, y_adv = direct.run_standard_evaluation(x, y, batch_size=5)
+    assert torch.equal(result.robust, y_adv == y)
+    assert torch.equal(result.x_adv, x_adv)
+    assert 0 < result.robust_accuracy < result.clean_accuracy
+
+
 def test_same_seed_same_result(trained):
     model, x, y = trained
     kw = dict(eps=3 / 255, attacks=["apgd-ce", "square"], seed=7, version="custom",

@@ -226,6 +226,15 @@ def test_torchrun_two_ranks_share_one_evaluation(ckpt_path, tmp_path):
     (("--batch-size", "0"), "--batch-size"),
     (("--norm", "l2", "--eps", "40"), "--eps 40 is above 32, the L2 diagonal of a 1x32x32 input"),
     (("--norm", "l2", "--eps-sweep", "1,33"), "--eps-sweep 33 is above 32"),
+    (("--norm", "l1", "--eps", "1100"), "--eps 1100 is above 1024, the L1 diagonal of a 1x32x32"),
+    (("--amp", "fp16"), "--amp fp16 needs a CUDA --device"),
+    (("--threats", "linf4/255"), "'linf4/255' is not NORM:EPS"),
+    (("--threats", "linf:4/255,l0:3"), "'l0' is not a norm: use linf, l2, l1"),
+    (("--threats", "linf:4/255,l1:1100"), "--threats 1100 is above 1024, the L1 diagonal"),
+    (("--threats", "linf:8"), "--threats 8 is above 1"),
+    (("--threats", "l2:1,l2:1.0"), "names a threat twice"),
+    (("--threats", "l2:1", "--eps-sweep", "0,1/255"), "--threats and --eps-sweep"),
+    (("--threats", "l2:1", "--save-adv", "a.pt"), "--save-adv keeps one threat's"),
     (("--attack", "autoattack-rand", "--restarts", "2"), "as published"),
     (("--output", "/proc/version/report.json"), "is a file, not a folder"),
 ])
@@ -405,6 +414,62 @@ def test_output_folders_are_created(ckpt_path, tmp_path):
     # nothing but the files themselves: no temporary files left behind
     assert sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir()) == \
         ["report.json", "report.png"]
+
+
+def test_l1_evaluation_runs_autoattacks_l1_attack_and_stays_in_ball_and_box(ckpt_path,
+                                                                           tmp_path):
+    eps = 8.0
+    report = _run(_base(ckpt_path, tmp_path, "--norm", "l1", "--eps", "8", "--attack",
+                        "apgd-ce", "--steps", "10", "--restarts", "1", "--save-adv",
+                        str(tmp_path / "adv.pt")))
+    assert report["attack"]["norm"] == "l1" and report["attack"]["attacks"] == ["apgd-ce"]
+    assert report["robust_accuracy"]["value"] < report["clean_accuracy"]
+    saved = torch.load(tmp_path / "adv.pt")
+    x, _ = _test_images(24)
+    delta = (saved["x_adv"] - x).flatten(1)
+    assert saved["x_adv"].min() >= 0 and saved["x_adv"].max() <= 1
+    assert delta.abs().sum(1).max() <= eps + 1e-4
+
+
+def test_threats_give_a_row_each_and_their_union(ckpt_path, tmp_path, capsys):
+    attack = ["--attack", "apgd-ce", "--steps", "5", "--restarts", "1", "--per-example"]
+    report = _run(_base(ckpt_path, tmp_path, "--threats", "linf:2/255,l2:0.5,l1:4", *attack))
+    rows = report["results"]
+    assert [(r["threat"], r["norm"]) for r in rows] == \
+        [("linf:2/255", "linf"), ("l2:0.5", "l2"), ("l1:4", "l1")]
+    assert [r["eps"] for r in rows] == pytest.approx([2 / 255, 0.5, 4.0])
+    assert report["attack"]["norm"] == "linf,l2,l1"
+    per = report["per_example"]
+    for r in rows:
+        robust = [p["threats"][r["threat"]]["robust"] for p in per]
+        assert sum(robust) / len(per) == pytest.approx(r["robust_accuracy"]["value"])
+    union = [all(t["robust"] for t in p["threats"].values()) for p in per]
+    assert [p["robust"] for p in per] == union
+    assert report["union"]["n_robust"] == sum(union)
+    assert report["union"]["robust_accuracy"]["value"] == pytest.approx(sum(union) / len(per))
+    assert report["union"]["robust_accuracy"]["value"] <= \
+        min(r["robust_accuracy"]["value"] for r in rows)
+    assert "every threat" in capsys.readouterr().out
+    # A row is the evaluation of that threat alone.
+    alone = _run(_base(ckpt_path, tmp_path, "--norm", "l1", "--eps", "4", *attack))
+    assert [p["robust"] for p in alone["per_example"]] == \
+        [p["threats"]["l1:4"]["robust"] for p in per]
+
+
+def test_a_bf16_evaluation_says_so_and_each_break_fools_the_fp32_model(ckpt_path, tmp_path,
+                                                                     capsys):
+    report = _run(_base(ckpt_path, tmp_path, "--amp", "bf16", "--attack", "apgd-ce", "--steps",
+                        "5", "--restarts", "1", "--eps", "4/255", "--save-adv",
+                        str(tmp_path / "adv.pt")))
+    assert report["attack"]["precision"]["attack"] == "bf16"
+    assert report["attack"]["precision"]["verified"] == "fp32"
+    assert report["results"][0]["attacks"][0]["false_breaks"] >= 0
+    assert "verified in fp32" in capsys.readouterr().out
+    model, _ = C.create_model_from_checkpoint(ckpt_path)
+    x, y = _test_images(24)
+    adv = torch.load(tmp_path / "adv.pt")
+    with torch.no_grad():
+        assert torch.equal(model.eval()(adv["x_adv"]).argmax(1) == y, adv["robust"])
 
 
 def test_l2_eps_at_the_input_diagonal_is_accepted():

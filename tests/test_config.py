@@ -194,6 +194,8 @@ def _validate(*argv, world_size=1):
     # An L2 radius above the 3x32x32 box's diagonal (55.4) means nothing.
     (["--attack-norm", "l2", "--eps", "60"], "eps", "L2 diagonal of a 3x32x32 input"),
     (["--attack-norm", "l2", "--eps", "1", "--eval-eps", "56"], "eval_eps", "3x32x32"),
+    # L1: the 3x32x32 box's L1 diagonal is 3072.
+    (["--attack-norm", "l1", "--eps", "3100"], "eps", "L1 diagonal of a 3x32x32 input"),
 ])
 def test_validate_refuses_what_needs_registries_data_or_model(argv, key, words):
     with pytest.raises(ConfigError, match=words) as err:
@@ -206,6 +208,7 @@ def test_validate_accepts_good_runs_and_returns_the_spec():
     assert info.num_classes == 10 and spec.num_classes == 12 and spec.img_size == 32
     # The usual ImageNet L2 radius on a 224x224 input; a CNN takes any size.
     _validate("--attack-norm", "l2", "--eps", "3.0", "--img-size", "224")
+    _validate("--attack-norm", "l1", "--eps", "75", "--img-size", "224")
     _validate("--model", "resnet18_gelu", "--img-size", "33")
 
 

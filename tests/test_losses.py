@@ -30,7 +30,8 @@ def _all_params_get_grads(model, loss):
 
 @pytest.mark.parametrize("loss_fn", [
     CleanLoss(), AdversarialLoss(eps=8 / 255), AdversarialLoss(eps=0.1, steps=3, norm="l2"),
-    TRADESLoss(eps=8 / 255, steps=2)])
+    AdversarialLoss(eps=2.0, steps=2, norm="l1"), TRADESLoss(eps=8 / 255, steps=2),
+    TRADESLoss(eps=2.0, steps=2, norm="l1")])
 def test_every_loss_returns_a_loss_output_and_gradients_reach_parameters(loss_fn):
     model, (x, y) = _model().train(), _batch()
     out = loss_fn(model, x, y)

@@ -184,3 +184,38 @@ def test_a_state_path_that_is_no_state_file_is_refused_and_kept(trained, tmp_pat
         with pytest.raises(R.StateMismatchError, match="is not an advvit evaluation state file"):
             R.run_attacks(model, x, y, _pgd(model), batch_size=8, state_path=path)
         assert path.read_bytes() == content
+
+
+def test_low_precision_breaks_count_only_when_they_fool_the_fp32_model(trained):
+    # An attack whose labels claim every example broken while it returns the clean inputs:
+    # the fp32 model still classifies them right, so none is broken.
+    model, x, y = trained
+
+    def claims_all_broken(xb, yb):
+        return xb, (yb + 1) % 10
+
+    suite = R.AttackSuite((R.BatchAttack("liar", claims_all_broken),), 0.1, "linf", 0, "custom")
+    out = R.run_attacks(model, x, y, suite, batch_size=16, precision="bf16")
+    assert torch.equal(out.robust, out.clean) and out.precision == "bf16"
+    assert out.attacks[0].false_breaks == int(out.clean.sum()) > 0
+    trusting = R.run_attacks(model, x, y, suite, batch_size=16)
+    assert trusting.robust_accuracy == 0 and trusting.attacks[0].false_breaks == 0
+
+
+def test_a_bf16_attack_breaks_only_what_fools_the_fp32_model(trained, tmp_path):
+    from advvit.attack_names import attack_spec
+    from advvit.suites import run_attack
+
+    model, x, y = trained
+    spec = attack_spec("pgd", steps=5)
+    out = run_attack(model, x, y, spec, eps=0.1, batch_size=16, keep_adv=True, amp="bf16")
+    assert out.precision == "bf16" and 0 < out.robust_accuracy < out.clean_accuracy
+    with torch.no_grad():
+        fooled = model(out.x_adv).argmax(1) != y
+    assert torch.equal(fooled, ~out.robust)  # each break fools fp32; x stands where none
+    assert (out.x_adv - x).abs().max() <= 0.1 + 1e-6
+    # A state file of the fp32 evaluation is not resumed by the bf16 one.
+    state = tmp_path / "state.json"
+    run_attack(model, x, y, spec, eps=0.1, batch_size=16, state_path=state)
+    with pytest.raises(R.StateMismatchError, match="precision"):
+        run_attack(model, x, y, spec, eps=0.1, batch_size=16, state_path=state, amp="bf16")

@@ -7,6 +7,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+ANALYSIS_NORMS = ("linf", "l2")
+"""The norms the analyses' random controls and image scalings are written for."""
 TINY = 1e-12
 """Keeps a division by a norm finite where the norm is exactly zero."""
 LUMA = (0.299, 0.587, 0.114)
@@ -44,3 +46,14 @@ def example_generator(seed: int, *keys: int) -> torch.Generator:
 def l2_per_example(t: Tensor) -> Tensor:
     """The L2 norm of each example of a batch, shape (N,)."""
     return t.flatten(1).norm(dim=1)
+
+
+def check_analysis_norm(norm: str) -> None:
+    """Refuse a norm the analyses' random controls and scalings were not written for.
+
+    Raises:
+        ValueError: naming the norms they take.
+    """
+    if norm not in ANALYSIS_NORMS:
+        raise ValueError(f"norm must be one of {ANALYSIS_NORMS} for this analysis (its random "
+                         f"controls and scalings are written for them), got {norm!r}")

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from advvit.analysis._common import TINY, batches, check_batch_size, device_of, example_generator, l2_per_example
+from advvit.analysis._common import (TINY, batches, check_analysis_norm, check_batch_size,
+                                      device_of, example_generator, l2_per_example)
 from advvit.analysis.blocks import Block, BlockRef, blocks as model_blocks, eager_model, find_block
 from advvit.attacks import check_attack_args, check_eps, fgsm, frozen_model, model_mode, pgd
 
@@ -566,6 +567,7 @@ def propagation(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str
         ``random(pgd-k)``.
     """
     _check_inputs(x, y, batch_size)
+    check_analysis_norm(norm)
     check_attack_args(eps, pgd_steps, norm, step_size)
     check_eps(eps, norm, input_shape=tuple(x.shape[1:]))
     all_blocks = _resolve_blocks(model, blocks)
@@ -881,6 +883,7 @@ def lesion_study(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: st
         batch_size: inputs per batch.
     """
     _check_inputs(x, y, batch_size)
+    check_analysis_norm(norm)
     check_attack_args(eps, steps, norm, step_size)
     check_eps(eps, norm, input_shape=tuple(x.shape[1:]))
     all_blocks = model_blocks(model)

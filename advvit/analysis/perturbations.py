@@ -29,7 +29,8 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from advvit.analysis._common import LUMA, TINY, batches, check_batch_size, device_of, example_generator
+from advvit.analysis._common import (LUMA, TINY, batches, check_analysis_norm, check_batch_size,
+                                      device_of, example_generator)
 from advvit.attacks import check_attack_args, check_eps, model_mode, pgd
 from advvit.attack_names import ANALYZE_RESTARTS, ATTACKS, TRANSFER_ATTACKS, attack_spec
 from advvit.robustness import EnsembleResult
@@ -239,6 +240,7 @@ def perturbation_images(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, n
     """
     _check_images(x, y)
     check_batch_size(batch_size)
+    check_analysis_norm(norm)
     check_attack_args(eps, steps, norm, step_size)
     check_eps(eps, norm, input_shape=tuple(x.shape[1:]), name="eps")
     device = device_of(model)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import plots
+from ..analysis._common import ANALYSIS_NORMS
 from ..analysis.shifts import CorruptionSettings
 from ..attack_names import ANALYZE_RESTARTS, TRANSFER_ATTACKS
 from ..io import OptionError
@@ -787,7 +788,8 @@ def _common_parser() -> argparse.ArgumentParser:
                        norm_default=None, norm_help="the attack's norm (default linf; class-viz "
                        "is L2)", steps_help="attack steps (default: the analysis's: 100 for "
                        "perturbations / class-viz / semantic, 10 for PGD elsewhere; jacobian: "
-                       "power-iteration steps, 200)")
+                       "power-iteration steps, 200)",
+                       norms=ANALYSIS_NORMS)
     r = p.add_argument_group("run")
     add_run_options(r, batch_size=ANALYZE_BATCH_SIZE)
     add_workers_option(r)

@@ -11,11 +11,12 @@ from typing import Any, Mapping
 
 from .. import config
 from ..analysis.shifts import CORRUPTION_CACHE
-from ..attacks import check_eps
+from ..attacks import NORMS, check_eps
 from ..io import OptionError
 
 __all__ = ["OptionsView", "SPLITS", "add_model_file_options", "model_options", "add_data_options", "add_attack_options",
            "add_corruption_options", "add_run_options", "add_workers_option", "parse_eps",
+           "parse_threats",
            "EVAL_BATCH_SIZE", "eval_parser"]
 
 SPLITS = ("val", "test", "train")
@@ -68,11 +69,11 @@ def add_data_options(g: argparse._ActionsContainer, *, n_examples_help: str) -> 
 
 def add_attack_options(g: argparse._ActionsContainer, *, eps_default: str | None,
                        eps_help: str, norm_default: str | None, norm_help: str,
-                       steps_help: str) -> None:
+                       steps_help: str, norms: tuple[str, ...] = NORMS) -> None:
     """``--eps``, ``--norm``, ``--steps`` (the radius, the norm, the attack's iterations)."""
     g.add_argument("--eps", default=eps_default,
                    help=f"radius: a fraction (0.0157) or x/255{eps_help}")
-    g.add_argument("--norm", default=norm_default, choices=("linf", "l2"), help=norm_help)
+    g.add_argument("--norm", default=norm_default, choices=norms, help=norm_help)
     g.add_argument("--steps", type=int, help=steps_help)
 
 
@@ -122,6 +123,30 @@ def parse_eps(text: str | float, *, norm: str = "linf", name: str = "--eps") -> 
         raise OptionError(str(err)) from None
 
 
+def parse_threats(text: str) -> tuple[tuple[str, str, float], ...]:
+    """Read ``--threats``, a comma list of NORM:EPS (``linf:4/255,l2:2,l1:75``) ->
+    ``(label, norm, eps)`` per threat, in order.
+
+    Raises:
+        OptionError: an item that is not NORM:EPS, an unknown norm, an eps the norm does not
+            allow, or a threat named twice.
+    """
+    example = "e.g. --threats linf:4/255,l2:2,l1:75"
+    threats = []
+    for item in (i.strip() for i in text.split(",")):
+        norm, sep, eps = (p.strip() for p in item.partition(":"))
+        if not sep or not norm or not eps:
+            raise OptionError(f"--threats {text!r}: {item!r} is not NORM:EPS ({example})")
+        if norm.lower() not in NORMS:
+            raise OptionError(f"--threats: {norm!r} is not a norm: use {', '.join(NORMS)} "
+                              f"({example})")
+        norm = norm.lower()
+        threats.append((f"{norm}:{eps}", norm, parse_eps(eps, norm=norm, name="--threats")))
+    if len({t[1:] for t in threats}) != len(threats):
+        raise OptionError(f"--threats {text!r} names a threat twice")
+    return tuple(threats)
+
+
 EVAL_BATCH_SIZE = 250
 """``advvit.eval --batch-size``'s default: AutoAttack's batch size, so results match its own
 runs (``advvit.analyze``'s is 64)."""
@@ -160,10 +185,15 @@ def eval_parser() -> argparse.ArgumentParser:
     a.add_argument("--eps-sweep", help="comma list of eps (e.g. 0,1/255,2/255,4/255): robust "
                    "accuracy over eps, with a plot (eps 0 is not attacked: its robust accuracy "
                    "is the clean accuracy)")
+    a.add_argument("--threats", metavar="NORM:EPS,...", help="several threat models in one "
+                   "report, e.g. linf:4/255,l2:2,l1:75 (instead of --norm/--eps): a row per "
+                   "threat and the union (robust only if robust under every threat)")
     a.add_argument("--restarts", type=int, help="restarts (apgd-ce alone defaults to 5)")
     a.add_argument("--step-size", help="PGD/FGSM step size (fraction or x/255)")
     a.add_argument("--backend", default="auto", choices=("auto", "pyautoattack", "autoattack"),
                    help="AutoAttack package")
+    a.add_argument("--amp", choices=("bf16", "fp16"), help="attack under autocast at this "
+                   "precision; every break is re-checked by the fp32 model (fp16: CUDA only)")
     c = p.add_argument_group("common corruptions (ImageNet-C, on the same examples)")
     c.add_argument("--corruptions", nargs="?", const="all", metavar="NAMES|all",
                    help="also the accuracy under common corruptions: all 15 (the flag alone, or "
