@@ -43,7 +43,7 @@ from .attack_names import AttackSpec, parse_attack
 from .attacks import check_eps
 from .autoattack_adapter import available_backends
 from .checkpoint import LoadedModel
-from .cli.options import OptionsView, eval_parser, model_options, parse_eps, parse_threats
+from .cli.options import OptionsView, eval_parser, eval_threats, model_options, parse_eps
 from .data import load_examples, read_ids_file
 from .io import OptionError, atomic_write_json, check_file_target
 from .leaderboard import model_info_entry, protocol_problems, save_adversarial
@@ -68,29 +68,6 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise OptionError(f"{name} {text!r} must be comma-separated numbers") from None
-
-
-def _parse_threats(args: argparse.Namespace) -> tuple[tuple[str, str, float], ...]:
-    """-> (label, norm, eps) per evaluation: the --threats, the --eps-sweep, or --norm/--eps."""
-    if args.threats:
-        if args.eps_sweep:
-            raise OptionError("--threats and --eps-sweep do not go together: sweep one norm "
-                              "(--norm, --eps-sweep) or list the threats")
-        if args.step_size is not None:
-            raise OptionError("--step-size is one norm's: drop it with --threats (PGD then "
-                              "steps 1.5 * eps / steps in each threat)")
-        if args.save_adv:
-            raise OptionError("--save-adv keeps one threat's examples: run that threat alone "
-                              "(--norm, --eps) to save them, or drop --save-adv")
-        return parse_threats(args.threats)
-    if not args.eps_sweep:
-        eps = parse_eps(args.eps, norm=args.norm)
-        return ((f"{args.norm}:{args.eps}", args.norm, eps),)
-    eps_list = tuple(parse_eps(e, norm=args.norm, name="--eps-sweep")
-                     for e in args.eps_sweep.split(",") if e.strip())
-    if len(eps_list) < 2 or len(set(eps_list)) != len(eps_list):
-        raise OptionError("--eps-sweep needs two or more different eps, e.g. 0,2/255,4/255")
-    return tuple((f"{args.norm}:{e:.6g}", args.norm, e) for e in eps_list)
 
 
 def _corruption_args(args: Any) -> Any:
@@ -156,7 +133,7 @@ class EvalRequest(OptionsView):
                               "--model: a checkpoint records them itself")
         if args.batch_size < 1:
             raise OptionError(f"--batch-size must be >= 1, got {args.batch_size}")
-        threats = _parse_threats(args)
+        threats = eval_threats(args)
         step_size = parse_eps(args.step_size, norm=args.norm, name="--step-size") \
             if args.step_size is not None else None
         spec = parse_attack(args.attack, steps=args.steps, restarts=args.restarts,

@@ -14,10 +14,9 @@ from ..analysis.shifts import CORRUPTION_CACHE
 from ..attacks import NORMS, check_eps
 from ..io import OptionError
 
-__all__ = ["OptionsView", "SPLITS", "add_model_file_options", "model_options", "add_data_options", "add_attack_options",
-           "add_corruption_options", "add_run_options", "add_workers_option", "parse_eps",
-           "parse_threats",
-           "EVAL_BATCH_SIZE", "eval_parser"]
+__all__ = ["OptionsView", "SPLITS", "add_model_file_options", "model_options", "add_data_options",
+           "add_attack_options", "add_corruption_options", "add_run_options", "add_workers_option",
+           "parse_eps", "parse_threats", "eval_threats", "EVAL_BATCH_SIZE", "eval_parser"]
 
 SPLITS = ("val", "test", "train")
 
@@ -145,6 +144,34 @@ def parse_threats(text: str) -> tuple[tuple[str, str, float], ...]:
     if len({t[1:] for t in threats}) != len(threats):
         raise OptionError(f"--threats {text!r} names a threat twice")
     return tuple(threats)
+
+
+def eval_threats(args: argparse.Namespace) -> tuple[tuple[str, str, float], ...]:
+    """eval's evaluations, ``(label, norm, eps)`` each: the --threats, the --eps-sweep, or
+    --norm/--eps.
+
+    Raises:
+        OptionError: --threats with an option of one norm's, or a sweep of fewer than two eps.
+    """
+    if args.threats:
+        if args.eps_sweep:
+            raise OptionError("--threats and --eps-sweep do not go together: sweep one norm "
+                              "(--norm, --eps-sweep) or list the threats")
+        if args.step_size is not None:
+            raise OptionError("--step-size is one norm's: drop it with --threats (PGD then "
+                              "steps 1.5 * eps / steps in each threat)")
+        if args.save_adv:
+            raise OptionError("--save-adv keeps one threat's examples: run that threat alone "
+                              "(--norm, --eps) to save them, or drop --save-adv")
+        return parse_threats(args.threats)
+    if not args.eps_sweep:
+        eps = parse_eps(args.eps, norm=args.norm)
+        return ((f"{args.norm}:{args.eps}", args.norm, eps),)
+    eps_list = tuple(parse_eps(e, norm=args.norm, name="--eps-sweep")
+                     for e in args.eps_sweep.split(",") if e.strip())
+    if len(eps_list) < 2 or len(set(eps_list)) != len(eps_list):
+        raise OptionError("--eps-sweep needs two or more different eps, e.g. 0,2/255,4/255")
+    return tuple((f"{args.norm}:{e:.6g}", args.norm, e) for e in eps_list)
 
 
 EVAL_BATCH_SIZE = 250
