@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("submitit")
 
 from advvit import checkpoint, launch  # noqa: E402
-from advvit.train import KILL_ENV  # noqa: E402
+from advvit.trainer import KILL_ENV  # noqa: E402
 from test_cli_eval import _base as _eval_args, ckpt_path  # noqa: E402,F401  (a fixture)
 from test_train import _assert_same_weights, _tiny_args  # noqa: E402
 
