@@ -39,9 +39,9 @@ from . import accel, checkpoint, data
 from .cli.options import eval_parser
 from .config import ConfigError, load_config
 from .preflight import validate
-from .rundir import run_dir_for
+from .rundir import resume_auto_args, run_dir_for
 
-__all__ = ["Task", "main", "with_resume_auto"]
+__all__ = ["Task", "main"]
 
 COMMANDS = ("train", "eval")
 CLUSTERS = ("slurm", "local", "debug")
@@ -53,21 +53,6 @@ STOP_GRACE_S = 60
 
 class LaunchError(ValueError):
     """A launcher option that cannot work; the message names it and the fix."""
-
-
-def with_resume_auto(argv: Sequence[str]) -> List[str]:
-    """Training arguments that continue the run from its folder: any ``--resume`` replaced by
-    ``--resume auto``."""
-    out: List[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--resume":
-            skip = True
-        elif not arg.startswith("--resume="):
-            out.append(arg)
-    return [*out, "--resume", "auto"]
 
 
 def _ignore_preemption_signal() -> None:
@@ -140,7 +125,7 @@ class Task:
             except subprocess.TimeoutExpired:
                 print(f"python -m advvit.{self.command} did not stop within {STOP_GRACE_S} s; "
                       "requeued all the same", flush=True)
-        argv = with_resume_auto(self.argv) if self.command == "train" else self.argv
+        argv = resume_auto_args(self.argv) if self.command == "train" else self.argv
         return DelayedSubmission(Task(self.command, argv))
 
 

@@ -31,9 +31,9 @@ from .io import (FileInUseError, FileLock, atomic_write, atomic_write_text,
                  folder_instead_of_file, lock_file, remove_stale_tmp)
 
 __all__ = ["LOCK", "LAST", "BEST", "RECOVERY", "HISTORY", "RUN_FILES", "OVERRIDABLE",
-           "RunLock", "run_dir_for", "check_run_dir", "lock_run_dir", "refuse_leftovers",
-           "choose_resume", "config_changes", "check_resume_config", "parse_overrides",
-           "record_resume", "write_args_if_missing", "checkpoint_step", "link_best"]
+           "RunLock", "run_dir_for", "resume_auto_args", "check_run_dir", "lock_run_dir",
+           "refuse_leftovers", "choose_resume", "config_changes", "check_resume_config",
+           "parse_overrides", "record_resume", "write_args_if_missing", "checkpoint_step", "link_best"]
 
 LOCK = ".lock"
 LAST = "last.pth"
@@ -67,6 +67,21 @@ OVERRIDABLE: Dict[str, str] = {
 }
 # Keys that say where this invocation runs or how it resumes: never compared.
 _NOT_COMPARED = ("output", "experiment", "resume", "resume_override")
+
+
+def resume_auto_args(argv: Sequence[str]) -> List[str]:
+    """Training arguments that continue the run from its folder: any ``--resume`` replaced by
+    ``--resume auto``."""
+    out: List[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            out.append(arg)
+    return [*out, "--resume", "auto"]
 
 
 def run_dir_for(cfg: TrainConfig) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 import signal
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from . import accel, checkpoint, data, engine, rundir
 from .config import ConfigError, load_config
@@ -38,16 +38,7 @@ def _kept(run_dir: str) -> str:
 
 def _resume_command(argv: Sequence[str], distributed: bool) -> str:
     """This run's command line, resuming: any --resume dropped, --resume auto added."""
-    kept: List[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--resume":
-            skip = True
-        elif not arg.startswith("--resume="):
-            kept.append(arg)
-    command = shlex.join(["python", "-m", "advvit.train", *kept, "--resume", "auto"])
+    command = shlex.join(["python", "-m", "advvit.train", *rundir.resume_auto_args(argv)])
     return command + (" (under the launcher this run had, e.g. torchrun)" if distributed else "")
 
 

@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("submitit")
 
-from advvit import checkpoint, launch  # noqa: E402
+from advvit import checkpoint, launch, rundir  # noqa: E402
 from advvit.trainer import KILL_ENV  # noqa: E402
 from test_cli_eval import _base as _eval_args, ckpt_path  # noqa: E402,F401  (a fixture)
 from test_train import _assert_same_weights, _tiny_args  # noqa: E402
@@ -47,9 +47,9 @@ def _fake_slurm(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def test_with_resume_auto_replaces_any_resume():
-    assert launch.with_resume_auto(["--config", "c.yaml"]) == ["--config", "c.yaml", "--resume", "auto"]
-    assert launch.with_resume_auto(["--resume", "x.pth", "--epochs", "3", "--resume=y"]) == [
+def test_resume_auto_args_replaces_any_resume():
+    assert rundir.resume_auto_args(["--config", "c.yaml"]) == ["--config", "c.yaml", "--resume", "auto"]
+    assert rundir.resume_auto_args(["--resume", "x.pth", "--epochs", "3", "--resume=y"]) == [
         "--epochs", "3", "--resume", "auto"]
 
 
