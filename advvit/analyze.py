@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from . import eval as _eval
+from .accel import add_threads_option, apply_threads
 from .attacks import check_eps
 from .report import (envelope, heatmap, pyplot, save_figure, show_image, to_jsonable,
                      write_markdown_report, write_report)
@@ -1175,6 +1176,7 @@ def _common_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=64, help="images per batch")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     r.add_argument("--workers", type=int, default=0, help="data loader workers")
+    add_threads_option(r)
     r.add_argument("--output", required=True, help="output folder (created when missing)")
     return p
 
@@ -1429,6 +1431,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subs = _parsers()
     args = parser.parse_args(argv)
+    apply_threads(args.threads)
     analysis = ANALYSES[args.analysis]
     sub = subs[analysis.name]
     try:

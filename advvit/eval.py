@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from . import checks, config
+from .accel import add_threads_option, apply_threads
 from .attacks import check_eps
 from .autoattack_adapter import AA_ATTACKS, AutoAttackAdapter, available_backends
 from .io import input_file_problem
@@ -502,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--per-example", action="store_true",
                    help="record each example's outcome in the JSON")
     r.add_argument("--workers", type=int, default=0, help="data loader workers")
+    add_threads_option(r)
     return p
 
 
@@ -911,6 +913,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the evaluation CLI; returns the exit status (2 for a bad argument)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_threads(args.threads)
     try:
         prep = _prepare(args)
     except EvalError as err:
