@@ -10,6 +10,7 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
+import bench_contention  # noqa: E402
 import bench_gpu_throughput  # noqa: E402
 import bench_train_step  # noqa: E402
 
@@ -119,3 +120,52 @@ def test_train_step_benchmark_models_take_timm_arguments(tmp_path):
     assert row["model"] == "deit_tiny_patch16_224:patch_size=8:depth=1" and _positive(row["median_s"])
     (mem,) = payload["memory"]
     assert "error" not in mem, mem
+
+
+def test_train_step_benchmark_takes_grayscale_input(tmp_path):
+    out = tmp_path / "gray.json"
+    payload = bench_train_step.main([
+        "--models", "xcit_nano_12_p8_224", "--in-chans", "1", "--batch", "2", "--rounds", "1",
+        "--warmup", "0", "--cases", "fgsm-rs", "--variants", "advvit,floor", "--no-memory",
+        "--output", str(out), *TINY])
+    assert {r["variant"] for r in payload["timing"]} == {"advvit", "floor"}
+    assert payload["settings"]["in_chans"] == 1
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_times_compiled_beside_eager(tmp_path):
+    payload = bench_train_step.main([
+        "--models", "xcit_nano_12_p16_224", "--batch", "2", "--rounds", "1", "--warmup", "1",
+        "--cases", "fgsm-rs", "--variants", "compiled,floor", "--no-memory", *TINY])
+    rows = {r["variant"]: r for r in payload["timing"] if "case" in r}
+    assert set(rows) == {"compiled", "floor"} and _positive(rows["compiled"]["ratio_to_floor"])
+    counts = [r for r in payload["timing"] if "compile_counts" in r]
+    assert counts and counts[0]["compile_counts"]["after"]["unique_graphs"] >= 1
+
+
+def test_contention_grid_order_fair_share_and_table():
+    cells = bench_contention.grid_cells([0, 1], [1, 2], ["default", "passive"], True)
+    assert cells[:4] == [(0, 1, "default", 0), (0, 1, "passive", 0), (0, 2, "default", 0),
+                         (0, 2, "passive", 0)]
+    assert cells[4] == (1, 1, "passive", 0)  # the order rotates with k
+    assert len(cells) == 12 and all(c[0] == 0 and c[3] == 1 for c in cells[8:])
+    assert bench_contention.fair_share(100.0, 0, 2, 2) == 100.0
+    assert bench_contention.fair_share(100.0, 1, 1, 2) == 100.0  # a core each
+    assert bench_contention.fair_share(100.0, 2, 2, 2) == 50.0
+    recs = [{"load": 0, "threads": 1, "policy": "default", "pass": 0, "images_per_s": 80.0,
+             "median_step_s": 1.6, "cpu_per_wall": 1.0, "loadavg_before": [1.0, 1, 1]},
+            {"load": 0, "threads": 2, "policy": "default", "pass": 0, "images_per_s": 100.0,
+             "median_step_s": 1.3, "cpu_per_wall": 2.0, "loadavg_before": [1.0, 1, 1]},
+            {"load": 2, "threads": 2, "policy": "default", "pass": 0, "images_per_s": 10.0,
+             "median_step_s": 13.0, "cpu_per_wall": 1.0, "loadavg_before": [3.0, 1, 1]},
+            {"load": 2, "threads": 1, "policy": "default", "pass": 0,
+             "error": "timed out after 240 s", "loadavg_before": None}]
+    bench_contention.add_ratios(recs, cores=2)
+    assert recs[2]["fair_images_per_s"] == 50.0 and recs[2]["vs_fair"] == pytest.approx(0.2)
+    assert recs[2]["vs_best_alone"] == pytest.approx(0.1) and recs[3]["vs_fair"] is None
+    md = bench_contention.render_markdown({
+        "settings": {"img_size": 32, "batch": 128, "eps": 0.1, "warmup": 3,
+                     "warmup_seconds": 20.0, "seconds": 15.0},
+        "env": {"usable_cores": 2}, "cells": recs})
+    assert "| 2 | 2 | default | 10.0 | 13.00 | 0.20 | 0.10 | 1.00 | 3.00 |" in md
+    assert "timed out after 240 s" in md
