@@ -13,6 +13,7 @@ sys.path.insert(0, str(SCRIPTS))
 import bench_contention  # noqa: E402
 import bench_gpu_throughput  # noqa: E402
 import bench_train_step  # noqa: E402
+import check_reproducibility as repro  # noqa: E402
 
 TINY = ["--img-size", "32", "--num-classes", "10", "--threads", "2"]
 
@@ -169,3 +170,45 @@ def test_contention_grid_order_fair_share_and_table():
         "env": {"usable_cores": 2}, "cells": recs})
     assert "| 2 | 2 | default | 10.0 | 13.00 | 0.20 | 0.10 | 1.00 | 3.00 |" in md
     assert "timed out after 240 s" in md
+
+
+def test_reproducibility_capabilities_cells_flips_and_table(tmp_path):
+    import numpy as np
+    flags = repro.cpu_flags("processor : 0\nflags : fpu sse avx avx2 fma avx512f\n")
+    assert {"avx2", "fma", "avx512f"} <= flags
+    assert repro.available_capabilities(flags) == ["default", "avx2"]  # no avx512bw
+    assert repro.available_capabilities(flags | {"avx512bw", "avx512vl", "avx512dq"}) == [
+        "default", "avx2", "avx512"]
+    assert repro.grid([1, 2], ["default"], True) == [
+        (1, "default", "t1_default"), (2, "default", "t2_default"),
+        (1, "default", "t1_default_again")]
+    cells = []
+    for name, robust, shift in (("a", [1, 1, 0, 0], 0.0), ("b", [1, 0, 0, 1], 1e-6),
+                                ("a_again", [1, 1, 0, 0], 0.0)):
+        report = tmp_path / f"{name}.json"
+        report.write_text(json.dumps({
+            "clean_accuracy": 0.75, "robust_accuracy": {"value": sum(robust) / 4},
+            "environment": {"torch_threads": 2, "cpu_capability": "AVX2"},
+            "per_example": [{"index": 10 + i, "clean": i < 3, "robust": bool(r)}
+                            for i, r in enumerate(robust)]}))
+        probe = tmp_path / f"{name}.npz"
+        np.savez(probe, logits=np.eye(4, dtype=np.float32) + shift,
+                 grad=np.full((4, 1, 2, 2), -1e-7 + shift, dtype=np.float32),
+                 capability="AVX2", threads=2)
+        cells.append(repro.read_cell({"name": name, "threads": 2, "capability": "avx2",
+                                      "report": str(report), "probe": str(probe),
+                                      "seconds": 1.0}))
+    repro.compare(cells)
+    repro.compare_probes(cells)
+    assert cells[1]["robust_flips"] == [11, 13] and cells[1]["clean_flips"] == []
+    assert cells[2]["robust_flips"] == [] and cells[2]["logits_max_abs_diff"] == 0.0
+    assert cells[1]["logits_max_abs_diff"] == pytest.approx(1e-6, rel=1e-3)
+    assert cells[1]["grad_sign_changes"] == 16 and cells[1]["argmax_changes"] == 0
+    summary = repro.summarize(cells)
+    assert summary["clean_accuracy"] == {"values_pct": [75.0], "same_everywhere": True,
+                                         "spread_pct": 0.0}
+    assert summary["robust_accuracy"]["values_pct"] == [50.0]  # same count, other examples
+    assert summary["robust_flipped_examples"] == {"11": ["a", "a_again"], "13": ["b"]}
+    md = repro.render_markdown({"cells": cells, "summary": summary})
+    assert "| b | 2 | AVX2 | 75.00% | 50.00% | 0 | 2 | 11, 13 |" in md
+    assert "| 11 | a, a_again |" in md
