@@ -3,7 +3,8 @@
 instruction set torch's kernels dispatch to.
 
 For each torch thread count and each instruction set this CPU runs (``ATEN_CPU_CAPABILITY`` =
-default / avx2 / avx512, those /proc/cpuinfo allows), it runs, in a fresh process each,
+default / avx2 / avx512, those /proc/cpuinfo allows; avx2-mkl also caps MKL and oneDNN at AVX2),
+it runs, in a fresh process each,
 
 * the quickstart's evaluation: ``python -m advvit.eval --checkpoint CKPT --attack apgd-ce
   --restarts 1 --eps 0.1 --n-examples 250 --batch-size 250 --per-example --threads T``;
@@ -34,9 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import cpu_model, write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# ATen's names, and the /proc/cpuinfo flags each needs (ATen's own checks, cpuinfo's terms).
-CAPABILITY_FLAGS = {"default": (), "avx2": ("avx2", "fma"),
-                    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq")}
+_AVX2 = ("avx2", "fma")
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+# name -> (the /proc/cpuinfo flags it needs, the environment that selects it). ATen's own
+# vectorized kernels (element-wise, reductions, softmax) follow ATEN_CPU_CAPABILITY; the matrix
+# products go to MKL / oneDNN, which pick their instruction set themselves: avx2-mkl caps those
+# too, which is how far the environment can imitate a CPU without AVX-512.
+CAPABILITIES = {
+    "default": ((), {"ATEN_CPU_CAPABILITY": "default"}),
+    "avx2": (_AVX2, {"ATEN_CPU_CAPABILITY": "avx2"}),
+    "avx512": (_AVX512, {"ATEN_CPU_CAPABILITY": "avx512"}),
+    "avx2-mkl": (_AVX2, {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                         "ONEDNN_MAX_CPU_ISA": "AVX2"}),
+}
 EVAL_ARGS = ("--dataset", "fashion_mnist", "--attack", "apgd-ce", "--restarts", "1",
              "--eps", "0.1", "--batch-size", "250")
 
@@ -49,7 +60,8 @@ def parse_args(argv=None):
                    help="each cell's eval report and probe go here")
     p.add_argument("--threads", default="1,2", help="torch threads, comma list")
     p.add_argument("--capabilities", default="available",
-                   help="comma list of default, avx2, avx512, or 'available': those this CPU runs")
+                   help=f"comma list of {', '.join(CAPABILITIES)}, or 'available': those this "
+                        "CPU runs")
     p.add_argument("--n-examples", type=int, default=250)
     p.add_argument("--no-repeat", action="store_true", help="do not rerun the first cell")
     p.add_argument("--output", default=None, help="summary JSON (default: OUT_DIR/summary.json)")
@@ -79,9 +91,9 @@ def cpu_flags(text: Optional[str] = None) -> set:
 
 
 def available_capabilities(flags: Iterable[str]) -> List[str]:
-    """The ATEN_CPU_CAPABILITY values a CPU with ``flags`` can run, lowest first."""
+    """The names of :data:`CAPABILITIES` a CPU with ``flags`` can run."""
     have = set(flags)
-    return [cap for cap, need in CAPABILITY_FLAGS.items() if all(f in have for f in need)]
+    return [cap for cap, (need, _) in CAPABILITIES.items() if all(f in have for f in need)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,8 +126,10 @@ def probe(args) -> None:
 
 def cell_env(capability: str) -> Dict[str, str]:
     env = dict(os.environ)
-    env.pop("OMP_NUM_THREADS", None)  # the cell's --threads decides
-    env["ATEN_CPU_CAPABILITY"] = capability
+    for name in ("OMP_NUM_THREADS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                 "ONEDNN_MAX_CPU_ISA"):
+        env.pop(name, None)  # the cell's --threads and capability decide
+    env.update(CAPABILITIES[capability][1])
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
@@ -218,7 +232,7 @@ def render_markdown(payload: dict) -> str:
                      f"{c.get('logits_max_abs_diff', float('nan')):.2e}",
                      f"{c.get('grad_max_abs_diff', float('nan')):.2e}",
                      c.get("seconds", "-")])
-    header = ["cell", "threads", "CPU kernels", "clean", "APGD-CE", "clean flips",
+    header = ["cell", "threads", "ATen kernels", "clean", "APGD-CE", "clean flips",
               "APGD-CE flips", "flipped examples", "max |d logit|", "max |d grad|", "s"]
     s = payload["summary"]
     lines = [bc.fmt_table(header, rows, "lll" + "r" * 8), "",
@@ -254,9 +268,9 @@ def main(argv=None):
         caps = available if args.capabilities == "available" else \
             [c for c in args.capabilities.split(",") if c]
         for c in caps:
-            if c not in CAPABILITY_FLAGS:
+            if c not in CAPABILITIES:
                 raise SystemExit(f"--capabilities: unknown {c!r}; choose from "
-                                 f"{list(CAPABILITY_FLAGS)}")
+                                 f"{list(CAPABILITIES)}")
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         import torch
         env = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,

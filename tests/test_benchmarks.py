@@ -176,9 +176,10 @@ def test_reproducibility_capabilities_cells_flips_and_table(tmp_path):
     import numpy as np
     flags = repro.cpu_flags("processor : 0\nflags : fpu sse avx avx2 fma avx512f\n")
     assert {"avx2", "fma", "avx512f"} <= flags
-    assert repro.available_capabilities(flags) == ["default", "avx2"]  # no avx512bw
+    assert repro.available_capabilities(flags) == ["default", "avx2", "avx2-mkl"]  # no avx512bw
     assert repro.available_capabilities(flags | {"avx512bw", "avx512vl", "avx512dq"}) == [
-        "default", "avx2", "avx512"]
+        "default", "avx2", "avx512", "avx2-mkl"]
+    assert repro.cell_env("avx2-mkl")["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
     assert repro.grid([1, 2], ["default"], True) == [
         (1, "default", "t1_default"), (2, "default", "t2_default"),
         (1, "default", "t1_default_again")]
