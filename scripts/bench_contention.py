@@ -31,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -113,6 +114,7 @@ def run_cell(args) -> dict:
         step(x, y)
         warm += 1
     times: List[float] = []
+    unix0 = time.time()
     cpu0, t0 = time.process_time(), time.perf_counter()
     while not times or time.perf_counter() - t0 < args.seconds:
         s = time.perf_counter()
@@ -123,6 +125,7 @@ def run_cell(args) -> dict:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "warmup_steps": warm, "steps": len(times), "wall_s": wall,
+            "timed_from_unix": unix0, "timed_to_unix": unix0 + wall,
             "images_per_s": args.batch * len(times) / wall,
             "median_step_s": statistics.median(times), "min_step_s": min(times),
             "max_step_s": max(times), "step_s": times,
@@ -168,11 +171,51 @@ def cell_env(policy: str) -> Dict[str, str]:
     return env
 
 
+def _procs_running() -> Optional[int]:
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("procs_running"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class RunQueueSampler:
+    """Samples the machine's runnable thread count (/proc/stat procs_running) in a thread, so
+    the load that other work adds beside the k busy processes can be read for any window."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.samples = interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            n = _procs_running()
+            if n is not None:
+                self.samples.append((time.time(), n))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def mean(self, start: float, end: float) -> Optional[float]:
+        inside = [n for t, n in self.samples if start <= t <= end]
+        return statistics.mean(inside) if inside else None
+
+
 def measure(args, k: int, threads: int, policy: str) -> dict:
     rec = {"load": k, "threads": threads, "policy": policy, "loadavg_before": _loadavg()}
     try:
-        proc = subprocess.run(cell_command(args, threads), env=cell_env(policy),
-                              capture_output=True, text=True, timeout=args.cell_timeout)
+        with RunQueueSampler() as sampler:
+            proc = subprocess.run(cell_command(args, threads), env=cell_env(policy),
+                                  capture_output=True, text=True, timeout=args.cell_timeout)
     except subprocess.TimeoutExpired:
         rec.update(error=f"timed out after {args.cell_timeout:g} s")
     else:
@@ -182,6 +225,12 @@ def measure(args, k: int, threads: int, policy: str) -> dict:
         else:
             rec.update(json.loads(proc.stdout.strip().splitlines()[-1]))
             rec["threads"] = threads
+            running = sampler.mean(rec["timed_from_unix"], rec["timed_to_unix"])
+            # The sampler counts itself; the cell's threads count while they run or wait
+            # for a core (spinning included), not while they sleep in a passive wait.
+            rec["runnable_mean"] = running
+            rec["others_runnable"] = None if running is None else \
+                max(0.0, running - 1 - threads)
     rec["loadavg_after"] = _loadavg()
     return rec
 
@@ -200,7 +249,7 @@ def grid_cells(loads: Sequence[int], threads: Sequence[int], policies: Sequence[
     return out
 
 
-def fair_share(alone: float, k: int, threads: int, cores: int) -> float:
+def fair_share(alone: float, k: float, threads: int, cores: int) -> float:
     """Images/s if each runnable thread (k busy processes + ours) got an equal slice of the
     cores: ``alone * min(1, cores / (k + threads))``."""
     return alone * min(1.0, cores / (k + threads))
@@ -209,8 +258,9 @@ def fair_share(alone: float, k: int, threads: int, cores: int) -> float:
 def add_ratios(cells: List[dict], cores: int) -> None:
     """``vs_fair`` and ``vs_best_alone`` on each cell with a result (first-pass k = 0 cells are
     the reference)."""
-    alone = {(c["threads"], c["policy"]): c["images_per_s"] for c in cells
-             if c["load"] == 0 and c.get("pass", 0) == 0 and "images_per_s" in c}
+    refs = {(c["threads"], c["policy"]): c for c in cells
+            if c["load"] == 0 and c.get("pass", 0) == 0 and "images_per_s" in c}
+    alone = {key: c["images_per_s"] for key, c in refs.items()}
     best = max(alone.values()) if alone else None
     for c in cells:
         ref = alone.get((c["threads"], c["policy"]))
@@ -220,6 +270,17 @@ def add_ratios(cells: List[dict], cores: int) -> None:
         c["vs_fair"] = c["images_per_s"] / c["fair_images_per_s"] \
             if c["fair_images_per_s"] else None
         c["vs_best_alone"] = c["images_per_s"] / best if best and ok else None
+        # The same share with the measured runnable threads of everything else (the k busy
+        # processes and the machine's other work) in place of k, for this cell and for its
+        # k = 0 reference alike: the machine is never idle, so the reference shares it too.
+        others = c.get("others_runnable")
+        ref_others = refs[(c["threads"], c["policy"])].get("others_runnable") if ref else None
+        c["fair_measured_images_per_s"] = (
+            fair_share(ref, others, c["threads"], cores)
+            / fair_share(1.0, ref_others, c["threads"], cores)
+            if ok and ref and others is not None and ref_others is not None else None)
+        c["vs_fair_measured"] = c["images_per_s"] / c["fair_measured_images_per_s"] \
+            if c["fair_measured_images_per_s"] else None
 
 
 def render_markdown(payload: dict) -> str:
@@ -227,22 +288,25 @@ def render_markdown(payload: dict) -> str:
     lines = [f"{MODEL}, {s['img_size']}x{s['img_size']}x1, batch {s['batch']}, FGSM-RS eps "
              f"{s['eps']:g}; {env['usable_cores']} usable cores; {s['warmup']} warm-up steps "
              f"(at most {s['warmup_seconds']:g} s), then steps for {s['seconds']:g} s; "
-             f"`vs fair` = images/s / (alone x min(1, cores / (k + threads)))", ""]
+             "`vs fair` = images/s / (alone x min(1, cores / (k + threads))); `others "
+             "runnable`: the mean runnable threads besides the cell's while it was timed (the "
+             "k busy processes and the machine's other work, from /proc/stat); `vs fair "
+             "(measured)`: the same share with that count in place of k, in the cell and in its "
+             "k = 0 reference alike", ""]
     header = ["k busy", "threads", "OMP wait", "images/s", "median step s", "vs fair",
-              "vs best alone", "CPU s / s", "load avg before"]
+              "others runnable", "vs fair (measured)", "vs best alone", "CPU s / s"]
     rows = []
     for c in payload["cells"]:
         k = f"{c['load']}" + (" (again)" if c.get("pass") else "")
         if "images_per_s" not in c:
-            rows.append([k, c["threads"], c["policy"], c.get("error", "-"), "-", "-", "-", "-",
-                         "-"])
+            rows.append([k, c["threads"], c["policy"], c.get("error", "-"), *["-"] * 6])
             continue
-        la = c.get("loadavg_before")
-        rows.append([k, c["threads"], c["policy"], f"{c['images_per_s']:.1f}",
-                     f"{c['median_step_s']:.2f}",
-                     "-" if c["vs_fair"] is None else f"{c['vs_fair']:.2f}",
-                     "-" if c["vs_best_alone"] is None else f"{c['vs_best_alone']:.2f}",
-                     f"{c['cpu_per_wall']:.2f}", "-" if not la else f"{la[0]:.2f}"])
+
+        def num(key, fmt=".2f"):
+            return "-" if c.get(key) is None else format(c[key], fmt)
+        rows.append([k, c["threads"], c["policy"], num("images_per_s", ".1f"),
+                     num("median_step_s"), num("vs_fair"), num("others_runnable", ".1f"),
+                     num("vs_fair_measured"), num("vs_best_alone"), num("cpu_per_wall")])
     order = {p: i for i, p in enumerate(POLICIES)}
     rows.sort(key=lambda r: (int(str(r[0]).split()[0]), "again" in str(r[0]), r[1],
                              order.get(r[2], 9)))

@@ -233,7 +233,7 @@ def render_markdown(payload: dict) -> str:
                      f"{c.get('grad_max_abs_diff', float('nan')):.2e}",
                      c.get("seconds", "-")])
     header = ["cell", "threads", "ATen kernels", "clean", "APGD-CE", "clean flips",
-              "APGD-CE flips", "flipped examples", "max |d logit|", "max |d grad|", "s"]
+              "APGD-CE flips", "flipped examples", "max logit diff", "max grad diff", "s"]
     s = payload["summary"]
     lines = [bc.fmt_table(header, rows, "lll" + "r" * 8), "",
              "Flips, logit and gradient differences are against the first cell. "

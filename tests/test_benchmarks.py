@@ -156,19 +156,25 @@ def test_contention_grid_order_fair_share_and_table():
     recs = [{"load": 0, "threads": 1, "policy": "default", "pass": 0, "images_per_s": 80.0,
              "median_step_s": 1.6, "cpu_per_wall": 1.0, "loadavg_before": [1.0, 1, 1]},
             {"load": 0, "threads": 2, "policy": "default", "pass": 0, "images_per_s": 100.0,
-             "median_step_s": 1.3, "cpu_per_wall": 2.0, "loadavg_before": [1.0, 1, 1]},
+             "median_step_s": 1.3, "cpu_per_wall": 2.0, "loadavg_before": [1.0, 1, 1],
+             "others_runnable": 1.0},
             {"load": 2, "threads": 2, "policy": "default", "pass": 0, "images_per_s": 10.0,
-             "median_step_s": 13.0, "cpu_per_wall": 1.0, "loadavg_before": [3.0, 1, 1]},
+             "median_step_s": 13.0, "cpu_per_wall": 1.0, "loadavg_before": [3.0, 1, 1],
+             "others_runnable": 4.0},
             {"load": 2, "threads": 1, "policy": "default", "pass": 0,
              "error": "timed out after 240 s", "loadavg_before": None}]
     bench_contention.add_ratios(recs, cores=2)
     assert recs[2]["fair_images_per_s"] == 50.0 and recs[2]["vs_fair"] == pytest.approx(0.2)
     assert recs[2]["vs_best_alone"] == pytest.approx(0.1) and recs[3]["vs_fair"] is None
+    # 4 others: a third of the cores for 2 threads; the reference had 1 other: two thirds
+    assert recs[2]["fair_measured_images_per_s"] == pytest.approx(100 / 3 / (2 / 3))
+    assert recs[1]["vs_fair_measured"] == pytest.approx(1.0)
+    assert recs[0]["vs_fair_measured"] is None  # no run-queue samples
     md = bench_contention.render_markdown({
         "settings": {"img_size": 32, "batch": 128, "eps": 0.1, "warmup": 3,
                      "warmup_seconds": 20.0, "seconds": 15.0},
         "env": {"usable_cores": 2}, "cells": recs})
-    assert "| 2 | 2 | default | 10.0 | 13.00 | 0.20 | 0.10 | 1.00 | 3.00 |" in md
+    assert "| 2 | 2 | default | 10.0 | 13.00 | 0.20 | 4.0 | 0.20 | 0.10 | 1.00 |" in md
     assert "timed out after 240 s" in md
 
 
