@@ -126,10 +126,14 @@ def probe(args) -> None:
 
 def cell_env(capability: str) -> Dict[str, str]:
     env = dict(os.environ)
-    for name in ("OMP_NUM_THREADS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
-                 "ONEDNN_MAX_CPU_ISA"):
+    for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "ATEN_CPU_CAPABILITY",
+                 "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"):
         env.pop(name, None)  # the cell's --threads and capability decide
     env.update(CAPABILITIES[capability][1])
+    # Idle OpenMP threads sleep instead of spinning: on a shared machine two spinning threads
+    # stall each other (docs/benchmarks.md); the policy decides how threads wait, not how the
+    # work is split, so the numbers do not depend on it.
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
