@@ -25,6 +25,7 @@ torch-xla is optional: it is imported only when the XLA back-end is asked for (o
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import os
@@ -44,7 +45,8 @@ __all__ = [
     "Runtime", "AccelError", "AttackPolicy", "setup", "barrier", "wrap_model", "attack_model",
     "attack_policy", "optimizer_step", "all_reduce_sum", "DeviceMetrics", "wait_for_all",
     "launch_xla", "cleanup", "xla_available", "resolve_device", "check_amp", "torchrun_rank",
-    "all_gather_objects",
+    "all_gather_objects", "ThreadsError", "parse_threads", "usable_cores", "resolve_threads",
+    "apply_threads", "thread_facts", "add_threads_option",
 ]
 
 Kind = Literal["cpu", "cuda", "xla"]
@@ -125,6 +127,135 @@ def _xla_sync() -> None:
     else:  # torch-xla < 2.6 only has the old name
         import torch_xla.core.xla_model as xm
         xm.mark_step()
+
+
+# --------------------------------------------------------------------------------------------
+# CPU threads
+# --------------------------------------------------------------------------------------------
+
+THREADS_HELP = ("torch CPU threads: a positive integer, or auto (OMP_NUM_THREADS when set, "
+                "else the usable cores minus one, at least 1: see docs/benchmarks.md, threads "
+                "under load)")
+
+
+class ThreadsError(ValueError):
+    """A threads setting that is neither ``auto`` nor a positive integer.
+
+    Attributes:
+        key: the setting's name (``threads``, ``--threads``).
+        problem: what is wrong with the value, without the name.
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key, self.problem = key, problem
+        super().__init__(f"{key}: {problem}")
+
+
+def parse_threads(value: Any, key: str = "threads") -> Union[str, int]:
+    """``"auto"`` or a positive int, from a config or command-line value.
+
+    Raises:
+        ThreadsError: naming ``key``.
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    number: Optional[int] = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    if number is None or number < 1:
+        raise ThreadsError(key, f"expected auto or a positive integer, got {value!r}")
+    return number
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container or taskset may allow
+    fewer than the machine has)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity call (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+def _omp_env_threads() -> Optional[int]:
+    text = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not text:
+        return None
+    # OpenMP allows a list for nested levels; torch's pool is the outer one.
+    first = text.split(",")[0].strip()
+    if first.isdigit() and int(first) >= 1:
+        return int(first)
+    warnings.warn(f"OMP_NUM_THREADS={text!r} is not a positive integer; threads auto ignores it",
+                  RuntimeWarning, stacklevel=3)
+    return None
+
+
+def resolve_threads(value: Any = "auto", key: str = "threads") -> int:
+    """How many torch CPU threads a setting means.
+
+    A positive integer is taken as it is. ``auto``: ``OMP_NUM_THREADS`` when the environment
+    sets it, else the usable cores minus one, at least 1. Two threads on a loaded 2-core
+    machine wait at every OpenMP barrier for a descheduled partner (docs/benchmarks.md), and a
+    core left free keeps room for the data loader and the rest of the machine.
+
+    Raises:
+        ThreadsError: a value that is neither ``auto`` nor a positive integer (naming ``key``).
+    """
+    parsed = parse_threads(value, key)
+    if parsed != "auto":
+        return int(parsed)
+    env = _omp_env_threads()
+    if env is not None:
+        return env
+    return max(1, usable_cores() - 1)
+
+
+def apply_threads(value: Any = "auto", key: str = "threads") -> int:
+    """Sets torch's intra-op (and, while still allowed, inter-op) threads; returns the count.
+
+    torch refuses a new inter-op count once inter-op work has started; the intra-op count,
+    which runs the kernels, is always set.
+
+    Raises:
+        ThreadsError: a bad value (naming ``key``).
+    """
+    n = resolve_threads(value, key)
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:
+        pass
+    return n
+
+
+def thread_facts() -> Dict[str, Any]:
+    """What decides CPU numerics and speed here, for reports: torch's thread counts, the
+    vector instruction set its kernels dispatch to, the usable cores and OMP_NUM_THREADS."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001  (older torch)
+        capability = None
+    return {"torch_threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(),
+            "cpu_capability": capability,
+            "usable_cores": usable_cores(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def _threads_argument(text: str) -> Union[str, int]:
+    try:
+        return parse_threads(text, "--threads")
+    except ThreadsError as err:
+        raise argparse.ArgumentTypeError(err.problem) from None
+
+
+def add_threads_option(parser: Any) -> None:
+    """Registers ``--threads`` (default auto) on a parser or argument group; a bad value stops
+    argparse with the option named."""
+    parser.add_argument("--threads", type=_threads_argument, default="auto", help=THREADS_HELP)
 
 
 # --------------------------------------------------------------------------------------------

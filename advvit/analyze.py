@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .accel import resolve_device
+from .accel import apply_threads, resolve_device
 from .attacks import check_eps
 from .checkpoint import LoadedModel
 from .cli.analyses import (ANALYSES, Analysis, AnalyzeRequest, Context, NamedModel, Output,
@@ -284,6 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subs = analyze_parsers()
     request = AnalyzeRequest.from_args(parser.parse_args(argv))
+    apply_threads(request.threads)
     analysis = ANALYSES[request.analysis]
     sub = subs[analysis.name]
     try:

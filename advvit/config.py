@@ -15,10 +15,11 @@ import reprlib
 import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from .accel import THREADS_HELP, ThreadsError, parse_threads
 from .attacks import check_eps
 from .io import atomic_write_text, input_file_problem
 from .losses import DEFAULT_STEPS
@@ -254,6 +255,7 @@ class RunConfig:
     device: str = _opt("auto, cpu, cuda or xla", "auto", choices=("auto", "cpu", "cuda", "xla"))
     amp: str = _opt("mixed precision", "none", choices=("none", "bf16", "fp16"))
     compile: bool = _opt("torch.compile the model", False)
+    threads: Union[int, str] = _opt(THREADS_HELP, "auto")
     channels_last: bool = _opt("channels-last memory format", False)
     resume: Optional[str] = _opt("checkpoint to resume (or 'auto': the run folder's newest of "
                                  "recovery.pth and last.pth)")
@@ -316,6 +318,12 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check (and gently convert) one value against its annotated type."""
+    if key == "threads":
+        try:
+            return parse_threads(value)
+        except ThreadsError as err:
+            raise ConfigError(key, err.problem,
+                              "e.g. threads: auto, or threads: 1") from None
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):

@@ -284,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the evaluation CLI; returns the exit status (2 for a bad argument)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    accel.apply_threads(args.threads)
     try:
         req = EvalRequest.from_args(args)
         prep = _prepare(req)

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import __version__, checks
+from . import __version__, accel, checks
 from .io import atomic_write, atomic_write_text, sha256_file
 from .robustness import EnsembleResult
 
@@ -68,7 +68,8 @@ def envelope(format: str, *, seed: int, model: Mapping[str, Any] | None = None,
              command: Sequence[str] | None = None,
              models: Sequence[Mapping[str, Any]] | None = None,
              **extra_versions: str) -> dict[str, Any]:
-    """The fields every advvit report starts with.
+    """The fields every advvit report starts with (``environment``: torch's CPU threads and
+    instruction set, :func:`advvit.accel.thread_facts`).
 
     Args:
         format: the report's format name and version, e.g. ``advvit-eval/1``.
@@ -84,6 +85,9 @@ def envelope(format: str, *, seed: int, model: Mapping[str, Any] | None = None,
            "seed": seed, "model": _with_sha256(model if model is not None or not models
                                                else models[0]),
            "versions": versions(**extra_versions),
+           # Threads and the kernels' instruction set decide the float summation order, so a
+           # rerun needs them to give the same numbers to the digit.
+           "environment": accel.thread_facts(),
            "command": list(command) if command is not None else list(sys.argv)}
     if models is not None:
         out["models"] = [_with_sha256(m) for m in models]

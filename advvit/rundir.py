@@ -62,6 +62,8 @@ OVERRIDABLE: Dict[str, str] = {
     "device": "another machine for the same recipe (numerics differ; on XLA the attacks run in "
               "train mode: see docs/architecture.md, accel)",
     "compile": "torch.compile: the same computation, compiled",
+    "threads": "CPU threads: the same computation at another speed (float sums may round "
+               "differently)",
     "channels_last": "memory layout only",
     "xla_spawn": "process layout on an XLA host",
 }

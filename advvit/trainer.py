@@ -146,6 +146,7 @@ def build(cfg: TrainConfig) -> Parts:
         ConfigError, data.DataNotFoundError, data.DataError, checkpoint.CheckpointError: before
             any training.
     """
+    accel.apply_threads(cfg.run.threads)
     rt = accel.setup(cfg.run.device)
     _seed_everything(cfg.run.seed + rt.rank)
     run_dir = rundir.run_dir_for(cfg)
@@ -590,6 +591,11 @@ class Trainer:
         self.monitor.info(f"run folder {p.run_dir}: {p.spec.arch} on {cfg.data.dataset}, "
                           f"{p.rt.kind} x{p.rt.world_size}, loss {cfg.attack.loss}, "
                           f"eps {cfg.attack.eps * 255:.2f}/255, {p.num_epochs} epochs")
+        facts = accel.thread_facts()
+        self.monitor.info(f"torch threads {facts['torch_threads']} (threads: {cfg.run.threads}, "
+                          f"{facts['usable_cores']} usable cores, OMP_NUM_THREADS "
+                          f"{facts['omp_num_threads'] or 'unset'}), CPU kernels "
+                          f"{facts['cpu_capability']}")
         result: Dict[str, float] = {}
         for epoch in range(self.start_epoch, p.num_epochs):
             sampler = getattr(p.train_loader, "sampler", None)

@@ -98,8 +98,9 @@ def write_json(path: Optional[str], payload: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 
 def build_model(arch: str, *, img_size: int, num_classes: int, device: torch.device,
-                channels_last: bool = False) -> nn.Module:
-    model = advvit.models.create_model(arch, num_classes=num_classes, img_size=img_size)
+                channels_last: bool = False, **model_kwargs) -> nn.Module:
+    model = advvit.models.create_model(arch, num_classes=num_classes, img_size=img_size,
+                                       **model_kwargs)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -107,9 +108,9 @@ def build_model(arch: str, *, img_size: int, num_classes: int, device: torch.dev
 
 
 def random_batch(batch: int, img_size: int, num_classes: int, device: torch.device, seed: int = 0,
-                 channels_last: bool = False):
+                 channels_last: bool = False, in_chans: int = 3):
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, 3, img_size, img_size, generator=g)
+    x = torch.rand(batch, in_chans, img_size, img_size, generator=g)
     y = torch.randint(0, num_classes, (batch,), generator=g)
     x, y = x.to(device), y.to(device)
     if channels_last:

@@ -11,7 +11,9 @@ one process (round-robin over rounds, median per variant):
 * ``thesis``: a straightforward loop in the public thesis code's style (parameter gradients on
   during the attack, ``loss.backward()`` for the input gradient, a grad-enabled clean forward);
 * ``torchattacks``: torchattacks FFGSM / PGD / TPGD, then the same training step (skipped with a
-  note when torchattacks is not installed).
+  note when torchattacks is not installed);
+* ``compiled`` (only when named): the ``advvit`` step on ``torch.compile(model)`` of the same
+  module (the trainer's ``compile: true``), beside the eager variants in the same rounds.
 
 Then, unless ``--no-memory``, the peak memory of one step of each (case, variant): on CUDA
 ``torch.cuda.max_memory_allocated``; on the CPU the peak RSS delta in a fresh process per case.
@@ -55,7 +57,8 @@ CASES = {  # name -> (loss name, attack steps)
     "pgd-10": ("adversarial", 10),
     "trades-10": ("trades", 10),
 }
-VARIANTS = ("advvit", "floor", "thesis", "torchattacks")
+VARIANTS = ("advvit", "floor", "thesis", "torchattacks", "compiled")
+DEFAULT_VARIANTS = VARIANTS[:4]
 DEFAULT_MODELS = ("xcit_nano_12_p16_224", "resnet18")
 
 
@@ -66,9 +69,11 @@ def parse_args(argv=None):
                    help="comma-separated timm / advvit model names, each optionally with timm "
                         "arguments as name:key=value[:key=value] (e.g. deit_tiny_patch16_224:patch_size=4)")
     p.add_argument("--cases", default=",".join(CASES), help=f"subset of {','.join(CASES)}")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"subset of {','.join(VARIANTS)}")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--in-chans", type=int, default=3, help="input channels (1: grayscale)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--eps", type=float, default=8 / 255)
     p.add_argument("--rounds", type=int, default=5, help="round-robin rounds (median over them)")
@@ -78,7 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                    help="autocast dtype (all variants alike)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model once; every variant calls the same module")
+                   help="torch.compile the model once; every variant calls the same module "
+                        "(the compiled variant compares compiled with eager in one run)")
     p.add_argument("--no-check-range", action="store_true",
                    help="advvit losses with check_range=False (no host read per attack)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on the CPU")
@@ -120,7 +126,8 @@ def parse_model(spec):
 def build_model(spec, args, device):
     """The model a ``--models`` entry names, for [0, 1] inputs, in train mode on ``device``."""
     name, kwargs = parse_model(spec)
-    model = create_model(name, num_classes=args.num_classes, img_size=args.img_size, **kwargs)
+    model = create_model(name, num_classes=args.num_classes, img_size=args.img_size,
+                         in_chans=args.in_chans, **kwargs)
     return model.to(device).train()
 
 
@@ -133,14 +140,25 @@ class Bench:
         torch.manual_seed(0)
         self.model = build_model(arch, args, device)
         self.run_model = torch.compile(self.model) if args.compile else self.model
+        self._compiled = None
         self.opt = bc.adamw(self.model)
-        self.x, self.y = bc.random_batch(args.batch, args.img_size, args.num_classes, device)
+        self.x, self.y = bc.random_batch(args.batch, args.img_size, args.num_classes, device,
+                                         in_chans=args.in_chans)
         self.amp_ctx = lambda: bc.autocast(device, args.amp)
         self.args = args
+
+    def compiled(self):
+        """One compiled module for every case: it shares the eager model's parameters (and so
+        its optimizer), as ``compile: true`` in the trainer does."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model)
+        return self._compiled
 
     def step(self, case, variant):
         loss_name, k = CASES[case]
         m, opt, amp, eps = self.run_model, self.opt, self.amp_ctx, self.args.eps
+        if variant == "compiled":
+            m, variant = self.compiled(), "advvit"
         if variant == "advvit":
             kw = {}
             if loss_name != "clean":
@@ -247,7 +265,7 @@ def main(argv=None):
                     **_ratios(t, floor),
                     "samples_s": t["samples_s"],
                 })
-        if args.compile:
+        if args.compile or "compiled" in variants:
             results.append({"model": arch, "compile_counts": {"before": before, "after": after}})
         del b
 
@@ -284,7 +302,8 @@ def _measure_memory(args, arch, case, variant, device):
         return rec
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-case", f"{arch}|{case}|{variant}",
            "--img-size", str(args.img_size), "--num-classes", str(args.num_classes),
-           "--batch", str(args.batch), "--eps", repr(args.eps), "--device", args.device,
+           "--batch", str(args.batch), "--in-chans", str(args.in_chans),
+           "--eps", repr(args.eps), "--device", args.device,
            "--amp", args.amp, "--threads", str(args.threads)]
     if args.no_check_range:
         cmd.append("--no-check-range")
@@ -300,8 +319,11 @@ def render_markdown(payload):
     s = payload["settings"]
     lines = []
     both = timing + list(payload["memory"])
+    compiled = any(r["variant"] == "compiled" for r in timing)
     for arch in dict.fromkeys(r["model"] for r in both):
-        lines.append(f"**{arch}**, {s['img_size']}x{s['img_size']}, batch {s['batch']}, "
+        chans = s.get("in_chans", 3)
+        lines.append(f"**{arch}**, {s['img_size']}x{s['img_size']}"
+                     + (f"x{chans}" if chans != 3 else "") + f", batch {s['batch']}, "
                      f"{s['num_classes']} classes, device {s['device']}, amp {s['amp']}, "
                      f"compile {s['compile']}, {s['rounds']} rounds x {s['iters']} steps")
         lines.append("")
@@ -325,10 +347,13 @@ def render_markdown(payload):
             rows.append([case, cell_t("floor"), cell_t("advvit"), cell_r("advvit"),
                          cell_t("thesis"), cell_r("thesis"), cell_t("torchattacks"),
                          cell_r("torchattacks")]
+                        + ([cell_t("compiled"), cell_r("compiled")] if compiled else [])
                         + ([cell_m("floor"), cell_m("advvit"), cell_m("thesis"),
                             cell_m("torchattacks")] if payload["memory"] else []))
         header = ["case", "floor ms", "advvit ms", "advvit / floor", "thesis ms",
                   "thesis / floor", "torchattacks ms", "torchattacks / floor"]
+        if compiled:
+            header += ["compiled ms", "compiled / floor"]
         if payload["memory"]:
             header += ["floor MiB", "advvit MiB", "thesis MiB", "torchattacks MiB"]
         lines.append(bc.fmt_table(header, rows, "l" + "r" * (len(header) - 1)))

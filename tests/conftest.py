@@ -9,5 +9,8 @@ def one_thread():
     makes many small forward passes (AutoAttack's) an order of magnitude slower."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    # The CLIs called in-process set threads themselves (auto reads OMP_NUM_THREADS).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
     torch.set_num_threads(before)

@@ -296,3 +296,63 @@ def test_evaluation_restores_every_submodule_mode_and_counts_in_eval_mode():
     assert model.training and not model.fc.training
     evaluate(model, [(x, y)], rt=rt, attack=dict(eps=0.1, steps=1))
     assert model.training and not model.fc.training
+
+
+# --------------------------------------------------------------------------------------------
+# CPU threads
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def _threads_kept():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cores, expected", [({0}, 1), ({0, 1}, 1), ({0, 1, 2, 3}, 3),
+                                             (set(range(16)), 15)])
+def test_auto_threads_are_the_usable_cores_minus_one(monkeypatch, cores, expected):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(accel.os, "sched_getaffinity", lambda pid: cores, raising=False)
+    assert accel.usable_cores() == len(cores)
+    assert accel.resolve_threads("auto") == expected == accel.resolve_threads()
+
+
+def test_auto_threads_respect_omp_num_threads(monkeypatch):
+    monkeypatch.setattr(accel.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert accel.resolve_threads("auto") == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # nested levels: torch's pool is the first
+    assert accel.resolve_threads("AUTO") == 4
+    assert accel.resolve_threads(2) == 2 and accel.resolve_threads("5") == 5  # explicit wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    with pytest.warns(RuntimeWarning, match="OMP_NUM_THREADS"):
+        assert accel.resolve_threads("auto") == 7
+
+
+@pytest.mark.parametrize("bad", [0, -1, "0", "x", "2.5", 2.5, True, None, "", [2]])
+def test_bad_threads_name_the_key(bad):
+    with pytest.raises(accel.ThreadsError) as err:
+        accel.resolve_threads(bad, key="threads")
+    assert err.value.key == "threads" and str(err.value).startswith("threads: expected auto")
+
+
+def test_apply_threads_reaches_torch(_threads_kept):
+    assert accel.apply_threads(1) == 1 and torch.get_num_threads() == 1
+    assert accel.apply_threads("2") == 2 and torch.get_num_threads() == 2
+    facts = accel.thread_facts()
+    assert facts["torch_threads"] == 2 and facts["usable_cores"] >= 1
+    assert facts["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_threads_option_parses_and_refuses_with_its_name(capsys):
+    import argparse
+    parser = argparse.ArgumentParser()
+    accel.add_threads_option(parser)
+    assert parser.parse_args([]).threads == "auto"
+    assert parser.parse_args(["--threads", "3"]).threads == 3
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--threads", "0"])
+    assert exit_.value.code == 2
+    assert "argument --threads: expected auto or a positive integer, got '0'" in \
+        capsys.readouterr().err

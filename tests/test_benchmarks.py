@@ -10,8 +10,10 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
+import bench_contention  # noqa: E402
 import bench_gpu_throughput  # noqa: E402
 import bench_train_step  # noqa: E402
+import check_reproducibility as repro  # noqa: E402
 
 TINY = ["--img-size", "32", "--num-classes", "10", "--threads", "2"]
 
@@ -119,3 +121,101 @@ def test_train_step_benchmark_models_take_timm_arguments(tmp_path):
     assert row["model"] == "deit_tiny_patch16_224:patch_size=8:depth=1" and _positive(row["median_s"])
     (mem,) = payload["memory"]
     assert "error" not in mem, mem
+
+
+def test_train_step_benchmark_takes_grayscale_input(tmp_path):
+    out = tmp_path / "gray.json"
+    payload = bench_train_step.main([
+        "--models", "xcit_nano_12_p8_224", "--in-chans", "1", "--batch", "2", "--rounds", "1",
+        "--warmup", "0", "--cases", "fgsm-rs", "--variants", "advvit,floor", "--no-memory",
+        "--output", str(out), *TINY])
+    assert {r["variant"] for r in payload["timing"]} == {"advvit", "floor"}
+    assert payload["settings"]["in_chans"] == 1
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_times_compiled_beside_eager(tmp_path):
+    payload = bench_train_step.main([
+        "--models", "xcit_nano_12_p16_224", "--batch", "2", "--rounds", "1", "--warmup", "1",
+        "--cases", "fgsm-rs", "--variants", "compiled,floor", "--no-memory", *TINY])
+    rows = {r["variant"]: r for r in payload["timing"] if "case" in r}
+    assert set(rows) == {"compiled", "floor"} and _positive(rows["compiled"]["ratio_to_floor"])
+    counts = [r for r in payload["timing"] if "compile_counts" in r]
+    assert counts and counts[0]["compile_counts"]["after"]["unique_graphs"] >= 1
+
+
+def test_contention_grid_order_fair_share_and_table():
+    cells = bench_contention.grid_cells([0, 1], [1, 2], ["default", "passive"], True)
+    assert cells[:4] == [(0, 1, "default", 0), (0, 1, "passive", 0), (0, 2, "default", 0),
+                         (0, 2, "passive", 0)]
+    assert cells[4] == (1, 1, "passive", 0)  # the order rotates with k
+    assert len(cells) == 12 and all(c[0] == 0 and c[3] == 1 for c in cells[8:])
+    assert bench_contention.fair_share(100.0, 0, 2, 2) == 100.0
+    assert bench_contention.fair_share(100.0, 1, 1, 2) == 100.0  # a core each
+    assert bench_contention.fair_share(100.0, 2, 2, 2) == 50.0
+    recs = [{"load": 0, "threads": 1, "policy": "default", "pass": 0, "images_per_s": 80.0,
+             "median_step_s": 1.6, "cpu_per_wall": 1.0, "loadavg_before": [1.0, 1, 1]},
+            {"load": 0, "threads": 2, "policy": "default", "pass": 0, "images_per_s": 100.0,
+             "median_step_s": 1.3, "cpu_per_wall": 2.0, "loadavg_before": [1.0, 1, 1],
+             "others_runnable": 1.0},
+            {"load": 2, "threads": 2, "policy": "default", "pass": 0, "images_per_s": 10.0,
+             "median_step_s": 13.0, "cpu_per_wall": 1.0, "loadavg_before": [3.0, 1, 1],
+             "others_runnable": 4.0},
+            {"load": 2, "threads": 1, "policy": "default", "pass": 0,
+             "error": "timed out after 240 s", "loadavg_before": None}]
+    bench_contention.add_ratios(recs, cores=2)
+    assert recs[2]["fair_images_per_s"] == 50.0 and recs[2]["vs_fair"] == pytest.approx(0.2)
+    assert recs[2]["vs_best_alone"] == pytest.approx(0.1) and recs[3]["vs_fair"] is None
+    # 4 others: a third of the cores for 2 threads; the reference had 1 other: two thirds
+    assert recs[2]["fair_measured_images_per_s"] == pytest.approx(100 / 3 / (2 / 3))
+    assert recs[1]["vs_fair_measured"] == pytest.approx(1.0)
+    assert recs[0]["vs_fair_measured"] is None  # no run-queue samples
+    md = bench_contention.render_markdown({
+        "settings": {"img_size": 32, "batch": 128, "eps": 0.1, "warmup": 3,
+                     "warmup_seconds": 20.0, "seconds": 15.0},
+        "env": {"usable_cores": 2}, "cells": recs})
+    assert "| 2 | 2 | default | 10.0 | 13.00 | 0.20 | 4.0 | 0.20 | 0.10 | 1.00 |" in md
+    assert "timed out after 240 s" in md
+
+
+def test_reproducibility_capabilities_cells_flips_and_table(tmp_path):
+    import numpy as np
+    flags = repro.cpu_flags("processor : 0\nflags : fpu sse avx avx2 fma avx512f\n")
+    assert {"avx2", "fma", "avx512f"} <= flags
+    assert repro.available_capabilities(flags) == ["default", "avx2", "avx2-mkl"]  # no avx512bw
+    assert repro.available_capabilities(flags | {"avx512bw", "avx512vl", "avx512dq"}) == [
+        "default", "avx2", "avx512", "avx2-mkl"]
+    assert repro.cell_env("avx2-mkl")["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
+    assert repro.grid([1, 2], ["default"], True) == [
+        (1, "default", "t1_default"), (2, "default", "t2_default"),
+        (1, "default", "t1_default_again")]
+    cells = []
+    for name, robust, shift in (("a", [1, 1, 0, 0], 0.0), ("b", [1, 0, 0, 1], 1e-6),
+                                ("a_again", [1, 1, 0, 0], 0.0)):
+        report = tmp_path / f"{name}.json"
+        report.write_text(json.dumps({
+            "clean_accuracy": 0.75, "robust_accuracy": {"value": sum(robust) / 4},
+            "environment": {"torch_threads": 2, "cpu_capability": "AVX2"},
+            "per_example": [{"index": 10 + i, "clean": i < 3, "robust": bool(r)}
+                            for i, r in enumerate(robust)]}))
+        probe = tmp_path / f"{name}.npz"
+        np.savez(probe, logits=np.eye(4, dtype=np.float32) + shift,
+                 grad=np.full((4, 1, 2, 2), -1e-7 + shift, dtype=np.float32),
+                 capability="AVX2", threads=2)
+        cells.append(repro.read_cell({"name": name, "threads": 2, "capability": "avx2",
+                                      "report": str(report), "probe": str(probe),
+                                      "seconds": 1.0}))
+    repro.compare(cells)
+    repro.compare_probes(cells)
+    assert cells[1]["robust_flips"] == [11, 13] and cells[1]["clean_flips"] == []
+    assert cells[2]["robust_flips"] == [] and cells[2]["logits_max_abs_diff"] == 0.0
+    assert cells[1]["logits_max_abs_diff"] == pytest.approx(1e-6, rel=1e-3)
+    assert cells[1]["grad_sign_changes"] == 16 and cells[1]["argmax_changes"] == 0
+    summary = repro.summarize(cells)
+    assert summary["clean_accuracy"] == {"values_pct": [75.0], "same_everywhere": True,
+                                         "spread_pct": 0.0}
+    assert summary["robust_accuracy"]["values_pct"] == [50.0]  # same count, other examples
+    assert summary["robust_flipped_examples"] == {"11": ["a", "a_again"], "13": ["b"]}
+    md = repro.render_markdown({"cells": cells, "summary": summary})
+    assert "| b | 2 | AVX2 | 75.00% | 50.00% | 0 | 2 | 11, 13 |" in md
+    assert "| 11 | a, a_again |" in md

@@ -152,6 +152,24 @@ def test_ids_file_selects_examples(ckpt_path, tmp_path):
     assert [p["label"] for p in report["per_example"]] == [int(y[5]), int(y[17]), int(y[3])]
 
 
+def test_threads_option_reaches_torch_and_the_report(ckpt_path, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        report = _run(_base(ckpt_path, tmp_path, "--attack", "fgsm", "--eps", "1/255",
+                            "--threads", "2"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    env = report["environment"]
+    assert env["torch_threads"] == 2
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    with pytest.raises(SystemExit) as exit_:
+        E.main(_base(ckpt_path, tmp_path, "--attack", "fgsm", "--threads", "0"))
+    assert exit_.value.code == 2
+    assert "argument --threads: expected auto or a positive integer, got '0'" in \
+        capsys.readouterr().err
+
+
 def test_select_indices_paths_and_random():
     paths = ["n01/a.JPEG", "n01/b.JPEG", "n02/c.JPEG"]
     assert select_indices(3, ids=["n02/c.JPEG", "val/n01/a.JPEG"], paths=paths) == [2, 0]

@@ -41,11 +41,30 @@ def test_eps_as_fraction_or_number(text, value):
     (["--finetune", "/no/such.pth"], "finetune"), (["--loss", "fgsm", "--attack-steps", "3"],
                                                    "attack_steps"),
     (["--scale", "0.9", "0.1"], "scale"), (["--device", "tpu"], "device"),
+    (["--threads", "0"], "threads"), (["--threads", "two"], "threads"),
 ])
 def test_bad_values_name_the_key(argv, key):
     with pytest.raises(ConfigError) as err:
         load_config(argv)
     assert err.value.key == key and f"'{key}'" in str(err.value)
+
+
+def test_threads_key_is_auto_or_a_positive_integer_and_reaches_torch(tmp_path):
+    import torch
+    from advvit import accel
+    assert load_config([]).run.threads == "auto"
+    cfg = load_config(["--config", _write(tmp_path, threads=2), "--threads", "1"])
+    assert cfg.run.threads == 1
+    assert config_from_dict(config_to_dict(cfg)).run.threads == 1
+    assert load_config(["--config", _write(tmp_path, threads="auto")]).run.threads == "auto"
+    for bad in (True, 1.5, -2):
+        with pytest.raises(ConfigError, match="'threads': expected auto or a positive integer"):
+            load_config(["--config", _write(tmp_path, threads=bad)])
+    before = torch.get_num_threads()
+    try:
+        assert accel.apply_threads(cfg.run.threads) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_unknown_yaml_key_suggests_the_near_one(tmp_path):

@@ -10,6 +10,7 @@ import argparse
 from typing import Any, Mapping
 
 from .. import config
+from ..accel import add_threads_option
 from ..analysis.shifts import CORRUPTION_CACHE
 from ..attacks import NORMS, check_eps
 from ..io import OptionError
@@ -101,8 +102,9 @@ def add_run_options(g: argparse._ActionsContainer, *, batch_size: int) -> None:
 
 
 def add_workers_option(g: argparse._ActionsContainer) -> None:
-    """``--workers`` (the data loader's)."""
+    """``--workers`` (the data loader's) and ``--threads`` (torch's, ``accel``'s one rule)."""
     g.add_argument("--workers", type=int, default=0, help="data loader workers")
+    add_threads_option(g)
 
 
 def parse_eps(text: str | float, *, norm: str = "linf", name: str = "--eps") -> float:
