@@ -7,7 +7,7 @@ starting variant rotates each round), median per variant:
 * ``direct``: ``pyautoattack.AutoAttack(model, ...).run_standard_evaluation(x, y)`` (the object
   is built inside the timed call, as the adapter builds its own);
 * ``adapter``: ``advvit.autoattack_adapter.AutoAttackAdapter(...).run(x, y)``;
-* ``run_attack``: ``advvit.eval.run_attack`` (what ``python -m advvit.eval`` calls per eps).
+* ``run_attack``: ``advvit.suites.run_attack`` (what ``python -m advvit.eval`` calls per eps).
 
 Two parts: ``apgd-ce`` (APGD-CE alone, ``--apgd-restarts`` x 100 iterations) and ``standard``
 (AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square). Each variant's robust flags are compared
@@ -56,7 +56,7 @@ import torch  # noqa: E402
 
 from advvit import data as advdata  # noqa: E402
 from advvit.attack_names import parse_attack  # noqa: E402
-from advvit.suites import run_attack  # noqa: E402
+from advvit import suites  # noqa: E402
 from advvit.autoattack_adapter import AutoAttackAdapter, backend_version  # noqa: E402
 from advvit.checkpoint import (ModelSpec, create_model_from_checkpoint, load_checkpoint,  # noqa: E402
                                make_checkpoint, save_checkpoint)
@@ -199,7 +199,7 @@ def make_variants(model, x, y, *, attacks: List[str] | None, restarts: int | Non
     def run_attack():
         spec = parse_attack("autoattack" if attacks is None else ",".join(attacks),
                                     restarts=None if attacks is None else restarts)
-        out = run_attack(model, x, y, spec, eps=eps, norm="linf", seed=0,
+        out = suites.run_attack(model, x, y, spec, eps=eps, norm="linf", seed=0,
                                  batch_size=batch_size, device="cpu", keep_adv=False,
                                  num_classes=10, backend="pyautoattack")
         return out.robust
