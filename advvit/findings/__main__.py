@@ -81,6 +81,20 @@ def _report(exps, args) -> None:
     print(f"{len(records)} records -> {page}")
 
 
+def _run(exp, root, env, only=None) -> Optional[int]:
+    """Run an experiment's units (``only`` these, when given): None when done, else the exit
+    status, its message printed (1 a failed unit, 130 stopped; a rerun resumes)."""
+    try:
+        run_experiment(exp, root, env=env, only=only)
+    except RunFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        print(f"stopped ({err or 'interrupted'}); run again to resume", file=sys.stderr)
+        return 130
+    return None
+
+
 def _verify(exps, args) -> int:
     root = os.path.join(args.root, "verify")
     env = None if args.threads is None else {"OMP_NUM_THREADS": str(args.threads)}
@@ -92,14 +106,9 @@ def _verify(exps, args) -> int:
         validate_result(record)
         key = measurement_unit(exp, record, args.measurement, root)
         print(f"claim {exp.claim} ({exp.id}): measuring {key} again under {root}")
-        try:
-            run_experiment(exp, root, env=env, only=[key])
-        except RunFailed as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt as err:
-            print(f"stopped ({err or 'interrupted'}); run again to resume", file=sys.stderr)
-            return 130
+        failed = _run(exp, root, env, only=[key])
+        if failed is not None:
+            return failed
         ok, lines = compare_measurement(exp, record, args.measurement, root)
         print("\n".join(lines) if lines else "identical to the record")
         status = status if ok else 1
@@ -146,14 +155,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"claim {exp.claim} ({exp.id}): skipped, waits for {exp.waits_for}")
             continue
         print(f"claim {exp.claim} ({exp.id})")
-        try:
-            run_experiment(exp, args.root, env=env)
-        except RunFailed as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt as err:
-            print(f"stopped ({err or 'interrupted'}); run again to resume", file=sys.stderr)
-            return 130
+        failed = _run(exp, args.root, env)
+        if failed is not None:
+            return failed
         _report([exp], args)
     return 0
 
