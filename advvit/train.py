@@ -15,7 +15,6 @@ from . import accel, checkpoint, data, engine, rundir
 from .config import ConfigError, load_config
 from .io import WriteError
 from .preflight import validate
-from .rundir import run_dir_for
 from .trainer import StopRequest, Trainer, TrainingStopped, train
 
 __all__ = ["main", "train", "Trainer", "StopRequest", "TrainingStopped", "validate"]
@@ -65,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except WriteError as err:
-        print(f"error: {err}; training stopped. {_kept(run_dir_for(cfg))}", file=sys.stderr)
+        print(f"error: {err}; training stopped. {_kept(rundir.run_dir_for(cfg))}", file=sys.stderr)
         return 1
     except TrainingStopped as stopped:
         if stopped.is_main:
