@@ -20,7 +20,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import functools
 import platform
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -34,6 +36,7 @@ from .robustness import EnsembleResult
 __all__ = [
     "EVAL_FORMAT",
     "versions",
+    "source_commit",
     "envelope",
     "build_report",
     "print_table",
@@ -51,10 +54,48 @@ EVAL_FORMAT = "advvit-eval/1"
 # ------------------------------------------------------------------------------------ envelope
 
 def versions(**extra: str) -> dict[str, str]:
-    """advvit, python, torch and timm versions, plus ``extra`` (e.g. ``autoattack=...``)."""
+    """advvit, python, torch and timm versions, plus ``extra`` (e.g. ``autoattack=...``), and
+    ``advvit_commit`` (:func:`source_commit`) when advvit runs from a git checkout."""
     import timm
-    return {"advvit": __version__, "python": platform.python_version(),
-            "torch": torch.__version__, "timm": timm.__version__, **extra}
+    out = {"advvit": __version__, "python": platform.python_version(),
+           "torch": torch.__version__, "timm": timm.__version__, **extra}
+    commit = source_commit()
+    if commit is not None:
+        out["advvit_commit"] = commit
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def source_commit() -> str | None:
+    """The git commit of the advvit code that runs, ``+dirty`` appended when its tracked files
+    under ``advvit/`` differ from that commit; None when it is not run from its own checkout
+    (an installed wheel, or a site-packages folder inside somebody else's repository).
+
+    The version string names a release, not the code between two: a number a re-run does not
+    reproduce is traced by this.
+    """
+    return checkout_commit(Path(__file__).resolve().parent.parent)
+
+
+def checkout_commit(root: Path, package: str = "advvit") -> str | None:
+    """``root``'s HEAD commit (``+dirty`` when tracked files under ``package`` changed), or None
+    unless ``root`` is the top of a git checkout."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                  text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != Path(root).resolve():
+        return None
+    head = git("rev-parse", "HEAD")
+    if head is None:
+        return None
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", package)
+    return head + ("+dirty" if changed else "")
 
 
 def _with_sha256(model: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -311,6 +311,18 @@ def test_a_tiny_experiment_runs_end_to_end_and_writes_a_valid_result(tmp_path):
     # One seed: no spread, so no verdict either way.
     assert saved["verdict"] == V.CANNOT_TELL and saved["tests"][0]["verdict"] == V.CANNOT_TELL
     assert {m["setting"] for m in saved["measurements"]} == {"wd0", "wd05"}
+    # Complete enough to trace a mismatch: each run's resolved config, code, threads and
+    # checkpoints; each measurement's command, code, environment, files read and time.
+    run = saved["runs"]["wd05 s0"]
+    assert run["config"]["weight_decay"] == 0.5 and run["config"]["threads"] is not None
+    assert run["omp_num_threads"] == "1" and "torch" in run["versions"]
+    assert run["sha256"]["best.pth"] == sha256_file(os.path.join(run["folder"], "best.pth"))
+    m = next(m for m in saved["measurements"] if m["setting"] == "wd05")
+    p = m["provenance"]
+    assert p["sha256"] == [run["sha256"]["best.pth"]] and p["seconds"] > 0
+    assert p["command"][p["command"].index("--checkpoint") + 1] == m["checkpoint"]
+    assert p["environment"]["torch_threads"] == 1 and "timm" in p["versions"]
+    assert saved["created"] == max(x["provenance"]["created"] for x in saved["measurements"])
     assert run_experiment(exp, root, say=lambda s: None) == {}
 
 
@@ -699,6 +711,42 @@ def test_the_test_sets_sampling_noise_widens_the_band():
     assert S([0.5] * 6, [100] * 6).sampling_var == pytest.approx(0.25 / 100)
     with pytest.raises(ValueError, match="one positive example count per value"):
         S([0.5, 0.5], [100])
+
+
+def test_created_is_when_the_measurements_were_made_not_when_reported(tmp_path):
+    def dated(unit, **kw):
+        fake(unit, **kw)
+        if unit.kind == "eval":
+            with open(unit.output) as fh:
+                report = json.load(fh)
+            report["created"] = f"2026-01-0{unit.seed + 1}T00:00:00+00:00"
+            with open(unit.output, "w") as fh:
+                json.dump(report, fh)
+        return 1.0
+    fake = _per_example_runner()
+    exp, data = _built(tmp_path, dated, seeds="[0, 1]")
+    assert data["created"] == "2026-01-02T00:00:00+00:00"
+    assert rebuild_result(exp, data, "cmd")["created"] == data["created"]
+
+
+def test_an_evaluation_of_the_last_checkpoint_reads_last_pth(tmp_path):
+    path = _tiny_experiment(tmp_path)
+    spec = yaml.safe_load(open(path))
+    spec["evals"]["pgd_last"] = {**spec["evals"]["pgd"], "checkpoint": "last"}
+
+    def load(spec):
+        with open(path, "w") as fh:
+            yaml.safe_dump(spec, fh)
+        return load_experiment(path, defaults={})
+    by = {u.source: u for u in units(load(spec), "r") if u.kind == "eval"}
+    assert by["pgd"].checkpoints[0].endswith("best.pth")
+    assert by["pgd_last"].checkpoints[0].endswith("last.pth")
+    command = by["pgd_last"].command
+    assert command[command.index("--checkpoint") + 1] == by["pgd_last"].checkpoints[0]
+    assert by["pgd"].output != by["pgd_last"].output
+    spec["evals"]["pgd_last"]["checkpoint"] = "final"
+    with pytest.raises(FindingsError, match=r"evals.pgd_last.checkpoint.*best .*or last"):
+        load(spec)
 
 
 def test_a_record_keeps_each_evaluations_example_count(tmp_path):

@@ -50,3 +50,28 @@ def test_remove_stale_tmp_removes_only_the_temporary_files_of_atomic_writes(tmp_
     assert removed == [stale]
     assert sorted(os.listdir(tmp_path)) == sorted(keep + [".tb.dir.tmp"])
     assert io.remove_stale_tmp(tmp_path / "missing") == []
+
+
+def test_the_source_commit_is_heads_and_says_when_the_code_differs(tmp_path):
+    import subprocess
+    from advvit.report import checkout_commit
+    repo = tmp_path / "repo"
+    (repo / "advvit").mkdir(parents=True)
+    (repo / "advvit" / "a.py").write_text("x = 1\n")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c",
+                               "user.email=t@t", *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+    assert checkout_commit(repo) is None  # not a checkout yet
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "HEAD")
+    assert checkout_commit(repo) == head
+    (repo / "notes.txt").write_text("untracked, outside the package\n")
+    assert checkout_commit(repo) == head
+    (repo / "advvit" / "a.py").write_text("x = 2\n")
+    assert checkout_commit(repo) == head + "+dirty"
+    # A folder inside somebody else's checkout is not advvit's own.
+    assert checkout_commit(repo / "advvit") is None

@@ -23,7 +23,8 @@ from ..io import OptionError, sha256_file
 from .spec import AnalysisSpec, EvalSpec, Experiment, SettingSpec
 
 __all__ = ["Unit", "units", "status", "plan_lines", "log_path", "journal_path", "read_journal",
-           "TRAIN_MARKER", "EXPERIMENT_LIMIT_MINUTES", "train_values"]
+           "TRAIN_MARKER", "EXPERIMENT_LIMIT_MINUTES", "train_values", "recorded_hashes",
+           "file_sha256"]
 
 TRAIN_MARKER = "findings_done.json"
 EXPERIMENT_LIMIT_MINUTES = 45.0
@@ -117,8 +118,9 @@ def _train_units(exp: Experiment, root: str) -> Dict[Tuple[str, int], Unit]:
 def _eval_unit(spec: EvalSpec, train: Unit) -> Unit:
     # Per-example outcomes let the verdict pair two settings image by image.
     args = list(spec.args) + ([] if "--per-example" in spec.args else ["--per-example"])
-    out = os.path.join(train.folder, "findings", f"eval-{spec.name}-{_digest(args)}.json")
-    checkpoint = os.path.join(train.folder, _CHECKPOINT)
+    tag = _digest(args) if spec.checkpoint == "best" else _digest([args, spec.checkpoint])
+    out = os.path.join(train.folder, "findings", f"eval-{spec.name}-{tag}.json")
+    checkpoint = os.path.join(train.folder, f"{spec.checkpoint}.pth")
     attack = args[args.index("--attack") + 1] if "--attack" in args else "autoattack"
     # advvit.eval resumes AutoAttack runs from a state file and refuses one for the rest.
     try:
@@ -196,7 +198,7 @@ def units(exp: Experiment, root: str) -> List[Unit]:
 _HASHES: Dict[Tuple[str, int, int], str] = {}
 
 
-def _sha256(path: str) -> Optional[str]:
+def file_sha256(path: str) -> Optional[str]:
     """The file's sha256 (cached while its size and mtime stay), None when it is missing."""
     try:
         st = os.stat(path)
@@ -214,7 +216,8 @@ def _measured_files(unit: Unit) -> List[str]:
     return [*unit.checkpoints, *(c[i + 1] for i, w in enumerate(c[:-1]) if w == "--judge")]
 
 
-def _recorded_hashes(report: Mapping[str, Any], kind: str) -> List[Any]:
+def recorded_hashes(report: Mapping[str, Any], kind: str) -> List[Any]:
+    """The sha256 of each model file a measurement's report says it read, in order."""
     models = [report.get("model")] if kind == "eval" else [*report.get("models", []),
                                                             *report.get("judges", [])]
     return [m.get("sha256") if isinstance(m, dict) else None for m in models]
@@ -225,7 +228,7 @@ def _stale(unit: Unit) -> bool:
     training run resumed and finished after it, or retrained)."""
     try:
         with open(unit.output) as fh:
-            recorded = _recorded_hashes(json.load(fh), unit.kind)
+            recorded = recorded_hashes(json.load(fh), unit.kind)
     except (OSError, ValueError):
         return True
     files = _measured_files(unit)
@@ -234,7 +237,7 @@ def _stale(unit: Unit) -> bool:
     # A checkpoint not there cannot be compared; its training unit runs first and the
     # measurement is checked again then.
     return any(now is not None and now != then
-               for now, then in zip(map(_sha256, files), recorded))
+               for now, then in zip(map(file_sha256, files), recorded))
 
 
 def status(unit: Unit) -> str:

@@ -6,7 +6,10 @@ analysis file), so a reader can check a verdict against the runs behind it. An e
 measurement also keeps its per-example outcomes, bit-packed (``outcomes``, see
 :func:`.extract.eval_outcomes`), and its gradient-masking flags (``masking``); records written
 before these fields lack them, and are still read: their tests fall back to the unpaired rule,
-and the record's ``gaps`` say what it could not judge.
+and the record's ``gaps`` say what it could not judge. Each measurement's ``provenance``
+(when, which code, threads, command, the files it read and their sha256, its time) and each
+training run's entry in ``runs`` (its resolved config, code, threads, checkpoints' sha256) are
+what a re-run is compared with when it does not reproduce.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from ..plots import findings_figure
 from . import verdict as V
 from .extract import ExtractError, eval_masking, eval_metrics, eval_outcomes, extract, \
     unpack_outcomes
-from .plan import status, units
+from .plan import file_sha256, read_journal, recorded_hashes, status, units
 from .spec import Experiment, MetricRef
 
 __all__ = ["collect", "build_result", "rebuild_result", "validate_result", "write_result", "FORMAT",
@@ -54,8 +57,9 @@ def collect(exp: Experiment, root: str) -> Tuple[Measurements, List[Dict[str, An
     for u in units(exp, root):
         if u.kind in ("prepare", "train") or status(u) != "done":
             continue
+        report = _load(u.output)
+        provenance = _provenance(u, report)
         if u.kind == "eval":
-            report = _load(u.output)
             if not isinstance(report.get("n"), int):
                 raise ExtractError(f"{u.output}: the evaluation report has no example count 'n'")
             per = [{**eval_metrics(report), _EXAMPLES: report["n"]}]
@@ -67,7 +71,7 @@ def collect(exp: Experiment, root: str) -> Tuple[Measurements, List[Dict[str, An
             seeds: Sequence[int] = (u.seed,)
         else:
             settings, seeds = u.settings, u.seeds
-            per = extract(exp.analysis(u.source).command, _load(u.output), settings)
+            per = extract(exp.analysis(u.source).command, report, settings)
             extra = {}
         for setting, seed, metrics, ckpt in zip(settings, seeds, per, u.checkpoints):
             found[(setting, seed, u.source)] = metrics
@@ -77,8 +81,51 @@ def collect(exp: Experiment, root: str) -> Tuple[Measurements, List[Dict[str, An
                                                   if k != _EXAMPLES})}
             if _EXAMPLES in metrics:
                 record["n_examples"] = metrics[_EXAMPLES]
-            records.append({**record, **extra})
+            records.append({**record, **extra, "provenance": provenance})
     return found, records
+
+
+def _provenance(unit: Any, report: Mapping[str, Any]) -> Dict[str, Any]:
+    """What made a measurement, from its report's envelope: when, the code (versions, the
+    source commit), the threads and CPU kernels, the command, the sha256 of every model file it
+    read, and the wall seconds of all its attempts."""
+    seconds, attempts = read_journal(unit)
+    return {"created": report.get("created"), "versions": report.get("versions"),
+            "environment": report.get("environment"), "command": report.get("command"),
+            "sha256": recorded_hashes(report, unit.kind),
+            "seconds": round(seconds, 3), "attempts": attempts}
+
+
+def _runs(exp: Experiment, root: str) -> Dict[str, Dict[str, Any]]:
+    """Every finished training run: its folder, the resolved config ``advvit.train`` saved
+    (args.yaml, every key with its default filled in), its time, code and threads, and the
+    sha256 of its checkpoints, so a re-run can be compared run by run."""
+    import yaml
+    out: Dict[str, Dict[str, Any]] = {}
+    for u in units(exp, root):
+        if u.kind != "train" or status(u) != "done":
+            continue
+        marker = _load(u.output)
+        try:
+            with open(os.path.join(u.folder, "args.yaml")) as fh:
+                resolved = yaml.safe_load(fh)
+        except (OSError, yaml.YAMLError):
+            resolved = None
+        out[f"{u.setting} s{u.seed}"] = {
+            "folder": u.folder, "config": resolved, "seconds": marker.get("seconds"),
+            "finished": marker.get("finished"), "versions": marker.get("versions"),
+            "omp_num_threads": marker.get("omp_num_threads"),
+            "sha256": {name: file_sha256(os.path.join(u.folder, name))
+                       for name in ("best.pth", "last.pth")}}
+    return out
+
+
+def _created(records: Sequence[Mapping[str, Any]]) -> str:
+    """When the measurements were made: the newest of their reports (every report's envelope
+    writes the same UTC form, so the strings sort as times); now when none says."""
+    made = [m["provenance"]["created"] for m in records
+            if isinstance((m.get("provenance") or {}).get("created"), str)]
+    return max(made) if made else time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
 
 
 _EXAMPLES = "#examples"
@@ -123,8 +170,8 @@ def build_result(exp: Experiment, root: str, command: str) -> Dict[str, Any]:
     claim's verdict is then ``cannot tell``.
     """
     found, records = collect(exp, root)
-    return _judge(exp, found, records, _train_seconds(exp, root), command,
-                  time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()))
+    return _judge(exp, found, records, _train_seconds(exp, root), command, _created(records),
+                  runs=_runs(exp, root))
 
 
 def rebuild_result(exp: Experiment, record: Mapping[str, Any], command: str) -> Dict[str, Any]:
@@ -143,7 +190,8 @@ def rebuild_result(exp: Experiment, record: Mapping[str, Any], command: str) -> 
             metrics[_EXAMPLES] = int(m["n_examples"])
         found[(m["setting"], m["seed"], m["source"])] = metrics
     return _judge(exp, found, [dict(m) for m in record["measurements"]],
-                  dict(record["train_seconds"]), command, record["created"])
+                  dict(record["train_seconds"]), command, record["created"],
+                  runs=record.get("runs"))
 
 
 def _paired(exp: Experiment, index: Mapping[Tuple[str, int, str], Mapping[str, Any]],
@@ -258,7 +306,8 @@ def compare_measurement(exp: Experiment, record: Mapping[str, Any], index: int,
 
 
 def _judge(exp: Experiment, found: Measurements, records: List[Dict[str, Any]],
-           train_seconds: Dict[str, float], command: str, created: str) -> Dict[str, Any]:
+           train_seconds: Dict[str, float], command: str, created: str,
+           runs: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     summaries: Dict[str, Dict[str, Any]] = {}
     tests: List[Dict[str, Any]] = []
     results: List[V.TestResult] = []
@@ -279,8 +328,12 @@ def _judge(exp: Experiment, found: Measurements, records: List[Dict[str, Any]],
         if t.threshold is not None:
             entry["threshold"] = t.threshold
         if missing:
-            unmeasured = [r for r in missing if all((refs[r].setting, s, refs[r].source) in found
-                                                    for s in exp.seeds)]
+            def measured(r: str) -> List[bool]:
+                return [(refs[r].setting, s, refs[r].source) in found for s in exp.seeds]
+            # Measured without the metric, or not at all where the setting's runs were: the
+            # test was added after the recorded runs.
+            unmeasured = [r for r in missing if all(measured(r)) or (
+                not any(measured(r)) and any(k[0] == refs[r].setting for k in found))]
             why = f"missing seeds of {', '.join(missing)}"
             if unmeasured:
                 why = (f"the recorded runs did not measure {', '.join(unmeasured)} "
@@ -340,6 +393,8 @@ def _judge(exp: Experiment, found: Measurements, records: List[Dict[str, Any]],
         "created": created,
         "advvit": __version__,
     }
+    if runs is not None:
+        out["runs"] = dict(runs)
     if exp.premise_not_reached and verdict not in ("not run", V.UNTRUSTWORTHY):
         # The tests measured something, but not the situation the claim is about.
         out.update(verdict=V.CANNOT_TELL, verdict_note="premise not reached",

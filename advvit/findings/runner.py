@@ -189,9 +189,13 @@ def run_unit(unit: Unit, *, python: str = sys.executable,
     if unit.kind == "train":
         if not os.path.isfile(os.path.join(unit.folder, "best.pth")):
             raise RunFailed(unit, rc, log)
+        from ..report import versions
+        # The code and threads of the run: what a re-run must match to give the same weights.
+        threads = (env or {}).get("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS"))
         atomic_write_json(unit.output, {"seconds": round(seconds, 3), "command": unit.command,
                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                        "config": unit.config}, indent=1)
+                                        "config": unit.config, "versions": versions(),
+                                        "omp_num_threads": threads}, indent=1)
     elif not os.path.isfile(unit.output):
         raise RunFailed(unit, rc, log)
     return seconds

@@ -50,10 +50,14 @@ class EvalSpec:
         name: how metric references call it (``apgd``).
         args: the evaluation's options after ``--checkpoint`` (attack, eps, examples, ...).
         minutes: the planning estimate for one run's evaluation.
+        checkpoint: ``best`` (the run's best.pth, selected by held-out PGD) or ``last`` (its
+            last.pth: where training ended). The selection is early stopping, and hides a
+            collapse late in training: a claim about the end of training reads ``last``.
     """
     name: str
     args: Tuple[str, ...]
     minutes: float
+    checkpoint: str = "best"
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,8 @@ def _args(value: Any, where: str, key: str) -> Tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
-_EVAL_KEYS = ("args", "minutes")
+_EVAL_KEYS = ("args", "minutes", "checkpoint")
+EVAL_CHECKPOINTS = ("best", "last")
 
 
 def _evals(raw: Mapping[str, Any], where: str) -> Dict[str, EvalSpec]:
@@ -243,8 +248,13 @@ def _evals(raw: Mapping[str, Any], where: str) -> Dict[str, EvalSpec]:
         key = f"evals.{name}"
         spec = _mapping(spec, where, key)
         _known(spec, _EVAL_KEYS, where, key + ".")
+        checkpoint = spec.get("checkpoint", "best")
+        if checkpoint not in EVAL_CHECKPOINTS:
+            raise FindingsError(where, key + ".checkpoint", f"{checkpoint!r} is not a checkpoint",
+                                "best (the run's best.pth) or last (its last.pth)")
         out[name] = EvalSpec(_name(name, where, key), _args(spec.get("args"), where, key + ".args"),
-                             _minutes(spec.get("minutes", 2), where, key + ".minutes"))
+                             _minutes(spec.get("minutes", 2), where, key + ".minutes"),
+                             checkpoint)
     return out
 
 
