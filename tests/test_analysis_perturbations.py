@@ -192,19 +192,25 @@ def test_random_sign_control_is_chance_inside_the_box_and_leaks_the_outline_at_i
 
 # ----------------------------------------------------------------------------- transfer matrix
 
-@pytest.mark.parametrize("attack,steps", [("pgd", 5), ("apgd-ce", 5)])
-def test_transfer_diagonal_is_the_white_box_accuracy_of_advvit_eval(attack, steps):
+@pytest.mark.parametrize("attack,steps,norm,eps", [
+    ("pgd", 5, "linf", 16 / 255), ("apgd-ce", 5, "linf", 16 / 255),
+    ("pgd", 5, "l1", 8.0), ("apgd-ce", 5, "l1", 8.0)])
+def test_transfer_diagonal_is_the_white_box_accuracy_of_advvit_eval(attack, steps, norm, eps):
     masks = _masks()
     x, y = _noisy_patterns(masks, per_class=6, seed=2)
     a = _template_judge(masks)
     b = _template_judge(_masks(seed=0) * 0.5 + 0.25)  # another linear model on the same task
-    eps = 16 / 255
     tm = P.transfer_matrix({"a": a, "b": b}, x, y, attack=attack, eps=eps, steps=steps,
-                           seed=7, batch_size=16)
+                           norm=norm, seed=7, batch_size=16)
+    assert tm.norm == norm
     spec = parse_attack(attack, steps=steps, restarts=1 if attack == "apgd-ce" else None)
     for i, model in enumerate((a, b)):
-        white = run_attack(model, x, y, spec, eps=eps, seed=7, batch_size=16,
-                             num_classes=10, keep_adv=True)
+        white = run_attack(model, x, y, spec, eps=eps, norm=norm, seed=7, batch_size=16,
+                           num_classes=10, keep_adv=True)
+        delta = (white.x_adv - x).flatten(1)
+        size = delta.abs().sum(1) if norm == "l1" else delta.abs().amax(1)
+        assert (size <= eps * (1 + 1e-5)).all() and (white.x_adv >= 0).all() \
+            and (white.x_adv <= 1).all()
         # the same examples survive (the runner's own mean is float32)
         assert round(tm.accuracy[i, i].item() * len(y)) == int(white.robust.sum())
         assert tm.accuracy[i, i].item() == pytest.approx(white.robust_accuracy)
