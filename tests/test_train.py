@@ -80,6 +80,28 @@ def test_run_folder_holds_args_checkpoints_csv_and_tensorboard(tmp_path):
     assert best["config"]["model"] == "xcit_nano_12_p8_32"
 
 
+def test_l1_training_runs_end_to_end_with_every_example_in_the_l1_ball(tmp_path, monkeypatch):
+    from advvit import losses
+    eps, sizes = 2.0, []
+
+    def recorded(model, x, y, **kw):
+        assert kw["norm"] == "l1" and kw["eps"] == pytest.approx(eps)
+        x_adv = pgd(model, x, y, **kw)
+        sizes.append((x_adv - x).flatten(1).abs().sum(1))
+        return x_adv
+    pgd = losses.pgd
+    monkeypatch.setattr(losses, "pgd", recorded)
+    args = _tiny_args(tmp_path, "--max-steps-per-epoch", "3", "--eval-batches", "1",
+                      "--attack-norm", "l1")
+    args[args.index("--eps") + 1] = str(eps)
+    assert main(args) == 0
+    best = checkpoint.load_checkpoint(tmp_path / "runs" / "run" / "best.pth")
+    assert best["config"]["attack_norm"] == "l1" and best["meta"]["train_eps"] == pytest.approx(eps)
+    sizes = torch.cat(sizes)
+    # FGSM-RS at full eps from the first step (no warm-up): the budget is spent, never exceeded.
+    assert len(sizes) >= 3 * 8 and (sizes <= eps * (1 + 1e-5)).all() and sizes.max() > eps / 2
+
+
 @pytest.mark.slow
 def test_resume_after_one_epoch_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     full = tmp_path / "full"
