@@ -229,7 +229,7 @@ def _prepare(analysis: Analysis, args: AnalyzeRequest) -> Context:
     ex = load_examples(dataset, data_dir, split=args.split, in_chans=loaded[0].in_chans,
                        img_size=loaded[0].img_size, n_examples=n,
                        batch_size=args.batch_size, workers=args.workers,
-                       at_most=args.n_examples is None)
+                       at_most=args.n_examples is None, eval_transform=loaded[0].eval_transform)
     _check_model_outputs(models + judges + ([baseline] if baseline else []), ex.x, ex.y,
                          dataset, device)
     norm = _norm(analysis, args)

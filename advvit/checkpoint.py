@@ -38,7 +38,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -650,6 +650,9 @@ class LoadedModel:
         num_classes, in_chans, img_size: what it takes and returns (img_size None: any).
         record: what the reports say about it (source, path, sha256, arch, ...).
         trained_on: the training config the checkpoint records ({} when none).
+        eval_transform: the source's own evaluation preprocessing (a PIL image to a [0, 1]
+            tensor: resize, crop), applied to the examples in place of advvit's; None:
+            advvit's (the data set's native size, or timm's eval transform).
     """
 
     model: nn.Module
@@ -658,6 +661,7 @@ class LoadedModel:
     img_size: Optional[int]
     record: Dict[str, Any]
     trained_on: Dict[str, Any]
+    eval_transform: Optional[Callable[[Any], torch.Tensor]] = None
 
 
 def load_checkpoint_model(path: PathLike, *, use_ema: bool = True,

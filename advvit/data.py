@@ -801,7 +801,9 @@ def _native_size(dataset: Any) -> Optional[Tuple[int, int]]:
 
 def create_loader(dataset: torch.utils.data.Dataset, *, img_size: ImgSize, in_chans: int, batch_size: int,
                   is_training: bool, num_workers: int = 0, distributed: bool = False,
-                  device: Optional[Union[str, torch.device]] = None, **augment: Any) -> Any:
+                  device: Optional[Union[str, torch.device]] = None,
+                  eval_transform: Optional[Callable[[Any], torch.Tensor]] = None,
+                  **augment: Any) -> Any:
     """Batches of ``(x, y)``: x float32 ``(B, in_chans, H, W)`` in [0, 1], y int64 ``(B,)``.
 
     Training batches go through timm's ``create_transform`` (random resized crop, flips, colour
@@ -830,6 +832,8 @@ def create_loader(dataset: torch.utils.data.Dataset, *, img_size: ImgSize, in_ch
         num_workers: loader worker processes.
         distributed: shard with a distributed sampler (needs an initialised process group).
         device: where batches go (None: stay on the CPU).
+        eval_transform: for evaluation, a model source's own preprocessing (PIL image to a
+            [0, 1] tensor) in place of the above; it must give ``img_size`` images.
         **augment: timm ``create_loader`` names: scale, ratio, hflip, vflip, color_jitter,
             auto_augment, re_prob, re_mode, re_count, interpolation, crop_pct, crop_mode, no_aug, ...;
             and two timm lacks, for training: ``crop_padding`` (pad, then a random ``img_size``
@@ -878,7 +882,12 @@ def create_loader(dataset: torch.utils.data.Dataset, *, img_size: ImgSize, in_ch
     native = _native_size(dataset)
     plain_eval = (not is_training and native == size and augment.get("crop_pct") in (None, 1.0)
                   and not augment.get("crop_border_pixels"))
-    if plain_eval:
+    if eval_transform is not None and not is_training:
+        if use_prefetcher:
+            raise ValueError("eval_transform gives float tensors; timm's CUDA prefetcher takes "
+                             "uint8 arrays: load the examples on the CPU")
+        transform = eval_transform
+    elif plain_eval:
         # Nothing to resize or crop: a to-tensor (to-uint8-array for the prefetcher) is enough.
         transform = ToNumpy() if use_prefetcher else MaybeToTensor()
     else:
@@ -996,7 +1005,8 @@ class Examples:
 def load_examples(dataset: str, data_dir: Optional[Union[str, Path]], *, split: str,
                   in_chans: int, img_size: Optional[int], n_examples: Optional[int] = None,
                   sample: str = "first", seed: int = 0, ids: Optional[Sequence[str]] = None,
-                  batch_size: int = 250, workers: int = 0, at_most: bool = False) -> Examples:
+                  batch_size: int = 250, workers: int = 0, at_most: bool = False,
+                  eval_transform: Optional[Callable[[Any], torch.Tensor]] = None) -> Examples:
     """Load the chosen examples of a data split as a model takes them (evaluation, analyses).
 
     Args:
@@ -1007,6 +1017,8 @@ def load_examples(dataset: str, data_dir: Optional[Union[str, Path]], *, split: 
         batch_size, workers: the loader's.
         at_most: take all examples of a split smaller than ``n_examples`` (for a default
             count the user did not ask for) instead of refusing.
+        eval_transform: the model source's own preprocessing
+            (:attr:`advvit.checkpoint.LoadedModel.eval_transform`), None: advvit's.
 
     Raises:
         OptionError: the data set is not there, or the examples asked for are not in it.
@@ -1024,7 +1036,7 @@ def load_examples(dataset: str, data_dir: Optional[Union[str, Path]], *, split: 
     native = _native_size(ds)
     loader = create_loader(subset, img_size=img_size or (native[0] if native else 224),
                            in_chans=in_chans, batch_size=batch_size, is_training=False,
-                           num_workers=workers)
+                           num_workers=workers, eval_transform=eval_transform)
     xs, ys = zip(*[(xb.cpu(), yb.cpu()) for xb, yb in loader])
     x, y = torch.cat(xs), torch.cat(ys).long()
     if len(y) != len(indices):

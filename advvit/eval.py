@@ -199,7 +199,7 @@ def _prepare(req: EvalRequest) -> _Prepared:
     ex = load_examples(dataset, data_dir, split=req.split, in_chans=loaded.in_chans,
                        img_size=loaded.img_size, n_examples=req.n_examples, sample=req.sample,
                        seed=req.seed, ids=req.ids, batch_size=req.batch_size,
-                       workers=req.workers)
+                       workers=req.workers, eval_transform=loaded.eval_transform)
     x, y = ex.x, ex.y
     name = "--threats" if req.threats_given else "--eps-sweep" if req.eps_sweep else "--eps"
     for _, norm, eps in req.threats:  # the L2 and L1 bounds depend on the input size

@@ -22,6 +22,7 @@ file, its sha256 and its origin.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import os
 import sys
@@ -108,8 +109,7 @@ def resolve_model(ref: str, opts: ModelOptions = ModelOptions()) -> LoadedModel:
     else:
         loaded = _path(ref, opts)
     record = {"reference": str(ref), "input_range": [0.0, 1.0], **loaded.record}
-    return LoadedModel(loaded.model.eval(), loaded.num_classes, loaded.in_chans,
-                       loaded.img_size, record, loaded.trained_on)
+    return dataclasses.replace(loaded, model=loaded.model.eval(), record=record)
 
 
 def check_classes(num_classes: int, dataset: str, where: str) -> None:
@@ -185,8 +185,7 @@ def _path(ref: str, opts: ModelOptions) -> LoadedModel:
 
 
 def _with(loaded: LoadedModel, **record: Any) -> LoadedModel:
-    return LoadedModel(loaded.model, loaded.num_classes, loaded.in_chans, loaded.img_size,
-                       {**loaded.record, **record}, loaded.trained_on)
+    return dataclasses.replace(loaded, record={**loaded.record, **record})
 
 
 def _strip_module(state: Mapping[str, Any]) -> Dict[str, Any]:
@@ -507,9 +506,12 @@ def _robustbench(rest: str, opts: ModelOptions) -> LoadedModel:
                           f"at {file}") from None
     entry = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat)][name]
     preprocessing = entry.get("preprocessing")
+    transform = None
     if dataset == "imagenet":
-        transform = get_preprocessing(BenchmarkDataset(dataset), ThreatModel(threat), name,
-                                      preprocessing)
+        # The resize and crop robustbench's own benchmark() applies (preprocessing None: the
+        # timm model's cfg where the entry is one, e.g. bicubic for the XCiTs, else the
+        # entry's): the leaderboard's numbers were measured through it.
+        transform = get_preprocessing(BenchmarkDataset(dataset), ThreatModel(threat), name, None)
         crops = [t for t in getattr(transform, "transforms", []) if hasattr(t, "size")]
         size = crops[-1].size if crops else 224
         img_size = int(size if isinstance(size, int) else size[0])
@@ -525,6 +527,8 @@ def _robustbench(rest: str, opts: ModelOptions) -> LoadedModel:
         "normalize": normalize,
         "normalization": "inside robustbench's model, as its load_model builds it" +
         ("" if normalize else " (none: the entry takes [0, 1] pixels as they are)"),
-        "preprocessing": preprocessing or ("Res256Crop224" if dataset == "imagenet" else "ToTensor"),
+        "preprocessing": ("robustbench's get_preprocessing, applied to the examples: " +
+                          ", ".join(map(repr, getattr(transform, "transforms", [transform])))
+                          if transform is not None else "ToTensor"),
         "train_norm": train_norm, "train_eps": LEADERBOARD_EPS.get((dataset, threat), (None,))[0]},
-        {"dataset": "imagefolder" if dataset == "imagenet" else dataset})
+        {"dataset": "imagefolder" if dataset == "imagenet" else dataset}, transform)

@@ -16,6 +16,7 @@ import advvit  # noqa: F401  (before timm)
 import timm
 from advvit import checkpoint as C
 from advvit import eval as E
+from advvit.data import load_examples
 from advvit.io import OptionError, sha256_file
 from advvit.models import create_model
 from advvit.references import ModelOptions, resolve_model
@@ -218,6 +219,28 @@ def test_robustbench_entries_are_robustbenchs_own_models(zoo, dataset, name, siz
     rec = loaded.record
     assert rec["zoo_entry"] == f"{dataset}/Linf/{name}" and rec["sha256"] == sha256_file(file)
     assert rec["img_size"] == size and rec["input_range"] == [0.0, 1.0]
+
+
+def test_an_imagenet_entrys_examples_are_preprocessed_as_robustbench_does(zoo, tmp_path):
+    from PIL import Image
+    from robustbench.data import get_preprocessing
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    from test_data import make_imagefolder
+    name = "Debenedetti2022Light_XCiT-S12"
+    _robustbench_weights(name, "imagenet", zoo)
+    loaded = resolve_model(f"robustbench:imagenet/Linf/{name}",
+                           ModelOptions(robustbench_dir=str(zoo)))
+    folder = make_imagefolder(tmp_path / "images", per_class=1, size=300)
+    ex = load_examples("imagefolder", folder, split="val", in_chans=3,
+                       img_size=loaded.img_size, eval_transform=loaded.eval_transform)
+    theirs = get_preprocessing(BenchmarkDataset.imagenet, ThreatModel.Linf, name, None)
+    files = sorted(p for p in (folder / "val").rglob("*") if p.is_file())
+    expected = torch.stack([theirs(Image.open(f).convert("RGB")) for f in files])
+    assert ex.x.shape == (3, 3, 224, 224) and torch.equal(ex.x, expected)
+    # advvit's own eval transform (bilinear, crop_pct 1) differs: the entry's is bicubic
+    ours = load_examples("imagefolder", folder, split="val", in_chans=3, img_size=224)
+    assert not torch.equal(ours.x, expected)
+    assert "BICUBIC" in loaded.record["preprocessing"].upper()
 
 
 def test_robustbench_name_takes_dataset_and_norm(zoo):
