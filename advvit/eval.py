@@ -54,7 +54,7 @@ from .report import (EVAL_FORMAT, build_report, envelope, print_corruption_table
 from .robustness import EnsembleResult, StateMismatchError, merge_outcomes
 from .suites import run_attack
 
-__all__ = ["EvalError", "EvalRequest", "build_parser", "main"]
+__all__ = ["EvalError", "EvalRequest", "build_parser", "check", "main"]
 
 EvalError = OptionError
 """A bad argument or input; the message names it and the fix."""
@@ -231,6 +231,23 @@ def _prepare(req: EvalRequest) -> _Prepared:
             raise OptionError("--robustbench-entry: refused, the run is not RobustBench's "
                               f"protocol: {'; '.join(problems)}")
     return _Prepared(model, x, y, ex.indices, num_classes, dataset, data_dir, meta)
+
+
+def check(args: argparse.Namespace) -> None:
+    """eval's own checks of a command line that will run on other machines (a cluster's
+    nodes): every option, the model reference, the data set and its examples, as :func:`main`
+    checks them before any attack, here on the CPU. What only those machines can tell (CUDA
+    for ``--device cuda`` or ``--amp fp16``) is theirs to check.
+
+    Args:
+        args: the parsed command line (:func:`build_parser`).
+
+    Raises:
+        OptionError: naming the option and the fix.
+    """
+    here = argparse.Namespace(**{**vars(args), "device": "cpu",
+                                 "amp": None if args.amp == "fp16" else args.amp})
+    _prepare(EvalRequest.from_args(here))
 
 
 def _state_path(req: EvalRequest, norm: str, eps: float, rank: int, world: int) -> str | None:
