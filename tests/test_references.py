@@ -437,3 +437,40 @@ def test_a_state_dict_with_model_reads_the_image_folder_it_is_given(tmp_path, ca
     err = _refused(str(weights), tmp_path, capsys, "--model", "test_vit", "--dataset",
                    "imagefolder", "--data-dir", str(tmp_path / "nothing"))
     assert "--dataset imagefolder: " in err
+
+
+# --------------------------------------------------------------------------- input size
+
+def test_a_model_that_cannot_take_the_examples_size_is_refused(tmp_path, capsys):
+    from advvit import analyze as A
+    from test_data import make_idx_folder
+    data = tmp_path / "fmnist"
+    make_idx_folder(data, n_train=4, n_test=4)
+    torch.manual_seed(0)
+    # No recorded size: the model is built at its architecture's 160, the examples come at 28.
+    model = create_model("test_vit", num_classes=10, in_chans=1)
+    path = tmp_path / "sizeless.pth"
+    C.save_checkpoint(path, C.make_checkpoint(model, C.ModelSpec("test_vit", 10, 1, None, None),
+                                              config={}, epoch=1, step=1))
+    common = ["--checkpoint", str(path), "--dataset", "fashion_mnist", "--data-dir", str(data),
+              "--device", "cpu", "--batch-size", "4", "--n-examples", "4"]
+    expected = f"the model ({path}) takes 160x160 inputs (the token grid it was built for) but " \
+               "the examples come at 28x28: give a model that records the size it takes"
+    out = tmp_path / "eval.json"
+    with pytest.raises(SystemExit) as exit_info:
+        E.main([*common, "--attack", "fgsm", "--output", str(out)])
+    assert exit_info.value.code == 2 and not out.exists()
+    assert expected in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        A.main(["perturbations", *common, "--output", str(tmp_path / "analysis")])
+    assert exit_info.value.code == 2
+    assert "takes 160x160 inputs (the token grid it was built for) but the examples come at " \
+           "28x28" in capsys.readouterr().err
+    # XCiT computes its positions from the grid: any multiple of its patch, not 28 for 8x8.
+    from advvit.io import OptionError as Refused
+    from advvit.references import check_input_size
+    xcit = create_model("xcit_nano_12_p8_32", num_classes=10, img_size=32)
+    check_input_size(xcit, (64, 64), "xcit")
+    with pytest.raises(Refused, match="cuts its input into 8x8 patches but the examples come at 28x28"):
+        check_input_size(xcit, (28, 28), "xcit")
+    check_input_size(timm.create_model("resnet18", num_classes=10), (28, 28), "resnet")
