@@ -1,5 +1,6 @@
-"""Model references: what ``--checkpoint`` (and ``--baseline``, ``--judge``) may name, resolved
-in one place into a :class:`~advvit.checkpoint.LoadedModel` that takes [0, 1] pixels.
+"""Model references: what ``--checkpoint`` (and ``--baseline``, ``--judge``, training's
+``--finetune``) may name, resolved in one place into a :class:`~advvit.checkpoint.LoadedModel`
+that takes [0, 1] pixels.
 
 A reference is one of::
 
@@ -64,6 +65,9 @@ class ModelOptions:
             classes and input size; robustbench:NAME's entry).
         robustbench_dir: robustbench's model folder (its default: ./models).
         num_classes, in_chans, img_size, normalize: a plain state dict's model (``--model``).
+        model_option: the option that names a plain state dict's architecture, for the message
+            that asks for it; None where no option can (training's ``--finetune``: the weights
+            must record their model and the normalization they were trained behind).
     """
 
     option: str = "--checkpoint"
@@ -77,6 +81,7 @@ class ModelOptions:
     in_chans: Optional[int] = None
     img_size: Optional[int] = None
     normalize: Optional[Tuple[Sequence[float], Sequence[float]]] = None
+    model_option: Optional[str] = "--model"
 
 
 def _offline() -> bool:
@@ -205,9 +210,14 @@ def _path(ref: str, opts: ModelOptions) -> LoadedModel:
                      else "none: the checkpoint's spec.normalize is None (pixels as they are)")
     if isinstance(state, dict) and "arch" in state and isinstance(state.get("state_dict"), dict):
         return _train_py_checkpoint(path, state, opts)
+    if opts.model_option is None:
+        raise OptionError(f"{opts.option} {ref} holds weights without their model or "
+                          "normalization: give a reference that records them (an advvit or timm "
+                          "train.py checkpoint, timm:NAME, hf-hub:ORG/NAME or local-dir:PATH)")
     if not opts.model:
-        raise OptionError(f"{opts.option} {ref} holds weights without their model: add --model "
-                          "NAME (the timm architecture), or give an advvit checkpoint")
+        raise OptionError(f"{opts.option} {ref} holds weights without their model: add "
+                          f"{opts.model_option} NAME (the timm architecture), or give an advvit "
+                          "checkpoint")
     if opts.dataset is None:
         raise OptionError(f"--dataset is needed with --model {opts.model} (the classes and "
                           "input size come from it)")
