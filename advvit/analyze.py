@@ -45,7 +45,7 @@ from .data import load_examples
 from .cli.options import model_options, parse_eps
 from .io import OptionError, check_folder
 from .plots import INSTALL_HINT, eps_text, pyplot
-from .references import check_classes, resolve_model
+from .references import check_classes, check_input_size, resolve_model
 from .report import envelope, to_jsonable, write_markdown_report, write_report
 
 __all__ = [
@@ -164,7 +164,9 @@ def _check_blocks(models: Sequence[NamedModel], analysis: Analysis) -> None:
 def _check_model_outputs(models: Sequence[NamedModel], x: torch.Tensor, y: torch.Tensor,
                          dataset: str, device: torch.device) -> None:
     for m in models:
-        check_classes(m.num_classes, dataset, f"{m.name} ({m.record.get('reference')})")
+        where = f"{m.name} ({m.record.get('reference')})"
+        check_classes(m.num_classes, dataset, where)
+        check_input_size(m.model, tuple(x.shape[-2:]), where)
         if int(y.max()) >= m.num_classes:
             raise AnalyzeError(f"--dataset {dataset} has labels up to {int(y.max())} but "
                                f"{m.name} has {m.num_classes} classes: analyse it on the data "

@@ -170,10 +170,15 @@ class ModelConfig:
     model: str = _opt("timm (or advvit-registered) architecture name", "xcit_nano_12_p8_32")
     num_classes: Optional[int] = _opt("classes (None: the data set's)", lo=2)
     drop_path: float = _opt("stochastic depth rate", 0.0, lo=0.0, hi=0.9)
-    normalize: str = _opt("normalization inside the model: none (inputs stay in [0, 1]), "
-                          "imagenet, or dataset (the data set's mean/std)", "none",
-                          choices=("none", "imagenet", "dataset"))
-    finetune: Optional[str] = _opt("robust checkpoint to fine-tune from (classifier reset)", path=True)
+    normalize: str = _opt("normalization inside the model: none (inputs stay in [0, 1]; with "
+                          "finetune: the source's), imagenet, or dataset (the data set's "
+                          "mean/std)", "none", choices=("none", "imagenet", "dataset"))
+    # Not a path option: a reference may name no file (timm:NAME); preflight resolves it.
+    finetune: Optional[str] = _opt("model to fine-tune from (classifier reset, its "
+                                   "normalization kept): a checkpoint path, timm:NAME, "
+                                   "hf-hub:ORG/NAME[@REV], local-dir:PATH or "
+                                   "robustbench:[DATASET/THREAT/]NAME, as advvit.eval's "
+                                   "--checkpoint")
     model_ema: bool = _opt("keep an EMA of the weights (timm ModelEmaV3)", False)
     model_ema_decay: float = _opt("EMA decay", 0.9998, lo=0.0, hi=1.0)
 
@@ -637,6 +642,12 @@ def config_from_dict(values: Dict[str, Any]) -> TrainConfig:
     return _build(dict(values))
 
 
-def save_args_yaml(cfg: TrainConfig, path: str) -> None:
-    """Write the resolved config beside the run (timm's ``args.yaml``), atomically."""
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+def save_args_yaml(cfg: TrainConfig, path: str, notes: Sequence[str] = ()) -> None:
+    """Write the resolved config beside the run (timm's ``args.yaml``), atomically.
+
+    Args:
+        notes: lines written first as yaml comments (what the run resolved beyond its keys,
+            e.g. the fine-tuning source's sha256): the file stays a config ``--config`` reads.
+    """
+    header = "".join(f"# {line}\n" for line in notes)
+    atomic_write_text(path, header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -48,7 +48,7 @@ from .data import load_examples, read_ids_file
 from .io import OptionError, atomic_write_json, check_file_target
 from .leaderboard import model_info_entry, protocol_problems, save_adversarial
 from .plots import save_sweep_plot
-from .references import check_classes, resolve_model
+from .references import check_classes, check_input_size, resolve_model
 from .report import (EVAL_FORMAT, build_report, envelope, print_corruption_table, print_table,
                      save_tensors, write_report)
 from .robustness import EnsembleResult, StateMismatchError, merge_outcomes
@@ -208,7 +208,9 @@ def _prepare(req: EvalRequest) -> _Prepared:
         except ValueError as err:
             raise OptionError(str(err)) from None
     num_classes = loaded.num_classes
-    check_classes(num_classes, dataset, f"the model ({loaded.record.get('reference')})")
+    where = f"the model ({loaded.record.get('reference')})"
+    check_classes(num_classes, dataset, where)
+    check_input_size(model, tuple(x.shape[-2:]), where)
     if int(y.max()) >= num_classes:
         raise OptionError(f"--dataset {dataset} has labels up to {int(y.max())} but the model "
                           f"has {num_classes} classes: evaluate on the data set it was trained for")

@@ -1,15 +1,19 @@
 """Pre-flight checks of a training config: what needs timm's registries, the data set's facts or
 the model itself, done before any run folder, data loader or weight exists.
 
-:func:`validate` is called by ``advvit.train`` (``build``, and ``main`` before an XLA launch); it
-raises one :class:`~advvit.config.ConfigError` naming the key and the fix, and returns the data
-set's facts and the run's :class:`~advvit.checkpoint.ModelSpec`.
+:func:`check` is called by ``advvit.train``'s ``build``; it raises one
+:class:`~advvit.config.ConfigError` naming the key and the fix, and returns the data set's
+facts, the run's :class:`~advvit.checkpoint.ModelSpec` and the resolved ``finetune`` source.
+:func:`validate` is the same checks for the callers that start no run here (``main`` before an
+XLA launch, the cluster launcher, the findings runner).
 """
 from __future__ import annotations
 
 import difflib
 import importlib.util
 import re
+import warnings
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -18,11 +22,51 @@ import torch
 from . import checkpoint, data, models
 from .attacks import check_eps
 from .config import ConfigError, OptimConfig, TrainConfig, check_lr, shown
+from .io import OptionError
 
-__all__ = ["validate", "model_spec"]
+__all__ = ["validate", "check", "Checked", "model_spec", "finetune_summary"]
+
+Normalize = Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]
 
 
-def model_spec(cfg: TrainConfig, info: data.DataInfo) -> checkpoint.ModelSpec:
+@dataclass(frozen=True)
+class Checked:
+    """What the checks found: the data set's facts, the run's model spec and the model
+    ``finetune`` names (None without it), resolved by ``references.resolve_model``."""
+
+    info: data.DataInfo
+    spec: checkpoint.ModelSpec
+    finetune: Optional[checkpoint.LoadedModel]
+
+
+def _for_channels(normalize: Normalize, in_chans: int) -> Normalize:
+    """Grayscale statistics for a 3-channel input (or the reverse): repeated or averaged."""
+    if normalize is None or len(normalize[0]) == in_chans:
+        return normalize
+    mean, std = normalize
+    if in_chans == 3 and len(mean) == 1:
+        return (tuple(mean) * 3, tuple(std) * 3)
+    return ((float(np.mean(mean)),), (float(np.mean(std)),))
+
+
+def _same(a: Normalize, b: Normalize) -> bool:
+    if a is None or b is None:
+        return a is b
+    return all(np.allclose(x, y, rtol=0, atol=1e-6) for x, y in zip(a, b))
+
+
+def model_spec(cfg: TrainConfig, info: data.DataInfo,
+               finetune: Optional[checkpoint.LoadedModel] = None) -> checkpoint.ModelSpec:
+    """The model the run builds.
+
+    Its normalization is the config's ``normalize``; fine-tuning, it is the source's (as timm
+    fine-tunes behind the pretrained cfg's mean/std), so the model sees the pixels as its source
+    was trained to see them: ``normalize: none`` takes it, and ``imagenet`` / ``dataset`` must
+    be it.
+
+    Raises:
+        ConfigError: ``normalize`` asks for statistics other than the fine-tuning source's.
+    """
     in_chans = cfg.data.in_chans or info.in_chans
     normalize = None
     if cfg.model.normalize == "imagenet":
@@ -30,17 +74,63 @@ def model_spec(cfg: TrainConfig, info: data.DataInfo) -> checkpoint.ModelSpec:
         normalize = (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
     elif cfg.model.normalize == "dataset":
         normalize = (tuple(info.mean), tuple(info.std))
-    if normalize is not None and len(normalize[0]) != in_chans:
-        # Grayscale statistics for a 3-channel input (or the reverse): repeat or average.
-        mean, std = normalize
-        if in_chans == 3 and len(mean) == 1:
-            normalize = (mean * 3, std * 3)
-        else:
-            normalize = ((float(np.mean(mean)),), (float(np.mean(std)),))
+    normalize = _for_channels(normalize, in_chans)
+    if finetune is not None:
+        source = _for_channels(finetune.record.get("normalize"), in_chans)
+        if cfg.model.normalize != "none" and not _same(normalize, source):
+            raise ConfigError("normalize", f"{cfg.model.normalize} is mean {list(normalize[0])} "
+                              f"std {list(normalize[1])}, but the finetune source "
+                              f"{cfg.model.finetune} was trained behind "
+                              + _normalization_text(finetune.record.get("normalize")),
+                              "set normalize: none, which takes the source's normalization")
+        normalize = source
     return checkpoint.ModelSpec(arch=cfg.model.model,
                                 num_classes=cfg.model.num_classes or info.num_classes,
                                 in_chans=in_chans, img_size=cfg.data.img_size or info.img_size,
                                 normalize=normalize)
+
+
+def _normalization_text(normalize: Normalize) -> str:
+    if normalize is None:
+        return "none (pixels as they are)"
+    return f"mean {list(normalize[0])} std {list(normalize[1])}"
+
+
+def finetune_summary(source: checkpoint.LoadedModel) -> str:
+    """One line on the fine-tuning source, for the training log and ``args.yaml``: the
+    reference, what it is, its weights' sha256 and the normalization the run takes from it."""
+    r = source.record
+    return (f"finetune {r.get('reference')}: {r.get('source')} {r.get('arch')}, sha256 "
+            f"{r.get('sha256')}, normalization {_normalization_text(r.get('normalize'))} "
+            f"({r.get('normalization')})")
+
+
+def _resolve_finetune(cfg: TrainConfig) -> Optional[checkpoint.LoadedModel]:
+    """The model ``finetune`` names, through the one resolver of model references."""
+    if not cfg.model.finetune:
+        return None
+    from .references import ModelOptions, resolve_model
+    # The weights trained, not their EMA: what timm's own fine-tuning starts from.
+    options = ModelOptions(option="--finetune", use_ema=False, dataset=cfg.data.dataset,
+                           data_dir=cfg.data.data_dir, norm=cfg.attack.attack_norm,
+                           model_option=None)
+    try:
+        return resolve_model(cfg.model.finetune, options)
+    except OptionError as err:
+        raise ConfigError("finetune", str(err)) from None
+
+
+def _check_finetune_fits(spec: checkpoint.ModelSpec, source: checkpoint.LoadedModel,
+                         reference: str) -> None:
+    """Adapt the source's weights to the run's model built on the meta device, as the trainer
+    will, so a misfit is one message before any work."""
+    target = _meta_model(spec, spec.img_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # copying into meta tensors is a no-op
+        try:
+            models.load_finetune_weights(target, models.unwrap(source.model).state_dict())
+        except checkpoint.CheckpointError as err:
+            raise ConfigError("finetune", f"{reference}: {err}") from None
 
 
 def _near(name: str, names: Sequence[str]) -> str:
@@ -188,14 +278,28 @@ def _check_model_fits(spec: checkpoint.ModelSpec) -> None:
 
 def validate(cfg: TrainConfig, world_size: Optional[int]) -> Tuple[data.DataInfo,
                                                                   checkpoint.ModelSpec]:
+    """:func:`check`, for callers that need the data set's facts and the model spec only.
+
+    Raises:
+        ConfigError: naming the key. data.DataNotFoundError: an image folder that is not there.
+    """
+    checked = check(cfg, world_size)
+    return checked.info, checked.spec
+
+
+def check(cfg: TrainConfig, world_size: Optional[int]) -> Checked:
     """Check what the config alone cannot: names in timm's registries, the data set's facts, the
-    model's input, the learning rate of this world size. Runs before any data is read.
+    model's input, the fine-tuning source, the learning rate of this world size. Runs before
+    any data is read.
 
     Checks: ``model`` (timm's registry, advvit's variants included; close names suggested),
     ``log_wandb`` (wandb installed), ``opt`` (timm's optimizer registry), ``sched`` (timm's
     scheduler factory), ``dataset`` (advvit.data's names and timm prefixes); ``num_classes``
     not below the data set's classes; ``img_size`` a multiple of the model's patch size (the
     model is built on the meta device);
+    ``finetune`` a reference ``references.resolve_model`` resolves (a checkpoint path,
+    ``timm:``, ``hf-hub:``, ``local-dir:``, ``robustbench:``) whose weights
+    ``load_finetune_weights`` adapts to the model, and ``normalize`` none or the source's;
     ``auto_augment`` a policy timm's transform factory builds, with no part it would skip;
     ``eps`` / ``eval_eps`` within the eps policy for the input shape (an L2 or L1 radius up to
     the input box's diagonal in that norm); ``min_lr`` not above the effective learning rate (also when it comes
@@ -206,7 +310,7 @@ def validate(cfg: TrainConfig, world_size: Optional[int]) -> Tuple[data.DataInfo
             (before an XLA launch, when the device count is not known yet).
 
     Returns:
-        The data set's facts and the model spec the run builds.
+        The data set's facts, the model spec the run builds and the fine-tuning source.
 
     Raises:
         ConfigError: naming the key. data.DataNotFoundError: an image folder that is not there.
@@ -222,8 +326,11 @@ def validate(cfg: TrainConfig, world_size: Optional[int]) -> Tuple[data.DataInfo
     if n is not None and n < info.num_classes:
         raise ConfigError("num_classes", f"{n} is fewer than the {info.num_classes} classes of "
                           f"{cfg.data.dataset}", "leave num_classes unset (the data set's)")
-    spec = model_spec(cfg, info)
+    finetune = _resolve_finetune(cfg)
+    spec = model_spec(cfg, info, finetune)
     _check_model_fits(spec)
+    if finetune is not None:
+        _check_finetune_fits(spec, finetune, cfg.model.finetune)
     if cfg.data.auto_augment:
         _check_auto_augment(cfg.data.auto_augment, spec.img_size, cfg.data.interpolation)
     a = cfg.attack
@@ -237,4 +344,4 @@ def validate(cfg: TrainConfig, world_size: Optional[int]) -> Tuple[data.DataInfo
                 raise ConfigError(key, str(err)) from None
     if world_size is not None:
         check_lr(cfg.optim, cfg.data.batch_size * world_size)
-    return info, spec
+    return Checked(info, spec, finetune)

@@ -1,5 +1,6 @@
-"""Model references: what ``--checkpoint`` (and ``--baseline``, ``--judge``) may name, resolved
-in one place into a :class:`~advvit.checkpoint.LoadedModel` that takes [0, 1] pixels.
+"""Model references: what ``--checkpoint`` (and ``--baseline``, ``--judge``, training's
+``--finetune``) may name, resolved in one place into a :class:`~advvit.checkpoint.LoadedModel`
+that takes [0, 1] pixels.
 
 A reference is one of::
 
@@ -40,10 +41,10 @@ from .checkpoint import (FORMAT, CheckpointError, LoadedModel, check_finite_weig
                          load_checkpoint_model, load_file, load_timm_model)
 from .io import OptionError, input_file_problem, sha256_file
 from .leaderboard import LEADERBOARD_EPS, THREATS, robustbench_dataset
-from .wrappers import NormalizedModel
+from .wrappers import NormalizedModel, unwrap
 
-__all__ = ["SCHEMES", "ModelOptions", "resolve_model", "check_classes", "robustbench_zoo",
-           "ROBUSTBENCH_EXTRA"]
+__all__ = ["SCHEMES", "ModelOptions", "resolve_model", "check_classes", "check_input_size",
+           "robustbench_zoo", "ROBUSTBENCH_EXTRA"]
 
 SCHEMES = ("timm", "hf-hub", "local-dir", "robustbench")
 _FORMS = ("a checkpoint path, timm:NAME, hf-hub:ORG/NAME[@REV], local-dir:PATH or "
@@ -65,6 +66,9 @@ class ModelOptions:
             classes and input size; robustbench:NAME's entry).
         robustbench_dir: robustbench's model folder (its default: ./models).
         num_classes, in_chans, img_size, normalize: a plain state dict's model (``--model``).
+        model_option: the option that names a plain state dict's architecture, for the message
+            that asks for it; None where no option can (training's ``--finetune``: the weights
+            must record their model and the normalization they were trained behind).
     """
 
     option: str = "--checkpoint"
@@ -78,6 +82,7 @@ class ModelOptions:
     in_chans: Optional[int] = None
     img_size: Optional[int] = None
     normalize: Optional[Tuple[Sequence[float], Sequence[float]]] = None
+    model_option: Optional[str] = "--model"
 
 
 def _offline() -> bool:
@@ -128,6 +133,48 @@ def check_classes(num_classes: int, dataset: str, where: str) -> None:
                           f"{expected}: use it on the data set it was trained for")
 
 
+def check_input_size(model: nn.Module, size: Tuple[int, int], where: str) -> None:
+    """Refuse a model that cannot take examples of ``size`` (height, width) as it was trained.
+
+    Evaluation and the analyses give a model its examples at the size the model records (the
+    size it was trained at: advvit's spec, train.py's input size, timm's pretrained cfg,
+    robustbench's preprocessing), the data set's images resized to it as training resized them;
+    a model that records none gets the data set's own size. Whether another size fits depends
+    on the model, read from timm's patch embedding:
+
+    - absolute position embeddings for one token grid (ViT, DeiT, CaiT), or a patch embedding
+      that asserts its size (``strict_img_size``: Swin's windows): another size fails at the
+      first forward, or, built with ``dynamic_img_size``, runs on position embeddings timm
+      resamples on the fly, a grid the model was never trained on: refused either way;
+    - positions computed from the grid (XCiT, FAN): any multiple of the patch size; another
+      size runs on the floor of the grid, silently cropping the border: refused;
+    - no patch embedding (ResNets and other CNNs, robustbench's own classes): any size.
+
+    Raises:
+        OptionError: naming the model, both sizes and the fix.
+    """
+    inner = unwrap(model)
+    embed = getattr(inner, "patch_embed", None)
+    built = _pair(getattr(embed, "img_size", None))
+    patch = _pair(getattr(embed, "patch_size", None))
+    fixed = isinstance(getattr(inner, "pos_embed", None), nn.Parameter) or \
+        bool(getattr(embed, "strict_img_size", False))
+    fix = ("give a model that records the size it takes (its checkpoint's spec.img_size, its "
+           "pretrained cfg's input_size), or --model NAME with --img-size N for plain weights")
+    if fixed and built is not None and tuple(size) != built:
+        raise OptionError(f"{where} takes {built[0]}x{built[1]} inputs (the token grid it was "
+                          f"built for) but the examples come at {size[0]}x{size[1]}: {fix}")
+    if patch is not None and (size[0] % patch[0] or size[1] % patch[1]):
+        raise OptionError(f"{where} cuts its input into {patch[0]}x{patch[1]} patches but the "
+                          f"examples come at {size[0]}x{size[1]}, not a multiple: {fix}")
+
+
+def _pair(value: Any) -> Optional[Tuple[int, int]]:
+    if value is None:
+        return None
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
 # --------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------
@@ -163,9 +210,14 @@ def _path(ref: str, opts: ModelOptions) -> LoadedModel:
                      else "none: the checkpoint's spec.normalize is None (pixels as they are)")
     if isinstance(state, dict) and "arch" in state and isinstance(state.get("state_dict"), dict):
         return _train_py_checkpoint(path, state, opts)
+    if opts.model_option is None:
+        raise OptionError(f"{opts.option} {ref} holds weights without their model or "
+                          "normalization: give a reference that records them (an advvit or timm "
+                          "train.py checkpoint, timm:NAME, hf-hub:ORG/NAME or local-dir:PATH)")
     if not opts.model:
-        raise OptionError(f"{opts.option} {ref} holds weights without their model: add --model "
-                          "NAME (the timm architecture), or give an advvit checkpoint")
+        raise OptionError(f"{opts.option} {ref} holds weights without their model: add "
+                          f"{opts.model_option} NAME (the timm architecture), or give an advvit "
+                          "checkpoint")
     if opts.dataset is None:
         raise OptionError(f"--dataset is needed with --model {opts.model} (the classes and "
                           "input size come from it)")

@@ -29,7 +29,7 @@ from .config import ConfigError, TrainConfig, config_to_dict, effective_lr, save
 from .io import naming_write_errors
 from .losses import create_loss, default_steps
 from .monitor import Monitor
-from .preflight import validate
+from .preflight import Checked, check, finetune_summary
 from .schedules import EpsSchedule, create_eps_schedule
 
 __all__ = ["train", "build", "Parts", "Trainer", "StopRequest", "TrainingStopped",
@@ -67,6 +67,7 @@ class Parts:
     resume_path: Optional[str] = None
     resume_changes: Optional[Dict[str, Tuple[Any, Any]]] = None
     updates_per_epoch: int = 0
+    finetune: Optional[str] = None  # the fine-tuning source, in one line (finetune_summary)
 
 
 def _build_loaders(cfg: TrainConfig, rt: accel.Runtime, spec: checkpoint.ModelSpec):
@@ -151,10 +152,10 @@ def build(cfg: TrainConfig) -> Parts:
     _seed_everything(cfg.run.seed + rt.rank)
     run_dir = rundir.run_dir_for(cfg)
     # Everything the config alone decides is checked before the run folder is touched.
-    info, spec = validate(cfg, rt.world_size)
+    checked = check(cfg, rt.world_size)
     lock = _claim_run_dir(cfg, rt, run_dir)
     try:
-        return _build_parts(cfg, rt, run_dir, lock, info, spec)
+        return _build_parts(cfg, rt, run_dir, lock, checked)
     except BaseException:
         lock.release()
         raise
@@ -207,8 +208,9 @@ def _claim_run_dir(cfg: TrainConfig, rt: accel.Runtime, run_dir: str) -> rundir.
 
 
 def _build_parts(cfg: TrainConfig, rt: accel.Runtime, run_dir: str, lock: rundir.RunLock,
-                 info: data.DataInfo, spec: checkpoint.ModelSpec) -> Parts:
+                 checked: Checked) -> Parts:
     """What ``build`` does once the run folder is held."""
+    info, spec = checked.info, checked.spec
     resume_path = rundir.choose_resume(run_dir, cfg.run.resume)
 
     resume_state, resume_changes = None, None
@@ -231,11 +233,15 @@ def _build_parts(cfg: TrainConfig, rt: accel.Runtime, run_dir: str, lock: rundir
         for key in ("model", "ema"):
             if resume_state.get(key):
                 checkpoint.check_state_dict_fits(model, resume_state[key], where=f"{resume_path} ({key})")
-    if cfg.model.finetune and resume_state is None:
-        source = checkpoint.load_checkpoint(cfg.model.finetune)
-        dropped = models.load_finetune_weights(models.unwrap(model), source["model"])
+    finetune = None
+    if checked.finetune is not None and resume_state is None:
+        # The source's normalization is already the spec's (preflight.model_spec): only the
+        # weights inside its wrapper move.
+        dropped = models.load_finetune_weights(
+            model, models.unwrap(checked.finetune.model).state_dict())
+        finetune = f"{finetune_summary(checked.finetune)}; re-initialised: {dropped}"
         if rt.is_main:
-            print(f"fine-tuning from {cfg.model.finetune}; re-initialised: {dropped}", file=sys.stderr)
+            print(finetune, file=sys.stderr)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(rt.device)
@@ -286,7 +292,7 @@ def _build_parts(cfg: TrainConfig, rt: accel.Runtime, run_dir: str, lock: rundir
                  num_epochs=num_epochs, eps_schedule=eps_schedule, scaler=scaler, ema=ema,
                  mixup_fn=mixup_fn, resume_state=resume_state, lock=lock,
                  resume_path=resume_path, resume_changes=resume_changes,
-                 updates_per_epoch=updates_per_epoch)
+                 updates_per_epoch=updates_per_epoch, finetune=finetune)
 
 
 class CatastrophicOverfittingGuard:
@@ -709,7 +715,7 @@ def _record_start(parts: Parts) -> None:
     args = os.path.join(parts.run_dir, "args.yaml")
     if state is None:
         with naming_write_errors(args):
-            save_args_yaml(parts.cfg, args)
+            save_args_yaml(parts.cfg, args, [parts.finetune] if parts.finetune else [])
         return
     with naming_write_errors(args):
         rundir.write_args_if_missing(parts.run_dir, state["config"])

@@ -511,7 +511,8 @@ def test_trainer_refuses_a_finetune_source_that_cannot_be_adapted(tmp_path, caps
     source, _, _ = _ckpt(tmp_path, name="resnet.pth", arch="resnet18_gelu", normalize=None)
     assert train.main(_train_args(tmp_path, "--finetune", str(source))) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: load_finetune_weights: the checkpoint's weights cannot be adapted to the model")
+    assert err.startswith(f"error: config key 'finetune': {source}: load_finetune_weights: the "
+                          "checkpoint's weights cannot be adapted to the model")
     assert "missing keys ['cls_token'" in err and "unexpected keys ['conv1.weight'" in err
     assert "own architecture" in err and "Traceback" not in err
     assert not (tmp_path / "runs" / "run" / "args.yaml").exists()
@@ -537,7 +538,8 @@ def test_trainer_refuses_damaged_or_non_finite_weights_before_any_step(tmp_path,
     assert not (last.parent / "args.yaml").exists()
 
     assert train.main(_train_args(tmp_path, "--experiment", "ft", "--finetune", str(last))) == 2
-    assert capsys.readouterr().err.startswith(f"error: {last} (model): 2 non-finite values")
+    assert capsys.readouterr().err.startswith(f"error: config key 'finetune': --finetune: {last} "
+                                              "(model): 2 non-finite values")
 
     with torch.no_grad():
         model.head.weight.zero_()

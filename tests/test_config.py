@@ -38,8 +38,7 @@ def test_eps_as_fraction_or_number(text, value):
     (["--eps=-1/255"], "eps"), (["--eps", "1.5"], "eps"), (["--eps", "four"], "eps"),
     (["--attack-steps", "0"], "attack_steps"), (["--lr=-0.1"], "lr"), (["--lr", "0"], "lr"),
     (["--loss", "madry"], "loss"), (["--batch-size", "2.5"], "batch_size"),
-    (["--finetune", "/no/such.pth"], "finetune"), (["--loss", "fgsm", "--attack-steps", "3"],
-                                                   "attack_steps"),
+    (["--loss", "fgsm", "--attack-steps", "3"], "attack_steps"),
     (["--scale", "0.9", "0.1"], "scale"), (["--device", "tpu"], "device"),
     (["--threads", "0"], "threads"), (["--threads", "two"], "threads"),
 ])

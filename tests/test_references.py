@@ -16,6 +16,7 @@ import advvit  # noqa: F401  (before timm)
 import timm
 from advvit import checkpoint as C
 from advvit import eval as E
+from advvit import train as T
 from advvit.data import load_examples
 from advvit.io import OptionError, sha256_file
 from advvit.models import create_model
@@ -131,11 +132,12 @@ def test_an_export_through_local_dir_and_the_hub_cache_evaluates_as_its_checkpoi
     assert resolve_model(commit).record["sha256"] == sha256_file(folder / "model.safetensors")
 
 
-def _train_py_checkpoint(path: Path, model: torch.nn.Module, **args) -> Path:
+def _train_py_checkpoint(path: Path, model: torch.nn.Module, arch: str = "test_vit",
+                         **args) -> Path:
     """A checkpoint as timm's train.py (the thesis's public code) saves it, DDP prefixes kept."""
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
-    torch.save({"epoch": 3, "arch": "test_vit", "state_dict": state, "state_dict_ema": state,
-                "args": argparse.Namespace(model="test_vit", **args), "metric": 0.5}, path)
+    torch.save({"epoch": 3, "arch": arch, "state_dict": state, "state_dict_ema": state,
+                "args": argparse.Namespace(model=arch, **args), "metric": 0.5}, path)
     return path
 
 
@@ -460,3 +462,146 @@ def test_a_state_dict_with_model_reads_the_image_folder_it_is_given(tmp_path, ca
     err = _refused(str(weights), tmp_path, capsys, "--model", "test_vit", "--dataset",
                    "imagefolder", "--data-dir", str(tmp_path / "nothing"))
     assert "--dataset imagefolder: " in err
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _train_argv(tmp_path: Path, finetune: str, *extra: str) -> list:
+    """A two-step run of test_vit on a tiny Fashion-MNIST (grey images repeated to 3 channels)."""
+    from test_data import make_idx_folder
+    data = tmp_path / "fmnist"
+    if not data.exists():
+        make_idx_folder(data, n_train=8, n_test=4)
+    return ["--dataset", "fashion_mnist", "--data-dir", str(data), "--model", "test_vit",
+            "--img-size", "32", "--in-chans", "3", "--batch-size", "4", "--workers", "0",
+            "--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0", "--min-lr", "0",
+            "--eps-warmup-epochs", "0", "--eval-batches", "1", "--no-tensorboard", "--amp",
+            "none", "--device", "cpu", "--output", str(tmp_path / "runs"), "--experiment", "run",
+            "--finetune", finetune, *extra]
+
+
+def _source(num_classes: int = 100) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", num_classes=num_classes, img_size=32).eval()
+
+
+def test_finetune_from_a_thesis_checkpoint_takes_its_normalization_once(tmp_path):
+    from advvit import trainer
+    from advvit.config import load_config
+    source = _source()
+    thesis = _train_py_checkpoint(tmp_path / "thesis.pth.tar", source, num_classes=100,
+                                  input_size=[3, 32, 32], mean=list(IMAGENET[0]),
+                                  std=list(IMAGENET[1]))
+    argv = _train_argv(tmp_path, str(thesis))
+    parts = trainer.build(load_config(argv))  # the model before any step
+    try:
+        assert parts.spec.normalize == IMAGENET and normalizations(parts.model) == 1
+        x = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():  # the same features from [0, 1] pixels: only the head is new
+            assert torch.allclose(parts.model.eval().forward_features(x),
+                                  source.forward_features(_normalized(x, *IMAGENET)), atol=1e-5)
+    finally:
+        parts.lock.release()
+    shutil.rmtree(tmp_path / "runs")
+
+    assert T.main(argv + ["--max-steps-per-epoch", "2"]) == 0
+    run = tmp_path / "runs" / "run"
+    last = C.load_checkpoint(run / "last.pth")
+    assert last["step"] == 2 and last["spec"]["normalize"] == [list(IMAGENET[0]), list(IMAGENET[1])]
+    note = (run / "args.yaml").read_text().splitlines()[0]
+    assert note.startswith(f"# finetune {thesis}: timm-train-checkpoint test_vit, sha256 "
+                           f"{sha256_file(thesis)}, normalization mean [0.485")
+    assert "re-initialised: ['head.weight', 'head.bias']" in note
+
+
+def test_finetune_from_a_local_dir_timm_folder(caches, tmp_path):
+    model = create_model("test_vit", num_classes=10, in_chans=3, img_size=32, normalize=IMAGENET)
+    path = tmp_path / "model.pth"
+    C.save_checkpoint(path, C.make_checkpoint(model, C.ModelSpec("test_vit", 10, 3, 32, IMAGENET),
+                                              config={}, epoch=1, step=1))
+    folder = C.export_timm(path, tmp_path / "export")
+    assert T.main(_train_argv(tmp_path, f"local-dir:{folder}", "--max-steps-per-epoch", "1")) == 0
+    run = tmp_path / "runs" / "run"
+    assert C.load_checkpoint(run / "last.pth")["spec"]["normalize"] == \
+        [list(IMAGENET[0]), list(IMAGENET[1])]
+    assert f"# finetune local-dir:{folder}: local-dir test_vit, sha256 " \
+           f"{sha256_file(folder / 'model.safetensors')}" in (run / "args.yaml").read_text()
+
+
+def _train_refused(argv: list, tmp_path: Path, capsys) -> str:
+    assert T.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert not (tmp_path / "runs").exists()  # nothing written, not even the run folder
+    return err
+
+
+@pytest.mark.parametrize("reference,expected", [
+    ("foo:bar", "config key 'finetune': --finetune foo:bar: unknown scheme 'foo:'"),
+    ("timm:resnt18", "--finetune timm:resnt18: timm has no model 'resnt18' (close names: resnet18"),
+    ("nothing.pth", "--finetune nothing.pth does not exist: give a checkpoint path"),
+])
+def test_a_bad_finetune_reference_is_one_message_and_exit_2(caches, tmp_path, capsys, reference,
+                                                            expected):
+    assert expected in _train_refused(_train_argv(tmp_path, reference), tmp_path, capsys)
+
+
+def test_a_finetune_source_that_does_not_fit_is_refused_before_any_work(caches, tmp_path, capsys):
+    from safetensors.torch import save_file
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in _source().state_dict().items()}, str(weights))
+    err = _train_refused(_train_argv(tmp_path, str(weights)), tmp_path, capsys)
+    assert "holds weights without their model or normalization" in err
+    resnet = timm.create_model("resnet18", num_classes=10)
+    other = _train_py_checkpoint(tmp_path / "resnet.pth.tar", resnet, "resnet18", num_classes=10)
+    err = _train_refused(_train_argv(tmp_path, str(other)), tmp_path, capsys)
+    assert f"config key 'finetune': {other}: load_finetune_weights: the checkpoint's weights " \
+           "cannot be adapted" in err
+    thesis = _train_py_checkpoint(tmp_path / "thesis.pth.tar", _source(), num_classes=100,
+                                  input_size=[3, 32, 32], mean=list(IMAGENET[0]),
+                                  std=list(IMAGENET[1]))
+    err = _train_refused(_train_argv(tmp_path, str(thesis), "--normalize", "dataset"), tmp_path,
+                         capsys)
+    assert "config key 'normalize': dataset is mean [0.286" in err
+    assert f"the finetune source {thesis} was trained behind mean [0.485" in err
+    assert "(set normalize: none, which takes the source's normalization)" in err
+
+
+# --------------------------------------------------------------------------- input size
+
+def test_a_model_that_cannot_take_the_examples_size_is_refused(tmp_path, capsys):
+    from advvit import analyze as A
+    from test_data import make_idx_folder
+    data = tmp_path / "fmnist"
+    make_idx_folder(data, n_train=4, n_test=4)
+    torch.manual_seed(0)
+    # No recorded size: the model is built at its architecture's 160, the examples come at 28.
+    model = create_model("test_vit", num_classes=10, in_chans=1)
+    path = tmp_path / "sizeless.pth"
+    C.save_checkpoint(path, C.make_checkpoint(model, C.ModelSpec("test_vit", 10, 1, None, None),
+                                              config={}, epoch=1, step=1))
+    common = ["--checkpoint", str(path), "--dataset", "fashion_mnist", "--data-dir", str(data),
+              "--device", "cpu", "--batch-size", "4", "--n-examples", "4"]
+    expected = f"the model ({path}) takes 160x160 inputs (the token grid it was built for) but " \
+               "the examples come at 28x28: give a model that records the size it takes"
+    out = tmp_path / "eval.json"
+    with pytest.raises(SystemExit) as exit_info:
+        E.main([*common, "--attack", "fgsm", "--output", str(out)])
+    assert exit_info.value.code == 2 and not out.exists()
+    assert expected in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        A.main(["perturbations", *common, "--output", str(tmp_path / "analysis")])
+    assert exit_info.value.code == 2
+    assert "takes 160x160 inputs (the token grid it was built for) but the examples come at " \
+           "28x28" in capsys.readouterr().err
+    # XCiT computes its positions from the grid: any multiple of its patch, not 28 for 8x8.
+    from advvit.io import OptionError as Refused
+    from advvit.references import check_input_size
+    xcit = create_model("xcit_nano_12_p8_32", num_classes=10, img_size=32)
+    check_input_size(xcit, (64, 64), "xcit")
+    with pytest.raises(Refused, match="cuts its input into 8x8 patches but the examples come at 28x28"):
+        check_input_size(xcit, (28, 28), "xcit")
+    check_input_size(timm.create_model("resnet18", num_classes=10), (28, 28), "resnet")
