@@ -440,3 +440,19 @@ def test_findings_as_local_job_arrays_give_the_sequential_runners_records(tmp_pa
                             "local", "--", "run", *suite, "--root", str(arr)],
                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to run: every unit is done" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_failed_findings_unit_is_reported_with_its_log_and_what_needs_it_is_not_run(tmp_path):
+    configs = _two_experiments(tmp_path)
+    root = tmp_path / "root"
+    launched = subprocess.run([sys.executable, "-m", "advvit.launch", "findings", "--cluster",
+                               "local", "--timeout-min", "30", "--", "run", "t1_tiny",
+                               "--configs", str(configs), "--root", str(root), "--threads", "1"],
+                              cwd=ROOT, env=_env(**{KILL_ENV: "log:1"}), capture_output=True,
+                              text=True, timeout=600)
+    out = launched.stdout
+    assert launched.returncode == 1, out + launched.stderr
+    # Both trainings were run, each killed at its first log line; their evaluations were not.
+    assert out.count("error: t1_tiny: train") == 2 and "failed (exit -9); the end of" in out
+    assert out.count("not run  t1_tiny: eval pgd") == 2 and "wave 1" not in out

@@ -159,9 +159,12 @@ def _record(root: str, cluster: str, submitted: Sequence[tuple]) -> None:
 
 def _outcome(element: Element, job: Any, say: Say) -> bool:
     """Wait for one element's job; True when its unit finished."""
+    # exception(), not result(): the debug executor's result() opens pdb on an error.
     try:
-        job.result()
-    except Exception as err:  # submitit wraps the element's own error, with its traceback
+        err = job.exception()  # the element's own error, in a cluster's job with its traceback
+    except Exception as stopped:  # a job that ended without a result: cancelled, killed
+        err = stopped
+    if err is not None:
         say(f"error: {element} (job {job.job_id}) did not finish:\n{err}")
         return False
     say(f"done  {element} (job {job.job_id})")
