@@ -456,3 +456,51 @@ def test_a_failed_findings_unit_is_reported_with_its_log_and_what_needs_it_is_no
     # Both trainings were run, each killed at its first log line; their evaluations were not.
     assert out.count("error: t1_tiny: train") == 2 and "failed (exit -9); the end of" in out
     assert out.count("not run  t1_tiny: eval pgd") == 2 and "wave 1" not in out
+
+
+def _pids_with(*words: str) -> list:
+    """The processes whose command line holds every one of ``words``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if all(w.encode() in cmdline for w in words):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_preempted_findings_element_is_requeued_and_resumes_its_training(tmp_path):
+    configs = _two_experiments(tmp_path)
+    raw = yaml.safe_load((tmp_path / "train.yaml").read_text())
+    raw.update(max_steps_per_epoch=6, recovery_interval_steps=1)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(raw))
+    root = tmp_path / "root"
+    proc = subprocess.Popen([sys.executable, "-m", "advvit.launch", "findings", "--cluster",
+                             "local", "--timeout-min", "30", "--", "run", "t1_tiny", "--configs",
+                             str(configs), "--root", str(root), "--threads", "1"], cwd=ROOT,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (points := list(root.glob("runs/*/recovery.pth"))):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        run = points[0].parent
+        # As Slurm warns every process of a job: the elements and their units' commands.
+        elements = _pids_with("submitit.core._submit", str(root / "submitit"))
+        commands = _pids_with("advvit.train", str(root))
+        assert elements and commands
+        for pid in elements + commands:
+            os.kill(pid, signal.SIGUSR2)
+        out = proc.communicate(timeout=600)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.count("done  ") == 4, out
+    assert "Requeued job" in "".join(p.read_text() for p in (root / "submitit").glob("*_log.out"))
+    # The command heard SIGUSR2 as nothing, stopped on its element's SIGTERM and was resumed.
+    assert "stopped on SIGTERM" in (run / "findings_train.log").read_text()
+    history = yaml.safe_load((run / "resume_history.yaml").read_text())
+    assert history and history[0]["checkpoint"].endswith("recovery.pth")

@@ -80,7 +80,7 @@ class UnitJob:
     def checkpoint(self) -> Any:
         """The submission that goes on after a preemption or time-out: the same unit, resumed."""
         from submitit.helpers import DelayedSubmission
-        return DelayedSubmission(UnitJob(self.path, self.root, self.key, self.env, self.cwd))
+        return DelayedSubmission(self)
 
 
 class Element:
