@@ -368,6 +368,18 @@ def test_findings_waves_are_slurm_arrays_each_after_the_one_before(tmp_path, cap
     assert "pending, queued (job 4242_0)" in "\n".join(plan_lines(exps, str(root))[0])
 
 
+def test_the_shipped_finetuning_experiment_waits_for_its_data_then_its_pretraining(tmp_path):
+    from advvit.findings.jobs import waves
+    from advvit.findings.spec import load_experiments
+    exps = load_experiments(str(ROOT / "configs" / "findings"), ["07_finetune"])
+    got = [sorted(e.unit.key for e in wave) for wave in waves(exps, str(tmp_path))]
+    assert got == [["prepare prepare_mnist5k.py"],
+                   ["train pretrain s0", "train pretrain s1", "train scratch s0", "train scratch s1"],
+                   ["eval apgd_mnist scratch s0", "eval apgd_mnist scratch s1",
+                    "train finetuned s0", "train finetuned s1"],
+                   ["eval apgd_mnist finetuned s0", "eval apgd_mnist finetuned s1"]]
+
+
 @pytest.mark.parametrize("run_args, match", [
     (["nope"], "no experiment 'nope'"),
     (["t1_tiny"], "config key 'model'"),

@@ -24,20 +24,24 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..io import atomic_write_json
 from .plan import Unit, jobs_path, log_path, read_jobs, status, units
-from .runner import check_configs, run_experiment
+from .runner import Say, check_configs, run_experiment
 from .spec import Experiment, add_suite_options, load_experiment, load_experiments, run_env
 
 __all__ = ["NotRun", "UnitJob", "Element", "parse_run", "experiments", "waves", "run_waves"]
 
-Say = Callable[[str], None]
-
 
 class NotRun(RuntimeError):
     """A unit whose needs did not finish, so it was not run."""
+
+
+def _needs(todo: Sequence[Unit], unit: Unit) -> List[str]:
+    """The keys of the units ``unit`` waits for: its own needs and the experiment's preparation,
+    which makes the data its other units read (the sequential runner runs it first)."""
+    return [*(u.key for u in todo if u.kind == "prepare" and u is not unit), *unit.needs]
 
 
 class UnitJob:
@@ -70,8 +74,9 @@ class UnitJob:
         # The experiment files name their training config relative to where the suite runs.
         os.chdir(self.cwd)
         exp = load_experiment(self.path)
-        by_key = {u.key: u for u in units(exp, self.root)}
-        missing = [k for k in by_key[self.key].needs if status(by_key[k]) != "done"]
+        todo = units(exp, self.root)
+        by_key = {u.key: u for u in todo}
+        missing = [k for k in _needs(todo, by_key[self.key]) if status(by_key[k]) != "done"]
         if missing:
             raise NotRun(f"{exp.id}: {self.key} not run: it needs {', '.join(missing)}, "
                          "which did not finish")
@@ -89,7 +94,7 @@ class Element:
 
     def __init__(self, exp: Experiment, unit: Unit, needs: Sequence[str]) -> None:
         self.exp, self.unit, self.needs = exp, unit, tuple(needs)
-        self.names: List[tuple] = [(exp.id, unit.key)]
+        self.names: List[Tuple[str, str]] = [(exp.id, unit.key)]
 
     def __str__(self) -> str:
         return f"{self.exp.id}: {self.unit.key}"
@@ -136,7 +141,7 @@ def waves(exps: Sequence[Experiment], root: str) -> List[List[Element]]:
                 continue
             if status(unit) == "done":
                 continue
-            needs = [by_key[k].output for k in unit.needs if by_key[k].output in depth]
+            needs = [by_key[k].output for k in _needs(todo, unit) if by_key[k].output in depth]
             depth[unit.output] = max((depth[n] + 1 for n in needs), default=0)
             found[unit.output] = Element(exp, unit, needs)
     out: List[List[Element]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
@@ -145,7 +150,7 @@ def waves(exps: Sequence[Experiment], root: str) -> List[List[Element]]:
     return out
 
 
-def _record(root: str, cluster: str, submitted: Sequence[tuple]) -> None:
+def _record(root: str, cluster: str, submitted: Sequence[Tuple[Element, Any]]) -> None:
     """Add (element, job) pairs to ``ROOT/jobs.json``, the records of other units kept."""
     records = read_jobs(root)
     when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -183,7 +188,7 @@ def run_waves(executor: Any, cluster: str, todo: Sequence[Sequence[Element]],
     env = run_env(args)
     failed: Set[str] = set()
     previous: Optional[str] = None
-    pending: List[tuple] = []
+    pending: List[Tuple[Element, Any]] = []
     for k, wave in enumerate(todo):
         ready = []
         for element in wave:
