@@ -4,10 +4,15 @@
         --timeout-min 1440 -- --config configs/xcit_s12_adv.yaml --data-dir /data/imagenet
     python -m advvit.launch eval --gpus-per-node 4 -- --checkpoint run/best.pth ...
     python -m advvit.launch train --cluster local --tasks-per-node 2 -- --config ...
+    python -m advvit.launch findings --gpus-per-node 1 --partition gpu -- run --root out/f
 
 The launcher's own options come before ``--``, the command's own after it. The command's own
 validation runs here first (train: the config and its preflight; eval: its parser), so a bad
 config is refused with one message (exit 2) and never reaches the queue.
+
+``findings`` runs the findings suite's units that are not done as job arrays, one process
+each, in waves by what they need (:mod:`advvit.findings.jobs`; its own checks first, as
+``python -m advvit.findings run`` makes them).
 
 Each of the nodes x tasks-per-node tasks reads its place from submitit's job environment, sets
 the variables torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
@@ -27,6 +32,7 @@ run in this process). Any ``--slurm-KEY VALUE`` goes to submitit's Slurm executo
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import signal
 import subprocess
@@ -38,12 +44,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from . import accel, checkpoint, data
 from .cli.options import eval_parser
 from .config import ConfigError, load_config
+from .findings import FindingsError
+from .findings import jobs as findings_jobs
+from .findings.plan import jobs_path
 from .preflight import validate
 from .rundir import resume_auto_args, run_dir_for
 
 __all__ = ["Task", "main"]
 
-COMMANDS = ("train", "eval")
+COMMANDS = ("train", "eval", "findings")
 CLUSTERS = ("slurm", "local", "debug")
 INSTALL_HINT = "pip install 'advvit[slurm]' (or pip install submitit)"
 # A stopped command has this long to write its recovery point before the job is requeued;
@@ -140,8 +149,9 @@ def _default_cluster() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m advvit.launch",
-        description="Run advvit.train or advvit.eval as a submitit job (Slurm, local processes "
-                    "or in this process). The command's own arguments follow `--`.",
+        description="Run advvit.train or advvit.eval as a submitit job, or the findings suite "
+                    "as job arrays (Slurm, local processes or in this process). The command's "
+                    "own arguments follow `--`.",
         epilog="Any --slurm-KEY VALUE is passed to submitit's Slurm executor as KEY.")
     p.add_argument("command", choices=COMMANDS)
     p.add_argument("--cluster", choices=CLUSTERS, default=None,
@@ -159,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-name", default=None, help="default: advvit-<command>")
     p.add_argument("--log-dir", default=None,
                    help="submitit's folder of logs and pickles, named by job id (default: "
-                        "<run folder>/submitit for train, <--output's folder>/submitit for eval)")
+                        "<run folder>/submitit for train, <--output's folder>/submitit for eval, "
+                        "<--root>/submitit for findings)")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
                    help="wait for the job to end (default: with local and debug only)")
     return p
@@ -266,6 +277,44 @@ def _executor(args: argparse.Namespace, cluster: str, folder: Path, tasks: int,
     return executor
 
 
+def _findings_layout(args: argparse.Namespace, cluster: str, tasks: int) -> None:
+    """A findings unit is one process; and waves wait for each other only through Slurm.
+
+    Raises:
+        LaunchError: several nodes or tasks per unit, or not waiting where waves must.
+    """
+    if args.nodes > 1 or tasks > 1:
+        raise LaunchError(f"findings: each unit is one process, not --nodes {args.nodes} x "
+                          f"{tasks} task(s): use --nodes 1 and at most --gpus-per-node 1")
+    if cluster != "slurm" and args.wait is False:
+        raise LaunchError(f"--no-wait: --cluster {cluster} has no job dependencies, so the "
+                          "launcher submits each wave when the one before it has ended")
+
+
+def _findings(args: argparse.Namespace, cluster: str, slurm: Dict[str, Any],
+              argv: Sequence[str]) -> int:
+    """The findings suite as job arrays: 0 when submitted (or, waiting, all finished), 1 when a
+    unit did not finish, 2 on a bad experiment or config (nothing submitted)."""
+    run_args = findings_jobs.parse_run(argv)
+    try:
+        exps = findings_jobs.experiments(run_args)
+    except FindingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    todo = findings_jobs.waves(exps, run_args.root)
+    if not todo:
+        print("nothing to run: every unit is done")
+        return 0
+    log_root = Path(args.log_dir or Path(run_args.root) / "submitit")
+    executor = _executor(args, cluster, log_root, 1, slurm)
+    wait = args.wait if args.wait is not None else cluster != "slurm"
+    code = findings_jobs.run_waves(executor, cluster, todo, run_args, wait=wait)
+    same = shlex.join(list(argv)[1:])
+    print(f"job ids: {jobs_path(run_args.root)}\nstates: python -m advvit.findings plan {same}\n"
+          f"records, once finished: python -m advvit.findings report {same}")
+    return code
+
+
 def _log_files(job: Any, tasks: int) -> List[str]:
     folder = job.paths.folder
     names = [f"{folder}/{job.job_id}_0_log.out", f"{folder}/{job.job_id}_0_log.err"]
@@ -295,8 +344,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         slurm = slurm_options(unknown)
         tasks = _layout(args, cluster, slurm)
+        if args.command == "findings":
+            _findings_layout(args, cluster, tasks)
     except LaunchError as err:
         parser.error(str(err))
+    if args.command == "findings":
+        return _findings(args, cluster, slurm, command_argv)
     world = args.nodes * tasks
     if args.command == "train":
         try:

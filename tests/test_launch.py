@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("submitit")
 
@@ -288,3 +289,230 @@ def test_two_local_tasks_evaluate_the_shards_torchrun_evaluates(ckpt_path, tmp_p
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["world_size"] == 2 and report["n"] == 24
     assert _without_timing(report) == _without_timing(expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# the findings suite as job arrays
+# ---------------------------------------------------------------------------------------------
+
+def _two_experiments(tmp_path: Path) -> Path:
+    """t1: two settings trained and evaluated; t2: claim 98, whose base is t1's wd0 (one shared
+    run and evaluation) and a fine-tuning of it: 6 units in 3 waves of depth."""
+    from test_findings import _tiny_experiment
+    t1 = Path(_tiny_experiment(tmp_path))
+    raw = yaml.safe_load(t1.read_text())
+    raw.update(claim=98, settings={"base": {"train": {"weight_decay": 0.0}, "minutes": 0.2},
+                                   "tuned": {"finetune_from": "base", "train": {"lr": 1e-4},
+                                             "minutes": 0.2}},
+               tests=[{"name": "robust", "higher": "pgd.robust@tuned", "lower": "pgd.robust@base"}])
+    (t1.parent / "t2_tuned.yaml").write_text(yaml.safe_dump(raw))
+    return t1.parent
+
+
+def _numbered_slurm(tmp_path: Path) -> Path:
+    """``sbatch`` keeping each script as submitted-N.sh and answering job 4242 + N."""
+    bin_dir = _fake_slurm(tmp_path)
+    (bin_dir / "sbatch").write_text(
+        f"#!/bin/sh\nn=$(ls {tmp_path} | grep -c '^submitted-')\n"
+        f"cp \"$1\" {tmp_path}/submitted-$n.sh\necho \"Submitted batch job $((4242 + n))\"\n")
+    return bin_dir
+
+
+def _sbatch_flags(path: Path) -> dict:
+    return dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)$", path.read_text(), re.M))
+
+
+def test_findings_waves_are_slurm_arrays_each_after_the_one_before(tmp_path, capsys, monkeypatch):
+    from advvit.findings.jobs import UnitJob
+    from advvit.findings.plan import journal_path, jobs_path, plan_lines, units
+    from advvit.findings.spec import load_experiments
+    monkeypatch.setenv("PATH", f"{_numbered_slurm(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    configs, root = _two_experiments(tmp_path), tmp_path / "root"
+    assert launch.main(["findings", "--gpus-per-node", "1", "--partition", "gpu",
+                        "--timeout-min", "60", "--", "run", "--configs", str(configs),
+                        "--root", str(root), "--threads", "2"]) == 0
+    scripts = [_sbatch_flags(tmp_path / f"submitted-{n}.sh") for n in range(3)]
+    assert not (tmp_path / "submitted-3.sh").exists()
+    # Wave 0 trains wd0 (t2's base too) and wd05; wave 1 evaluates them and fine-tunes wd0;
+    # wave 2 evaluates the fine-tuning, one unit: submitit submits it as a plain job.
+    assert [s.get("array") for s in scripts] == ["0-1%2", "0-2%3", None]
+    assert [s.get("dependency") for s in scripts] == [None, "afterany:4242", "afterany:4243"]
+    logs = root / "submitit"
+    for s, name in zip(scripts, ("%A_%a", "%A_%a", "%j")):
+        assert (s["partition"], s["gpus-per-node"], s["time"], s["job-name"]) == (
+            "gpu", "1", "60", "advvit-findings")
+        assert s["output"] == f"{logs}/{name}_0_log.out"
+    with open(logs / "4243_2_submitted.pkl", "rb") as fh:
+        element = pickle.load(fh).function
+    assert isinstance(element, UnitJob) and element.key == "train tuned s0"
+    assert (element.path, element.root, element.env) == (
+        str(configs / "t2_tuned.yaml"), str(root), {"OMP_NUM_THREADS": "2"})
+    assert element.checkpoint().function.key == "train tuned s0"   # requeued as it was
+    jobs = json.loads(Path(jobs_path(str(root))).read_text())
+    assert jobs["t1_tiny"]["train wd0 s0"]["job"] == jobs["t2_tuned"]["train base s0"]["job"] == "4242_0"
+    assert jobs["t2_tuned"]["eval pgd tuned s0"] == {
+        "job": "4244", "cluster": "slurm", "submitted": jobs["t1_tiny"]["train wd0 s0"]["submitted"]}
+    out = capsys.readouterr().out
+    assert "wave 2: 1 unit(s) (slurm, after job array 4243)" in out
+
+    # plan: queued with the job id, running while the unit's journal is fresh
+    exps = load_experiments(str(configs))
+    first = units(exps[0], str(root))[0]
+    Path(journal_path(first)).parent.mkdir(parents=True)
+    Path(journal_path(first)).write_text('{"seconds": 1, "attempts": 1}')
+    lines = plan_lines(exps, str(root))[0]
+    assert re.search(r"train wd0 s0 +pending, running \(job 4242_0\)", "\n".join(lines))
+    assert re.search(r"train wd05 s0 +pending, queued \(job 4242_1\)", "\n".join(lines))
+    old = time.time() - 60
+    os.utime(journal_path(first), (old, old))
+    assert "pending, queued (job 4242_0)" in "\n".join(plan_lines(exps, str(root))[0])
+
+
+def test_the_shipped_finetuning_experiment_waits_for_its_data_then_its_pretraining(tmp_path):
+    from advvit.findings.jobs import waves
+    from advvit.findings.spec import load_experiments
+    exps = load_experiments(str(ROOT / "configs" / "findings"), ["07_finetune"])
+    got = [sorted(e.unit.key for e in wave) for wave in waves(exps, str(tmp_path))]
+    assert got == [["prepare prepare_mnist5k.py"],
+                   ["train pretrain s0", "train pretrain s1", "train scratch s0", "train scratch s1"],
+                   ["eval apgd_mnist scratch s0", "eval apgd_mnist scratch s1",
+                    "train finetuned s0", "train finetuned s1"],
+                   ["eval apgd_mnist finetuned s0", "eval apgd_mnist finetuned s1"]]
+
+
+@pytest.mark.parametrize("run_args, match", [
+    (["nope"], "no experiment 'nope'"),
+    (["t1_tiny"], "config key 'model'"),
+])
+def test_findings_with_a_bad_experiment_or_config_submit_nothing(tmp_path, capsys, run_args, match):
+    configs = _two_experiments(tmp_path)
+    path = configs / "t1_tiny.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["settings"]["wd0"]["train"]["model"] = "xcit_nano_12_p8_33"
+    path.write_text(yaml.safe_dump(raw))
+    root = tmp_path / "root"
+    assert launch.main(["findings", "--cluster", "local", "--", "run", *run_args,
+                        "--configs", str(configs), "--root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and match in err
+    assert not root.exists()
+
+
+@pytest.mark.parametrize("options, match", [
+    (["--gpus-per-node", "2"], "each unit is one process"),
+    (["--tasks-per-node", "2"], "each unit is one process"),
+    (["--no-wait"], "no job dependencies"),
+])
+def test_findings_layouts_a_unit_cannot_take_are_refused(tmp_path, capsys, options, match):
+    with pytest.raises(SystemExit) as stop:
+        launch.main(["findings", "--cluster", "local", *options, "--", "run",
+                     "--root", str(tmp_path / "root")])
+    assert stop.value.code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "root").exists()
+
+
+def _records(results: Path, root: Path) -> dict:
+    """Each experiment's record as ``report`` wrote it, its root named ROOT, without clocks.
+
+    A fine-tuning's run name hashes the path of the checkpoint it starts from, which is under
+    the root: run names lose their hash here."""
+    def text(path: Path) -> str:
+        return re.sub(r"(ROOT/runs/[^/\"]+-)[0-9a-f]{8}/", r"\1HASH/",
+                      path.read_text().replace(str(root), "ROOT"))
+    return {p.stem: _without_timing(json.loads(text(p))) for p in sorted(results.glob("*.json"))}
+
+
+@pytest.mark.slow
+def test_findings_as_local_job_arrays_give_the_sequential_runners_records(tmp_path):
+    from advvit.findings.__main__ import main as findings_main
+    from advvit.findings.plan import jobs_path
+    configs = _two_experiments(tmp_path)
+    suite = ["--configs", str(configs), "--threads", "1"]
+    seq, arr = tmp_path / "sequential", tmp_path / "arrays"
+    ran = subprocess.run([sys.executable, "-m", "advvit.findings", "run", *suite, "--yes",
+                          "--root", str(seq), "--results", str(seq / "docs")],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    launched = subprocess.run([sys.executable, "-m", "advvit.launch", "findings", "--cluster",
+                               "local", "--timeout-min", "30", "--", "run", *suite,
+                               "--root", str(arr)],
+                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    out = launched.stdout
+    # The shared run and evaluation once; the fine-tuning after the training it starts from.
+    assert re.search(r"wave 0: 2 unit\(s\) \(local\).*wave 1: 3 unit\(s\) \(local\).*"
+                     r"wave 2: 1 unit\(s\) \(local\)", out, re.S), out
+    assert out.count("done  ") == 6 and "error" not in out
+    assert len(json.loads(Path(jobs_path(str(arr))).read_text())["t2_tuned"]) == 4
+    assert findings_main(["report", *suite, "--root", str(arr), "--results",
+                          str(arr / "docs")]) == 0
+    expected, got = _records(seq / "docs", seq), _records(arr / "docs", arr)
+    assert set(got) == {"t1_tiny", "t2_tuned"} and got == expected
+    again = subprocess.run([sys.executable, "-m", "advvit.launch", "findings", "--cluster",
+                            "local", "--", "run", *suite, "--root", str(arr)],
+                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to run: every unit is done" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_failed_findings_unit_is_reported_with_its_log_and_what_needs_it_is_not_run(tmp_path):
+    configs = _two_experiments(tmp_path)
+    root = tmp_path / "root"
+    launched = subprocess.run([sys.executable, "-m", "advvit.launch", "findings", "--cluster",
+                               "local", "--timeout-min", "30", "--", "run", "t1_tiny",
+                               "--configs", str(configs), "--root", str(root), "--threads", "1"],
+                              cwd=ROOT, env=_env(**{KILL_ENV: "log:1"}), capture_output=True,
+                              text=True, timeout=600)
+    out = launched.stdout
+    assert launched.returncode == 1, out + launched.stderr
+    # Both trainings were run, each killed at its first log line; their evaluations were not.
+    assert out.count("error: t1_tiny: train") == 2 and "failed (exit -9); the end of" in out
+    assert out.count("not run  t1_tiny: eval pgd") == 2 and "wave 1" not in out
+
+
+def _pids_with(*words: str) -> list:
+    """The processes whose command line holds every one of ``words``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if all(w.encode() in cmdline for w in words):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_preempted_findings_element_is_requeued_and_resumes_its_training(tmp_path):
+    configs = _two_experiments(tmp_path)
+    raw = yaml.safe_load((tmp_path / "train.yaml").read_text())
+    raw.update(max_steps_per_epoch=6, recovery_interval_steps=1)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(raw))
+    root = tmp_path / "root"
+    proc = subprocess.Popen([sys.executable, "-m", "advvit.launch", "findings", "--cluster",
+                             "local", "--timeout-min", "30", "--", "run", "t1_tiny", "--configs",
+                             str(configs), "--root", str(root), "--threads", "1"], cwd=ROOT,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (points := list(root.glob("runs/*/recovery.pth"))):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        run = points[0].parent
+        # As Slurm warns every process of a job: the elements and their units' commands.
+        elements = _pids_with("submitit.core._submit", str(root / "submitit"))
+        commands = _pids_with("advvit.train", str(root))
+        assert elements and commands
+        for pid in elements + commands:
+            os.kill(pid, signal.SIGUSR2)
+        out = proc.communicate(timeout=600)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.count("done  ") == 4, out
+    assert "Requeued job" in "".join(p.read_text() for p in (root / "submitit").glob("*_log.out"))
+    # The command heard SIGUSR2 as nothing, stopped on its element's SIGTERM and was resumed.
+    assert "stopped on SIGTERM" in (run / "findings_train.log").read_text()
+    history = yaml.safe_load((run / "resume_history.yaml").read_text())
+    assert history and history[0]["checkpoint"].endswith("recovery.pth")

@@ -48,9 +48,11 @@ LAYERS: Sequence[Tuple[str, Sequence[str]]] = (
       "advvit.cli.*", "advvit.launch")),
 )
 
-# Each is one command line; only its own modules may import it.
-COMMANDS = ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.export", "advvit.findings.*",
-            "advvit.launch")
+# Each is one command line; only its own modules may import it. The findings command line is
+# its __main__: the package's other modules are the suite (plan, runner, job arrays), which launch
+# submits as jobs.
+COMMANDS = ("advvit.train", "advvit.eval", "advvit.analyze", "advvit.export",
+            "advvit.findings.__main__", "advvit.launch")
 
 # ---------------------------------------------------------------------------------------------
 # the scan

@@ -24,20 +24,14 @@ from .plan import plan_lines
 from .results import (build_result, compare_measurement, measurement_unit, rebuild_result,
                       validate_result, write_result)
 from .runner import RunFailed, check_configs, run_experiment
-from .spec import FindingsError, load_experiments
+from .spec import FindingsError, add_suite_options, load_experiments, run_env
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m advvit.findings", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=("plan", "run", "report", "verify"))
-    p.add_argument("experiments", nargs="*", help="file stems or claim numbers (default: all)")
-    p.add_argument("--configs", default="configs/findings", help="folder of experiment files")
-    p.add_argument("--root", default="output/findings",
-                   help="run folders, resolved configs and analyses go here")
-    p.add_argument("--results", default="docs/findings", help="where <id>.json and <id>.png go")
-    p.add_argument("--threads", type=int, default=None,
-                   help="OMP_NUM_THREADS of the runs (default: torch's)")
+    add_suite_options(p)
     p.add_argument("--yes", action="store_true", help="run without printing the plan first")
     p.add_argument("--measurement", type=int, default=0,
                    help="verify: which of the record's measurements (its index, default 0)")
@@ -97,7 +91,7 @@ def _run(exp, root, env, only=None) -> Optional[int]:
 
 def _verify(exps, args) -> int:
     root = os.path.join(args.root, "verify")
-    env = None if args.threads is None else {"OMP_NUM_THREADS": str(args.threads)}
+    env = run_env(args)
     _stop_on_signals()
     status = 0
     for exp in exps:
@@ -148,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\n".join(lines))
     if args.action == "plan":
         return 0
-    env = None if args.threads is None else {"OMP_NUM_THREADS": str(args.threads)}
+    env = run_env(args)
     _stop_on_signals()
     for exp in exps:
         if exp.waits_for:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -24,11 +25,15 @@ from .spec import AnalysisSpec, EvalSpec, Experiment, SettingSpec
 
 __all__ = ["Unit", "units", "status", "plan_lines", "log_path", "journal_path", "read_journal",
            "TRAIN_MARKER", "EXPERIMENT_LIMIT_MINUTES", "train_values", "recorded_hashes",
-           "file_sha256"]
+           "file_sha256", "jobs_path", "read_jobs"]
 
 TRAIN_MARKER = "findings_done.json"
 EXPERIMENT_LIMIT_MINUTES = 45.0
 _CHECKPOINT = "best.pth"
+JOBS_NAME = "jobs.json"
+# A running unit's journal is rewritten every 5 s (runner.HEARTBEAT_SECONDS); one older than this
+# belongs to an attempt that has stopped.
+RUNNING_WITHIN_SECONDS = 15.0
 
 
 def _digest(payload: Any, n: int = 8) -> str:
@@ -299,11 +304,45 @@ def _seconds_done(unit: Unit) -> Optional[float]:
     return None
 
 
+def jobs_path(root: str) -> str:
+    """The file of the job ids the units under ``root`` were submitted as (by advvit.launch)."""
+    return os.path.join(root, JOBS_NAME)
+
+
+def read_jobs(root: str) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Experiment id -> unit key -> ``{"job", "cluster", "submitted"}``; empty when no unit was
+    ever submitted as a job (or the file is unreadable)."""
+    try:
+        with open(jobs_path(root)) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _running(unit: Unit) -> bool:
+    try:
+        return time.time() - os.path.getmtime(journal_path(unit)) < RUNNING_WITHIN_SECONDS
+    except OSError:
+        return False
+
+
+def _where(unit: Unit, job: Optional[Mapping[str, Any]]) -> str:
+    """``running``/``queued`` with the unit's job id, for a unit that is not done."""
+    tag = f" (job {job['job']})" if job else ""
+    if _running(unit):
+        return f", running{tag}"
+    return f", queued{tag}" if job else ""
+
+
 def plan_lines(experiments: Sequence[Experiment], root: str) -> Tuple[List[str], float]:
     """The plan as printable lines, and the estimated minutes still to run.
 
-    Units shared by several experiments are counted once, where they first appear.
+    Units shared by several experiments are counted once, where they first appear. A unit not
+    done is ``running`` while its journal is fresh, and ``queued`` when it was submitted as a job
+    (``ROOT/jobs.json``), each with its job id.
     """
+    jobs = read_jobs(root)
     lines: List[str] = []
     seen: set = set()
     total = 0.0
@@ -321,7 +360,8 @@ def plan_lines(experiments: Sequence[Experiment], root: str) -> Tuple[List[str],
             if state == "done":
                 note = f"done{'' if took is None else f' in {took / 60:.1f} min'}"
             else:
-                note = f"{state}, ~{u.minutes:g} min" + (" (shared, counted above)" if shared else "")
+                note = (f"{state}{_where(u, jobs.get(exp.id, {}).get(u.key))}, ~{u.minutes:g} min"
+                        + (" (shared, counted above)" if shared else ""))
                 if not shared:
                     todo += u.minutes
             body.append(f"    {u.key:<40} {note}")

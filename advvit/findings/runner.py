@@ -66,8 +66,13 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     The child has its own session (so the runner can stop its whole tree), which also takes it
     out of the terminal's and the scheduler's reach: without this a killed runner leaves it
     running as an orphan, holding its run folder's lock.
+
+    It also ignores SIGUSR2: Slurm sends submitit's preemption warning to every process of a job,
+    and its default action would kill a training before its recovery point is written; the job's
+    own process (advvit.findings.jobs) stops the child with SIGTERM instead.
     """
     def setup() -> None:
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

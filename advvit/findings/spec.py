@@ -16,6 +16,7 @@ any run starts.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 __all__ = ["FindingsError", "EvalSpec", "AnalysisSpec", "SettingSpec", "TestSpec", "Experiment",
-           "MetricRef", "load_experiment", "load_experiments", "parse_ref", "DEFAULTS_NAME"]
+           "MetricRef", "load_experiment", "load_experiments", "parse_ref", "DEFAULTS_NAME",
+           "add_suite_options", "run_env"]
 
 DEFAULTS_NAME = "defaults.yaml"
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -525,3 +527,20 @@ def load_experiments(folder: str, only: Sequence[str] = ()) -> List[Experiment]:
                                 f"known: {', '.join(e.id for e in exps)}")
         chosen += [e for e in found if e not in chosen]
     return chosen
+
+
+def add_suite_options(p: argparse.ArgumentParser) -> None:
+    """The experiments to run and where the suite's files are, for every command line that runs
+    the suite (``python -m advvit.findings``, ``python -m advvit.launch findings``)."""
+    p.add_argument("experiments", nargs="*", help="file stems or claim numbers (default: all)")
+    p.add_argument("--configs", default="configs/findings", help="folder of experiment files")
+    p.add_argument("--root", default="output/findings",
+                   help="run folders, resolved configs and analyses go here")
+    p.add_argument("--results", default="docs/findings", help="where <id>.json and <id>.png go")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS of the runs (default: torch's)")
+
+
+def run_env(args: argparse.Namespace) -> Optional[Dict[str, str]]:
+    """The environment the runs get from the suite's options (None: this process's own)."""
+    return None if args.threads is None else {"OMP_NUM_THREADS": str(args.threads)}
