@@ -304,6 +304,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     accel.apply_threads(args.threads)
+    if args.check_only:
+        try:
+            check(args)
+        except OptionError as err:
+            parser.error(str(err))
+        print("the options, the model and the examples are valid (nothing was attacked)")
+        return 0
     try:
         req = EvalRequest.from_args(args)
         prep = _prepare(req)

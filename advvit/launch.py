@@ -7,8 +7,8 @@
     python -m advvit.launch findings --gpus-per-node 1 --partition gpu -- run --root out/f
 
 The launcher's own options come before ``--``, the command's own after it. The command's own
-validation runs here first (train: the config and its preflight; eval: its parser), so a bad
-config is refused with one message (exit 2) and never reaches the queue.
+validation runs here first (train: the config and its preflight; eval: ``--check-only``, the
+model reference and the examples on this machine's CPU), so a bad config is refused with one message (exit 2) and never reaches the queue.
 
 ``findings`` runs the findings suite's units that are not done as job arrays, one process
 each, in waves by what they need (:mod:`advvit.findings.jobs`; its own checks first, as
@@ -256,10 +256,18 @@ def _check_train(argv: Sequence[str], world: int) -> str:
 
 
 def _check_eval(argv: Sequence[str]) -> Optional[str]:
-    """eval's parser (exits 2 on a bad option) -> the report's path, if any."""
+    """eval's own checks -> the report's path, if any: its parser (exits 2 on a bad option),
+    then ``advvit.eval --check-only`` (the model reference, the data set and the examples, on
+    this machine's CPU) in a child process, exiting 2 with its message when it fails."""
     parser = eval_parser()
     parser.prog = "python -m advvit.launch eval ... --"
-    return parser.parse_args(list(argv)).output
+    output = parser.parse_args(list(argv)).output
+    checked = subprocess.run([sys.executable, "-m", "advvit.eval", *argv, "--check-only"])
+    if checked.returncode != 0:
+        print("error: python -m advvit.eval refused the command line (above): nothing was "
+              "submitted", file=sys.stderr)
+        raise SystemExit(2)
+    return output
 
 
 def _executor(args: argparse.Namespace, cluster: str, folder: Path, tasks: int,

@@ -98,6 +98,29 @@ def test_an_evaluation_with_a_bad_option_is_refused_by_evals_parser(tmp_path, ca
     assert not (tmp_path / "submitit").exists()
 
 
+def test_an_evaluation_of_a_model_that_is_not_there_never_reaches_the_queue(tmp_path, capfd):
+    with pytest.raises(SystemExit) as stop:
+        launch.main(["eval", "--cluster", "local", "--", "--checkpoint",
+                     str(tmp_path / "absent.pth"), "--dataset", "fashion_mnist",
+                     "--output", str(tmp_path / "r.json"), "--attack", "pgd"])
+    assert stop.value.code == 2
+    err = capfd.readouterr().err
+    assert "absent.pth does not exist" in err and "nothing was submitted" in err
+    assert not (tmp_path / "submitit").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_check_only_checks_the_model_and_examples_and_attacks_nothing(ckpt_path, tmp_path,
+                                                                       capsys):
+    from advvit import eval as E
+    args = _eval_args(ckpt_path, tmp_path, "--attack", "pgd")
+    assert E.main([*args, "--check-only"]) == 0
+    assert "nothing was attacked" in capsys.readouterr().out
+    assert not (tmp_path / "report.json").exists()
+    with pytest.raises(SystemExit) as stop:  # more examples than the split has: eval's message
+        E.main([*args, "--check-only", "--n-examples", "100000"])
+    assert stop.value.code == 2 and "--n-examples" in capsys.readouterr().err
+
+
 def test_slurm_without_sbatch_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(SystemExit):

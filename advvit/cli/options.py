@@ -244,5 +244,9 @@ def eval_parser() -> argparse.ArgumentParser:
                         "only: standard AutoAttack at its eps on its examples, no warning)")
     r.add_argument("--per-example", action="store_true",
                    help="record each example's outcome in the JSON")
+    r.add_argument("--check-only", action="store_true",
+                   help="check the options, the model and the examples on this machine's CPU, "
+                        "then exit 0 without attacking (what python -m advvit.launch eval runs "
+                        "before it submits)")
     add_workers_option(r)
     return p
