@@ -84,11 +84,14 @@ class DynamoCounters:
 
     Attributes:
         frames: frames compiled (``counters["frames"]["ok"]``).
+        given_up: frames dynamo tried and gave up on (``total`` - ``ok``: a compile error, or
+            dynamo's recompile limit reached), whose calls run eagerly.
         graph_breaks: graph breaks, summed over their reasons.
         reasons: the guard-failure reasons recorded so far, in order.
     """
 
     frames: int
+    given_up: int
     graph_breaks: int
     reasons: tuple[str, ...]
 
@@ -97,7 +100,9 @@ class DynamoCounters:
         """The counters as they are now."""
         from torch._dynamo.utils import counters, guard_failures
         reasons = tuple(r for code_reasons in list(guard_failures.values()) for r in code_reasons)
-        return cls(int(counters["frames"].get("ok", 0)), _graph_breaks(counters), reasons)
+        frames = counters["frames"]
+        ok = int(frames.get("ok", 0))
+        return cls(ok, int(frames.get("total", 0)) - ok, _graph_breaks(counters), reasons)
 
     def since(self, before: "DynamoCounters") -> dict[str, Any]:
         """What compiling did between ``before`` and this snapshot, for a report.
@@ -114,6 +119,7 @@ class DynamoCounters:
                 new.remove(r)
         firsts = [r for r in new if r.split(":", 1)[0].endswith("/0")]
         return {"frames_compiled": self.frames - before.frames,
+                "frames_run_eagerly": self.given_up - before.given_up,
                 "graph_breaks": self.graph_breaks - before.graph_breaks,
                 "recompiles": len(firsts),
                 "recompiles_batch_size": sum(BATCH_SIZE_REASON in r for r in firsts),
@@ -121,4 +127,6 @@ class DynamoCounters:
                 "note": "torch.compile (inductor, automatic dynamic shapes): the first batch "
                         "of a new size recompiles once with the batch dimension symbolic; "
                         "a change of autocast state (--amp: the attack and the fp32 check) "
-                        "compiles a graph of its own"}
+                        "compiles a graph of its own, as do grad mode and whether the input "
+                        "needs a gradient; frames_run_eagerly counts frames dynamo gave up on "
+                        "(its recompile limit): their calls ran eagerly, as correct but slower"}

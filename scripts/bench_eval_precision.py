@@ -34,7 +34,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402  (imports advvit before timm)
@@ -159,6 +159,8 @@ def run_variant(model: nn.Module, compiled: nn.Module | None, x: torch.Tensor, y
     amp = "bf16" if variant.startswith("bf16") else None
     target = compiled if variant.endswith("+compile") else model
     warm = warm_up(target, x[:batch_size], amp, device) if target is compiled else 0.0
+    if warm:
+        _log(f"  {variant}: warm-up (compiling) {warm:.1f} s")
     before = DynamoCounters.now()
     start = time.perf_counter()
     if variant == "raw":
@@ -195,10 +197,11 @@ def compare(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
 
 def run_variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: Sequence[str],
                  variants: Sequence[str], eps: float, batch_size: int, device: torch.device,
-                 restarts: int = 1, steps: int | None = None,
-                 aa_n: int | None = None) -> dict[str, Any]:
+                 restarts: int = 1, steps: int | None = None, aa_n: int | None = None,
+                 on_part: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Every variant of every attack on (x, y) (standard AutoAttack on the first ``aa_n``),
-    one compiled module shared by the compiled variants -> a part per attack."""
+    one compiled module shared by the compiled variants -> a part per attack; ``on_part`` gets
+    the parts so far after each attack (a long run keeps what it finished)."""
     compiled = None
     if any(v.endswith("+compile") for v in variants):
         check_compile(device)
@@ -212,10 +215,13 @@ def run_variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks:
             rows.append(run_variant(model, compiled, x[:n], y[:n], v, spec, eps=eps,
                                     batch_size=min(batch_size, n), device=device))
             _log(f"  {attack} {v}: {rows[-1]['seconds']:.1f} s (warm-up "
-                 f"{rows[-1]['warmup_s']:.1f} s), robust {rows[-1]['robust'].float().mean():.1%}")
+                 f"{rows[-1]['warmup_s']:.1f} s), robust {rows[-1]['robust'].float().mean():.1%}, "
+                 f"compiled in the run: {rows[-1]['compile_during_run']}")
         with torch.no_grad():
             clean = float((model(x[:n].to(device)).argmax(1).cpu() == y[:n]).float().mean())
         parts[attack] = {"n": n, "clean_accuracy": clean, "rows": compare(rows, n)}
+        if on_part is not None:
+            on_part(parts)
     return parts
 
 
@@ -261,17 +267,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, spec = load_model(args.checkpoint, device)
     x, y = load_test_examples(args.checkpoint, spec, args.n_examples)
     t0 = time.time()
-    parts = run_variants(model, x, y, attacks=attacks, variants=variants, eps=args.eps,
-                         batch_size=args.batch_size or args.n_examples, device=device,
-                         restarts=args.apgd_restarts, steps=args.apgd_steps,
-                         aa_n=args.aa_n_examples)
     payload = {"benchmark": "eval_precision", "env": bc.environment(device),
                "pyautoattack": backend_version("pyautoattack"),
                "settings": {**{k: v for k, v in vars(args).items()
                                if k not in ("output", "markdown")},
-                            "batch_size": args.batch_size or args.n_examples},
-               "wall_s": time.time() - t0, "parts": parts}
-    bc.write_json(args.output, payload)
+                            "batch_size": args.batch_size or args.n_examples}}
+
+    def write(parts: dict[str, Any]) -> None:
+        payload.update(wall_s=time.time() - t0, parts=parts)
+        bc.write_json(args.output, payload)
+
+    run_variants(model, x, y, attacks=attacks, variants=variants, eps=args.eps,
+                 batch_size=args.batch_size or args.n_examples, device=device,
+                 restarts=args.apgd_restarts, steps=args.apgd_steps, aa_n=args.aa_n_examples,
+                 on_part=write)
     md = render_markdown(payload)
     write_text(args.markdown, md + "\n")
     print(md)

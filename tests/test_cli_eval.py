@@ -633,6 +633,7 @@ def test_compiled_pgd_gives_eagers_outcomes_and_records_its_compiles(ckpt_path, 
         [p["robust"] for p in eager["per_example"]]
     counts = compiled["compile"]
     assert counts["frames_compiled"] >= 1 and counts["graph_breaks"] >= 0
+    assert counts["frames_run_eagerly"] == 0  # no recompile limit reached: all of it compiled
     assert counts["recompiles"] >= counts["recompiles_batch_size"] >= 1
     assert "torch.compile:" in capsys.readouterr().out
 
