@@ -39,13 +39,13 @@ import torch
 from torch import nn
 
 from . import accel, checks
-from .compiled import DynamoCounters, check_compile, compile_model
 from .accel import check_amp, resolve_device
 from .attack_names import AttackSpec, parse_attack
 from .attacks import check_eps
 from .autoattack_adapter import available_backends
 from .checkpoint import LoadedModel
 from .cli.options import OptionsView, eval_parser, eval_threats, model_options, parse_eps
+from .compiled import DynamoCounters, check_compile, compile_model
 from .data import load_examples, read_ids_file
 from .io import OptionError, atomic_write_json, check_file_target
 from .leaderboard import model_info_entry, protocol_problems, save_adversarial
