@@ -18,6 +18,7 @@ Examples::
         --corruption-severities 1,3,5   # + ImageNet-C accuracy on the same examples
     python -m advvit.eval --checkpoint best.pth --attack autoattack \\
         --threats linf:4/255,l2:2,l1:75 --amp bf16   # a row per threat, their union; fp32-checked
+    python -m advvit.eval --checkpoint best.pth --attack apgd-ce --compile   # torch.compile'd
 
 Everything is loaded and every argument validated before the first attack runs; a bad argument
 is one error line naming it and the fix (exit status 2).
@@ -44,6 +45,7 @@ from .attacks import check_eps
 from .autoattack_adapter import available_backends
 from .checkpoint import LoadedModel
 from .cli.options import OptionsView, eval_parser, eval_threats, model_options, parse_eps
+from .compiled import DynamoCounters, check_compile, compile_model
 from .data import load_examples, read_ids_file
 from .io import OptionError, atomic_write_json, check_file_target
 from .leaderboard import model_info_entry, protocol_problems, save_adversarial
@@ -145,6 +147,8 @@ class EvalRequest(OptionsView):
             raise OptionError("no AutoAttack package installed: pip install pyautoattack")
         device = resolve_device(args.device)
         check_amp(args.amp, device)
+        if args.compile:
+            check_compile(device)
         ids = tuple(read_ids_file(args.ids_file)) if args.ids_file else None
         if ids is not None and args.sample != "first":
             raise OptionError("--sample random picks examples itself: drop it or --ids-file")
@@ -335,12 +339,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           ys[:req.batch_size].to(device))
     for f in model_flags:
         print(f"WARNING {f}", file=sys.stderr)
+    # Compiled after the model checks (they switch train/eval modes, each a graph of its own);
+    # this one module serves every batch, attack and threat.
+    attacked = compile_model(prep.model) if req.compile else prep.model
+    counters = DynamoCounters.now()
     started = time.perf_counter()
     # Keyed by eps for one norm (the report's eps sweep), by threat for --threats.
     outcomes: dict[Any, EnsembleResult] = {}
     for label, norm, eps in req.threats:
         try:
-            out = run_attack(prep.model, xs, ys, req.spec, eps=eps, norm=norm,
+            out = run_attack(attacked, xs, ys, req.spec, eps=eps, norm=norm,
                              seed=req.seed, batch_size=req.batch_size, device=device,
                              state_path=_state_path(req, norm, eps, rank, world),
                              keep_adv=bool(req.save_adv) and not outcomes,
@@ -375,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     autoattack=f"{first.backend} {first.backend_version}".strip())
     meta.update({"data": prep.meta["data"], "device": str(device), "world_size": world,
                  "seconds_total": round(time.perf_counter() - started, 3)})
+    if req.compile:  # this rank's compiles: their time is in seconds_total
+        meta["compile"] = DynamoCounters.now().since(counters)
     norm = ",".join(dict.fromkeys(n for _, n, _ in req.threats))
     report = build_report(outcomes, spec=req.spec, norm=norm, seed=req.seed,
                           model_flags=model_flags, meta=meta, indices=prep.indices,

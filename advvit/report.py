@@ -296,6 +296,13 @@ def print_table(report: Mapping[str, Any], file: Any = None) -> None:
     if precision:
         print(f"attacked in {precision['attack']}, every break verified in fp32 (robust "
               "accuracy can only be overstated by the weaker attack)", file=out)
+    compiled = report.get("compile")
+    if compiled:
+        print(f"torch.compile: {compiled['frames_compiled']} frames compiled, "
+              f"{compiled['graph_breaks']} graph breaks, {compiled['recompiles']} recompiles "
+              f"({compiled['recompiles_batch_size']} for a batch size)"
+              + (f", {compiled['frames_run_eagerly']} frames given up and run eagerly"
+                 if compiled["frames_run_eagerly"] else ""), file=out)
     print(f"{'eps':>10} {'eps*255':>8} {'attack':>14} {'accuracy':>9} {'seconds':>9}", file=out)
     for r in report["results"]:
         where = f"{r['threat']:>19}" if "threat" in r else \

@@ -36,6 +36,7 @@ from torch import nn
 
 from .attacks import check_eps, fgsm, model_mode, pgd
 from .weights import weights_digest
+from .wrappers import unwrap
 from .checks import missing_input_gradient
 from .io import FileInUseError, atomic_write_json, lock_file
 
@@ -377,8 +378,10 @@ class _Run:
         self.precision = precision
         self.batch_size, self.device, self.path = batch_size, device, path
         self.stop_after_batches, self.on_batch = stop_after_batches, on_batch
-        # Keyed by the weights, so a state is never resumed for a model that has changed.
-        model_key = weights_digest(model.state_dict()) if path is not None else None
+        # Keyed by the weights, so a state is never resumed for a model that has changed; the
+        # compiled wrapper renames every key, not the weights, so a compiled run resumes too.
+        model_key = weights_digest(unwrap(model, "runtime").state_dict()) \
+            if path is not None else None
         config = _state_config(suite, _fingerprint(x, y), x.shape[0], batch_size, model_key,
                                precision)
         state = _load_state(path, config)

@@ -18,6 +18,13 @@ and OPTS ``+``-joined from ``eager`` / ``compile`` (torch.compile of the model, 
 serving the attack and the training passes), ``fused`` (fused AdamW), ``cl`` (channels-last model and
 input), ``check`` (keep the attack's input-range check, one host read per step; off otherwise).
 
+On CUDA a second section evaluates as ``advvit.eval`` does (``scripts/bench_eval_precision.py``'s
+functions): APGD-CE on ``--eval-n`` examples in fp32 eager, bf16 + compile and raw pyautoattack,
+with seconds per example, the ratio to raw AutoAttack, robust accuracy and the examples whose
+outcome differs from fp32's. Its model is ``--eval-checkpoint`` on its test examples, else the
+benchmark's own model (random weights) on random inputs labelled by its own predictions.
+``--eval-variants`` runs the section on the CPU too.
+
 On the CPU the compiled variants are left out of the default list. Smoke run::
 
     python scripts/bench_gpu_throughput.py --device cpu --model xcit_nano_12_p16_224 --img-size 32 \\
@@ -32,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402  (imports advvit before timm)
+import bench_eval_precision as bep  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -46,6 +54,7 @@ DEFAULT_VARIANTS = (
     "fgsm-rs:compile", "fgsm-rs:compile+fused", "fgsm-rs:compile+fused+check",
     "fgsm-rs:compile+fused+cl",
 )
+EVAL_VARIANTS = "fp32,bf16+compile,raw"
 WHATS = ("fgsm-rs", "fgsm-rs-thesis", "clean", "attack")
 OPTS = ("eager", "compile", "fused", "cl", "check")
 
@@ -68,6 +77,16 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=None,
                    help="comma-separated WHAT:OPTS list (default: all; on the CPU all but compiled)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on the CPU")
+    p.add_argument("--eval-variants", default=None,
+                   help=f"evaluation section variants, of {','.join(bep.VARIANTS)} (default on "
+                        f"CUDA: {EVAL_VARIANTS}; on the CPU: no section)")
+    p.add_argument("--eval-n", type=int, default=256, help="evaluation section: examples")
+    p.add_argument("--eval-batch", type=int, default=256, help="evaluation section: batch size")
+    p.add_argument("--eval-steps", type=int, default=None,
+                   help="evaluation section: APGD-CE iterations (default AutoAttack's 100)")
+    p.add_argument("--eval-checkpoint", default=None,
+                   help="evaluation section: an advvit checkpoint (default: the benchmark's model "
+                        "with random weights on random inputs)")
     p.add_argument("--output", default=None, help="write results as JSON here")
     p.add_argument("--markdown", default=None, help="also write the table as markdown here")
     return p.parse_args(argv)
@@ -174,13 +193,16 @@ def main(argv=None):
     peak = None
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
+    eval_variants = args.eval_variants or (EVAL_VARIANTS if device.type == "cuda" else None)
+    evaluation = eval_section(args, device, eval_variants) if eval_variants else None
     payload = {"benchmark": "gpu_throughput", "env": env,
                "settings": {k: v for k, v in vars(args).items() if k not in ("output", "markdown")},
                "compile_stats": {"after_warmup": after_warmup, "after_timing": after_timing,
                                  "graphs_added_while_timing":
                                      (after_timing.get("unique_graphs", 0)
                                       - after_warmup.get("unique_graphs", 0))},
-               "max_memory_allocated_gib": peak, "wall_s": time.time() - t0, "results": rows}
+               "max_memory_allocated_gib": peak, "wall_s": time.time() - t0, "results": rows,
+               "eval_precision": evaluation}
     bc.write_json(args.output, payload)
     md = render_markdown(payload)
     print(md)
@@ -188,6 +210,36 @@ def main(argv=None):
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(md + "\n")
     return payload
+
+
+def eval_section(args, device, variants):
+    """APGD-CE as ``advvit.eval`` runs it, per variant of ``bench_eval_precision``."""
+    # The training timing ran with TF32 matmuls; fp32 here means what the eval CLI runs (torch's
+    # default, TF32 off), so the fp32 outcomes are the reference they are everywhere else.
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        if args.eval_checkpoint:
+            model, spec = bep.load_model(args.eval_checkpoint, device)
+            x, y = bep.load_test_examples(args.eval_checkpoint, spec, args.eval_n)
+            source = args.eval_checkpoint
+        else:
+            torch.manual_seed(0)
+            model = bc.build_model(args.model, img_size=args.img_size,
+                                   num_classes=args.num_classes, device=device).eval()
+            x, _ = bc.random_batch(args.eval_n, args.img_size, args.num_classes,
+                                   torch.device("cpu"))
+            with torch.no_grad():  # its own predictions: every example starts clean
+                y = torch.cat([model(xb.to(device)).argmax(1).cpu()
+                               for xb in x.split(args.eval_batch)])
+            source = f"{args.model}, random weights, random inputs"
+        parts = bep.run_variants(model, x, y, attacks=["apgd-ce"],
+                                 variants=bep.parse_variants(variants), eps=args.eps,
+                                 batch_size=args.eval_batch, device=device,
+                                 steps=args.eval_steps)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return {"model": source, "eps": args.eps, "steps": args.eval_steps or 100, "parts": parts}
 
 
 def render_markdown(payload):
@@ -207,6 +259,10 @@ def render_markdown(payload):
     lines.append("")
     lines.append(f"Compiled graphs after warm-up: {cs['after_warmup'].get('unique_graphs')}; "
                  f"added while timing: {cs['graphs_added_while_timing']}.")
+    ev = payload.get("eval_precision")
+    if ev:
+        lines += ["", f"Evaluation, APGD-CE 1 restart x {ev['steps']}, Linf eps {ev['eps']:.4g}, "
+                      f"{ev['model']}:", "", bep.render_table(ev["parts"])]
     return "\n".join(lines)
 
 

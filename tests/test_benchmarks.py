@@ -11,6 +11,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import bench_contention  # noqa: E402
+import bench_eval_precision  # noqa: E402
 import bench_gpu_throughput  # noqa: E402
 import bench_train_step  # noqa: E402
 import check_reproducibility as repro  # noqa: E402
@@ -78,7 +79,75 @@ def test_throughput_benchmark_runs_on_cpu_with_tiny_settings(tmp_path):
         assert _positive(r["images_per_s"]) and _positive(r["median_s"])
         assert len(r["samples_s"]) == 1
     assert payload["compile_stats"]["graphs_added_while_timing"] == 0
+    assert payload["eval_precision"] is None  # the evaluation section: CUDA or asked for
     assert "images/s" in md.read_text()
+
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """An untrained timm test ViT for Fashion-MNIST at 32x32, as an advvit checkpoint."""
+    import torch
+    from advvit import checkpoint as C
+    from advvit.models import create_model
+    if not (FMNIST / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not found in {FMNIST}")
+    torch.manual_seed(0)
+    norm = ((0.2860,), (0.3530,))
+    model = create_model("test_vit", num_classes=10, in_chans=1, img_size=32, normalize=norm)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    C.save_checkpoint(path, C.make_checkpoint(
+        model, C.ModelSpec("test_vit", 10, 1, 32, norm), epoch=0, step=0, train_norm="linf",
+        train_eps=0.0, config={"dataset": "fashion_mnist", "data_dir": str(FMNIST)}))
+    return path
+
+
+def _check_precision_rows(part, variants, n):
+    assert part["n"] == n and 0.0 <= part["clean_accuracy"] <= 1.0
+    rows = {r["variant"]: r for r in part["rows"]}
+    assert list(rows) == variants
+    assert rows["fp32"]["robust_here_only"] == rows["fp32"]["broken_here_only"] == 0
+    assert rows["raw"]["ratio_to_raw"] == 1.0
+    for r in rows.values():
+        assert _positive(r["seconds_per_example"]) and _positive(r["ratio_to_raw"])
+        assert len(r["robust"]) == n and 0.0 <= r["robust_accuracy"] <= 1.0
+        assert r["robust_here_only"] + r["broken_here_only"] <= n
+    return rows
+
+
+def test_eval_precision_benchmark_writes_rows_agreement_and_table(tiny_checkpoint, tmp_path):
+    out, md = tmp_path / "p.json", tmp_path / "p.md"
+    payload = bench_eval_precision.main([
+        "--checkpoint", str(tiny_checkpoint), "--n-examples", "6", "--aa-n-examples", "4",
+        "--apgd-steps", "2", "--variants", "raw,bf16", "--threads", "1",
+        "--output", str(out), "--markdown", str(md)])
+    assert json.loads(out.read_text())["benchmark"] == "eval_precision"
+    for key in ("date_utc", "cpu", "torch", "command"):
+        assert payload["env"][key]
+    _check_precision_rows(payload["parts"]["apgd-ce"], ["fp32", "bf16", "raw"], 6)
+    _check_precision_rows(payload["parts"]["autoattack"], ["fp32", "bf16", "raw"], 4)
+    text = md.read_text()
+    assert "| apgd-ce | 6 | bf16 |" in text and "vs raw AutoAttack" in text
+    with pytest.raises(SystemExit, match="unknown variants"):
+        bench_eval_precision.parse_variants("fp32,fp8")
+
+
+@pytest.mark.slow
+def test_throughput_benchmarks_evaluation_section_runs_compiled_on_cpu(tmp_path):
+    # The section CUDA runs by default, here on the CPU and a tiny model: bf16 + compile
+    # beside fp32 eager and raw AutoAttack, on inputs labelled by the model itself.
+    payload = bench_gpu_throughput.main([
+        "--device", "cpu", "--model", "xcit_nano_12_p16_224", "--img-size", "32", "--batch", "4",
+        "--steps", "1", "--rounds", "1", "--warmup", "0", "--num-classes", "10",
+        "--variants", "attack:eager", "--eval-variants", "fp32,bf16+compile,raw",
+        "--eval-n", "4", "--eval-batch", "4", "--eval-steps", "2"])
+    part = payload["eval_precision"]["parts"]["apgd-ce"]
+    rows = _check_precision_rows(part, ["fp32", "bf16+compile", "raw"], 4)
+    assert part["clean_accuracy"] == 1.0
+    assert rows["bf16+compile"]["compile_during_run"]["graph_breaks"] >= 0
+    assert _positive(rows["bf16+compile"]["warmup_s"])
 
 
 def test_bad_variant_names_are_refused():

@@ -617,3 +617,30 @@ def test_bad_corruption_options_exit_2_before_any_attack(ckpt_path, tmp_path, ca
     assert exit_info.value.code == 2
     assert match in capsys.readouterr().err
     assert not attacked and not (tmp_path / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_compiled_pgd_gives_eagers_outcomes_and_records_its_compiles(ckpt_path, tmp_path,
+                                                                   capsys):
+    # 10 examples in batches of 4: the last batch (2) is a new batch size. Outcomes, not
+    # logits, are compared: inductor's kernels may round differently from eager's.
+    args = ["--attack", "pgd", "--steps", "3", "--eps", "4/255", "--per-example",
+            "--n-examples", "10", "--batch-size", "4"]
+    eager = _run(_base(ckpt_path, tmp_path, *args))
+    assert "compile" not in eager
+    compiled = _run(_base(ckpt_path, tmp_path / "c", *args, "--compile"))
+    assert [p["robust"] for p in compiled["per_example"]] == \
+        [p["robust"] for p in eager["per_example"]]
+    counts = compiled["compile"]
+    assert counts["frames_compiled"] >= 1 and counts["graph_breaks"] >= 0
+    assert counts["frames_run_eagerly"] == 0  # no recompile limit reached: all of it compiled
+    assert counts["recompiles"] >= counts["recompiles_batch_size"] >= 1
+    assert "torch.compile:" in capsys.readouterr().out
+
+
+def test_compile_without_a_cpp_compiler_is_one_clear_error(ckpt_path, tmp_path, capsys,
+                                                           monkeypatch):
+    monkeypatch.setattr("advvit.compiled.shutil.which", lambda name: None)
+    err = _refused(_base(ckpt_path, tmp_path, "--compile"), capsys)
+    assert "--compile: torch.compile's CPU back end needs a C++ compiler" in err
+    assert "apt-get install g++" in err and not (tmp_path / "report.json").exists()

@@ -36,7 +36,7 @@ LAYERS: Sequence[Tuple[str, Sequence[str]]] = (
      ("advvit.models.*", "advvit.wrappers", "advvit.weights", "advvit.data", "advvit.io")),
     ("persistence and runtime",
      ("advvit.checkpoint", "advvit.config", "advvit.rundir", "advvit.accel",
-      "advvit.monitor", "advvit.checks")),
+      "advvit.compiled", "advvit.monitor", "advvit.checks")),
     ("library",
      ("advvit.engine", "advvit.robustness", "advvit.autoattack_adapter", "advvit.preflight",
       "advvit.analysis.*", "advvit.report", "advvit.attack_names", "advvit.suites", "advvit.plots",

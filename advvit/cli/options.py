@@ -223,6 +223,9 @@ def eval_parser() -> argparse.ArgumentParser:
                    help="AutoAttack package")
     a.add_argument("--amp", choices=("bf16", "fp16"), help="attack under autocast at this "
                    "precision; every break is re-checked by the fp32 model (fp16: CUDA only)")
+    a.add_argument("--compile", action="store_true", help="compile the model once with "
+                   "torch.compile; the attacks and the fp32 check call it, and the report "
+                   "records the compiles, graph breaks and recompiles")
     c = p.add_argument_group("common corruptions (ImageNet-C, on the same examples)")
     c.add_argument("--corruptions", nargs="?", const="all", metavar="NAMES|all",
                    help="also the accuracy under common corruptions: all 15 (the flag alone, or "
