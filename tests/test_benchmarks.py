@@ -135,19 +135,18 @@ def test_eval_precision_benchmark_writes_rows_agreement_and_table(tiny_checkpoin
 
 
 @pytest.mark.slow
-def test_throughput_benchmarks_evaluation_section_runs_compiled_on_cpu(tmp_path):
-    # The section CUDA runs by default, here on the CPU and a tiny model: bf16 + compile
-    # beside fp32 eager and raw AutoAttack, on inputs labelled by the model itself.
+def test_throughput_benchmarks_evaluation_section_runs_on_cpu(tmp_path):
+    # The section CUDA runs by default, here on the CPU and a tiny model: bf16 beside fp32
+    # eager and raw AutoAttack, on inputs labelled by the model itself. Compiling costs minutes
+    # on this CPU; the compiled path is test_cli_eval's.
     payload = bench_gpu_throughput.main([
         "--device", "cpu", "--model", "xcit_nano_12_p16_224", "--img-size", "32", "--batch", "4",
         "--steps", "1", "--rounds", "1", "--warmup", "0", "--num-classes", "10",
-        "--variants", "attack:eager", "--eval-variants", "fp32,bf16+compile,raw",
+        "--variants", "attack:eager", "--eval-variants", "fp32,bf16,raw",
         "--eval-n", "4", "--eval-batch", "4", "--eval-steps", "2"])
     part = payload["eval_precision"]["parts"]["apgd-ce"]
-    rows = _check_precision_rows(part, ["fp32", "bf16+compile", "raw"], 4)
-    assert part["clean_accuracy"] == 1.0
-    assert rows["bf16+compile"]["compile_during_run"]["graph_breaks"] >= 0
-    assert _positive(rows["bf16+compile"]["warmup_s"])
+    rows = _check_precision_rows(part, ["fp32", "bf16", "raw"], 4)
+    assert part["clean_accuracy"] == 1.0 and rows["bf16"]["ratio_to_raw"] > 0
 
 
 def test_bad_variant_names_are_refused():
