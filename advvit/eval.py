@@ -243,7 +243,7 @@ def check(args: argparse.Namespace) -> None:
     """eval's own checks of a command line that will run on other machines (a cluster's
     nodes): every option, the model reference, the data set and its examples, as :func:`main`
     checks them before any attack, here on the CPU. What only those machines can tell (CUDA
-    for ``--device cuda`` or ``--amp fp16``) is theirs to check.
+    for ``--device cuda`` or ``--amp fp16``, a compiler for ``--compile``) is theirs to check.
 
     Args:
         args: the parsed command line (:func:`build_parser`).
@@ -251,7 +251,7 @@ def check(args: argparse.Namespace) -> None:
     Raises:
         OptionError: naming the option and the fix.
     """
-    here = argparse.Namespace(**{**vars(args), "device": "cpu",
+    here = argparse.Namespace(**{**vars(args), "device": "cpu", "compile": False,
                                  "amp": None if args.amp == "fp16" else args.amp})
     _prepare(EvalRequest.from_args(here))
 

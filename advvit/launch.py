@@ -8,7 +8,8 @@
 
 The launcher's own options come before ``--``, the command's own after it. The command's own
 validation runs here first (train: the config and its preflight; eval: ``--check-only``, the
-model reference and the examples on this machine's CPU), so a bad config is refused with one message (exit 2) and never reaches the queue.
+model reference and the examples on this machine's CPU), so a bad config is refused with one
+message (exit 2) and never reaches the queue.
 
 ``findings`` runs the findings suite's units that are not done as job arrays, one process
 each, in waves by what they need (:mod:`advvit.findings.jobs`; its own checks first, as

@@ -18,9 +18,9 @@ Files are written whole through :mod:`advvit.io` (their folder is created when m
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
-import functools
 import platform
 import subprocess
 import sys

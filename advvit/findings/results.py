@@ -20,6 +20,7 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import yaml
 
 from .. import __version__
 from ..io import atomic_write_json
@@ -100,7 +101,6 @@ def _runs(exp: Experiment, root: str) -> Dict[str, Dict[str, Any]]:
     """Every finished training run: its folder, the resolved config ``advvit.train`` saved
     (args.yaml, every key with its default filled in), its time, code and threads, and the
     sha256 of its checkpoints, so a re-run can be compared run by run."""
-    import yaml
     out: Dict[str, Dict[str, Any]] = {}
     for u in units(exp, root):
         if u.kind != "train" or status(u) != "done":
