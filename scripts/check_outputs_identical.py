@@ -1,9 +1,13 @@
 """Do two source trees give the same outputs? Every command once, then a file-by-file comparison.
 
     python scripts/check_outputs_identical.py build CKPTS
-    PYTHONPATH=TREE python scripts/check_outputs_identical.py run --tree TREE --ckpts CKPTS \\
-        --checkpoint output/quickstart/best.pth OUT
+    cd TREE && PYTHONPATH=TREE python scripts/check_outputs_identical.py run --tree TREE \\
+        --ckpts CKPTS --checkpoint /abs/path/quickstart/best.pth OUT
     python scripts/check_outputs_identical.py compare BEFORE AFTER
+
+``run`` goes in TREE's own folder: its commands are ``python -m advvit...``, which puts the
+current folder first on the path, before PYTHONPATH, so run from another checkout they would
+measure that checkout's code.
 
 ``build`` writes a 16x16 idx data set (Fashion-MNIST's file format, ten classes of bars) and two
 tiny ViT checkpoints trained a few seeded steps on it, once, so that both trees read the same
