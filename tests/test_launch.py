@@ -438,11 +438,38 @@ def _records(results: Path, root: Path) -> dict:
     """Each experiment's record as ``report`` wrote it, its root named ROOT, without clocks.
 
     A fine-tuning's run name hashes the path of the checkpoint it starts from, which is under
-    the root: run names lose their hash here."""
+    the root: run names lose their hash here. A checkpoint holds its run folder and the time it
+    was written, so the checkpoints' sha256 differ between roots; `_assert_same_checkpoints`
+    compares what they hold instead."""
     def text(path: Path) -> str:
-        return re.sub(r"(ROOT/runs/[^/\"]+-)[0-9a-f]{8}/", r"\1HASH/",
+        return re.sub(r"(-s\d+-)[0-9a-f]{8}\b", r"\1HASH",
                       path.read_text().replace(str(root), "ROOT"))
-    return {p.stem: _without_timing(json.loads(text(p))) for p in sorted(results.glob("*.json"))}
+
+    def without_clocks(record: dict) -> dict:
+        for run in record.get("runs", {}).values():
+            run.pop("finished"), run.pop("sha256")
+        for m in record.get("measurements", []):
+            m["provenance"].pop("sha256")
+        return _without_timing(record)
+    return {p.stem: without_clocks(json.loads(text(p))) for p in sorted(results.glob("*.json"))}
+
+
+def _assert_same_checkpoints(a: Path, b: Path) -> None:
+    """Each run in the records under root ``a`` has the same best and last checkpoints (weights,
+    step, best metric) as the run of that name in the records under root ``b``."""
+    def folders(root: Path) -> dict:
+        return {(p.stem, name): Path(run["folder"])
+                for p in sorted((root / "docs").glob("*.json"))
+                for name, run in json.loads(p.read_text())["runs"].items()}
+    left, right = folders(a), folders(b)
+    assert left.keys() == right.keys() and left, (sorted(left), sorted(right))
+    for key, folder in left.items():
+        for name in ("best.pth", "last.pth"):
+            x = checkpoint.load_checkpoint(folder / name)
+            y = checkpoint.load_checkpoint(right[key] / name)
+            _assert_same_weights(x, y)
+            assert (x["epoch"], x["step"], x["best_metric"]) == (
+                y["epoch"], y["step"], y["best_metric"]), (key, name)
 
 
 @pytest.mark.slow
@@ -471,6 +498,7 @@ def test_findings_as_local_job_arrays_give_the_sequential_runners_records(tmp_pa
                           str(arr / "docs")]) == 0
     expected, got = _records(seq / "docs", seq), _records(arr / "docs", arr)
     assert set(got) == {"t1_tiny", "t2_tuned"} and got == expected
+    _assert_same_checkpoints(seq, arr)
     again = subprocess.run([sys.executable, "-m", "advvit.launch", "findings", "--cluster",
                             "local", "--", "run", *suite, "--root", str(arr)],
                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
