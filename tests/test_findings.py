@@ -5,6 +5,7 @@ import os
 import re
 import textwrap
 
+import numpy as np
 import pytest
 import yaml
 
@@ -473,6 +474,115 @@ def test_semantic_extractor_averages_over_judges():
     report = _analysis("semantic", {"rows": rows}, ["r", "c"])
     out = X.extract("semantic", report, ["robust", "clean"])
     assert out[0]["top1"] == pytest.approx(0.3) and out[1]["top1"] == pytest.approx(0.1)
+
+
+def test_the_binomial_bound_holds_for_any_mean_of_scores_in_the_unit_interval():
+    # The bound the analyses' accuracy terms use: a per-image score in [0, 1] (the mean of
+    # several correct/wrong outcomes on one image) with mean p has variance at most p(1-p),
+    # with equality for 0/1 scores.
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        k = int(rng.integers(1, 20))
+        outcomes = rng.random((k, 500)) < rng.random((k, 1)) * rng.random(500)
+        scores = outcomes.mean(axis=0)
+        p = scores.mean()
+        assert scores.var() <= p * (1 - p) + 1e-12
+    single = (rng.random(500) < 0.3).astype(float)
+    assert single.var() == pytest.approx(single.mean() * (1 - single.mean()))
+
+
+def test_analysis_extractors_give_each_metric_its_sampling_term():
+    var, n = X.sampling_keys, "#n"
+    report = _analysis("jacobian", {"m": {"sigma_mean": [5.0, 2.0, 3.0, 1.0, 4.0],
+                                          "sigma_std": [1.0, 0.5, 2.0, 0.5, 1.5]}}, ["m"])
+    report["data"] = {"n_examples": 64}
+    [m] = X.extract("jacobian", report, ["s"])
+    assert m[var("first")[0]] == pytest.approx(1 / 64) and m["first" + n] == 64
+    assert m[var("middle_max")[0]] == pytest.approx(4 / 64)        # block 2 gives the max
+    assert m[var("ends_min")[0]] == pytest.approx(2.25 / 64)       # the last block, 4 < 5
+    assert m[var("middle_mean")[0]] == pytest.approx(1.0 ** 2 / 64)
+    lesions = {"kinds": ["attn", "block"], "baseline_clean": 0.8, "baseline_robust": 0.5,
+               "clean_accuracy": [[0.6, 0.7], [0.5, 0.7]], "robust_accuracy": [[0.4, 0.5]] * 2}
+    report = _analysis("lesions", {"m": lesions}, ["m"])
+    report["data"] = {"n_examples": 100}
+    [m] = X.extract("lesions", report, ["s"])
+    assert m[var("attn_drop0")[0]] == pytest.approx((0.8 * 0.2 + 0.6 * 0.4) / 100)
+    assert m[var("attn_drop")[0]] == pytest.approx((0.8 * 0.2 + 0.65 * 0.35) / 100)
+    assert m[var("block_drop_max_rest")[0]] == pytest.approx((0.16 + 0.7 * 0.3) / 100)
+    corr = _analysis("corruptions", {"models": {"m": {"mean_corruption_accuracy": 0.5,
+                                                      "clean_accuracy": 0.8, "n": 2000}}}, ["m"])
+    [m] = X.extract("corruptions", corr, ["s"])
+    assert m[var("mean")[0]] == pytest.approx(0.25 / 2000) and m["mean" + n] == 2000
+    # The delta method's term against the ratio of two independent binomial accuracies.
+    rng = np.random.default_rng(1)
+    ratios = rng.binomial(2000, 0.5, 200_000) / rng.binomial(2000, 0.8, 200_000)
+    assert m[var("relative")[0]] == pytest.approx(ratios.var(), rel=0.03)
+    transfer = _analysis("transfer", {"transfer_accuracy": [[0.0, 0.2], [0.4, 0.0]],
+                                      "accuracy": [[0.1, 0.2], [0.4, 0.05]],
+                                      "n_fooled": [50, 1]}, ["a0", "a1"])
+    transfer["data"] = {"n_examples": 512}
+    a0, a1 = X.extract("transfer", transfer, ["a", "a"])
+    assert a0[var("within")[0]] == pytest.approx(0.2 * 0.8 / 50) and a0["within" + n] == 50
+    assert a0[var("white_box")[0]] == pytest.approx(0.1 * 0.9 / 512)
+    assert var("within")[0] not in a1          # one fooled example: no spread to speak of
+    # Reports that do not say how many images they ran on give no term.
+    assert not any("#" in k for k in X.extract("jacobian", _analysis(
+        "jacobian", {"m": {"sigma_mean": [5.0, 2.0, 3.0], "sigma_std": [1.0, 1.0, 1.0]}},
+        ["m"]), ["s"])[0])
+
+
+def _jacobian_runner(std):
+    """Trainings and Jacobian reports of 64 images: block norms 5, 2, 3 for wd05 and 4, 2, 3
+    for wd0 (one seed's 0.1 higher), each with the spread ``std`` over the images."""
+    def run(unit, **_):
+        os.makedirs(os.path.dirname(unit.output), exist_ok=True)
+        payload = {"seconds": 1.0}
+        if unit.kind == "analysis":
+            payload = {"format": "advvit-analyze/1", "analysis": "jacobian", "settings": {},
+                       "data": {"n_examples": 64}, "results": {}, "model_names": [],
+                       "models": [{"sha256": None} for _ in unit.checkpoints]}
+            for i, (setting, seed) in enumerate(zip(unit.settings, unit.seeds)):
+                first = (5.0 if setting == "wd05" else 4.0) + 0.1 * seed
+                payload["model_names"].append(f"m{i}")
+                payload["results"][f"m{i}"] = {"sigma_mean": [first, 2.0, 3.0],
+                                               "sigma_std": [std] * 3}
+        with open(unit.output, "w") as fh:
+            json.dump(payload, fh)
+        return 1.0
+    return run
+
+
+@pytest.mark.parametrize("std, verdict", [(0.5, V.HOLDS), (6.0, V.CANNOT_TELL)])
+def test_an_analysis_test_is_judged_with_its_images_sampling_term(tmp_path, std, verdict):
+    path = _tiny_experiment(tmp_path, seeds="[0, 1]")
+    raw = yaml.safe_load(open(path))
+    raw.pop("evals")
+    raw["analyses"] = {"jac": {"command": "jacobian", "per": "run", "args": []}}
+    raw["tests"] = [{"name": "first", "higher": "jac.first@wd05", "lower": "jac.first@wd0"}]
+    with open(path, "w") as fh:
+        yaml.safe_dump(raw, fh)
+    exp = load_experiment(path, defaults={})
+    root = str(tmp_path / "root")
+    run_experiment(exp, root, runner=_jacobian_runner(std), say=lambda s: None)
+    data = build_result(exp, root, "cmd")
+    [t] = data["tests"]
+    s = data["summaries"]["jac.first@wd05"]
+    assert s["sampling"] == "per-image" and s["sampling_var"] == pytest.approx(std ** 2 / 64)
+    # The seeds' spread 0.0025 a side and the images' std**2 / 64 a side, all four added.
+    se = math.sqrt(2 * 0.1 ** 2 / 4 + 2 * std ** 2 / 64)
+    assert t["se"] == pytest.approx(se) and t["verdict"] == verdict
+    assert not any("no per-example spread" in g for g in data["gaps"])
+    m = data["measurements"][0]
+    assert m["sampling"]["first"] == {"var": pytest.approx(std ** 2 / 64), "n": 64}
+    assert "#" not in "".join(m["metrics"])
+    # Judged anew from the record alone, the term is the same; without it, the seeds alone.
+    assert rebuild_result(exp, data, "cmd")["tests"][0]["se"] == pytest.approx(se)
+    old = json.loads(json.dumps(data))
+    for m in old["measurements"]:
+        del m["sampling"]
+    again = rebuild_result(exp, old, "cmd")
+    assert again["tests"][0]["se"] == pytest.approx(0.1 / math.sqrt(2))
+    assert any("no per-example spread for jac.first@wd05" in g for g in again["gaps"])
 
 
 def test_every_metric_an_extractor_gives_is_a_known_metric():

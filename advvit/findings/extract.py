@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["eval_metrics", "eval_outcomes", "eval_masking", "unpack_outcomes", "EXTRACTORS",
-           "METRICS", "known_metric", "extract", "ExtractError"]
+           "METRICS", "known_metric", "extract", "sampling_keys", "ExtractError"]
 
 Metrics = Dict[str, float]
 
@@ -76,52 +76,131 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _jacobian(result: Mapping[str, Any]) -> Metrics:
+# A metric's test-set sampling term travels beside it under keys no metric reference can name
+# (references take letters, digits, _ and - only): the variance of the value from the finite
+# set of images, and the number of images it rests on (its degrees of freedom are that less 1).
+VAR, COUNT = "#var", "#n"
+
+
+def sampling_keys(metric: str) -> Tuple[str, str]:
+    """The keys of ``metric``'s sampling variance and image count in an extractor's metrics."""
+    return metric + VAR, metric + COUNT
+
+
+def _term(out: Metrics, metric: str, var: float, n: Optional[int]) -> None:
+    """Record ``metric``'s sampling variance on ``n`` images (nothing when unknown)."""
+    if n and n > 1 and math.isfinite(var) and math.isfinite(out.get(metric, math.nan)):
+        v, c = sampling_keys(metric)
+        out[v], out[c] = float(var), int(n)
+
+
+def _accuracy_var(p: float, n: Optional[int]) -> float:
+    """An upper bound on the variance of a mean of per-image scores in [0, 1] with mean ``p``
+    over ``n`` images: ``p (1 - p) / n``, exact for one accuracy, a bound for a mean of several
+    accuracies on the same images (a score in [0, 1] with mean p has variance at most p(1-p))."""
+    return p * (1 - p) / n if n and math.isfinite(p) else math.nan
+
+
+def _jacobian(result: Mapping[str, Any], n: Optional[int]) -> Metrics:
     """``first`` / ``last`` block's spectral norm, the largest and mean of the blocks between,
     and ``ends_min`` (the smaller of first and last: above ``middle_max`` means both ends are
     the most sensitive blocks, the Cauchy-problem paper's claim), and every block's own
-    (``block<i>``), so the record keeps the whole profile."""
+    (``block<i>``), so the record keeps the whole profile.
+
+    Sampling terms, from the norm's spread over the ``n`` images: ``std**2 / n`` per block; for
+    ``middle_max`` and ``ends_min`` the term of the block that gives the value; for
+    ``middle_mean`` the bound ``mean(std)**2 / n`` (the blocks' norms are correlated over the
+    images, at most perfectly)."""
     sigma = [float(s) for s in result["sigma_mean"]]
     if len(sigma) < 3:
         raise ExtractError("fewer than 3 blocks: no middle to compare the ends with")
     middle = sigma[1:-1]
-    return {"first": sigma[0], "last": sigma[-1], "middle_max": max(middle),
-            "middle_mean": _mean(middle), "ends_min": min(sigma[0], sigma[-1]),
-            **{f"block{i}": v for i, v in enumerate(sigma)}}
+    out = {"first": sigma[0], "last": sigma[-1], "middle_max": max(middle),
+           "middle_mean": _mean(middle), "ends_min": min(sigma[0], sigma[-1]),
+           **{f"block{i}": v for i, v in enumerate(sigma)}}
+    std = result.get("sigma_std")
+    if std is None or n is None:
+        return out
+    var = [float(s) ** 2 / n for s in std]
+    top = 1 + middle.index(max(middle))
+    end = 0 if sigma[0] <= sigma[-1] else len(sigma) - 1
+    for i, v in enumerate(var):
+        _term(out, f"block{i}", v, n)
+    for metric, v in (("first", var[0]), ("last", var[-1]), ("middle_max", var[top]),
+                      ("ends_min", var[end]),
+                      ("middle_mean", _mean([float(s) for s in std[1:-1]]) ** 2 / n)):
+        _term(out, metric, v, n)
+    return out
 
 
-def _lesions(result: Mapping[str, Any]) -> Metrics:
+def _lesions(result: Mapping[str, Any], n: Optional[int]) -> Metrics:
     """Mean accuracy drop (intact minus lesioned, clean and PGD) per lesion kind over the blocks
     that have the part (``attn_drop``, ``mlp_drop``, ``block_drop``, ...; ``robust_`` in front
     for PGD), the largest single-block drop (``block_drop_max``) and the largest over every
     block but the first (``block_drop_max_rest``: the lesion paper's form of "a single lesion is
     tolerated"), and each lesion's own drop (``attn_drop<i>`` for block i, ...), so the record
-    keeps the whole vector."""
+    keeps the whole vector.
+
+    Sampling terms over the ``n`` images: a drop's is the intact and the lesioned accuracy's
+    binomial terms added (as if on different images: the conservative side for two accuracies
+    that move together); a mean drop's takes the bound of :func:`_accuracy_var` for the mean
+    lesioned accuracy; the largest drop's is the term of the block that gives it."""
     out: Metrics = {}
     for prefix, key, base in (("", "clean_accuracy", "baseline_clean"),
                               ("robust_", "robust_accuracy", "baseline_robust")):
+        intact = float(result[base])
         for kind, row in zip(result["kinds"], result[key]):
-            per_block = {i: float(result[base]) - a for i, a in enumerate(row) if a is not None}
-            out[f"{prefix}{kind}_drop"] = _mean(list(per_block.values()))
-            out.update({f"{prefix}{kind}_drop{i}": d for i, d in per_block.items()})
+            lesioned = {i: float(a) for i, a in enumerate(row) if a is not None}
+            per_block = {i: intact - a for i, a in lesioned.items()}
+            term = {i: _accuracy_var(intact, n) + _accuracy_var(a, n) for i, a in lesioned.items()}
+            name = f"{prefix}{kind}_drop"
+            out[name] = _mean(list(per_block.values()))
+            _term(out, name, _accuracy_var(intact, n)
+                  + _accuracy_var(_mean(list(lesioned.values())), n), n)
+            for i, d in per_block.items():
+                out[f"{name}{i}"] = d
+                _term(out, f"{name}{i}", term[i], n)
             if kind == "block":
-                out[f"{prefix}block_drop_max"] = max(per_block.values())
-                out[f"{prefix}block_drop_max_rest"] = max(
-                    (d for i, d in per_block.items() if i > 0), default=math.nan)
+                for metric, blocks in ((f"{prefix}block_drop_max", list(per_block)),
+                                       (f"{prefix}block_drop_max_rest",
+                                        [i for i in per_block if i > 0])):
+                    top = max(blocks, key=per_block.__getitem__, default=None)
+                    out[metric] = math.nan if top is None else per_block[top]
+                    if top is not None:
+                        _term(out, metric, term[top], n)
     return out
 
 
-def _corruptions(result: Mapping[str, Any]) -> Metrics:
-    """Mean accuracy over corruptions x severities, and its ratio to clean accuracy."""
+def _corruptions(result: Mapping[str, Any], n: Optional[int]) -> Metrics:
+    """Mean accuracy over corruptions x severities, and its ratio to clean accuracy.
+
+    Sampling terms over the ``n`` images (the report's own ``n`` first): the bound of
+    :func:`_accuracy_var` for the mean and for clean accuracy, and the delta method's for the
+    ratio, without the covariance of the two (they move together, so leaving it out can only
+    widen the term)."""
     mean, clean = float(result["mean_corruption_accuracy"]), float(result["clean_accuracy"])
-    return {"mean": mean, "clean": clean, "relative": mean / clean if clean else math.nan}
+    out = {"mean": mean, "clean": clean, "relative": mean / clean if clean else math.nan}
+    n = result.get("n", n)
+    var_mean, var_clean = _accuracy_var(mean, n), _accuracy_var(clean, n)
+    _term(out, "mean", var_mean, n)
+    _term(out, "clean", var_clean, n)
+    if clean:
+        _term(out, "relative", var_mean / clean ** 2 + mean ** 2 * var_clean / clean ** 4, n)
+    return out
 
 
-def _per_model(fn: Callable[[Mapping[str, Any]], Metrics]) -> Callable[..., List[Metrics]]:
+def _examples(report: Mapping[str, Any]) -> Optional[int]:
+    """The number of test images an analysis ran on (None in reports that do not say)."""
+    n = (report.get("data") or {}).get("n_examples")
+    return int(n) if isinstance(n, int) else None
+
+
+def _per_model(fn: Callable[[Mapping[str, Any], Optional[int]], Metrics]
+               ) -> Callable[..., List[Metrics]]:
     def extract_all(report: Mapping[str, Any], settings: Sequence[str]) -> List[Metrics]:
         results = report["results"]
         results = results.get("models", results)
-        return [fn(results[name]) for name in report["model_names"]]
+        return [fn(results[name], _examples(report)) for name in report["model_names"]]
     extract_all.__doc__ = fn.__doc__
     return extract_all
 
@@ -131,31 +210,42 @@ def _transfer(report: Mapping[str, Any], settings: Sequence[str]) -> List[Metric
     (``transfer_accuracy``), averaged over targets of the same setting (``within``: another
     seed of the same architecture) and of the other settings (``cross``). Higher accuracy
     means the examples transfer worse. Needs the models of at least two seeds per setting for
-    ``within``."""
+    ``within``. Sampling terms: the bound of :func:`_accuracy_var` over the source's fooled
+    examples for ``within`` and ``cross``, over the test images for ``white_box``."""
     r = report["results"]
     matrix = r["transfer_accuracy"]
     out = []
     for i, source in enumerate(settings):
         within = [matrix[i][j] for j, t in enumerate(settings) if j != i and t == source]
         cross = [matrix[i][j] for j, t in enumerate(settings) if t != source]
-        out.append({"within": _mean(within), "cross": _mean(cross),
-                    "white_box": float(r["accuracy"][i][i]), "fooled": float(r["n_fooled"][i])})
+        m = {"within": _mean(within), "cross": _mean(cross),
+             "white_box": float(r["accuracy"][i][i]), "fooled": float(r["n_fooled"][i])}
+        fooled = int(r["n_fooled"][i])
+        for metric in ("within", "cross"):
+            _term(m, metric, _accuracy_var(m[metric], fooled), fooled)
+        _term(m, "white_box", _accuracy_var(m["white_box"], _examples(report)), _examples(report))
+        out.append(m)
     return out
 
 
 def _semantic(report: Mapping[str, Any], settings: Sequence[str]) -> List[Metrics]:
     """Per source model: the judges' mean top-1 and top-k accuracy on its perturbation images
-    (chance is one over the classes), and the same on random-noise controls."""
+    (chance is one over the classes), and the same on random-noise controls. Sampling terms:
+    the bound of :func:`_accuracy_var` over the test images (one perturbation image each)."""
     rows = report["results"]["rows"]
     k = report["settings"].get("k", 5)
+    n = _examples(report)
     out = []
     for name in report["model_names"]:
         mine = [row for row in rows if row["source"] == name]
         if not mine:
             raise ExtractError(f"no semantic rows for source {name!r}")
-        out.append({"top1": _mean([row["perturbation_top1"] for row in mine]),
-                    f"top{k}": _mean([row[f"perturbation_top{k}"] for row in mine]),
-                    "random_top1": _mean([row["random_top1"] for row in mine])})
+        m = {"top1": _mean([row["perturbation_top1"] for row in mine]),
+             f"top{k}": _mean([row[f"perturbation_top{k}"] for row in mine]),
+             "random_top1": _mean([row["random_top1"] for row in mine])}
+        for metric in list(m):
+            _term(m, metric, _accuracy_var(m[metric], n), n)
+        out.append(m)
     return out
 
 

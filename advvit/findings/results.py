@@ -26,8 +26,8 @@ from .. import __version__
 from ..io import atomic_write_json
 from ..plots import findings_figure
 from . import verdict as V
-from .extract import ExtractError, eval_masking, eval_metrics, eval_outcomes, extract, \
-    unpack_outcomes
+from .extract import COUNT, VAR, ExtractError, eval_masking, eval_metrics, eval_outcomes, \
+    extract, sampling_keys, unpack_outcomes
 from .plan import file_sha256, read_journal, recorded_hashes, status, units
 from .spec import Experiment, MetricRef
 
@@ -51,8 +51,10 @@ def _load(path: str) -> Dict[str, Any]:
 def collect(exp: Experiment, root: str) -> Tuple[Measurements, List[Dict[str, Any]]]:
     """The measurements of every finished unit, and one record per run and measurement.
 
-    An evaluation's measurements also carry ``n``, its number of test examples (under a key
-    no metric reference can name: references take letters, digits, _ and - only)."""
+    An evaluation's measurements also carry ``n``, its number of test examples, and an
+    analysis's the sampling terms its extractor gives (under keys no metric reference can name:
+    references take letters, digits, _ and - only); the record keeps the terms as
+    ``sampling``."""
     found: Measurements = {}
     records: List[Dict[str, Any]] = []
     for u in units(exp, root):
@@ -79,11 +81,24 @@ def collect(exp: Experiment, root: str) -> Tuple[Measurements, List[Dict[str, An
             record = {"setting": setting, "seed": seed, "source": u.source, "file": u.output,
                       "checkpoint": ckpt,
                       "metrics": _finite_or_none({k: v for k, v in metrics.items()
-                                                  if k != _EXAMPLES})}
+                                                  if "#" not in k})}
             if _EXAMPLES in metrics:
                 record["n_examples"] = metrics[_EXAMPLES]
+            terms = _sampling_terms(metrics)
+            if terms:
+                record["sampling"] = terms
             records.append({**record, **extra, "provenance": provenance})
     return found, records
+
+
+def _sampling_terms(metrics: Mapping[str, float]) -> Dict[str, Dict[str, Any]]:
+    """``metric -> {"var", "n"}`` for every metric that carries a sampling term."""
+    out = {}
+    for key in metrics:
+        if key.endswith(VAR):
+            metric = key[:-len(VAR)]
+            out[metric] = {"var": metrics[key], "n": int(metrics[metric + COUNT])}
+    return out
 
 
 def _provenance(unit: Any, report: Mapping[str, Any]) -> Dict[str, Any]:
@@ -132,12 +147,17 @@ _EXAMPLES = "#examples"
 
 
 def _summary(found: Measurements, ref: MetricRef, seeds: Sequence[int]) -> V.Summary:
-    """The summary of a reference's samples; an evaluation's accuracies with their sampling
-    variance."""
+    """The summary of a reference's samples with their sampling variance: an evaluation's
+    accuracies binomial on their examples, an analysis's metric the term its extractor gave
+    (missing when a seed's measurement has none)."""
     values = _samples(found, ref, seeds)
     runs = [found[(ref.setting, s, ref.source)] for s in seeds if (ref.setting, s, ref.source) in found]
-    examples = [int(m[_EXAMPLES]) for m in runs] if runs and all(_EXAMPLES in m for m in runs) else None
-    return V.summarize(values, examples)
+    if runs and all(_EXAMPLES in m for m in runs):
+        return V.summarize(values, [int(m[_EXAMPLES]) for m in runs])
+    var, count = sampling_keys(ref.metric)
+    if runs and all(var in m for m in runs):
+        return V.summarize(values, terms=[(m[var], int(m[count])) for m in runs])
+    return V.summarize(values)
 
 
 def _samples(found: Measurements, ref: MetricRef, seeds: Sequence[int]) -> List[float]:
@@ -188,6 +208,9 @@ def rebuild_result(exp: Experiment, record: Mapping[str, Any], command: str) -> 
         metrics = {k: (math.nan if v is None else float(v)) for k, v in m["metrics"].items()}
         if "n_examples" in m:
             metrics[_EXAMPLES] = int(m["n_examples"])
+        for metric, term in (m.get("sampling") or {}).items():
+            var, count = sampling_keys(metric)
+            metrics[var], metrics[count] = float(term["var"]), int(term["n"])
         found[(m["setting"], m["seed"], m["source"])] = metrics
     return _judge(exp, found, [dict(m) for m in record["measurements"]],
                   dict(record["train_seconds"]), command, record["created"],
@@ -355,9 +378,9 @@ def _judge(exp: Experiment, found: Measurements, records: List[Dict[str, Any]],
             results.append(V.TestResult(t.name, t.kind, V.CANNOT_TELL, math.nan, None, why))
             tests.append({**entry, "verdict": V.CANNOT_TELL, "why": why})
             continue
-        no_sampling += [str(r) for r in t.refs() if r.source not in evals]
         def summary(ref: MetricRef) -> V.Summary:
             return _summary(found, ref, exp.seeds)
+        no_sampling += [str(r) for r in t.refs() if summary(r).sampling == "missing"]
         paired = None
         if t.kind != "below" and t.higher.source in evals and t.lower.source in evals:
             paired = _paired(exp, index, t.higher, t.lower)

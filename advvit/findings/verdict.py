@@ -8,8 +8,8 @@ Every test is a t-test on a difference of means whose variance has two kinds of 
   outcomes on the same images in the record): the variance of the per-image difference of the
   seeds' mean outcomes over the images, ``var_i(d_i) / N``; **unpaired** (no such outcomes): the
   binomial ``p (1 - p) / N`` of each side, added as if the settings saw different images (the
-  conservative side). Analyses' numbers have no sampling term unless their record holds one,
-  and their tests say so.
+  conservative side). An analysis's numbers carry the term its extractor derives from the
+  images (:mod:`.extract`); records without one say so, and are judged by the seeds alone.
 
 The degrees of freedom come from Welch-Satterthwaite over those terms (a sampling term counts
 ``N - 1``), and the critical value is the t quantile at them, so two seeds whose spread
@@ -58,8 +58,9 @@ class Summary:
     """Mean and spread of one metric over seeds.
 
     ``sampling_var``: the variance of the mean from the finite test set; ``sampling`` says where
-    it comes from: ``binomial`` (an accuracy on ``examples`` images), ``missing`` (the record
-    holds no per-example spread: 0 is a gap, not a measurement)."""
+    it comes from: ``binomial`` (an accuracy on ``examples`` images), ``per-image`` (an
+    analysis's term from its images, see :mod:`.extract`), ``missing`` (the record holds no
+    per-example spread: 0 is a gap, not a measurement)."""
     n: int
     mean: float
     std: float
@@ -116,7 +117,8 @@ class TestResult:
         return d
 
 
-def summarize(values: Sequence[float], examples: Optional[Sequence[int]] = None) -> Summary:
+def summarize(values: Sequence[float], examples: Optional[Sequence[int]] = None, *,
+              terms: Optional[Sequence[Tuple[float, int]]] = None) -> Summary:
     """Mean, sample standard deviation (0 for one value), range.
 
     Args:
@@ -124,11 +126,20 @@ def summarize(values: Sequence[float], examples: Optional[Sequence[int]] = None)
         examples: for accuracies, the test examples behind each value: adds the binomial
             sampling variance of the mean, mean(p (1 - p) / n), not divided by the number of
             seeds since they share the test images.
+        terms: for other measurements, each value's own sampling variance and the number of
+            images it rests on (an analysis's extractor gives them): their mean is the
+            sampling variance, again not divided by the number of seeds.
     """
     vals = [float(v) for v in values]
     if not vals or any(math.isnan(v) for v in vals):
         raise ValueError(f"need finite values to summarize, got {vals}")
     std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    if terms is not None:
+        if len(terms) != len(vals) or any(n < 2 or not v >= 0 for v, n in terms):
+            raise ValueError(f"need one (variance >= 0, images >= 2) per value, got {terms}")
+        return Summary(len(vals), statistics.fmean(vals), std, min(vals), max(vals),
+                       tuple(vals), statistics.fmean(v for v, _ in terms), "per-image",
+                       min(n for _, n in terms))
     if examples is None:
         return Summary(len(vals), statistics.fmean(vals), std, min(vals), max(vals), tuple(vals))
     if len(examples) != len(vals) or any(n < 1 for n in examples):
@@ -186,8 +197,8 @@ def _two_sided_parts(a: Summary, b: Summary, paired: Optional[Paired]
         return math.sqrt(var), df, "paired per image"
     var, df = satterthwaite([(a.std ** 2 / a.n, a.n - 1), (b.std ** 2 / b.n, b.n - 1),
                              (a.sampling_var, _sampling_df(a)), (b.sampling_var, _sampling_df(b))])
-    binomial = "binomial" in (a.sampling, b.sampling)
-    return math.sqrt(var), df, "unpaired" if binomial else "seeds only"
+    sampled = a.sampling != "missing" or b.sampling != "missing"
+    return math.sqrt(var), df, "unpaired" if sampled else "seeds only"
 
 
 def mcnemar(higher: np.ndarray, lower: np.ndarray) -> Dict[str, Any]:
