@@ -314,6 +314,21 @@ def test_evaluate_corruptions_accuracy_is_the_models_accuracy_on_the_corrupted_i
         pred = model(corrupt(x, "motion_blur", 4, seed=2).float().div(255).expand(-1, 3, -1, -1)).argmax(1)
     assert r.accuracy["motion_blur"] == (float((pred == y).double().mean()),)
     assert r.to_dict()["accuracy"] == {"motion_blur": [r.accuracy["motion_blur"][0]]}
+    # Per example: the one task's outcome, and the clean one, for pairing two models.
+    assert r.tasks_correct == tuple((pred == y).long().tolist())
+    with torch.no_grad():
+        clean = model(x.float().div(255).expand(-1, 3, -1, -1)).argmax(1) == y
+    assert r.clean_correct == tuple(clean.tolist())
+    assert r.to_dict()["per_example"]["tasks"] == 1
+
+
+def test_per_example_task_counts_sum_to_the_mean_corruption_accuracy(fmnist):
+    x, y = fmnist
+    r = evaluate_corruptions(NearestMean(x, y), x, y, corruptions=("defocus_blur", "fog"),
+                             severities=(1, 3, 5), workers=0)
+    assert len(r.tasks_correct) == len(x) and max(r.tasks_correct) <= 6
+    assert sum(r.tasks_correct) / (6 * len(x)) == pytest.approx(r.mean_corruption_accuracy)
+    assert sum(r.clean_correct) / len(x) == pytest.approx(r.clean_accuracy)
 
 
 def _result(errors, **over):

@@ -531,42 +531,52 @@ def test_analysis_extractors_give_each_metric_its_sampling_term():
         ["m"]), ["s"])[0])
 
 
-def _jacobian_runner(std):
-    """Trainings and Jacobian reports of 64 images: block norms 5, 2, 3 for wd05 and 4, 2, 3
-    for wd0 (one seed's 0.1 higher), each with the spread ``std`` over the images."""
+def _analysis_runner(command, result):
+    """Trainings, and ``command`` reports of 64 images whose per-model results are
+    ``result(setting, seed)``."""
     def run(unit, **_):
         os.makedirs(os.path.dirname(unit.output), exist_ok=True)
         payload = {"seconds": 1.0}
         if unit.kind == "analysis":
-            payload = {"format": "advvit-analyze/1", "analysis": "jacobian", "settings": {},
-                       "data": {"n_examples": 64}, "results": {}, "model_names": [],
-                       "models": [{"sha256": None} for _ in unit.checkpoints]}
-            for i, (setting, seed) in enumerate(zip(unit.settings, unit.seeds)):
-                first = (5.0 if setting == "wd05" else 4.0) + 0.1 * seed
-                payload["model_names"].append(f"m{i}")
-                payload["results"][f"m{i}"] = {"sigma_mean": [first, 2.0, 3.0],
-                                               "sigma_std": [std] * 3}
+            names = [f"m{i}" for i in range(len(unit.settings))]
+            payload = {"format": "advvit-analyze/1", "analysis": command, "settings": {},
+                       "data": {"n_examples": 64, "indices": list(range(64))},
+                       "model_names": names, "models": [{"sha256": None}] * len(names),
+                       "results": {n: result(setting, seed) for n, setting, seed
+                                   in zip(names, unit.settings, unit.seeds)}}
+            if command == "corruptions":
+                payload["results"] = {"models": payload["results"]}
         with open(unit.output, "w") as fh:
             json.dump(payload, fh)
         return 1.0
     return run
 
 
-@pytest.mark.parametrize("std, verdict", [(0.5, V.HOLDS), (6.0, V.CANNOT_TELL)])
-def test_an_analysis_test_is_judged_with_its_images_sampling_term(tmp_path, std, verdict):
+def _analysis_experiment(tmp_path, command, tests):
     path = _tiny_experiment(tmp_path, seeds="[0, 1]")
     raw = yaml.safe_load(open(path))
     raw.pop("evals")
-    raw["analyses"] = {"jac": {"command": "jacobian", "per": "run", "args": []}}
-    raw["tests"] = [{"name": "first", "higher": "jac.first@wd05", "lower": "jac.first@wd0"}]
+    raw["analyses"] = {"an": {"command": command, "per": "run", "args": []}}
+    raw["tests"] = tests
     with open(path, "w") as fh:
         yaml.safe_dump(raw, fh)
-    exp = load_experiment(path, defaults={})
+    return load_experiment(path, defaults={})
+
+
+@pytest.mark.parametrize("std, verdict", [(0.5, V.HOLDS), (6.0, V.CANNOT_TELL)])
+def test_an_analysis_test_is_judged_with_its_images_sampling_term(tmp_path, std, verdict):
+    # Block norms 5, 2, 3 for wd05 and 4, 2, 3 for wd0 (seed 1's first 0.1 higher), each with
+    # the spread ``std`` over the 64 images.
+    exp = _analysis_experiment(tmp_path, "jacobian", [
+        {"name": "first", "higher": "an.first@wd05", "lower": "an.first@wd0"}])
     root = str(tmp_path / "root")
-    run_experiment(exp, root, runner=_jacobian_runner(std), say=lambda s: None)
+    run_experiment(exp, root, say=lambda s: None, runner=_analysis_runner(
+        "jacobian", lambda setting, seed: {
+            "sigma_mean": [(5.0 if setting == "wd05" else 4.0) + 0.1 * seed, 2.0, 3.0],
+            "sigma_std": [std] * 3}))
     data = build_result(exp, root, "cmd")
     [t] = data["tests"]
-    s = data["summaries"]["jac.first@wd05"]
+    s = data["summaries"]["an.first@wd05"]
     assert s["sampling"] == "per-image" and s["sampling_var"] == pytest.approx(std ** 2 / 64)
     # The seeds' spread 0.0025 a side and the images' std**2 / 64 a side, all four added.
     se = math.sqrt(2 * 0.1 ** 2 / 4 + 2 * std ** 2 / 64)
@@ -582,7 +592,41 @@ def test_an_analysis_test_is_judged_with_its_images_sampling_term(tmp_path, std,
         del m["sampling"]
     again = rebuild_result(exp, old, "cmd")
     assert again["tests"][0]["se"] == pytest.approx(0.1 / math.sqrt(2))
-    assert any("no per-example spread for jac.first@wd05" in g for g in again["gaps"])
+    assert any("no per-example spread for an.first@wd05" in g for g in again["gaps"])
+
+
+def test_corruption_accuracies_of_two_settings_are_paired_image_by_image(tmp_path):
+    # 75 corruption x severity pairs on 64 images: wd05 is right under 3 more of them than
+    # wd0 on images 0-15 and the same on the rest (every image right clean, a share 0.4-0.6
+    # right corrupted): per image the difference is 0.04 or 0, where the two sides'
+    # binomial bounds alone would be about 0.06 each.
+    def result(setting, seed):
+        base = [30 + (i % 3) * 7 for i in range(64)]
+        counts = [c + 3 * (setting == "wd05" and i < 16) for i, c in enumerate(base)]
+        return {"mean_corruption_accuracy": sum(counts) / (75 * 64), "clean_accuracy": 1.0,
+                "n": 64, "per_example": {"tasks": 75, "tasks_correct": counts,
+                                         "clean_correct": [1] * 64}}
+    exp = _analysis_experiment(tmp_path, "corruptions", [
+        {"name": "mean", "higher": "an.mean@wd05", "lower": "an.mean@wd0", "min_effect": 0.005}])
+    root = str(tmp_path / "root")
+    run_experiment(exp, root, runner=_analysis_runner("corruptions", result), say=lambda s: None)
+    data = build_result(exp, root, "cmd")
+    [t] = data["tests"]
+    m = next(m for m in data["measurements"] if m["setting"] == "wd05" and m["seed"] == 1)
+    indices, share = X.unpack_outcomes(m["outcomes"], "mean")
+    assert indices == list(range(64)) and share[0] == pytest.approx(33 / 75)
+    assert share.mean() == pytest.approx(m["metrics"]["mean"])
+    d = np.array([3 / 75] * 16 + [0.0] * 48)
+    assert t["paired"] and t["mcnemar"] == [] and t["bootstrap"] is not None
+    assert t["difference"] == pytest.approx(d.mean())
+    assert t["se"] == pytest.approx(math.sqrt(d.var(ddof=1) / 64))   # the seeds agree
+    assert t["verdict"] == V.HOLDS
+    old = json.loads(json.dumps(data))
+    for m in old["measurements"]:
+        del m["outcomes"]
+    unpaired = rebuild_result(exp, old, "cmd")["tests"][0]
+    assert not unpaired["paired"] and unpaired["se"] > 5 * t["se"]
+    assert unpaired["verdict"] == V.CANNOT_TELL
 
 
 def test_every_metric_an_extractor_gives_is_a_known_metric():

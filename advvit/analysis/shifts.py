@@ -515,6 +515,9 @@ class CorruptionAccuracy:
         seed: the corruptions' seed.
         examples_sha256: the examples' fingerprint (uint8 bytes and shape).
         library: the corruption library and its version.
+        tasks_correct: per example, how many of the (corruption, severity) pairs it is
+            classified right under (so two models on the same examples compare image by image).
+        clean_correct: per example, whether it is classified right uncorrupted.
     """
 
     corruptions: Tuple[str, ...]
@@ -525,6 +528,8 @@ class CorruptionAccuracy:
     seed: int
     examples_sha256: str
     library: str
+    tasks_correct: Tuple[int, ...] = ()
+    clean_correct: Tuple[bool, ...] = ()
 
     @property
     def mean_corruption_accuracy(self) -> float:
@@ -542,7 +547,10 @@ class CorruptionAccuracy:
                 "clean_accuracy": self.clean_accuracy,
                 "mean_corruption_accuracy": self.mean_corruption_accuracy,
                 "n": self.n, "seed": self.seed, "examples_sha256": self.examples_sha256,
-                "library": self.library}
+                "library": self.library,
+                "per_example": {"tasks": len(self.corruptions) * len(self.severities),
+                                "tasks_correct": list(self.tasks_correct),
+                                "clean_correct": [int(c) for c in self.clean_correct]}}
 
 
 def evaluate_corruptions(model: nn.Module, images: Tensor, labels: Tensor, *,
@@ -582,13 +590,18 @@ def evaluate_corruptions(model: nn.Module, images: Tensor, labels: Tensor, *,
     sets = (cache.corrupted(u8, tasks, dataset=dataset, seed=seed) if cache is not None
             else generate_corruptions(u8, tasks, seed=seed, workers=workers))
     accuracy: Dict[Task, float] = {}
+    tasks_correct = torch.zeros(len(u8), dtype=torch.int64)
     for task, corrupted in sets:
-        accuracy[task] = _accuracy(_correct(model, corrupted, y, batch_size, in_chans))
+        correct = _correct(model, corrupted, y, batch_size, in_chans)
+        accuracy[task] = _accuracy(correct)
+        tasks_correct += correct
+    clean = _correct(model, u8, y, batch_size, in_chans)
     return CorruptionAccuracy(
         corruptions=tuple(corruptions), severities=tuple(int(s) for s in severities),
         accuracy={c: tuple(accuracy[(c, int(s))] for s in severities) for c in corruptions},
-        clean_accuracy=_accuracy(_correct(model, u8, y, batch_size, in_chans)), n=len(u8), seed=int(seed),
-        examples_sha256=_fingerprint(u8), library=compat.library_version())
+        clean_accuracy=_accuracy(clean), n=len(u8), seed=int(seed),
+        examples_sha256=_fingerprint(u8), library=compat.library_version(),
+        tasks_correct=tuple(tasks_correct.tolist()), clean_correct=tuple(clean.tolist()))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["eval_metrics", "eval_outcomes", "eval_masking", "unpack_outcomes", "EXTRACTORS",
-           "METRICS", "known_metric", "extract", "sampling_keys", "ExtractError"]
+           "METRICS", "known_metric", "extract", "sampling_keys", "analysis_outcomes",
+           "outcome_metrics", "ExtractError"]
 
 Metrics = Dict[str, float]
 
@@ -47,22 +48,59 @@ def eval_outcomes(report: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     rows = report.get("per_example")
     if not rows:
         return None
-    indices = [int(r["index"]) for r in rows]
-    start = indices[0]
-    return {"n": len(rows),
-            "indices": {"start": start} if indices == list(range(start, start + len(rows)))
-            else indices,
+    return {"n": len(rows), "indices": _indices([r["index"] for r in rows]),
             "clean": _bits([r["clean"] for r in rows]), "robust": _bits([r["robust"] for r in rows])}
 
 
+def _indices(indices: Sequence[int]) -> Any:
+    indices = [int(i) for i in indices]
+    start = indices[0] if indices else 0
+    return {"start": start} if indices == list(range(start, start + len(indices))) else indices
+
+
+def _counts(counts: Sequence[int], of: int) -> Dict[str, Any]:
+    return {"of": int(of),
+            "counts": base64.b64encode(np.asarray(counts, dtype="<u2").tobytes()).decode()}
+
+
 def unpack_outcomes(packed: Mapping[str, Any], metric: str) -> Tuple[List[int], np.ndarray]:
-    """The test-set indices and the 0/1 outcome of ``metric`` (``clean``, ``robust``) of each
-    example, from :func:`eval_outcomes`' form."""
+    """The test-set indices and each example's outcome of ``metric``, from the packed form of
+    :func:`eval_outcomes` (0/1 bits) or :func:`analysis_outcomes` (a count of ``of`` tasks,
+    read as the share right)."""
     n, indices = int(packed["n"]), packed["indices"]
     if isinstance(indices, dict):
         indices = list(range(int(indices["start"]), int(indices["start"]) + n))
-    bits = np.unpackbits(np.frombuffer(base64.b64decode(packed[metric]), dtype=np.uint8))[:n]
+    value = packed[metric]
+    if isinstance(value, dict):
+        counts = np.frombuffer(base64.b64decode(value["counts"]), dtype="<u2")[:n]
+        return indices, counts.astype(float) / int(value["of"])
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(value), dtype=np.uint8))[:n]
     return indices, bits.astype(float)
+
+
+def outcome_metrics(packed: Mapping[str, Any]) -> List[str]:
+    """The metrics a packed outcomes entry holds."""
+    return [k for k in packed if k not in ("n", "indices")]
+
+
+def analysis_outcomes(command: str, report: Mapping[str, Any]) -> List[Optional[Dict[str, Any]]]:
+    """Per model of an analysis report, its per-example outcomes packed as for an evaluation,
+    where the analysis gives them (the corruptions' ``mean``: how many of the corruption x
+    severity pairs each image is right under, and ``clean``), else None."""
+    results = report["results"]
+    results = results.get("models", results)
+    indices = (report.get("data") or {}).get("indices")
+    out: List[Optional[Dict[str, Any]]] = []
+    for name in report["model_names"]:
+        per = results[name].get("per_example") if command == "corruptions" else None
+        if not per or not per.get("tasks_correct") or indices is None \
+                or len(indices) != len(per["tasks_correct"]):
+            out.append(None)
+            continue
+        out.append({"n": len(indices), "indices": _indices(indices),
+                    "clean": _bits([bool(c) for c in per["clean_correct"]]),
+                    "mean": _counts(per["tasks_correct"], per["tasks"])})
+    return out
 
 
 def eval_masking(report: Mapping[str, Any]) -> List[str]:

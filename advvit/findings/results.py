@@ -26,8 +26,8 @@ from .. import __version__
 from ..io import atomic_write_json
 from ..plots import findings_figure
 from . import verdict as V
-from .extract import COUNT, VAR, ExtractError, eval_masking, eval_metrics, eval_outcomes, \
-    extract, sampling_keys, unpack_outcomes
+from .extract import COUNT, VAR, ExtractError, analysis_outcomes, eval_masking, eval_metrics, \
+    eval_outcomes, extract, outcome_metrics, sampling_keys, unpack_outcomes
 from .plan import file_sha256, read_journal, recorded_hashes, status, units
 from .spec import Experiment, MetricRef
 
@@ -67,16 +67,17 @@ def collect(exp: Experiment, root: str) -> Tuple[Measurements, List[Dict[str, An
                 raise ExtractError(f"{u.output}: the evaluation report has no example count 'n'")
             per = [{**eval_metrics(report), _EXAMPLES: report["n"]}]
             extra: Dict[str, Any] = {"masking": eval_masking(report)}
-            outcomes = eval_outcomes(report)
-            if outcomes is not None:
-                extra["outcomes"] = outcomes
+            outcomes = [eval_outcomes(report)]
             settings: Sequence[str] = (u.setting,)
             seeds: Sequence[int] = (u.seed,)
         else:
             settings, seeds = u.settings, u.seeds
-            per = extract(exp.analysis(u.source).command, report, settings)
+            command = exp.analysis(u.source).command
+            per = extract(command, report, settings)
+            outcomes = analysis_outcomes(command, report)
             extra = {}
-        for setting, seed, metrics, ckpt in zip(settings, seeds, per, u.checkpoints):
+        for setting, seed, metrics, ckpt, packed in zip(settings, seeds, per, u.checkpoints,
+                                                        outcomes):
             found[(setting, seed, u.source)] = metrics
             record = {"setting": setting, "seed": seed, "source": u.source, "file": u.output,
                       "checkpoint": ckpt,
@@ -87,6 +88,8 @@ def collect(exp: Experiment, root: str) -> Tuple[Measurements, List[Dict[str, An
             terms = _sampling_terms(metrics)
             if terms:
                 record["sampling"] = terms
+            if packed is not None:
+                record["outcomes"] = packed
             records.append({**record, **extra, "provenance": provenance})
     return found, records
 
@@ -318,7 +321,7 @@ def compare_measurement(exp: Experiment, record: Mapping[str, Any], index: int,
         lines.append(f"{name}: recorded {old:.6g}, now {new:.6g} ({new - old:+.4g}, "
                      f"{'within' if inside else 'OUTSIDE'} the record's band +-{band:.4g})")
     if "outcomes" in m and "outcomes" in again:
-        for metric in ("clean", "robust"):
+        for metric in (k for k in outcome_metrics(m["outcomes"]) if k in again["outcomes"]):
             (i_old, b_old), (i_new, b_new) = (unpack_outcomes(o, metric)
                                               for o in (m["outcomes"], again["outcomes"]))
             if i_old != i_new or (b_old != b_new).any():
@@ -381,11 +384,10 @@ def _judge(exp: Experiment, found: Measurements, records: List[Dict[str, Any]],
         def summary(ref: MetricRef) -> V.Summary:
             return _summary(found, ref, exp.seeds)
         no_sampling += [str(r) for r in t.refs() if summary(r).sampling == "missing"]
-        paired = None
-        if t.kind != "below" and t.higher.source in evals and t.lower.source in evals:
-            paired = _paired(exp, index, t.higher, t.lower)
-            if paired is None:
-                unpaired.append(t.name)
+        paired = None if t.kind == "below" else _paired(exp, index, t.higher, t.lower)
+        if paired is None and t.kind != "below" and t.higher.source in evals \
+                and t.lower.source in evals:
+            unpaired.append(t.name)
         labels = (str(t.higher), str(t.lower))
         if t.kind == "greater":
             r = V.greater(t.name, summary(t.higher), summary(t.lower), min_effect=t.min_effect,

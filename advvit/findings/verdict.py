@@ -77,8 +77,9 @@ class Summary:
 
 @dataclass(frozen=True)
 class Paired:
-    """Both sides' per-example outcomes (0/1) on the same images, one row per seed, rows of
-    the two sides in the same seed order."""
+    """Both sides' per-example outcomes on the same images, one row per seed, rows of the two
+    sides in the same seed order: 0/1 (right or wrong), or the share in [0, 1] of several
+    outcomes of one image (the corruptions it is right under)."""
     higher: np.ndarray
     lower: np.ndarray
 
@@ -279,11 +280,15 @@ def greater(name: str, higher: Summary, lower: Summary, *, min_effect: float,
     if paired is None:
         return _decide(name, "greater", diff, se, df, min_effect, what, alpha, how)
     boot = bootstrap_interval(paired, 1 - alpha, draws)
-    per_seed = [mcnemar(h, lo) for h, lo in zip(paired.higher, paired.lower)]
-    seeds = "; ".join(f"{m['b']}/{m['c']} p {m['p']:.3g}" for m in per_seed)
-    return _decide(name, "greater", diff, se, df, min_effect, what, alpha, how,
-                   suffix=f"; bootstrap [{boot[0]:+.4f}, {boot[1]:+.4f}]; McNemar per seed "
-                          f"(right only under {labels[0]} / only under {labels[1]}): {seeds}",
+    suffix = f"; bootstrap [{boot[0]:+.4f}, {boot[1]:+.4f}]"
+    per_seed: List[Dict[str, Any]] = []
+    if all(np.isin(rows, (0.0, 1.0)).all() for rows in (paired.higher, paired.lower)):
+        # McNemar counts images right under one side only: it needs right-or-wrong outcomes.
+        per_seed = [mcnemar(h, lo) for h, lo in zip(paired.higher, paired.lower)]
+        seeds = "; ".join(f"{m['b']}/{m['c']} p {m['p']:.3g}" for m in per_seed)
+        suffix += (f"; McNemar per seed (right only under {labels[0]} / only under "
+                   f"{labels[1]}): {seeds}")
+    return _decide(name, "greater", diff, se, df, min_effect, what, alpha, how, suffix=suffix,
                    paired=True, bootstrap=boot, mcnemar=per_seed)
 
 
