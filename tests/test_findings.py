@@ -1046,6 +1046,34 @@ def test_the_design_records_added_seeds_and_an_unreached_premise(tmp_path):
                                          extra="seeds_added_after_looking: [5]"), defaults={})
 
 
+@pytest.mark.parametrize("premise, verdict", [("robust", V.DOES_NOT_HOLD),
+                                              ("collapse", V.CANNOT_TELL)])
+def test_a_premise_test_that_does_not_hold_leaves_the_claim_undecided(tmp_path, premise, verdict):
+    path = _tiny_experiment(tmp_path, seeds="[0, 1, 2]")
+    raw = yaml.safe_load(open(path))
+    # wd0's robust accuracy is 0.5 on every seed: far above a 5% collapse.
+    raw["tests"].append({"name": "collapse", "kind": "below", "value": "pgd.robust@wd0",
+                         "threshold": 0.05})
+    raw["premise"] = [premise]
+    with open(path, "w") as fh:
+        yaml.safe_dump(raw, fh)
+    exp = load_experiment(path, defaults={})
+    root = str(tmp_path / "root")
+    run_experiment(exp, root, runner=_per_example_runner(), say=lambda s: None)
+    data = build_result(exp, root, "cmd")
+    assert [t["verdict"] for t in data["tests"]] == [V.HOLDS, V.DOES_NOT_HOLD]
+    assert data["verdict"] == verdict
+    if premise == "collapse":
+        assert data["verdict_note"] == "premise not reached"
+        assert data["premise_not_reached"] == "premise tests: collapse does not hold"
+        assert data["tests_verdict"] == V.DOES_NOT_HOLD
+    raw["premise"] = ["colapse"]
+    with open(path, "w") as fh:
+        yaml.safe_dump(raw, fh)
+    with pytest.raises(FindingsError, match=r"premise.*known: robust, collapse"):
+        load_experiment(path, defaults={})
+
+
 def test_the_page_adjusts_over_the_suite_and_names_shared_runs(tmp_path):
     _, data = _built(tmp_path, _per_example_runner())
     other = json.loads(json.dumps(data))

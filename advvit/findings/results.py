@@ -420,10 +420,14 @@ def _judge(exp: Experiment, found: Measurements, records: List[Dict[str, Any]],
     }
     if runs is not None:
         out["runs"] = dict(runs)
-    if exp.premise_not_reached and verdict not in ("not run", V.UNTRUSTWORTHY):
+    unmet = [f"{t['name']} {t['verdict']}" for t in tests
+             if t["name"] in exp.premise and t["verdict"] != V.HOLDS]
+    why = "; ".join(x for x in (exp.premise_not_reached,
+                                "premise tests: " + ", ".join(unmet) if unmet else "") if x)
+    if why and verdict not in ("not run", V.UNTRUSTWORTHY):
         # The tests measured something, but not the situation the claim is about.
         out.update(verdict=V.CANNOT_TELL, verdict_note="premise not reached",
-                   premise_not_reached=exp.premise_not_reached, tests_verdict=verdict)
+                   premise_not_reached=why, tests_verdict=verdict)
     return out
 
 

@@ -143,8 +143,10 @@ class Experiment:
     The design is fixed before running: ``seeds``, ``tests`` (with their margins) and
     ``alpha``, the tests' two-sided level. ``added_seeds``: seeds run after the first ones'
     results were seen, which the record and docs/findings.md name as such.
-    ``premise_not_reached``: why the situation the claim is about never arose here; the claim is
-    then "cannot tell" whatever its tests say.
+    ``premise``: the tests that establish the situation the claim is about (a collapse the
+    claim's remedy is to avoid); unless each holds, the claim is "cannot tell: premise not
+    reached" whatever its other tests say. ``premise_not_reached``: the same said in words, for
+    a record measured before its premise was a test.
     """
     id: str
     path: str
@@ -167,6 +169,7 @@ class Experiment:
     alpha: float = 0.05
     added_seeds: Tuple[int, ...] = ()
     premise_not_reached: str = ""
+    premise: Tuple[str, ...] = ()
 
     def evals_of(self, setting: str) -> Tuple[str, ...]:
         """The names of the evaluations run on ``setting``."""
@@ -426,7 +429,7 @@ def _prepare(raw: Any, where: str) -> Dict[str, Any]:
 _TOP_KEYS = ("claim", "title", "paper", "setting", "train_config", "common", "seeds", "settings",
              "evals", "use_evals", "analyses", "tests", "minutes_per_run", "min_effect",
              "waits_for", "notes", "prepare", "alpha", "seeds_added_after_looking",
-             "premise_not_reached")
+             "premise_not_reached", "premise")
 
 
 def load_experiment(path: str, defaults: Optional[Mapping[str, Any]] = None) -> Experiment:
@@ -491,6 +494,7 @@ def load_experiment(path: str, defaults: Optional[Mapping[str, Any]] = None) -> 
                 raise FindingsError(path, f"settings.{s.name}.evals", f"no evaluation {name!r}",
                                     f"known: {', '.join(all_evals)}")
     wanted = set(use).union(*[s.evals or () for s in settings])
+    tests = _tests(merged.get("tests"), path, float(merged.get("min_effect", 0.01)))
     exp = Experiment(
         id=os.path.splitext(os.path.basename(path))[0], path=path, claim=merged["claim"],
         title=str(merged["title"]), paper=str(merged["paper"]), setting=str(merged["setting"]),
@@ -498,13 +502,21 @@ def load_experiment(path: str, defaults: Optional[Mapping[str, Any]] = None) -> 
         settings=settings, evals=tuple(e for n, e in all_evals.items() if n in wanted),
         use_evals=tuple(use),
         analyses=_analyses(raw.get("analyses"), path, [s.name for s in settings]),
-        tests=_tests(merged.get("tests"), path, float(merged.get("min_effect", 0.01))),
+        tests=tests,
         waits_for=str(merged.get("waits_for", "")), notes=str(merged.get("notes", "")),
         alpha=float(alpha), added_seeds=tuple(added),
         premise_not_reached=str(merged.get("premise_not_reached", "")),
+        premise=_premise(merged.get("premise", []), path, [t.name for t in tests]),
         **_prepare(raw.get("prepare"), path))
     _check_refs(exp)
     return exp
+
+
+def _premise(raw: Any, path: str, names: Sequence[str]) -> Tuple[str, ...]:
+    if not isinstance(raw, list) or any(n not in names for n in raw):
+        raise FindingsError(path, "premise", f"{raw!r} is not a list of this experiment's "
+                            "test names", f"known: {', '.join(map(str, names))}")
+    return tuple(raw)
 
 
 def load_experiments(folder: str, only: Sequence[str] = ()) -> List[Experiment]:
