@@ -27,11 +27,13 @@ same images, so more seeds do not shrink it). For an evaluation's accuracies it 
 by image where the record holds both settings' per-example outcomes, else both binomial terms
 as if the images differed; for an analysis's numbers it comes from its images (the Jacobian
 norms' spread over them; for accuracies, drops and retention the binomial bound, which no mean
-of per-image scores in [0, 1] exceeds), both sides added. The critical value is the t quantile at the Welch-Satterthwaite degrees of
-freedom (two seeds whose spread dominates: 1-2 df, t 4.3-12.7), the level is each experiment's
-`alpha` (0.05), fixed in its file with its seeds, tests and margins (the records below were
-measured before this rule was written, and are judged by it without new measurements; seeds
-added after looking at results are named).
+of per-image scores in [0, 1] exceeds), both sides added, or paired image by image where the
+analysis gives per-image outcomes (corruptions). The critical value is the t quantile at the
+Welch-Satterthwaite degrees of freedom (two seeds whose spread dominates: 1-2 df, t 4.3-12.7),
+the level is each experiment's `alpha` (0.05), fixed in its file with its seeds, tests and
+margins. Records measured before this rule was written are judged by it without new
+measurements, and their gaps are listed; each experiment's notes say whether it was re-run
+under a design fixed before the run. Seeds added after looking at results are named.
 **holds**: the claimed direction, the 95% interval clear of 0, by at least the smallest effect
 the claim is worth; **does not hold**: the interval on the other side of 0, or wholly below that
 effect; a "barely matters" claim is a TOST at its margin (the 90% interval inside it: holds;
