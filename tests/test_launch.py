@@ -396,11 +396,13 @@ def test_the_shipped_finetuning_experiment_waits_for_its_data_then_its_pretraini
     from advvit.findings.spec import load_experiments
     exps = load_experiments(str(ROOT / "configs" / "findings"), ["07_finetune"])
     got = [sorted(e.unit.key for e in wave) for wave in waves(exps, str(tmp_path))]
-    assert got == [["prepare prepare_mnist5k.py"],
-                   ["train pretrain s0", "train pretrain s1", "train scratch s0", "train scratch s1"],
-                   ["eval apgd_mnist scratch s0", "eval apgd_mnist scratch s1",
-                    "train finetuned s0", "train finetuned s1"],
-                   ["eval apgd_mnist finetuned s0", "eval apgd_mnist finetuned s1"]]
+    seeds = exps[0].seeds
+
+    def keys(*names: str) -> list:
+        return sorted(f"{name} s{seed}" for name in names for seed in seeds)
+    assert got == [["prepare prepare_mnist5k.py"], keys("train pretrain", "train scratch"),
+                   keys("eval apgd_mnist scratch", "train finetuned"),
+                   keys("eval apgd_mnist finetuned")]
 
 
 @pytest.mark.parametrize("run_args, match", [
