@@ -112,3 +112,11 @@ def test_the_bootstrap_interval_holds_the_paired_difference():
     r = V.greater("t", hi, lo, min_effect=0.01, paired=outcomes, draws=400)
     assert r.paired and len(r.mcnemar) == 3 and r.bootstrap == pytest.approx((low, high))
     assert "McNemar per seed" in r.why and "paired per image" in r.why
+
+
+def test_a_below_test_names_an_analysis_sampling_term_it_judges_with():
+    value = V.summarize([0.02, 0.03], terms=[(0.0004, 128), (0.0004, 128)])
+    r = V.below("t", value, 0.05)
+    assert "seeds and test set" in r.why
+    # The seeds: std 0.00707, std**2 / 2 = 0.000025; the images: 0.0004.
+    assert r.se == pytest.approx(math.sqrt(0.000025 + 0.0004))

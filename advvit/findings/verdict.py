@@ -300,7 +300,7 @@ def below(name: str, value: Summary, threshold: float, *, min_effect: float = 0.
         return _no_spread(name, "below", diff, what)
     var, df = side_variance(value)
     return _decide(name, "below", diff, math.sqrt(var), df, min_effect, what, alpha,
-                   "seeds and test set" if value.sampling == "binomial" else "seeds only")
+                   "seeds and test set" if value.sampling != "missing" else "seeds only")
 
 
 def close(name: str, a: Summary, b: Summary, tolerance: float,
