@@ -439,6 +439,16 @@ def test_lesion_study_on_a_zero_initialised_block_equals_the_intact_model():
     rows = study.rows()
     assert len(rows) == 4 * 3 - 1 and all(0.0 <= r["clean"] <= 1.0 for r in rows)
     assert {r["robust_drop"] for r in rows if r["block"] == "blocks.1"} == {0.0}
+    # Image by image too, and every accuracy is the mean of its outcomes.
+    for k in range(4):
+        assert torch.equal(study.clean_correct[k, 1], study.baseline_clean_correct)
+        assert torch.equal(study.robust_correct[k, 1], study.baseline_robust_correct)
+    ran = ~torch.isnan(study.clean_accuracy)
+    assert torch.equal(study.clean_correct.double().mean(-1)[ran], study.clean_accuracy[ran])
+    assert torch.equal(study.robust_correct.double().mean(-1)[ran], study.robust_accuracy[ran])
+    per = study.to_dict()["per_example"]
+    assert per["clean"][1][2] is None and len(per["robust"][0][2]) == 6
+    assert sum(per["baseline_clean"]) / 6 == study.baseline_clean
 
 
 def test_lesion_study_by_default_skips_a_block_lesion_that_repeats_a_branch():

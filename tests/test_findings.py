@@ -629,6 +629,71 @@ def test_corruption_accuracies_of_two_settings_are_paired_image_by_image(tmp_pat
     assert unpaired["verdict"] == V.CANNOT_TELL
 
 
+def test_lesion_extractor_gives_the_paired_term_from_per_example_outcomes():
+    # Four images, two blocks, right intact but for image 3: block 0's attention lesion loses
+    # image 1, block 1's loses images 1 and 2 and wins image 3.
+    per = {"baseline_clean": [1, 1, 1, 0], "baseline_robust": [1, 0, 0, 0],
+           "clean": [[[1, 0, 1, 0], [1, 0, 0, 1]]], "robust": [[[1, 0, 0, 0], [0, 0, 0, 0]]]}
+    result = {"kinds": ["attn"], "baseline_clean": 0.75, "baseline_robust": 0.25,
+              "clean_accuracy": [[0.5, 0.5]], "robust_accuracy": [[0.25, 0.0]],
+              "per_example": per}
+    report = _analysis("lesions", {"m": result}, ["m"])
+    report["data"] = {"n_examples": 4, "indices": [7, 8, 9, 10]}
+    [m] = X.extract("lesions", report, ["s"])
+    var = lambda metric: m[X.sampling_keys(metric)[0]]                        # noqa: E731
+    assert m["attn_drop0"] == pytest.approx(0.25) and m["attn_drop1"] == pytest.approx(0.25)
+    assert var("attn_drop0") == pytest.approx(np.var([0, 1, 0, 0], ddof=1) / 4)
+    assert var("attn_drop1") == pytest.approx(np.var([0, 1, 1, -1], ddof=1) / 4)
+    assert var("attn_drop") == pytest.approx(np.var([0, 1, 0.5, -0.5], ddof=1) / 4)
+    assert var("robust_attn_drop1") == pytest.approx(np.var([1, 0, 0, 0], ddof=1) / 4)
+    [packed] = X.analysis_outcomes("lesions", report)
+    indices, drop = X.unpack_outcomes(packed, "attn_drop")
+    assert indices == [7, 8, 9, 10] and list(drop) == [0, 1, 0.5, -0.5]
+    assert drop.mean() == pytest.approx(m["attn_drop"]) and not X.is_binary(packed, "attn_drop")
+    # Without the outcomes, the bound: both accuracies' binomial terms.
+    del result["per_example"]
+    [bound] = X.extract("lesions", report, ["s"])
+    assert bound[X.sampling_keys("attn_drop0")[0]] == pytest.approx(0.75 * 0.25 / 4 + 0.25 / 4)
+    assert X.analysis_outcomes("lesions", report) == [None]
+
+
+def test_two_lesion_kinds_of_one_model_are_paired_image_by_image(tmp_path):
+    # 64 images, all right intact; two blocks. Each attention lesion loses images 0-15, each
+    # MLP lesion images 0-3: per image the attention drop is 1 on 0-15 and the MLP drop 1 on
+    # 0-3, moving together, so the paired term is narrower than the two terms added. The drops
+    # are 0 or 1 here, but they are drops, not right-or-wrong outcomes: no McNemar.
+    def result(setting, seed):
+        lost = lambda k: [0 if i < k else 1 for i in range(64)]                # noqa: E731
+        per = {"baseline_clean": [1] * 64, "baseline_robust": [1] * 64,
+               "clean": [[lost(16)] * 2, [lost(4)] * 2, [lost(16)] * 2],
+               "robust": [[lost(16)] * 2, [lost(4)] * 2, [lost(16)] * 2]}
+        acc = [[48 / 64] * 2, [60 / 64] * 2, [48 / 64] * 2]
+        return {"kinds": ["attn", "mlp", "block"], "baseline_clean": 1.0,
+                "baseline_robust": 1.0, "clean_accuracy": acc, "robust_accuracy": acc,
+                "per_example": per}
+    exp = _analysis_experiment(tmp_path, "lesions", [
+        {"name": "mlp_vs_attention", "higher": "an.attn_drop@wd05", "lower": "an.mlp_drop@wd05"},
+        {"name": "tolerated", "kind": "below", "value": "an.block_drop@wd05",
+         "threshold": 0.5}])
+    root = str(tmp_path / "root")
+    run_experiment(exp, root, runner=_analysis_runner("lesions", result), say=lambda s: None)
+    data = build_result(exp, root, "cmd")
+    paired, below = data["tests"]
+    d = np.array([0.0] * 4 + [1.0] * 12 + [0.0] * 48)
+    assert paired["paired"] and paired["mcnemar"] == [] and paired["bootstrap"] is not None
+    assert paired["difference"] == pytest.approx(12 / 64)
+    assert paired["se"] == pytest.approx(math.sqrt(d.var(ddof=1) / 64))   # the seeds agree
+    block = np.array([1.0] * 16 + [0.0] * 48)
+    assert data["summaries"]["an.block_drop@wd05"]["sampling_var"] == pytest.approx(
+        block.var(ddof=1) / 64)
+    assert below["verdict"] == V.HOLDS
+    old = json.loads(json.dumps(data))
+    for m in old["measurements"]:
+        del m["outcomes"]
+    unpaired = rebuild_result(exp, old, "cmd")["tests"][0]
+    assert not unpaired["paired"] and unpaired["se"] > 1.2 * paired["se"]
+
+
 def test_every_metric_an_extractor_gives_is_a_known_metric():
     assert set(X.METRICS) == set(X.EXTRACTORS)
     given = {

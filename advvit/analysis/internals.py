@@ -808,6 +808,12 @@ class LesionStudy:
         baseline_robust: PGD accuracy of the intact model.
         eps, norm, steps: the PGD attack.
         n: number of inputs.
+        clean_correct: (K, L, n) whether each input is classified right with that lesion
+            (False where the block has no such part), so two lesions or a lesion and the intact
+            model compare image by image.
+        robust_correct: (K, L, n) the same under PGD.
+        baseline_clean_correct: (n,) the intact model's, clean.
+        baseline_robust_correct: (n,) the intact model's, under PGD.
     """
 
     blocks: Tuple[str, ...]
@@ -820,6 +826,10 @@ class LesionStudy:
     norm: str
     steps: int
     n: int
+    clean_correct: Tensor
+    robust_correct: Tensor
+    baseline_clean_correct: Tensor
+    baseline_robust_correct: Tensor
 
     def rows(self) -> List[dict]:
         """One dict per (kind, block) that exists: kind, block, clean, robust and their drops
@@ -836,29 +846,47 @@ class LesionStudy:
         return out
 
     def to_dict(self) -> Dict[str, object]:
-        """JSON-ready: both accuracy tables, the intact model's, and :meth:`rows`."""
+        """JSON-ready: both accuracy tables, the intact model's, :meth:`rows`, and the
+        per-example outcomes (``per_example``: 0/1 per input, ``None`` for a lesion the block
+        does not have)."""
         return {"blocks": list(self.blocks), "kinds": list(self.kinds),
                 "clean_accuracy": self.clean_accuracy.tolist(),
                 "robust_accuracy": self.robust_accuracy.tolist(),
                 "baseline_clean": self.baseline_clean, "baseline_robust": self.baseline_robust,
-                "rows": self.rows()}
+                "rows": self.rows(),
+                "per_example": {
+                    "baseline_clean": self.baseline_clean_correct.int().tolist(),
+                    "baseline_robust": self.baseline_robust_correct.int().tolist(),
+                    "clean": _per_lesion(self.clean_correct, self.clean_accuracy),
+                    "robust": _per_lesion(self.robust_correct, self.robust_accuracy)}}
 
 
-def _accuracies(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, steps: int,
-                step_size: Optional[float], seed: int, batch_size: int) -> Tuple[float, float]:
+def _per_lesion(correct: Tensor, accuracy: Tensor) -> List[List[Optional[List[int]]]]:
+    """(K, L) lists of each input's 0/1 outcome, None where the block has no such lesion."""
+    return [[None if math.isnan(float(a)) else c.int().tolist() for c, a in zip(cs, accs)]
+            for cs, accs in zip(correct, accuracy)]
+
+
+def _outcomes(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, steps: int,
+              step_size: Optional[float], seed: int, batch_size: int) -> Tuple[Tensor, Tensor]:
+    """Whether each input is classified right, clean and under PGD: two (n,) bool tensors."""
     device = device_of(model)
-    clean = robust = 0
+    clean, robust = [], []
     for sl in batches(len(x), batch_size):
         xb, yb = x[sl].to(device), y[sl].to(device)
         with model_mode(model, "eval"), torch.no_grad():
-            clean += int((model(xb).argmax(1) == yb).sum())
+            clean.append((model(xb).argmax(1) == yb).cpu())
         # The same random start for every lesion (seeded per batch): differences between
         # lesions are the lesions', not the start's.
         x_adv = _attack(model, xb, yb, eps=eps, norm=norm, steps=steps, step_size=step_size,
                         random_init=True, seed=seed + sl.start)
         with model_mode(model, "eval"), torch.no_grad():
-            robust += int((model(x_adv).argmax(1) == yb).sum())
-    return clean / len(x), robust / len(x)
+            robust.append((model(x_adv).argmax(1) == yb).cpu())
+    return torch.cat(clean), torch.cat(robust)
+
+
+def _accuracy(correct: Tensor) -> float:
+    return int(correct.sum()) / len(correct)
 
 
 def lesion_study(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "linf",
@@ -896,16 +924,23 @@ def lesion_study(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: st
         raise ValueError(f"lesion kinds {unknown} are not in this model; its kinds: {sorted(known)}")
     net = eager_model(model)
     settings = dict(eps=eps, norm=norm, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size)
-    base_clean, base_robust = _accuracies(net, x, y, **settings)
+    base_clean, base_robust = _outcomes(net, x, y, **settings)
     # float64: an accuracy k / n equals the baseline's exactly when the counts are equal.
     clean = torch.full((len(kinds), len(all_blocks)), math.nan, dtype=torch.float64)
     robust = torch.full_like(clean, math.nan)
+    clean_correct = torch.zeros(len(kinds), len(all_blocks), len(x), dtype=torch.bool)
+    robust_correct = torch.zeros_like(clean_correct)
     for k, kind in enumerate(kinds):
         for b, block in enumerate(all_blocks):
             if kind not in (block.part_names + ("block",) if chosen else block.lesion_kinds):
                 continue
             with lesion(net, block, kind) as lesioned:
-                clean[k, b], robust[k, b] = _accuracies(lesioned, x, y, **settings)
+                clean_correct[k, b], robust_correct[k, b] = _outcomes(lesioned, x, y, **settings)
+            clean[k, b], robust[k, b] = (_accuracy(clean_correct[k, b]),
+                                         _accuracy(robust_correct[k, b]))
     return LesionStudy(blocks=tuple(b.name for b in all_blocks), kinds=tuple(kinds), clean_accuracy=clean,
-                       robust_accuracy=robust, baseline_clean=base_clean, baseline_robust=base_robust,
-                       eps=float(eps), norm=norm, steps=steps, n=len(x))
+                       robust_accuracy=robust, baseline_clean=_accuracy(base_clean),
+                       baseline_robust=_accuracy(base_robust), eps=float(eps), norm=norm,
+                       steps=steps, n=len(x), clean_correct=clean_correct,
+                       robust_correct=robust_correct, baseline_clean_correct=base_clean,
+                       baseline_robust_correct=base_robust)

@@ -16,7 +16,7 @@ import numpy as np
 
 __all__ = ["eval_metrics", "eval_outcomes", "eval_masking", "unpack_outcomes", "EXTRACTORS",
            "METRICS", "known_metric", "extract", "sampling_keys", "analysis_outcomes",
-           "outcome_metrics", "ExtractError"]
+           "outcome_metrics", "is_binary", "ExtractError"]
 
 Metrics = Dict[str, float]
 
@@ -59,23 +59,34 @@ def _indices(indices: Sequence[int]) -> Any:
 
 
 def _counts(counts: Sequence[int], of: int) -> Dict[str, Any]:
-    return {"of": int(of),
-            "counts": base64.b64encode(np.asarray(counts, dtype="<u2").tobytes()).decode()}
+    """Per-example counts out of ``of``; signed ones (a drop: right intact, wrong lesioned,
+    counts -1) are kept as int16 and say so."""
+    counts = np.asarray(counts, dtype=np.int64)
+    signed = bool((counts < 0).any())
+    out = {"of": int(of), "counts": base64.b64encode(
+        counts.astype("<i2" if signed else "<u2").tobytes()).decode()}
+    return {**out, "signed": True} if signed else out
 
 
 def unpack_outcomes(packed: Mapping[str, Any], metric: str) -> Tuple[List[int], np.ndarray]:
     """The test-set indices and each example's outcome of ``metric``, from the packed form of
-    :func:`eval_outcomes` (0/1 bits) or :func:`analysis_outcomes` (a count of ``of`` tasks,
-    read as the share right)."""
+    :func:`eval_outcomes` (0/1 bits) or :func:`analysis_outcomes` (a count of ``of``, read as
+    a share: in [0, 1] for the share right, in [-1, 1] for a signed drop)."""
     n, indices = int(packed["n"]), packed["indices"]
     if isinstance(indices, dict):
         indices = list(range(int(indices["start"]), int(indices["start"]) + n))
     value = packed[metric]
     if isinstance(value, dict):
-        counts = np.frombuffer(base64.b64decode(value["counts"]), dtype="<u2")[:n]
+        dtype = "<i2" if value.get("signed") else "<u2"
+        counts = np.frombuffer(base64.b64decode(value["counts"]), dtype=dtype)[:n]
         return indices, counts.astype(float) / int(value["of"])
     bits = np.unpackbits(np.frombuffer(base64.b64decode(value), dtype=np.uint8))[:n]
     return indices, bits.astype(float)
+
+
+def is_binary(packed: Mapping[str, Any], metric: str) -> bool:
+    """Whether ``metric``'s packed outcomes are right-or-wrong bits (not shares or drops)."""
+    return not isinstance(packed[metric], dict)
 
 
 def outcome_metrics(packed: Mapping[str, Any]) -> List[str]:
@@ -83,23 +94,61 @@ def outcome_metrics(packed: Mapping[str, Any]) -> List[str]:
     return [k for k in packed if k not in ("n", "indices")]
 
 
+def _corruption_outcomes(result: Mapping[str, Any], n: int) -> Optional[Dict[str, Any]]:
+    """The corruptions' ``mean``: how many of the corruption x severity pairs each of the
+    ``n`` images is right under, and ``clean``."""
+    per = result.get("per_example")
+    if not per or len(per.get("tasks_correct") or ()) != n:
+        return None
+    return {"clean": _bits([bool(c) for c in per["clean_correct"]]),
+            "mean": _counts(per["tasks_correct"], per["tasks"])}
+
+
+def _lesion_drops(result: Mapping[str, Any]) -> Dict[str, Dict[int, np.ndarray]]:
+    """Per lesion metric (``attn_drop``, ``robust_block_drop``, ...), each block's per-image
+    drop: 1 right intact and wrong lesioned, -1 the reverse, 0 the same (empty without the
+    report's ``per_example``)."""
+    per = result.get("per_example")
+    if not per:
+        return {}
+    out: Dict[str, Dict[int, np.ndarray]] = {}
+    for prefix, key in (("", "clean"), ("robust_", "robust")):
+        intact = np.asarray(per[f"baseline_{key}"], dtype=np.int64)
+        for kind, row in zip(result["kinds"], per[key]):
+            out[f"{prefix}{kind}_drop"] = {i: intact - np.asarray(bits, dtype=np.int64)
+                                          for i, bits in enumerate(row) if bits is not None}
+    return out
+
+
+def _lesion_outcomes(result: Mapping[str, Any], n: int) -> Optional[Dict[str, Any]]:
+    """Each lesion kind's mean drop on each of the ``n`` images, as a signed count over the
+    blocks with the part, so two kinds' mean drops compare image by image."""
+    drops = {metric: blocks for metric, blocks in _lesion_drops(result).items() if blocks}
+    if not drops or any(len(d) != n for blocks in drops.values() for d in blocks.values()):
+        return None
+    return {metric: _counts(sum(blocks.values()), len(blocks)) for metric, blocks in drops.items()}
+
+
+_OUTCOMES: Dict[str, Callable[[Mapping[str, Any], int], Optional[Dict[str, Any]]]] = {
+    "corruptions": _corruption_outcomes,
+    "lesions": _lesion_outcomes,
+}
+
+
 def analysis_outcomes(command: str, report: Mapping[str, Any]) -> List[Optional[Dict[str, Any]]]:
     """Per model of an analysis report, its per-example outcomes packed as for an evaluation,
-    where the analysis gives them (the corruptions' ``mean``: how many of the corruption x
-    severity pairs each image is right under, and ``clean``), else None."""
+    where the analysis gives them (corruptions: :func:`_corruption_outcomes`; lesions:
+    :func:`_lesion_outcomes`), else None."""
     results = report["results"]
     results = results.get("models", results)
     indices = (report.get("data") or {}).get("indices")
+    pack = _OUTCOMES.get(command)
     out: List[Optional[Dict[str, Any]]] = []
     for name in report["model_names"]:
-        per = results[name].get("per_example") if command == "corruptions" else None
-        if not per or not per.get("tasks_correct") or indices is None \
-                or len(indices) != len(per["tasks_correct"]):
-            out.append(None)
-            continue
-        out.append({"n": len(indices), "indices": _indices(indices),
-                    "clean": _bits([bool(c) for c in per["clean_correct"]]),
-                    "mean": _counts(per["tasks_correct"], per["tasks"])})
+        packed = (pack(results[name], len(indices)) if pack is not None and indices is not None
+                  else None)
+        out.append(None if packed is None
+                   else {"n": len(indices), "indices": _indices(indices), **packed})
     return out
 
 
@@ -179,25 +228,38 @@ def _lesions(result: Mapping[str, Any], n: Optional[int]) -> Metrics:
     tolerated"), and each lesion's own drop (``attn_drop<i>`` for block i, ...), so the record
     keeps the whole vector.
 
-    Sampling terms over the ``n`` images: a drop's is the intact and the lesioned accuracy's
-    binomial terms added (as if on different images: the conservative side for two accuracies
-    that move together); a mean drop's takes the bound of :func:`_accuracy_var` for the mean
-    lesioned accuracy; the largest drop's is the term of the block that gives it."""
+    Sampling terms over the ``n`` images. With the report's per-example outcomes, the exact
+    paired term: the variance over the images of each image's drop (its intact outcome less its
+    lesioned one, averaged over the blocks for a mean drop), over n. Without them, a drop's is
+    the intact and the lesioned accuracy's binomial terms added (as if on different images: the
+    conservative side for two accuracies that move together), and a mean drop's takes the bound
+    of :func:`_accuracy_var` for the mean lesioned accuracy. The largest drop's is the term of
+    the block that gives it."""
     out: Metrics = {}
+    images = _lesion_drops(result)
     for prefix, key, base in (("", "clean_accuracy", "baseline_clean"),
                               ("robust_", "robust_accuracy", "baseline_robust")):
         intact = float(result[base])
         for kind, row in zip(result["kinds"], result[key]):
             lesioned = {i: float(a) for i, a in enumerate(row) if a is not None}
             per_block = {i: intact - a for i, a in lesioned.items()}
-            term = {i: _accuracy_var(intact, n) + _accuracy_var(a, n) for i, a in lesioned.items()}
             name = f"{prefix}{kind}_drop"
+            per_image = images.get(name)
+            if per_image:
+                term = {i: _paired_var(d) for i, d in per_image.items()}
+                mean_term = _paired_var(np.mean(list(per_image.values()), axis=0))
+                n_term: Optional[int] = len(next(iter(per_image.values())))
+            else:
+                term = {i: _accuracy_var(intact, n) + _accuracy_var(a, n)
+                        for i, a in lesioned.items()}
+                mean_term = (_accuracy_var(intact, n)
+                             + _accuracy_var(_mean(list(lesioned.values())), n))
+                n_term = n
             out[name] = _mean(list(per_block.values()))
-            _term(out, name, _accuracy_var(intact, n)
-                  + _accuracy_var(_mean(list(lesioned.values())), n), n)
+            _term(out, name, mean_term, n_term)
             for i, d in per_block.items():
                 out[f"{name}{i}"] = d
-                _term(out, f"{name}{i}", term[i], n)
+                _term(out, f"{name}{i}", term[i], n_term)
             if kind == "block":
                 for metric, blocks in ((f"{prefix}block_drop_max", list(per_block)),
                                        (f"{prefix}block_drop_max_rest",
@@ -205,8 +267,14 @@ def _lesions(result: Mapping[str, Any], n: Optional[int]) -> Metrics:
                     top = max(blocks, key=per_block.__getitem__, default=None)
                     out[metric] = math.nan if top is None else per_block[top]
                     if top is not None:
-                        _term(out, metric, term[top], n)
+                        _term(out, metric, term[top], n_term)
     return out
+
+
+def _paired_var(per_image: np.ndarray) -> float:
+    """The sampling variance of a mean of per-image values: their variance over the images
+    (ddof 1) over their number."""
+    return float(np.var(per_image, ddof=1)) / len(per_image)
 
 
 def _corruptions(result: Mapping[str, Any], n: Optional[int]) -> Metrics:

@@ -27,7 +27,7 @@ from ..io import atomic_write_json
 from ..plots import findings_figure
 from . import verdict as V
 from .extract import COUNT, VAR, ExtractError, analysis_outcomes, eval_masking, eval_metrics, \
-    eval_outcomes, extract, outcome_metrics, sampling_keys, unpack_outcomes
+    eval_outcomes, extract, is_binary, outcome_metrics, sampling_keys, unpack_outcomes
 from .plan import file_sha256, read_journal, recorded_hashes, status, units
 from .spec import Experiment, MetricRef
 
@@ -226,17 +226,19 @@ def _paired(exp: Experiment, index: Mapping[Tuple[str, int, str], Mapping[str, A
     the same test images; None otherwise (the unpaired rule judges)."""
     rows: Dict[str, List[Any]] = {"higher": [], "lower": []}
     images = None
+    binary = True
     for side, ref in (("higher", higher), ("lower", lower)):
         for seed in exp.seeds:
             packed = index.get((ref.setting, seed, ref.source), {}).get("outcomes")
             if packed is None or ref.metric not in packed:
                 return None
-            indices, bits = unpack_outcomes(packed, ref.metric)
+            indices, values = unpack_outcomes(packed, ref.metric)
             if images is not None and indices != images:
                 return None
             images = indices
-            rows[side].append(bits)
-    return V.Paired(np.stack(rows["higher"]), np.stack(rows["lower"]))
+            binary = binary and is_binary(packed, ref.metric)
+            rows[side].append(values)
+    return V.Paired(np.stack(rows["higher"]), np.stack(rows["lower"]), binary=binary)
 
 
 def _masked(exp: Experiment, index: Mapping[Tuple[str, int, str], Mapping[str, Any]],

@@ -78,10 +78,19 @@ class Summary:
 @dataclass(frozen=True)
 class Paired:
     """Both sides' per-example outcomes on the same images, one row per seed, rows of the two
-    sides in the same seed order: 0/1 (right or wrong), or the share in [0, 1] of several
-    outcomes of one image (the corruptions it is right under)."""
+    sides in the same seed order: 0/1 (right or wrong), the share in [0, 1] of several
+    outcomes of one image (the corruptions it is right under), or a per-image drop in [-1, 1]
+    (a lesion's). ``binary``: whether both are right-or-wrong outcomes (McNemar applies);
+    None reads it from the values."""
     higher: np.ndarray
     lower: np.ndarray
+    binary: Optional[bool] = None
+
+    @property
+    def is_binary(self) -> bool:
+        if self.binary is not None:
+            return self.binary
+        return all(np.isin(rows, (0.0, 1.0)).all() for rows in (self.higher, self.lower))
 
     def __post_init__(self) -> None:
         if self.higher.ndim != 2 or self.lower.ndim != 2 \
@@ -282,7 +291,7 @@ def greater(name: str, higher: Summary, lower: Summary, *, min_effect: float,
     boot = bootstrap_interval(paired, 1 - alpha, draws)
     suffix = f"; bootstrap [{boot[0]:+.4f}, {boot[1]:+.4f}]"
     per_seed: List[Dict[str, Any]] = []
-    if all(np.isin(rows, (0.0, 1.0)).all() for rows in (paired.higher, paired.lower)):
+    if paired.is_binary:
         # McNemar counts images right under one side only: it needs right-or-wrong outcomes.
         per_seed = [mcnemar(h, lo) for h, lo in zip(paired.higher, paired.lower)]
         seeds = "; ".join(f"{m['b']}/{m['c']} p {m['p']:.3g}" for m in per_seed)
