@@ -26,9 +26,10 @@ measured number's sampling term: the seeds' spread, plus the test set's (every s
 same images, so more seeds do not shrink it). For an evaluation's accuracies it is paired image
 by image where the record holds both settings' per-example outcomes, else both binomial terms
 as if the images differed; for an analysis's numbers it comes from its images (the Jacobian
-norms' spread over them; for accuracies, drops and retention the binomial bound, which no mean
-of per-image scores in [0, 1] exceeds), both sides added, or paired image by image where the
-analysis gives per-image outcomes (corruptions). The critical value is the t quantile at the
+norms' spread over them; a lesion's drop, from each image's intact and lesioned outcome, the
+variance of the per-image drop; for other accuracies and retention the binomial bound, which no
+mean of per-image scores in [0, 1] exceeds), both sides added, or paired image by image where
+the analysis gives per-image outcomes (corruptions, lesions). The critical value is the t quantile at the
 Welch-Satterthwaite degrees of freedom (two seeds whose spread dominates: 1-2 df, t 4.3-12.7),
 the level is each experiment's `alpha` (0.05), fixed in its file with its seeds, tests and
 margins. Records measured before this rule was written are judged by it without new
