@@ -595,6 +595,14 @@ def test_an_analysis_test_is_judged_with_its_images_sampling_term(tmp_path, std,
     assert any("no per-example spread for an.first@wd05" in g for g in again["gaps"])
 
 
+def _judged_without_outcomes(exp, data):
+    """The record judged anew with its per-example outcomes left out."""
+    old = json.loads(json.dumps(data))
+    for m in old["measurements"]:
+        del m["outcomes"]
+    return rebuild_result(exp, old, "cmd")
+
+
 def test_corruption_accuracies_of_two_settings_are_paired_image_by_image(tmp_path):
     # 75 corruption x severity pairs on 64 images: wd05 is right under 3 more of them than
     # wd0 on images 0-15 and the same on the rest (every image right clean, a share 0.4-0.6
@@ -621,10 +629,7 @@ def test_corruption_accuracies_of_two_settings_are_paired_image_by_image(tmp_pat
     assert t["difference"] == pytest.approx(d.mean())
     assert t["se"] == pytest.approx(math.sqrt(d.var(ddof=1) / 64))   # the seeds agree
     assert t["verdict"] == V.HOLDS
-    old = json.loads(json.dumps(data))
-    for m in old["measurements"]:
-        del m["outcomes"]
-    unpaired = rebuild_result(exp, old, "cmd")["tests"][0]
+    unpaired = _judged_without_outcomes(exp, data)["tests"][0]
     assert not unpaired["paired"] and unpaired["se"] > 5 * t["se"]
     assert unpaired["verdict"] == V.CANNOT_TELL
 
@@ -687,10 +692,7 @@ def test_two_lesion_kinds_of_one_model_are_paired_image_by_image(tmp_path):
     assert data["summaries"]["an.block_drop@wd05"]["sampling_var"] == pytest.approx(
         block.var(ddof=1) / 64)
     assert below["verdict"] == V.HOLDS
-    old = json.loads(json.dumps(data))
-    for m in old["measurements"]:
-        del m["outcomes"]
-    unpaired = rebuild_result(exp, old, "cmd")["tests"][0]
+    unpaired = _judged_without_outcomes(exp, data)["tests"][0]
     assert not unpaired["paired"] and unpaired["se"] > 1.2 * paired["se"]
 
 
