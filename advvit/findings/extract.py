@@ -71,17 +71,29 @@ def _counts(counts: Sequence[int], of: int) -> Dict[str, Any]:
 def unpack_outcomes(packed: Mapping[str, Any], metric: str) -> Tuple[List[int], np.ndarray]:
     """The test-set indices and each example's outcome of ``metric``, from the packed form of
     :func:`eval_outcomes` (0/1 bits) or :func:`analysis_outcomes` (a count of ``of``, read as
-    a share: in [0, 1] for the share right, in [-1, 1] for a signed drop)."""
+    a share: in [0, 1] for the share right, in [-1, 1] for a signed drop; or the ratio of two
+    such metrics, linearized per image)."""
     n, indices = int(packed["n"]), packed["indices"]
     if isinstance(indices, dict):
         indices = list(range(int(indices["start"]), int(indices["start"]) + n))
     value = packed[metric]
+    if isinstance(value, dict) and "ratio" in value:
+        return indices, _linearized_ratio(*(unpack_outcomes(packed, m)[1] for m in value["ratio"]))
     if isinstance(value, dict):
         dtype = "<i2" if value.get("signed") else "<u2"
         counts = np.frombuffer(base64.b64decode(value["counts"]), dtype=dtype)[:n]
         return indices, counts.astype(float) / int(value["of"])
     bits = np.unpackbits(np.frombuffer(base64.b64decode(value), dtype=np.uint8))[:n]
     return indices, bits.astype(float)
+
+
+def _linearized_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """Per image, the ratio of means R = mean(num) / mean(den) plus the image's first-order
+    influence on it, (num_i - R den_i) / mean(den): their mean is R, and the variance of their
+    mean is the delta method's with the covariance of the two, so a ratio pairs image by image
+    like a mean."""
+    r = num.mean() / den.mean()
+    return r + (num - r * den) / den.mean()
 
 
 def is_binary(packed: Mapping[str, Any], metric: str) -> bool:
@@ -96,12 +108,14 @@ def outcome_metrics(packed: Mapping[str, Any]) -> List[str]:
 
 def _corruption_outcomes(result: Mapping[str, Any], n: int) -> Optional[Dict[str, Any]]:
     """The corruptions' ``mean``: how many of the corruption x severity pairs each of the
-    ``n`` images is right under, and ``clean``."""
+    ``n`` images is right under, ``clean``, and ``relative`` as their ratio (see
+    :func:`_linearized_ratio`)."""
     per = result.get("per_example")
     if not per or len(per.get("tasks_correct") or ()) != n:
         return None
     return {"clean": _bits([bool(c) for c in per["clean_correct"]]),
-            "mean": _counts(per["tasks_correct"], per["tasks"])}
+            "mean": _counts(per["tasks_correct"], per["tasks"]),
+            "relative": {"ratio": ["mean", "clean"]}}
 
 
 def _lesion_drops(result: Mapping[str, Any]) -> Dict[str, Dict[int, np.ndarray]]:

@@ -29,7 +29,8 @@ as if the images differed; for an analysis's numbers it comes from its images (t
 norms' spread over them; a lesion's drop, from each image's intact and lesioned outcome, the
 variance of the per-image drop; for other accuracies and retention the binomial bound, which no
 mean of per-image scores in [0, 1] exceeds), both sides added, or paired image by image where
-the analysis gives per-image outcomes (corruptions, lesions). The critical value is the t quantile at the
+the analysis gives per-image outcomes (corruptions, lesions; a ratio such as retention through
+each image's first-order influence on it). The critical value is the t quantile at the
 Welch-Satterthwaite degrees of freedom (two seeds whose spread dominates: 1-2 df, t 4.3-12.7),
 the level is each experiment's `alpha` (0.05), fixed in its file with its seeds, tests and
 margins. Records measured before this rule was written are judged by it without new
