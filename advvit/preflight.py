@@ -24,7 +24,8 @@ from .attacks import check_eps
 from .config import ConfigError, OptimConfig, TrainConfig, check_lr, shown
 from .io import OptionError
 
-__all__ = ["validate", "check", "Checked", "model_spec", "finetune_summary"]
+__all__ = ["validate", "check", "Checked", "model_spec", "finetune_summary",
+           "finetune_normalization"]
 
 Normalize = Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]
 
@@ -76,18 +77,36 @@ def model_spec(cfg: TrainConfig, info: data.DataInfo,
         normalize = (tuple(info.mean), tuple(info.std))
     normalize = _for_channels(normalize, in_chans)
     if finetune is not None:
-        source = _for_channels(finetune.record.get("normalize"), in_chans)
-        if cfg.model.normalize != "none" and not _same(normalize, source):
-            raise ConfigError("normalize", f"{cfg.model.normalize} is mean {list(normalize[0])} "
-                              f"std {list(normalize[1])}, but the finetune source "
-                              f"{cfg.model.finetune} was trained behind "
-                              + _normalization_text(finetune.record.get("normalize")),
-                              "set normalize: none, which takes the source's normalization")
-        normalize = source
+        normalize = finetune_normalization(cfg.model.normalize, normalize,
+                                           finetune.record.get("normalize"), in_chans,
+                                           cfg.model.finetune)
     return checkpoint.ModelSpec(arch=cfg.model.model,
                                 num_classes=cfg.model.num_classes or info.num_classes,
                                 in_chans=in_chans, img_size=cfg.data.img_size or info.img_size,
                                 normalize=normalize)
+
+
+def finetune_normalization(key: str, own: Normalize, source: Normalize, in_chans: int,
+                           name: str) -> Normalize:
+    """The normalization a fine-tuned model runs behind: its source's.
+
+    Args:
+        key: the config's ``normalize`` (``none`` takes the source's).
+        own: the statistics ``key`` resolves to for this run's data and channels.
+        source: the statistics the source was trained behind.
+        in_chans: the run's input channels (a grayscale source's statistics are repeated).
+        name: the source, for the message.
+
+    Raises:
+        ConfigError: ``key`` asks for statistics other than the source's.
+    """
+    resolved = _for_channels(source, in_chans)
+    if key != "none" and not _same(own, resolved):
+        raise ConfigError("normalize", f"{key} is mean {list(own[0])} std {list(own[1])}, but "
+                          f"the finetune source {name} was trained behind "
+                          + _normalization_text(source),
+                          "set normalize: none, which takes the source's normalization")
+    return resolved
 
 
 def _normalization_text(normalize: Normalize) -> str:

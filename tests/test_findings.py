@@ -929,9 +929,16 @@ def _unknown_model(raw):
     raw["settings"]["wd05"]["train"]["model"] = "xcit_nano_12_p8_33"
 
 
+def _finetune_behind_other_statistics(raw):
+    raw["settings"]["wd05"]["finetune_from"] = "wd0"
+    raw["settings"]["wd05"]["train"]["normalize"] = "imagenet"
+
+
 @pytest.mark.parametrize("spoil, key, detail", [
     (_misspell_option, "evals.pgd.args", "--n-exampels"),
     (_unknown_model, "settings.wd05.train", "config key 'model'"),
+    # Known only from the source's checkpoint at run time, after the source has trained.
+    (_finetune_behind_other_statistics, "settings.wd05.train", "config key 'normalize'"),
 ])
 def test_bad_commands_are_refused_before_anything_runs(tmp_path, capsys, spoil, key, detail):
     path = _tiny_experiment(tmp_path)
@@ -945,6 +952,19 @@ def test_bad_commands_are_refused_before_anything_runs(tmp_path, capsys, spoil, 
     err = capsys.readouterr().err
     assert f"key '{key}'" in err and detail in err
     assert not root.exists()
+
+
+def test_a_finetuned_setting_that_takes_its_sources_statistics_passes_the_checks(tmp_path):
+    from advvit.findings.runner import check_configs
+    raw = yaml.safe_load(open(_tiny_experiment(tmp_path)))
+    _finetune_behind_other_statistics(raw)
+    raw["settings"]["wd0"]["train"]["normalize"] = "dataset"
+    for normalize in ("none", "dataset"):
+        raw["settings"]["wd05"]["train"]["normalize"] = normalize
+        path = tmp_path / "exp" / "t1_tiny.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        check_configs(load_experiment(str(path), defaults={}), str(tmp_path / "root"))
+    assert not (tmp_path / "root").exists()
 
 
 def test_the_test_sets_sampling_noise_widens_the_band():

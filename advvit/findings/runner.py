@@ -239,7 +239,10 @@ def check_configs(exp: Experiment, root: str) -> None:
         FindingsError: naming the experiment, the setting and the config error.
     """
     from ..config import config_from_dict
-    from ..preflight import validate
+    from ..preflight import finetune_normalization, validate
+    # The statistics each training run's model sees, by run folder: a fine-tuned run must see
+    # its source's, which the source's checkpoint would tell only after it has trained.
+    normalization: Dict[str, object] = {}
     for u in units(exp, root):
         if u.kind in ("eval", "analysis"):
             _check_options(exp, u)
@@ -247,9 +250,16 @@ def check_configs(exp: Experiment, root: str) -> None:
             continue
         values = {k: v for k, v in u.config.items() if k != "finetune"}
         try:
-            validate(config_from_dict(values), world_size=1)
+            cfg = config_from_dict(values)
+            spec = validate(cfg, world_size=1)[1]
+            source = u.config.get("finetune")
+            if source is not None and os.path.dirname(source) in normalization:
+                finetune_normalization(cfg.model.normalize, spec.normalize,
+                                       normalization[os.path.dirname(source)], spec.in_chans,
+                                       source)
         except ConfigError as err:
             raise FindingsError(exp.path, f"settings.{u.setting}.train", str(err)) from None
+        normalization[u.folder] = spec.normalize
 
 
 def run_experiment(exp: Experiment, root: str, *, say: Say = print, python: str = sys.executable,
